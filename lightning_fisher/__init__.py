@@ -1,6 +1,21 @@
-"""lightning_fisher: Fisher-guided LoRA placement and ranks for PyTorch Lightning and PEFT."""
+"""lightning_fisher: Fisher-guided LoRA placement and ranks for PyTorch Lightning and PEFT.
+
+The core (map, allocation, collector, PEFT factory) is plain PyTorch. The Lightning adapters
+(``FisherAnalysisModule``, ``FisherStability``, ``AdaptiveLoRA``, ``analyze``,
+``TensorDirectoryDataModule``) are imported on first use, so ``import lightning_fisher`` in a
+plain PyTorch loop does not load Lightning.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 from lightning_fisher._version import __version__
+from lightning_fisher.accumulator import FisherAccumulator
+from lightning_fisher.allocation import allocate_ranks
+from lightning_fisher.candidates import select_candidates
+from lightning_fisher.collector import FisherCollector
 from lightning_fisher.errors import (
     AdapterRankMismatchError,
     CandidateSelectionError,
@@ -16,23 +31,74 @@ from lightning_fisher.errors import (
     LightningFisherError,
     ModelMismatchError,
 )
+from lightning_fisher.fisher_map import FisherMap
+from lightning_fisher.peft_factory import (
+    FisherMapOverrideWarning,
+    lora_config_from_fisher_map,
+    peft_config_from_fisher_map,
+    verify_adapter_ranks,
+)
+from lightning_fisher.stability import StabilityRule, StabilityTracker, StopReason, split_half_correlation
+from lightning_fisher.tensor_folder import TensorFolderDataset, write_sample_folder
 from lightning_fisher.timesteps import TimestepFocus, UniformTimestepSampler
+
+_LIGHTNING_ADAPTERS = {
+    "AdaptiveLoRA": "lightning_fisher.training.adaptive_lora",
+    "save_adapter": "lightning_fisher.training.adaptive_lora",
+    "FisherAnalysisModule": "lightning_fisher.training.analysis_module",
+    "FisherStability": "lightning_fisher.training.stability_callback",
+    "TensorDirectoryDataModule": "lightning_fisher.training.datamodule",
+    "analyze": "lightning_fisher.training.analyze",
+}
 
 __all__ = [
     "AdapterRankMismatchError",
+    "AdaptiveLoRA",
     "CandidateSelectionError",
     "DatasetFolderError",
+    "FisherAccumulator",
     "FisherAnalysisError",
+    "FisherAnalysisModule",
+    "FisherCollector",
+    "FisherMap",
     "FisherMapDecodeError",
     "FisherMapError",
     "FisherMapNotFoundError",
+    "FisherMapOverrideWarning",
     "FisherMapSchemaError",
     "FisherMapVersionError",
     "FisherMapWriteError",
+    "FisherStability",
     "FragileModelError",
     "LightningFisherError",
     "ModelMismatchError",
+    "StabilityRule",
+    "StabilityTracker",
+    "StopReason",
+    "TensorDirectoryDataModule",
+    "TensorFolderDataset",
     "TimestepFocus",
     "UniformTimestepSampler",
     "__version__",
+    "allocate_ranks",
+    "analyze",
+    "lora_config_from_fisher_map",
+    "peft_config_from_fisher_map",
+    "save_adapter",
+    "select_candidates",
+    "split_half_correlation",
+    "verify_adapter_ranks",
+    "write_sample_folder",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LIGHTNING_ADAPTERS:
+        value = getattr(importlib.import_module(_LIGHTNING_ADAPTERS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lightning_fisher' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

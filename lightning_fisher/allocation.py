@@ -1,0 +1,217 @@
+"""Rank allocation: from per-module Fisher scores to which modules get an adapter, at what rank.
+
+Pure functions over dictionaries; no model, no torch.
+
+The rule, in three steps:
+
+1. **Auto-targeting.** A module whose score is below ``exclude_threshold`` times the median of
+   the positive scores gets no adapter at all; so does a module with score 0 (the loss does
+   not depend on it on this data). With the default ``0.05`` a module is dropped when the data
+   moves it less than a twentieth as much as a typical module: under the square-root rule
+   below it would sit far below ``rank_min`` anyway, so an adapter there mostly spends
+   parameters.
+2. **Shape.** Kept modules get a continuous rank proportional to ``score ** score_power``
+   (default ``0.5``: a module with 4x the median score gets 2x the median rank), clamped to
+   ``[rank_min, rank_max]``.
+3. **Scale**, by ``mode``:
+
+   - ``"median"`` (the seed tool's meaning of ``rank``): the median kept module gets ``rank``;
+     the total number of adapter parameters follows from the scores.
+   - ``"budget"``: the scale is chosen so that the total adapter parameters,
+     ``sum(rank_m * cost_m)`` with ``cost_m = d_in + d_out`` of module ``m``, equal those of flat
+     LoRA at ``rank`` on **all** candidates (excluded ones included, so the kept modules absorb
+     their share). This is the fair comparison against flat LoRA. The integer ranks never
+     exceed the budget and fall short of it by less than one rank step of one module (unless
+     modules with exactly equal scores must move together, or ``rank_max`` makes the budget
+     unreachable, which warns).
+
+Ranks are integers in ``[rank_min, rank_max]`` and non-decreasing in score: modules with equal
+scores get equal ranks. The result is deterministic (no randomness, no dependence on dict
+order beyond the order of the returned dict, which follows the input).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import warnings
+from collections.abc import Mapping
+from typing import Literal, Optional
+
+__all__ = ["ALLOCATION_MODES", "allocate_ranks", "flat_lora_parameters", "lora_parameters"]
+
+ALLOCATION_MODES = ("median", "budget")
+
+_BISECTION_STEPS = 200
+
+
+def allocate_ranks(
+    scores: Mapping[str, float],
+    *,
+    rank: int = 64,
+    rank_min: int = 16,
+    rank_max: int = 128,
+    mode: Literal["median", "budget"] = "median",
+    rank_costs: Optional[Mapping[str, int]] = None,
+    score_power: float = 0.5,
+    exclude_threshold: float = 0.05,
+) -> dict[str, int]:
+    """Assign an integer LoRA rank to each module worth adapting.
+
+    Args:
+        scores: per-module scores (non-negative, finite), keyed by full module name.
+        rank: the median rank (``mode="median"``) or the flat rank whose parameter count is
+            matched (``mode="budget"``). Must lie in ``[rank_min, rank_max]``.
+        rank_min: smallest rank any adapted module gets.
+        rank_max: largest rank any adapted module gets.
+        mode: ``"median"`` or ``"budget"`` (see the module docstring).
+        rank_costs: adapter parameters per unit of rank for each module (``d_in + d_out``
+            for a linear layer). Required for ``mode="budget"``; unused otherwise.
+        score_power: exponent of the score-to-rank rule; ``1`` is proportional, ``0.5``
+            square root.
+        exclude_threshold: modules scoring below this fraction of the median positive score
+            get no adapter; ``0`` keeps every module with a positive score.
+
+    Returns:
+        ``{module name: rank}`` for the modules that get an adapter, in input order. Modules
+        absent from it are excluded.
+
+    Raises:
+        ValueError: naming the offending argument (and module, for a bad score).
+    """
+    _check_arguments(scores, rank, rank_min, rank_max, mode, rank_costs, score_power, exclude_threshold)
+    kept = _auto_target(scores, exclude_threshold)
+    weights = {name: scores[name] ** score_power for name in kept}
+    if mode == "median":
+        continuous = _median_scaled(weights, rank, rank_min, rank_max)
+        ranks = {name: _round_half_up(x) for name, x in continuous.items()}
+    else:
+        assert rank_costs is not None
+        budget = rank * sum(rank_costs[name] for name in scores)
+        ranks = _budget_scaled(weights, {n: rank_costs[n] for n in kept}, budget, rank_min, rank_max)
+    return {name: ranks[name] for name in scores if name in ranks}
+
+
+def lora_parameters(ranks: Mapping[str, int], rank_costs: Mapping[str, int]) -> int:
+    """Trainable adapter parameters of an allocation: ``sum(rank_m * cost_m)``."""
+    return sum(int(r) * int(rank_costs[name]) for name, r in ranks.items())
+
+
+def flat_lora_parameters(rank: int, rank_costs: Mapping[str, int]) -> int:
+    """Trainable parameters of flat LoRA at ``rank`` on every module in ``rank_costs``."""
+    return int(rank) * sum(int(c) for c in rank_costs.values())
+
+
+def _check_arguments(scores, rank, rank_min, rank_max, mode, rank_costs, score_power, exclude_threshold) -> None:
+    if not isinstance(scores, Mapping) or not scores:
+        raise ValueError("scores: need a non-empty mapping of module name to score")
+    for name, value in (("rank", rank), ("rank_min", rank_min), ("rank_max", rank_max)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+    if rank_min > rank_max:
+        raise ValueError(f"rank_min ({rank_min}) is greater than rank_max ({rank_max})")
+    if not rank_min <= rank <= rank_max:
+        raise ValueError(f"rank ({rank}) must lie within [rank_min, rank_max] = [{rank_min}, {rank_max}]")
+    if mode not in ALLOCATION_MODES:
+        raise ValueError(f"mode: must be one of {', '.join(ALLOCATION_MODES)}, got {mode!r}")
+    if not (isinstance(score_power, (int, float)) and math.isfinite(score_power) and score_power > 0):
+        raise ValueError(f"score_power: must be a positive number, got {score_power!r}")
+    if not (isinstance(exclude_threshold, (int, float)) and 0 <= exclude_threshold < 1):
+        raise ValueError(f"exclude_threshold: must be in [0, 1), got {exclude_threshold!r}")
+    for name, value in scores.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"scores[{name!r}]: must be a finite non-negative number, got {value!r}")
+    if not any(value > 0 for value in scores.values()):
+        raise ValueError(
+            "scores: every score is zero, so the loss does not depend on any candidate module; "
+            "check that the analysed loss reaches the candidates"
+        )
+    if mode == "budget":
+        if rank_costs is None:
+            raise ValueError("rank_costs: required for mode='budget' (d_in + d_out of each module)")
+        missing = [name for name in scores if name not in rank_costs]
+        if missing:
+            raise ValueError(f"rank_costs: no cost for {len(missing)} scored module(s), e.g. {missing[:3]}")
+        for name in scores:
+            cost = rank_costs[name]
+            if isinstance(cost, bool) or not isinstance(cost, int) or cost < 1:
+                raise ValueError(f"rank_costs[{name!r}]: must be a positive integer, got {cost!r}")
+
+
+def _auto_target(scores: Mapping[str, float], exclude_threshold: float) -> list[str]:
+    reference = statistics.median(value for value in scores.values() if value > 0)
+    cutoff = exclude_threshold * reference
+    return [name for name, value in scores.items() if value > 0 and value >= cutoff]
+
+
+def _median_scaled(weights: Mapping[str, float], rank: int, lo: int, hi: int) -> dict[str, float]:
+    median_weight = statistics.median(weights.values())
+    return {name: min(hi, max(lo, rank * w / median_weight)) for name, w in weights.items()}
+
+
+def _round_half_up(x: float) -> int:
+    # round() rounds half to even, which is not monotone in x; floor(x + 0.5) is.
+    return int(math.floor(x + 0.5))
+
+
+def _budget_scaled(
+    weights: Mapping[str, float], costs: Mapping[str, int], budget: int, lo: int, hi: int
+) -> dict[str, int]:
+    def spent(scale: float) -> float:
+        return sum(min(hi, max(lo, scale * w)) * costs[n] for n, w in weights.items())
+
+    if spent(math.inf) < budget:
+        ceiling = sum(hi * c for c in costs.values())
+        warnings.warn(
+            f"rank budget of {budget} adapter parameters is out of reach: every kept module at "
+            f"rank_max={hi} gives only {ceiling}; raise rank_max or lower exclude_threshold",
+            UserWarning,
+            stacklevel=3,
+        )
+        return {name: hi for name in weights}
+
+    # spent() is continuous and non-decreasing in the scale: bisect on it, keeping the low
+    # side so the continuous allocation never exceeds the budget.
+    low, high = 0.0, hi / min(weights.values())
+    for _ in range(_BISECTION_STEPS):
+        middle = 0.5 * (low + high)
+        if spent(middle) <= budget:
+            low = middle
+        else:
+            high = middle
+    continuous = {n: min(hi, max(lo, low * w)) for n, w in weights.items()}
+    return _round_within_budget(continuous, costs, budget, hi)
+
+
+def _round_within_budget(
+    continuous: Mapping[str, float], costs: Mapping[str, int], budget: int, hi: int
+) -> dict[str, int]:
+    """Largest-remainder rounding that stays within the budget and keeps ranks monotone.
+
+    Modules with the same continuous rank move together, so equal scores keep equal ranks.
+    Groups are raised by one step in order of their fractional part; once a group at floor
+    ``f`` does not fit, no group at floor ``f`` with a smaller value is raised either, which
+    is what keeps the ranks non-decreasing in score.
+    """
+    ranks = {name: int(math.floor(x)) for name, x in continuous.items()}
+    remaining = budget - sum(ranks[n] * costs[n] for n in ranks)
+
+    groups: dict[float, list[str]] = {}
+    for name, x in continuous.items():
+        groups.setdefault(x, []).append(name)
+    order = sorted(groups, key=lambda x: (-(x - math.floor(x)), -x))
+
+    blocked_floors: set[int] = set()
+    for x in order:
+        floor = int(math.floor(x))
+        if floor >= hi or floor in blocked_floors:
+            continue
+        members = groups[x]
+        cost = sum(costs[n] for n in members)
+        if cost <= remaining:
+            for name in members:
+                ranks[name] += 1
+            remaining -= cost
+        else:
+            blocked_floors.add(floor)
+    return ranks

@@ -1,0 +1,223 @@
+"""Candidate modules: which layers of a model the Fisher analysis scores.
+
+A candidate is a module that could receive a LoRA adapter and whose per-sample weight
+gradient the collector can score exactly: ``nn.Linear``, ``nn.Embedding`` and the
+Hugging Face ``Conv1D`` (GPT-2 style, weight ``[in, out]``, ``y = x @ W + b``). ``Conv1D`` is
+recognised by its class name and its ``nf`` attribute, so ``transformers`` is never required.
+
+Name patterns follow PEFT's ``target_modules`` convention: a pattern is a regular expression
+that must match the module's full name or a dot-separated suffix of it. ``"classifier"``
+selects ``classifier`` and ``head.classifier`` but not ``my_classifier``; ``r"encoder\\..*"``
+selects everything under ``encoder``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable, Optional, Sequence, Union
+
+from torch import nn
+
+from lightning_fisher.errors import CandidateSelectionError
+
+__all__ = [
+    "SUPPORTED_TYPE_NAMES",
+    "is_supported",
+    "module_type_name",
+    "rank_cost",
+    "select_candidates",
+    "weight_shape",
+]
+
+#: Canonical names of the module kinds the collector can score.
+SUPPORTED_TYPE_NAMES = ("Linear", "Embedding", "Conv1D")
+
+# Name components that mark a module as part of an already-injected PEFT adapter: the LoRA
+# factors (``lora_A``, ``lora_B``, ``lora_embedding_A``, ``lora_dropout`` ...) and the wrapped
+# original layer (``base_layer``). Scoring them would score the adapter, not the model.
+_ADAPTER_PREFIX = "lora_"
+_ADAPTER_COMPONENT = "base_layer"
+
+_MAX_LISTED = 8
+
+
+def _is_conv1d(obj: Union[nn.Module, type]) -> bool:
+    cls = obj if isinstance(obj, type) else type(obj)
+    if cls.__name__ != "Conv1D":
+        return False
+    # The class itself sets ``nf`` in __init__ only; accept the class by name, instances by attribute.
+    return isinstance(obj, type) or hasattr(obj, "nf")
+
+
+def _type_name_or_none(module: nn.Module) -> Optional[str]:
+    if isinstance(module, nn.Linear):
+        return "Linear"
+    if isinstance(module, nn.Embedding):
+        return "Embedding"
+    if _is_conv1d(module):
+        return "Conv1D"
+    return None
+
+
+def is_supported(module: nn.Module) -> bool:
+    """Whether the collector can score ``module`` (a Linear, Embedding or HF Conv1D)."""
+    return _type_name_or_none(module) is not None
+
+
+def module_type_name(module: nn.Module) -> str:
+    """Canonical kind of a supported module: ``"Linear"``, ``"Embedding"`` or ``"Conv1D"``.
+
+    Subclasses report their base kind (``NonDynamicallyQuantizableLinear`` is ``"Linear"``),
+    because that is what decides how a LoRA adapter is built for them.
+
+    Args:
+        module: a supported module.
+
+    Raises:
+        CandidateSelectionError: ``module`` is of an unsupported type.
+    """
+    name = _type_name_or_none(module)
+    if name is None:
+        raise CandidateSelectionError(
+            f"module of type {type(module).__name__} is not supported; supported types are "
+            f"{', '.join(SUPPORTED_TYPE_NAMES)}"
+        )
+    return name
+
+
+def weight_shape(module: nn.Module) -> tuple[int, ...]:
+    """Shape of the module's weight as stored (``Conv1D`` is ``[in, out]``, Linear ``[out, in]``).
+
+    Args:
+        module: a supported module.
+    """
+    module_type_name(module)
+    return tuple(module.weight.shape)
+
+
+def rank_cost(module: nn.Module) -> int:
+    """LoRA parameters added per unit of rank: ``d_in + d_out`` (Embedding: vocabulary + dim).
+
+    Args:
+        module: a supported module.
+
+    Raises:
+        CandidateSelectionError: ``module`` is of an unsupported type.
+    """
+    kind = module_type_name(module)
+    if kind == "Embedding":
+        return int(module.num_embeddings + module.embedding_dim)
+    rows, cols = module.weight.shape
+    return int(rows + cols)
+
+
+def _check_module_types(module_types: Sequence[type]) -> tuple[type, ...]:
+    types = tuple(module_types)
+    for cls in types:
+        ok = isinstance(cls, type) and (issubclass(cls, (nn.Linear, nn.Embedding)) or _is_conv1d(cls))
+        if not ok:
+            shown = cls.__name__ if isinstance(cls, type) else repr(cls)
+            raise CandidateSelectionError(
+                f"module type {shown} is not supported for Fisher scoring; supported types are "
+                f"{', '.join(SUPPORTED_TYPE_NAMES)} (nn.Linear, nn.Embedding, transformers Conv1D)"
+            )
+    return types
+
+
+def _compile_patterns(patterns: Union[str, Sequence[str]], what: str) -> list[re.Pattern[str]]:
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    compiled = []
+    for pattern in patterns:
+        try:
+            compiled.append(re.compile(rf"(?:.*\.)?(?:{pattern})"))
+        except re.error as err:
+            raise CandidateSelectionError(f"invalid {what} pattern {pattern!r}: {err}") from err
+    return compiled
+
+
+def _matches_any(name: str, patterns: Iterable[re.Pattern[str]]) -> bool:
+    return any(p.fullmatch(name) for p in patterns)
+
+
+def _is_of_types(module: nn.Module, types: tuple[type, ...]) -> bool:
+    for cls in types:
+        if _is_conv1d(cls):
+            if _is_conv1d(module):
+                return True
+        elif isinstance(module, cls):
+            return True
+    return False
+
+
+def _inside_adapter(name: str) -> bool:
+    return any(part.startswith(_ADAPTER_PREFIX) or part == _ADAPTER_COMPONENT for part in name.split("."))
+
+
+def _describe(modules: list[tuple[str, nn.Module]]) -> str:
+    shown = ", ".join(f"{name} ({type(m).__name__})" for name, m in modules[:_MAX_LISTED])
+    more = f", ... ({len(modules) - _MAX_LISTED} more)" if len(modules) > _MAX_LISTED else ""
+    return shown + more
+
+
+def select_candidates(
+    model: nn.Module,
+    *,
+    include: Union[str, Sequence[str], None] = None,
+    exclude: Union[str, Sequence[str]] = (),
+    module_types: Optional[Sequence[type]] = None,
+) -> dict[str, nn.Module]:
+    """Modules of ``model`` to score, by full name, in ``model.named_modules()`` order.
+
+    The root module itself is never a candidate (it has no name to put in a map), and
+    neither is any module inside an already-injected PEFT adapter: a module whose name has a
+    component starting with ``lora_`` or equal to ``base_layer``.
+
+    Args:
+        model: the model to search.
+        include: name patterns (PEFT ``target_modules`` semantics: a regex matching the full
+            name or a dot-separated suffix). ``None`` selects every module of ``module_types``.
+            A single string is one pattern.
+        exclude: name patterns removed from the selection, same semantics.
+        module_types: module classes to consider; default ``(nn.Linear,)``. Supported:
+            ``nn.Linear``, ``nn.Embedding`` (and subclasses) and transformers' ``Conv1D``.
+
+    Raises:
+        CandidateSelectionError: an unsupported type, an invalid pattern, or nothing selected.
+    """
+    types = _check_module_types((nn.Linear,) if module_types is None else module_types)
+    includes = None if include is None else _compile_patterns(include, "include")
+    excludes = _compile_patterns(exclude, "exclude")
+
+    named = [(n, m) for n, m in model.named_modules() if n and not _inside_adapter(n)]
+    of_type = [(n, m) for n, m in named if _is_of_types(m, types)]
+    selected = {
+        n: m
+        for n, m in of_type
+        if (includes is None or _matches_any(n, includes)) and not _matches_any(n, excludes)
+    }
+    if not selected:
+        raise CandidateSelectionError(_empty_selection_message(include, exclude, types, named, of_type))
+    return selected
+
+
+def _empty_selection_message(
+    include: Union[str, Sequence[str], None],
+    exclude: Union[str, Sequence[str]],
+    types: tuple[type, ...],
+    named: list[tuple[str, nn.Module]],
+    of_type: list[tuple[str, nn.Module]],
+) -> str:
+    type_names = [t.__name__ for t in types]
+    setting = f"include={include!r}, exclude={exclude!r}"
+    if not of_type:
+        return (
+            f"no candidate modules: the model has no modules of types {type_names} "
+            f"(outside PEFT adapters). Modules seen: {_describe(named) or 'none'}. "
+            f"Pass module_types= with the layer types to score ({', '.join(SUPPORTED_TYPE_NAMES)})."
+        )
+    return (
+        f"no candidate modules: {setting} selected none of the {len(of_type)} modules of types "
+        f"{type_names}, e.g. {_describe(of_type)}. Patterns must match a full name or a "
+        f"dot-separated suffix of it (PEFT target_modules semantics)."
+    )

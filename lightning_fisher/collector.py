@@ -1,0 +1,542 @@
+"""Per-sample empirical Fisher of each candidate module, from one forward and backward pass.
+
+For sample ``i`` of a batch and candidate module ``m`` with weight ``W`` and bias ``b``, the
+collector records::
+
+    F[m, i] = (||dl_i/dW||^2 + ||dl_i/db||^2) / (numel(W) + numel(b))
+
+where ``l_i`` is sample ``i``'s own loss, i.e. the squared norm of the per-sample gradient
+per parameter. It never forms a per-parameter gradient: a forward hook keeps each call's
+input ``a`` (``[B, T, d_in]``, middle dims flattened into ``T``; 2-D inputs have ``T = 1``) and
+a hook on the call's output receives its gradient ``g`` (``[B, T, d_out]``). The weight
+gradient of sample ``i`` is ``sum_t g_t a_t^T``, and its squared norm is either
+
+* ``ghost``: ``sum_{t,s} (a_t . a_s)(g_t . g_s)`` from two ``[B, T, T]`` Gram matrices, or
+* ``materialize``: the per-sample ``[d_out, d_in]`` gradient by ``bmm``, squared and summed.
+
+``auto`` picks per layer and batch the cheaper one: ghost when ``T < d_in d_out / (d_in + d_out)``.
+The bias gradient is ``sum_t g_t``. An embedding's per-sample gradient sums ``g_t`` over the
+positions that share an index (padding index excluded); ``ghost`` uses an index-equality Gram
+matrix, ``materialize``/``auto`` sum rows per (sample, index) with ``index_add`` (never a
+``[B, vocab, dim]`` tensor). The norm is computed as soon as a call's gradient arrives and the
+kept input is dropped, so memory stays at a training step's level; large temporaries are
+built a few samples at a time. Norms are computed in float32 for float16/bfloat16/float32
+activations and in float64 for float64 ones; values are returned as float64.
+
+Loss convention (``loss_reduction``):
+
+* ``"mean"`` (default): the batch loss is ``(1/B) sum_i l_i``, so each sample's gradient
+  reaching a module is scaled by ``1/B``; squared norms are multiplied by ``B**2``. For a
+  token-mean language-model loss the "sample loss" is therefore the sample's share of the
+  batch mean times ``B``.
+* ``"sum"``: the batch loss is ``sum_i l_i``; no scaling. Losses reduced any other way should
+  be rescaled by the caller to a sum of per-sample losses and declared ``"sum"``.
+
+Requirements and behaviour:
+
+* Inputs must be batch-first: a candidate whose input's first dimension is not the batch
+  size raises :class:`FisherAnalysisError` (exclude it from the candidates).
+* A module called several times in one forward (weight sharing) gets the squared norm of the
+  *sum* of its calls' gradients: calls are concatenated along the token axis.
+* Frozen weights work and are faster: the collector never reads or writes any ``.grad``. If a
+  candidate's output does not require grad (nothing upstream does), its forward hook returns
+  a non-leaf copy that does, so backward reaches it. The analysis freezes weights for speed.
+* Only forwards with grad enabled, inside :meth:`FisherCollector.batch`, are captured. Forward
+  hooks that fire *during* backward (activation-checkpoint recompute, non-reentrant mode)
+  are not captured, because the first forward's hooks already carry the gradient.
+  Reentrant checkpointing (``use_reentrant=True``) runs the first forward without grad, so
+  its modules would be seen only during backward; that raises :class:`FisherAnalysisError`.
+* Samples with a non-finite value in any module are marked ``finite = False``; a module that
+  got no gradient in a batch has value 0 for it.
+* Different modules that share a weight tensor (tied embeddings) are scored separately.
+* Dropout in train mode makes the Fisher that of the sampled mask; the analysis usually runs
+  in eval mode.
+* Only one backward per block: a second gradient for the same forward call raises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from dataclasses import dataclass, field
+from typing import Iterator, Literal, Mapping, Optional
+
+import torch
+from torch import nn
+
+from lightning_fisher.candidates import SUPPORTED_TYPE_NAMES, module_type_name, select_candidates
+from lightning_fisher.errors import CandidateSelectionError, FisherAnalysisError
+
+__all__ = ["BatchRecord", "FisherCollector", "embedding_sq_norms", "linear_sq_norms"]
+
+LossReduction = Literal["mean", "sum"]
+NormStrategy = Literal["auto", "ghost", "materialize"]
+
+# Elements of the largest temporary (Gram matrices or per-sample gradients) computed at once;
+# larger batches are processed in chunks of samples so memory stays bounded (~128 MB float32).
+_CHUNK_ELEMENTS = 1 << 25
+
+
+# --------------------------------------------------------------------------- norm kernels
+
+
+def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _sample_chunks(batch: int, per_sample: int) -> Iterator[slice]:
+    step = max(1, _CHUNK_ELEMENTS // max(1, per_sample))
+    for start in range(0, batch, step):
+        yield slice(start, min(batch, start + step))
+
+
+def _ghost_weight_sq(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    t = a.shape[1]
+    out = []
+    for c in _sample_chunks(a.shape[0], t * t):
+        aa = torch.bmm(a[c], a[c].transpose(1, 2))
+        gg = torch.bmm(g[c], g[c].transpose(1, 2))
+        out.append((aa * gg).sum(dim=(1, 2)))
+    return torch.cat(out)
+
+
+def _materialized_weight_sq(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    out = []
+    for c in _sample_chunks(a.shape[0], a.shape[2] * g.shape[2]):
+        per_sample = torch.bmm(g[c].transpose(1, 2), a[c])
+        # Square and sum rather than vector_norm over two dims: measurably more accurate in float32.
+        out.append(per_sample.square().sum(dim=(1, 2)))
+    return torch.cat(out)
+
+
+def linear_sq_norms(
+    a: torch.Tensor, g: torch.Tensor, *, bias: bool, strategy: NormStrategy = "auto"
+) -> torch.Tensor:
+    """Per-sample squared norm of a linear layer's weight (+ bias) gradient.
+
+    Args:
+        a: ``[B, T, d_in]`` inputs (already in the compute dtype).
+        g: ``[B, T, d_out]`` gradients of the outputs.
+        bias: whether to add the bias gradient's squared norm.
+        strategy: ``ghost``, ``materialize`` or ``auto`` (cheaper of the two for these sizes).
+
+    Returns:
+        ``[B]`` squared norms (unscaled, unnormalised).
+    """
+    t, d_in, d_out = a.shape[1], a.shape[2], g.shape[2]
+    if t == 1:
+        sq = a.square().sum(dim=(1, 2)) * g.square().sum(dim=(1, 2))
+    else:
+        ghost = strategy == "ghost" or (strategy == "auto" and t * (d_in + d_out) < d_in * d_out)
+        sq = _ghost_weight_sq(a, g) if ghost else _materialized_weight_sq(a, g)
+    if bias:
+        sq = sq + g.sum(dim=1).square().sum(dim=1)
+    return sq
+
+
+def embedding_sq_norms(
+    idx: torch.Tensor,
+    g: torch.Tensor,
+    *,
+    num_embeddings: int,
+    padding_idx: Optional[int],
+    strategy: NormStrategy = "auto",
+) -> torch.Tensor:
+    """Per-sample squared norm of an embedding's weight gradient.
+
+    Args:
+        idx: ``[B, T]`` integer indices.
+        g: ``[B, T, dim]`` gradients of the looked-up rows (compute dtype).
+        num_embeddings: vocabulary size.
+        padding_idx: index whose row receives no gradient, or ``None``.
+        strategy: ``ghost`` (index-equality Gram matrix) or ``materialize``/``auto`` (sum rows
+            per sample and index with ``index_add``; cheaper, never vocabulary-sized).
+
+    Returns:
+        ``[B]`` squared norms.
+    """
+    batch, t = idx.shape
+    valid = torch.ones_like(idx, dtype=torch.bool) if padding_idx is None else idx != padding_idx
+    if strategy == "ghost":
+        out = []
+        for c in _sample_chunks(batch, t * t):
+            same = (idx[c].unsqueeze(2) == idx[c].unsqueeze(1)) & valid[c].unsqueeze(2)
+            gg = torch.bmm(g[c], g[c].transpose(1, 2))
+            out.append((gg * same).sum(dim=(1, 2)))
+        return torch.cat(out)
+    sample = torch.arange(batch, device=idx.device).unsqueeze(1).expand(batch, t)
+    keys = (sample * num_embeddings + idx)[valid]
+    rows = g[valid]
+    unique, inverse = torch.unique(keys, return_inverse=True)
+    summed = torch.zeros(unique.numel(), g.shape[2], dtype=g.dtype, device=g.device)
+    summed.index_add_(0, inverse, rows)
+    sq = torch.zeros(batch, dtype=g.dtype, device=g.device)
+    sq.index_add_(0, torch.div(unique, num_embeddings, rounding_mode="floor"), summed.square().sum(dim=1))
+    return sq
+
+
+# ----------------------------------------------------------------------- batch state
+
+
+@dataclass
+class _Call:
+    """One forward call of one candidate: its kept input and, later, its output gradient."""
+
+    a: Optional[torch.Tensor]
+    version: int  # of ``a`` when captured: an in-place change later would corrupt the norm
+    g: Optional[torch.Tensor] = None
+    done: bool = False
+
+
+@dataclass
+class _ModuleBatch:
+    """What one candidate collected in the current batch."""
+
+    calls: list[_Call] = field(default_factory=list)
+    pending: int = 0
+    sq: Optional[torch.Tensor] = None  # [B] accumulated squared norms, compute dtype
+
+
+class _BatchState:
+    """State of one ``collector.batch()`` block; closures check ``open`` so stale ones do nothing."""
+
+    def __init__(self, num_modules: int, batch_size: Optional[int]) -> None:
+        self.open = True
+        self.batch_size = batch_size
+        self.modules = [_ModuleBatch() for _ in range(num_modules)]
+        self.captured: set[int] = set()
+        self.grad_any = False
+        self.seen_in_backward: set[int] = set()
+
+    def close(self) -> None:
+        self.open = False
+        self.modules = []
+
+
+class BatchRecord:
+    """Result of one ``collector.batch()`` block; readable once the block has ended.
+
+    Attributes:
+        names: candidate names, the row order of :attr:`values`.
+    """
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        self.names = names
+        self._values: Optional[torch.Tensor] = None
+        self._finite: Optional[torch.Tensor] = None
+
+    def _set(self, values: torch.Tensor) -> None:
+        self._values = values
+        self._finite = torch.isfinite(values).all(dim=0)
+
+    def _require(self) -> None:
+        if self._values is None:
+            raise FisherAnalysisError(
+                "record.values is available only after the 'with collector.batch()' block has ended without error"
+            )
+
+    @property
+    def values(self) -> torch.Tensor:
+        """``[M, B]`` float64 per-module, per-sample Fisher values (``nan``/``inf`` possible)."""
+        self._require()
+        return self._values
+
+    @property
+    def finite(self) -> torch.Tensor:
+        """``[B]`` bool: sample ``i`` has finite values in every module."""
+        self._require()
+        return self._finite
+
+    @property
+    def batch_size(self) -> int:
+        """Number of samples in the batch."""
+        return int(self.values.shape[1])
+
+    def as_dict(self) -> dict[str, torch.Tensor]:
+        """Per-sample values by module name (rows of :attr:`values`)."""
+        return dict(zip(self.names, self.values))
+
+
+# -------------------------------------------------------------------------- collector
+
+
+class FisherCollector:
+    """Hooks that record per-sample, per-module empirical Fisher values in one backward pass.
+
+    Usage::
+
+        collector = FisherCollector(model)
+        with collector:                                   # hooks installed, removed on exit
+            for batch in loader:
+                with collector.batch() as record:
+                    loss_fn(model, batch).backward()      # batch loss = mean of sample losses
+                accumulator.update(record.values, record.finite)
+
+    Args:
+        model: the model; candidate names are relative to it.
+        candidates: ``{full name: module}`` to score; default :func:`select_candidates` (all
+            ``nn.Linear``). Each must be a submodule of ``model`` of a supported type.
+        loss_reduction: ``"mean"`` if the batch loss is the mean of per-sample losses (squared
+            norms scaled by ``B**2``), ``"sum"`` if it is their sum.
+        norm_strategy: ``"ghost"`` (Gram matrices), ``"materialize"`` (per-sample gradients) or
+            ``"auto"`` (cheaper per layer and batch).
+
+    Raises:
+        CandidateSelectionError: an unsupported, duplicated or foreign candidate module.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        candidates: Optional[Mapping[str, nn.Module]] = None,
+        *,
+        loss_reduction: LossReduction = "mean",
+        norm_strategy: NormStrategy = "auto",
+    ) -> None:
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+        if norm_strategy not in ("auto", "ghost", "materialize"):
+            raise ValueError(f"norm_strategy must be 'auto', 'ghost' or 'materialize', got {norm_strategy!r}")
+        self.model = model
+        self.candidates: dict[str, nn.Module] = dict(select_candidates(model) if candidates is None else candidates)
+        self.names: tuple[str, ...] = tuple(self.candidates)
+        self.loss_reduction = loss_reduction
+        self.norm_strategy = norm_strategy
+        self._modules = list(self.candidates.values())
+        self._kinds = self._validate()
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._batch: Optional[_BatchState] = None
+
+    def _validate(self) -> list[str]:
+        """Kind of each candidate; rejects what the hooks could not score correctly."""
+        submodules = {id(m) for m in self.model.modules()}
+        seen: set[int] = set()
+        kinds = []
+        for name, module in self.candidates.items():
+            try:
+                kind = module_type_name(module)
+            except CandidateSelectionError as err:
+                raise CandidateSelectionError(
+                    f"candidate {name!r} is a {type(module).__name__}; supported types are "
+                    f"{', '.join(SUPPORTED_TYPE_NAMES)}"
+                ) from err
+            if kind == "Embedding" and module.scale_grad_by_freq:
+                raise CandidateSelectionError(
+                    f"candidate {name!r} is an Embedding with scale_grad_by_freq=True, whose gradient depends on "
+                    f"the whole batch, so it has no per-sample Fisher; exclude it (exclude=[{name!r}])"
+                )
+            if id(module) not in submodules:
+                raise CandidateSelectionError(
+                    f"candidate {name!r} is not a submodule of the model given to FisherCollector"
+                )
+            if id(module) in seen:
+                # One module under two names would get its hooks twice and be counted twice.
+                raise CandidateSelectionError(f"module {name!r} appears more than once among the candidates")
+            seen.add(id(module))
+            kinds.append(kind)
+        return kinds
+
+    # ------------------------------------------------------------------ hooks on/off
+
+    @property
+    def attached(self) -> bool:
+        """Whether the hooks are installed."""
+        return bool(self._handles)
+
+    def attach(self) -> "FisherCollector":
+        """Install one forward hook per candidate (idempotent)."""
+        if not self._handles:
+            for index, module in enumerate(self.candidates.values()):
+                hook = functools.partial(self._on_forward, index)
+                self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
+        return self
+
+    def detach(self) -> None:
+        """Remove every hook this collector installed and drop any batch state."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        if self._batch is not None:
+            self._batch.close()
+            self._batch = None
+
+    def __enter__(self) -> "FisherCollector":
+        return self.attach()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.detach()
+
+    # ------------------------------------------------------------------- batches
+
+    @contextlib.contextmanager
+    def batch(self, batch_size: Optional[int] = None) -> Iterator[BatchRecord]:
+        """Collect one batch: run forward and ``backward()`` inside the block.
+
+        Args:
+            batch_size: number of samples; default: the first dimension of the first
+                candidate input seen.
+
+        Yields:
+            A :class:`BatchRecord` whose values are readable after the block.
+
+        Raises:
+            FisherAnalysisError: the collector is not attached, blocks are nested, no candidate
+                ran with grad enabled, no gradient reached any candidate, or an input is not
+                batch-first.
+        """
+        if not self.attached:
+            raise FisherAnalysisError(
+                "FisherCollector.batch() needs the hooks: use 'with collector:' or attach() first"
+            )
+        if self._batch is not None:
+            raise FisherAnalysisError("collector.batch() blocks cannot be nested")
+        state = _BatchState(len(self.names), batch_size)
+        record = BatchRecord(self.names)
+        self._batch = state
+        try:
+            yield record
+            record._set(self._finish(state))
+        finally:
+            state.close()
+            self._batch = None
+
+    def _finish(self, state: _BatchState) -> torch.Tensor:
+        only_in_backward = state.seen_in_backward - state.captured
+        if only_in_backward:
+            names = [self.names[i] for i in sorted(only_in_backward)][:5]
+            raise FisherAnalysisError(
+                f"candidates {names} ran only during backward (reentrant gradient checkpointing?); per-sample "
+                "scores need the first forward with grad enabled: disable gradient checkpointing or use "
+                "use_reentrant=False"
+            )
+        if not state.captured:
+            raise FisherAnalysisError(
+                f"none of the {len(self.names)} candidate modules ran with grad enabled inside collector.batch(); "
+                "run the forward pass inside the block, outside torch.no_grad()"
+            )
+        for index, mod in enumerate(state.modules):
+            self._flush(state, index, mod)
+        if not state.grad_any:
+            raise FisherAnalysisError(
+                "no gradient reached any candidate module in this batch; call loss.backward() inside collector.batch()"
+            )
+        return self._values(state)
+
+    def _values(self, state: _BatchState) -> torch.Tensor:
+        batch = state.batch_size
+        rows = [mod.sq for mod in state.modules]
+        device = next(r.device for r in rows if r is not None)
+        values = torch.zeros(len(rows), batch, dtype=torch.float64, device=device)
+        scale = float(batch) ** 2 if self.loss_reduction == "mean" else 1.0
+        for index, (row, module) in enumerate(zip(rows, self._modules)):
+            if row is not None:
+                values[index] = row.to(torch.float64) * (scale / _num_params(module))
+        return values
+
+    # ------------------------------------------------------------------ callbacks
+
+    def _on_forward(self, index: int, module: nn.Module, args: tuple, kwargs: dict, output: object) -> object:
+        state = self._batch
+        if state is None or not torch.is_grad_enabled() or not isinstance(output, torch.Tensor):
+            return None
+        replaced = None
+        if not output.requires_grad:
+            # Frozen upstream: give backward a path into this module. Adding a zero leaf (not
+            # detach().requires_grad_()) keeps the result a non-leaf, so in-place ops on it still work.
+            anchor = torch.zeros((), dtype=output.dtype, device=output.device, requires_grad=True)
+            replaced = output = output.detach() + anchor
+        if _inside_backward():
+            # Recompute inside backward (activation checkpointing): the first forward already
+            # registered this call's gradient hook; capturing again would only hold memory.
+            state.seen_in_backward.add(index)
+            return replaced
+        x = args[0] if args else next(iter(kwargs.values()))
+        self._check_batch_dim(state, index, x.shape)
+        call = _Call(a=x.detach(), version=x._version)
+        mod = state.modules[index]
+        mod.calls.append(call)
+        mod.pending += 1
+        state.captured.add(index)
+        output.register_hook(functools.partial(self._on_grad, state, index, call))
+        return replaced
+
+    def _on_grad(self, state: _BatchState, index: int, call: _Call, grad: torch.Tensor) -> None:
+        if not state.open:
+            return None
+        name = self.names[index]
+        if call.g is not None or call.done:
+            raise FisherAnalysisError(
+                f"a second gradient reached candidate {name!r} for the same forward call; call backward() once "
+                "per collector.batch() block"
+            )
+        self._check_batch_dim(state, index, grad.shape, what="output gradient")
+        call.g = grad.detach()
+        state.grad_any = True
+        mod = state.modules[index]
+        mod.pending -= 1
+        if mod.pending == 0:
+            self._flush(state, index, mod)
+        return None
+
+    def _check_batch_dim(self, state: _BatchState, index: int, shape: torch.Size, what: str = "input") -> None:
+        if state.batch_size is None and len(shape) >= 1:
+            state.batch_size = int(shape[0])
+        name = self.names[index]
+        min_dims = 1 if self._kinds[index] == "Embedding" else 2
+        if len(shape) < min_dims or shape[0] != state.batch_size:
+            raise FisherAnalysisError(
+                f"candidate module {name!r} got an {what} of shape {tuple(shape)} whose first dimension is not the "
+                f"batch size {state.batch_size}; per-sample scores need batch-first inputs. Exclude it from the "
+                f"candidates (exclude=[{name!r}]) or pass the right batch_size to collector.batch()"
+            )
+
+    # ------------------------------------------------------------------- the math
+
+    def _flush(self, state: _BatchState, index: int, mod: _ModuleBatch) -> None:
+        """Add the squared norm of the calls whose gradient arrived; drop every kept tensor."""
+        ready = [c for c in mod.calls if c.g is not None]
+        inputs, grads = [c.a for c in ready], [c.g for c in ready]
+        modified = any(c.a._version != c.version for c in ready)
+        for call in mod.calls:
+            call.a, call.g, call.done = None, None, True
+        mod.calls, mod.pending = [], 0
+        if modified:
+            # Autograd catches this itself only when it saved the input (trainable weights).
+            name = self.names[index]
+            raise FisherAnalysisError(
+                f"the input of candidate {name!r} was modified in place after the module used it, so its "
+                f"per-sample norm cannot be computed; remove the in-place op or exclude it (exclude=[{name!r}])"
+            )
+        if grads:
+            sq = self._sq_norms(index, inputs, grads, state.batch_size)
+            mod.sq = sq if mod.sq is None else mod.sq + sq
+
+    def _sq_norms(
+        self, index: int, inputs: list[torch.Tensor], grads: list[torch.Tensor], batch: int
+    ) -> torch.Tensor:
+        # Calls of a shared module are concatenated along the token axis: the per-sample
+        # gradient is the sum over every token of every call, squared after summing.
+        module = self._modules[index]
+        dtype = _compute_dtype(*grads) if self._kinds[index] == "Embedding" else _compute_dtype(*inputs, *grads)
+        g = torch.cat([y.reshape(batch, -1, y.shape[-1]).to(dtype) for y in grads], dim=1)
+        if self._kinds[index] == "Embedding":
+            idx = torch.cat([x.reshape(batch, -1) for x in inputs], dim=1)
+            return embedding_sq_norms(
+                idx,
+                g,
+                num_embeddings=module.num_embeddings,
+                padding_idx=module.padding_idx,
+                strategy=self.norm_strategy,
+            )
+        a = torch.cat([x.reshape(batch, -1, x.shape[-1]).to(dtype) for x in inputs], dim=1)
+        return linear_sq_norms(a, g, bias=module.bias is not None, strategy=self.norm_strategy)
+
+
+def _inside_backward() -> bool:
+    # -1 means no autograd graph task is running on this thread, i.e. we are not in backward.
+    return torch._C._current_graph_task_id() != -1
+
+
+def _num_params(module: nn.Module) -> int:
+    bias = getattr(module, "bias", None)
+    return module.weight.numel() + (bias.numel() if isinstance(bias, torch.Tensor) else 0)

@@ -1,0 +1,132 @@
+"""When to stop the analysis: split-half rank agreement of the module scores.
+
+Why split halves. The obvious rule, "stop when the ranking after this batch agrees with the
+ranking after the previous one", measures nothing: two consecutive running means share all but
+one batch of their samples, so they agree more and more as samples accumulate, whatever the
+data. Instead, every sample goes to one of two halves (by the parity of its position in the
+stream; see :class:`~lightning_fisher.accumulator.FisherAccumulator`), and after each batch
+the module scores of half A are rank-correlated with those of half B. The two halves share no
+sample, so their agreement is an honest estimate of how reproducible the ranking is at half the
+data seen; the ranking from all samples together is more reliable still (by the
+Spearman-Brown relation, a split-half reliability ``r`` means about ``2r / (1 + r)`` for the
+whole). The correlation is Spearman's over **all** candidate modules, not a match of a top-k
+list: it counts the order of every module, which is what rank allocation uses.
+
+The rule stops when that correlation has been at least ``threshold`` for ``patience``
+consecutive batches, once at least ``min_batches`` batches are in; it stops at ``max_batches``
+regardless. Pure functions and a small state machine, so a plain PyTorch loop can use them;
+:class:`~lightning_fisher.FisherStability` drives it from Lightning.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torchmetrics.functional import spearman_corrcoef
+
+from lightning_fisher.accumulator import FisherAccumulator
+
+__all__ = ["StabilityRule", "StabilityTracker", "StopReason", "split_half_correlation"]
+
+#: Name of the method, as recorded in the map.
+METHOD = "split-half spearman over all modules"
+
+
+class StopReason(str, enum.Enum):
+    """Why the analysis ended."""
+
+    CONVERGED = "converged"
+    """The split-half ranking agreement stayed above the threshold for ``patience`` batches."""
+    MAX_BATCHES = "max_batches"
+    """The batch limit was reached before the ranking settled."""
+    DATA_EXHAUSTED = "data_exhausted"
+    """The data ran out before the ranking settled."""
+    INTERRUPTED = "interrupted"
+    """The run was stopped from outside."""
+
+
+def split_half_correlation(accumulator: FisherAccumulator) -> Optional[float]:
+    """Spearman correlation between the module scores of the two sample halves.
+
+    Returns:
+        The correlation, ``1.0`` when there are fewer than three modules (any ranking of one or
+        two modules is trivially reproducible), or ``None`` while a half has no sample or a
+        half's scores are all equal (no ranking to compare yet).
+    """
+    if len(accumulator.names) < 3:
+        return 1.0
+    halves = accumulator.half_scores()
+    if accumulator.half_counts().min() < 1:
+        return None
+    if bool((halves[0] == halves[0, 0]).all()) or bool((halves[1] == halves[1, 0]).all()):
+        return None
+    rho = float(spearman_corrcoef(halves[0].to(torch.float64), halves[1].to(torch.float64)))
+    return rho if math.isfinite(rho) else None
+
+
+@dataclass(frozen=True)
+class StabilityRule:
+    """Settings of the stopping rule.
+
+    Args:
+        patience: consecutive batches the correlation must stay at or above ``threshold``.
+        threshold: split-half Spearman correlation that counts as stable.
+        min_batches: never stop before this many batches.
+        max_batches: always stop after this many batches (``None``: only when data runs out).
+    """
+
+    patience: int = 5
+    threshold: float = 0.9
+    min_batches: int = 5
+    max_batches: Optional[int] = 200
+
+    def __post_init__(self) -> None:
+        if isinstance(self.patience, bool) or not isinstance(self.patience, int) or self.patience < 1:
+            raise ValueError(f"patience (convergence_patience): must be a positive integer, got {self.patience!r}")
+        if not (isinstance(self.threshold, (int, float)) and -1.0 <= self.threshold <= 1.0):
+            raise ValueError(f"threshold: must be a correlation in [-1, 1], got {self.threshold!r}")
+        if isinstance(self.min_batches, bool) or not isinstance(self.min_batches, int) or self.min_batches < 0:
+            raise ValueError(f"min_batches: must be a non-negative integer, got {self.min_batches!r}")
+        if self.max_batches is not None:
+            if isinstance(self.max_batches, bool) or not isinstance(self.max_batches, int) or self.max_batches < 1:
+                raise ValueError(f"max_batches: must be a positive integer or None, got {self.max_batches!r}")
+            if self.max_batches < self.min_batches:
+                raise ValueError(f"max_batches ({self.max_batches}) is smaller than min_batches ({self.min_batches})")
+
+
+@dataclass
+class StabilityTracker:
+    """Counts stable batches and says when to stop.
+
+    Feed it one correlation per batch with :meth:`update`; it returns a :class:`StopReason`
+    once the analysis should end, else ``None``.
+    """
+
+    rule: StabilityRule = field(default_factory=StabilityRule)
+    batches: int = 0
+    stable_batches: int = 0
+    history: list = field(default_factory=list)
+    reason: Optional[StopReason] = None
+
+    def update(self, correlation: Optional[float]) -> Optional[StopReason]:
+        """Record the correlation after one more batch; return why to stop, if it is time."""
+        self.batches += 1
+        self.history.append(correlation)
+        if correlation is not None and correlation >= self.rule.threshold:
+            self.stable_batches += 1
+        else:
+            self.stable_batches = 0
+        if self.stable_batches >= self.rule.patience and self.batches >= self.rule.min_batches:
+            self.reason = StopReason.CONVERGED
+        elif self.rule.max_batches is not None and self.batches >= self.rule.max_batches:
+            self.reason = StopReason.MAX_BATCHES
+        return self.reason
+
+    @property
+    def last_correlation(self) -> Optional[float]:
+        """The most recent correlation, ``None`` before the first batch."""
+        return self.history[-1] if self.history else None

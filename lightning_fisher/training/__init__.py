@@ -1,0 +1,1 @@
+"""Lightning adapters: datamodules and callbacks on top of the plain-PyTorch core."""

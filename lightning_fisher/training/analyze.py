@@ -1,0 +1,196 @@
+"""``analyze()``: the whole pre-fit stage in one call, for training scripts."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import lightning.pytorch as pl
+from torch.utils.data import DataLoader
+
+from lightning_fisher.errors import DatasetFolderError, FisherMapWriteError
+from lightning_fisher.fisher_map import DatasetRecord, FisherMap, resolve_map_path
+from lightning_fisher.tensor_folder import dataset_fingerprint, list_sample_files
+from lightning_fisher.timesteps import TimestepFocus
+from lightning_fisher.training.analysis_module import FisherAnalysisModule
+from lightning_fisher.training.stability_callback import FisherStability
+
+__all__ = ["analyze", "map_destination"]
+
+# Lightning's advice that does not apply to a run that trains nothing.
+_QUIET = (
+    r".*configure_optimizers.* returned `None`.*",
+    r".*does not have many workers.*",
+    r".*smaller than the logging interval.*",
+    r".*You defined a `validation_step` but have no `val_dataloader`.*",
+)
+
+
+def map_destination(
+    data: Any, dataset_dir: Union[str, os.PathLike, None], output: Union[str, os.PathLike, None]
+) -> Optional[Path]:
+    """Where the map goes: ``output``, else ``dataset_dir``, else the datamodule's ``dataset_dir``."""
+    if output is not None:
+        return resolve_map_path(output)
+    folder = dataset_dir if dataset_dir is not None else getattr(data, "dataset_dir", None)
+    return None if folder is None else resolve_map_path(folder)
+
+
+def _check_writable(destination: Path) -> None:
+    """Fail before a long analysis, not after it, when the map cannot be written."""
+    folder = destination.parent
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise FisherMapWriteError(
+            f"{destination}: cannot write the fisher map there ({existing} is not a writable folder); "
+            "pass another output location",
+            path=destination,
+        )
+
+
+def _dataset_record(folder: Union[str, os.PathLike, None]) -> Optional[DatasetRecord]:
+    """Fingerprint of a folder of sample files; ``None`` when the data did not come from one."""
+    if folder is None:
+        return None
+    folder = Path(folder)
+    try:
+        files = list_sample_files(folder)
+    except DatasetFolderError:
+        return None
+    return DatasetRecord(path=str(folder.resolve()), fingerprint=dataset_fingerprint(folder), num_files=len(files))
+
+
+def analyze(
+    task: pl.LightningModule,
+    data: Union[pl.LightningDataModule, DataLoader],
+    *,
+    dataset_dir: Union[str, os.PathLike, None] = None,
+    output: Union[str, os.PathLike, None] = None,
+    rank: int = 64,
+    rank_min: int = 16,
+    rank_max: int = 128,
+    rank_mode: Literal["median", "budget"] = "median",
+    timestep_focus: Union[str, TimestepFocus] = "balanced",
+    convergence_patience: int = 5,
+    stability_threshold: float = 0.9,
+    min_batches: int = 5,
+    max_batches: Optional[int] = 200,
+    max_epochs: int = 1,
+    seed: Optional[int] = 0,
+    include: Optional[Sequence[str]] = None,
+    exclude: Sequence[str] = (),
+    module_types: Optional[Sequence[type]] = None,
+    loss_reduction: Literal["mean", "sum"] = "mean",
+    train_mode: bool = False,
+    score_power: float = 0.5,
+    exclude_threshold: float = 0.05,
+    lora_alpha: Optional[float] = None,
+    use_rslora: bool = False,
+    trainer_kwargs: Optional[dict[str, Any]] = None,
+) -> FisherMap:
+    """Analyse ``task`` on ``data`` and return (and, given a folder, write) the fisher map.
+
+    Runs :class:`FisherAnalysisModule` under a fresh ``Trainer`` with a
+    :class:`FisherStability` callback. The task's weights are left as they were.
+
+    Args:
+        task: your LightningModule (its ``training_step`` gives the loss).
+        data: a LightningDataModule (its ``train_dataloader``) or a DataLoader.
+        dataset_dir: folder to write ``fisher_map.json`` into and to fingerprint; default the
+            datamodule's ``dataset_dir`` attribute when it has one. With neither (and no
+            ``output``) nothing is written.
+        output: explicit map file or folder, overriding the dataset folder as destination.
+        rank: base rank (median, or flat-equivalent with ``rank_mode="budget"``).
+        rank_min: smallest rank of an adapted module.
+        rank_max: largest rank of an adapted module.
+        rank_mode: ``"median"`` or ``"budget"``.
+        timestep_focus: ``balanced``, ``texture``, ``structure`` or ``"LO,HI"``.
+        convergence_patience: stable batches before stopping (``FisherStability.patience``).
+        stability_threshold: split-half Spearman correlation counted as stable.
+        min_batches: never stop before this many batches.
+        max_batches: stop after this many batches regardless (``None``: when data runs out).
+        max_epochs: passes over the data at most (more than one helps only when the loss is
+            random, e.g. diffusion noise and timesteps).
+        seed: seeds sample order, noise and timesteps (``lightning.seed_everything``); ``None``
+            leaves the random state alone.
+        include: candidate name patterns (default: every ``nn.Linear``).
+        exclude: name patterns to leave out.
+        module_types: candidate module classes.
+        loss_reduction: ``"mean"`` or ``"sum"`` over samples.
+        train_mode: analyse in train mode (dropout on); default eval mode.
+        score_power: exponent of the score-to-rank rule.
+        exclude_threshold: relative score below which a module gets no adapter.
+        lora_alpha: alpha at the base rank recorded in the map; default ``2 * rank``.
+        use_rslora: alpha policy recorded in the map.
+        trainer_kwargs: extra ``Trainer`` arguments (``accelerator``, ``devices``,
+            ``strategy="ddp"``, ``logger``, ``callbacks``, ``precision``, ...).
+
+    Returns:
+        The map (on every process under DDP; only global rank zero writes it).
+
+    Raises:
+        FisherMapWriteError: the destination is not writable (checked before analysing).
+        FisherAnalysisError: no usable loss or gradients.
+    """
+    TimestepFocus.parse(timestep_focus)  # fail on a bad focus before anything runs
+    destination = map_destination(data, dataset_dir, output)
+    if destination is not None:
+        _check_writable(destination)
+    if seed is not None:
+        pl.seed_everything(seed, workers=True, verbose=False)
+    stability = FisherStability(
+        patience=convergence_patience, threshold=stability_threshold, min_batches=min_batches, max_batches=max_batches
+    )
+    module = FisherAnalysisModule(
+        task,
+        include=include,
+        exclude=exclude,
+        module_types=module_types,
+        rank=rank,
+        rank_min=rank_min,
+        rank_max=rank_max,
+        rank_mode=rank_mode,
+        score_power=score_power,
+        exclude_threshold=exclude_threshold,
+        lora_alpha=lora_alpha,
+        use_rslora=use_rslora,
+        timestep_focus=timestep_focus,
+        loss_reduction=loss_reduction,
+        train_mode=train_mode,
+        seed=seed,
+        dataset=_dataset_record(dataset_dir if dataset_dir is not None else getattr(data, "dataset_dir", None)),
+    )
+    kwargs = dict(
+        max_epochs=max_epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    kwargs.update(trainer_kwargs or {})
+    kwargs["callbacks"] = [stability, *list(kwargs.get("callbacks") or [])]
+    trainer = pl.Trainer(**kwargs)
+    with warnings.catch_warnings():
+        for message in _QUIET:
+            warnings.filterwarnings("ignore", message=message)
+        if isinstance(data, pl.LightningDataModule):
+            trainer.fit(module, datamodule=data)
+        else:
+            trainer.fit(module, train_dataloaders=data)
+    fisher_map = module.fisher_map
+    if fisher_map is None:  # fit returned without finishing (e.g. interrupted)
+        raise RuntimeError("the analysis did not finish; no fisher map was produced")
+    if destination is not None:
+        if trainer.is_global_zero:
+            fisher_map = fisher_map.with_path(fisher_map.save(destination))
+        else:
+            fisher_map = fisher_map.with_path(destination)
+        if trainer.world_size > 1:
+            trainer.strategy.barrier("lightning_fisher.map_written")
+    return fisher_map

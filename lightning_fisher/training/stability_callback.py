@@ -1,0 +1,94 @@
+"""``FisherStability``: stop the analysis once the module ranking is reproducible."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+
+from lightning_fisher.fisher_map import StabilityRecord
+from lightning_fisher.stability import METHOD, StabilityRule, StabilityTracker, StopReason, split_half_correlation
+
+__all__ = ["FisherStability"]
+
+
+class FisherStability(Callback):
+    r"""Stop the Fisher analysis when the module ranking has settled.
+
+    After every batch the scores of the two independent sample halves are rank-correlated
+    over all candidate modules (Spearman, see :mod:`lightning_fisher.stability` for why halves
+    and not consecutive running means); the run stops when the correlation has stayed at or
+    above ``threshold`` for ``patience`` consecutive batches, and at ``max_batches`` in any
+    case. The statistics are all-reduced before the check, so under DDP every process takes
+    the same decision at the same batch. The reason lands in the map's
+    ``analysis.stop_reason``.
+
+    Args:
+        patience: consecutive stable batches needed (the seed's ``--convergence-patience``).
+        threshold: split-half Spearman correlation counted as stable.
+        min_batches: never stop before this many batches.
+        max_batches: stop after this many batches regardless; ``None`` for no limit.
+        verbose: announce the stop on rank zero.
+
+    Example::
+
+        trainer = Trainer(callbacks=[FisherStability(patience=5)])
+        trainer.fit(FisherAnalysisModule(task), datamodule)
+    """
+
+    def __init__(
+        self,
+        patience: int = 5,
+        threshold: float = 0.9,
+        min_batches: int = 5,
+        max_batches: Optional[int] = 200,
+        verbose: bool = True,
+    ) -> None:
+        super().__init__()
+        self.rule = StabilityRule(patience=patience, threshold=threshold, min_batches=min_batches, max_batches=max_batches)
+        self.verbose = verbose
+        self.tracker = StabilityTracker(self.rule)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from lightning_fisher.training.analysis_module import FisherAnalysisModule
+
+        if not isinstance(pl_module, FisherAnalysisModule):
+            raise TypeError(f"FisherStability watches a FisherAnalysisModule, not {type(pl_module).__name__}")
+        self.tracker = StabilityTracker(self.rule)
+        pl_module.stability = self._record()
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        correlation = split_half_correlation(pl_module.global_accumulator)
+        reason = self.tracker.update(correlation)
+        if correlation is not None:
+            pl_module.log("fisher/split_half_spearman", correlation, prog_bar=True)
+        pl_module.stability = self._record()
+        should_stop = trainer.strategy.reduce_boolean_decision(reason is not None, all=False)
+        if should_stop:
+            pl_module.stop_reason = reason or StopReason.CONVERGED
+            trainer.should_stop = True
+            if self.verbose:
+                rank_zero_info(
+                    f"FisherStability: stopping after {self.tracker.batches} batches "
+                    f"({pl_module.global_accumulator.num_samples} samples): {pl_module.stop_reason.value}, "
+                    f"split-half Spearman {_fmt(correlation)}"
+                )
+
+    def _record(self) -> StabilityRecord:
+        return StabilityRecord(
+            method=METHOD,
+            threshold=float(self.rule.threshold),
+            patience=self.rule.patience,
+            last_correlation=self.tracker.last_correlation,
+            min_batches=self.rule.min_batches,
+            max_batches=self.rule.max_batches,
+            history=tuple(self.tracker.history),
+        )
+
+
+def _fmt(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:.3f}"

@@ -1,0 +1,271 @@
+import dataclasses
+import logging
+
+import lightning.pytorch as pl
+import peft
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_fisher import (
+    AdapterRankMismatchError,
+    AdaptiveLoRA,
+    FisherMap,
+    FisherMapNotFoundError,
+    FragileModelError,
+    ModelMismatchError,
+    analyze,
+    save_adapter,
+)
+from lightning_fisher.peft_factory import adapter_ranks
+
+QUIET = dict(accelerator="cpu", devices=1, enable_progress_bar=False, enable_model_summary=False)
+
+
+class Net(nn.Module):
+    def __init__(self, width=16, classes=4):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(6 if i == 0 else width, width) for i in range(11))
+        self.pooler = nn.Linear(width, width)
+        self.out = nn.Linear(width, classes)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        return self.out(x)  # pooler unused: its score is zero, so the map excludes it
+
+
+class Task(pl.LightningModule):
+    def __init__(self, lr=1e-2, classes=4):
+        super().__init__()
+        torch.manual_seed(0)
+        self.model = Net(classes=classes)
+        self.head = nn.Linear(classes, classes)
+        self.lr = lr
+
+    def forward(self, x):
+        return self.head(self.model(x))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", nn.functional.cross_entropy(self(x), y))
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.lr)
+
+
+def data(n=64):
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 6, generator=generator)
+    y = (x[:, 0] > 0).long() + 2 * (x[:, 1] > 0).long()
+    return DataLoader(TensorDataset(x, y), batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def fisher_map(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("maps")
+    return analyze(
+        Task(), data(), output=folder, rank=4, rank_min=1, rank_max=12, exclude=["head"],
+        convergence_patience=2, min_batches=2, stability_threshold=0.0, trainer_kwargs=QUIET,
+    )
+
+
+def fit(task, callback, epochs=1, **kwargs):
+    kwargs.setdefault("enable_checkpointing", False)
+    trainer = pl.Trainer(max_epochs=epochs, logger=False, callbacks=[callback], **QUIET, **kwargs)
+    trainer.fit(task, train_dataloaders=data())
+    return trainer
+
+
+def test_map_ranks_applied_before_optimizer(fisher_map):
+    assert "model.pooler" in fisher_map.excluded and len(set(fisher_map.ranks.values())) > 2
+    task = Task(lr=1e-5)
+    callback = AdaptiveLoRA(fisher_map=fisher_map.path, adapter_root="model")
+    adapted = next(name for name in fisher_map.ranks if name.startswith("model.layers."))[len("model."):]
+    before = task.model.get_submodule(adapted).weight.detach().clone()
+    fit(task, callback)
+    expected = {name[len("model."):]: r for name, r in fisher_map.ranks.items()}
+    assert adapter_ranks(task.model) == expected
+    assert type(task.model.pooler) is nn.Linear  # excluded: no adapter
+    layer = task.model.get_submodule(adapted)
+    assert torch.equal(layer.base_layer.weight, before)  # base weights frozen
+    assert task.head.weight.requires_grad  # outside the adapter root: trained fully
+    assert layer.lora_B["default"].weight.abs().sum() > 0  # the optimizer saw the adapters and trained them
+    assert "Fisher map detected" in callback.summary
+    assert f"{len(fisher_map.excluded)} excluded: " in callback.summary and "pooler" in callback.summary
+    assert f"{fisher_map.budget.lora_parameters:,}" in callback.summary
+
+
+def test_map_found_in_dataset_dir(fisher_map):
+    task = Task(lr=1e-5)
+    callback = AdaptiveLoRA(dataset_dir=fisher_map.path.parent, adapter_root="model")
+    fit(task, callback)
+    assert callback.applied_map == fisher_map
+
+
+def test_ignore_fisher_map_gives_flat_ranks(fisher_map):
+    task = Task()
+    callback = AdaptiveLoRA(
+        dataset_dir=fisher_map.path.parent, ignore_fisher_map=True, adapter_root="model", lora_kwargs={"r": 4}
+    )
+    fit(task, callback)
+    ranks = adapter_ranks(task.model)
+    assert set(ranks.values()) == {4}
+    assert set(ranks) == {f"layers.{i}" for i in range(11)} | {"pooler", "out"}
+    assert "fisher map ignored" in callback.summary
+
+
+def test_no_map_in_folder_means_flat(tmp_path):
+    task = Task()
+    fit(task, AdaptiveLoRA(dataset_dir=tmp_path, adapter_root="model", lora_kwargs={"r": 2, "target_modules": ["out"]}))
+    assert adapter_ranks(task.model) == {"out": 2}
+
+
+def test_explicit_missing_map_is_an_error(tmp_path):
+    with pytest.raises(FisherMapNotFoundError, match="fisher_map.json"):
+        fit(Task(), AdaptiveLoRA(fisher_map=tmp_path, adapter_root="model"))
+
+
+def test_overridden_settings_reported(fisher_map):
+    callback = AdaptiveLoRA(fisher_map=fisher_map, adapter_root="model", lora_kwargs={"r": 32, "lora_dropout": 0.1})
+    task = Task(lr=1e-5)
+    fit(task, callback)
+    assert "settings replaced by the map: r=32" in callback.summary
+    assert task.model.out.lora_dropout["default"].p == 0.1
+
+
+def test_learning_rate_warning(fisher_map, caplog):
+    with pytest.warns(UserWarning, match=r"learning rate 0.01 is above 0.0001; consider about 0.005"):
+        fit(Task(lr=1e-2), AdaptiveLoRA(fisher_map=fisher_map, adapter_root="model"))
+    with pytest.warns(UserWarning) as record:
+        fit(Task(lr=1e-2), AdaptiveLoRA(fisher_map=fisher_map, adapter_root="model", lr_warning_threshold=0.1))
+    assert not any("learning rate" in str(w.message) for w in record)
+
+
+def test_fragile_model_needs_opt_in(fisher_map):
+    with pytest.raises(FragileModelError, match="allow_fragile=True"):
+        fit(Task(), AdaptiveLoRA(fisher_map=fisher_map, adapter_root="model", fragile=True))
+    task = Task(lr=1e-5)
+    fit(task, AdaptiveLoRA(fisher_map=fisher_map, adapter_root="model", fragile=True, allow_fragile=True))
+    assert adapter_ranks(task.model)
+    # flat ranks on a fragile model are what the seed recommends: no opt-in needed
+    fit(Task(), AdaptiveLoRA(fisher_map=fisher_map, adapter_root="model", fragile=True, ignore_fisher_map=True))
+
+
+def test_map_for_another_model_is_an_error_listing_modules(fisher_map):
+    class Wider(Task):
+        def __init__(self):
+            super().__init__()
+            self.model.layers[5] = nn.Linear(16, 16, bias=False)
+            self.model.layers[7] = nn.Linear(16, 16)
+            del self.model.layers[10]
+
+    with pytest.raises(ModelMismatchError) as excinfo:
+        fit(Wider(), AdaptiveLoRA(fisher_map=fisher_map, adapter_root="model"))
+    message = str(excinfo.value)
+    assert "missing in model: model.layers.10" in message
+    assert str(fisher_map.path) in message and "strict=False" in message
+
+    class OtherHead(Task):
+        def __init__(self):
+            super().__init__(classes=4)
+            self.head = nn.Linear(4, 7)
+
+    with pytest.raises(ModelMismatchError, match="other parameters differ"):
+        fit(OtherHead(), AdaptiveLoRA(fisher_map=fisher_map, adapter_root="model"))
+    with pytest.warns(UserWarning, match="other parameters differ"):
+        task = OtherHead()
+        task.lr = 1e-5
+        fit(task, AdaptiveLoRA(fisher_map=fisher_map, adapter_root="model", strict=False))
+    assert adapter_ranks(task.model)
+
+
+def test_tampered_map_fails_rank_verification(fisher_map, monkeypatch):
+    from lightning_fisher.training import adaptive_lora
+
+    real_plan = adaptive_lora.plan_from_fisher_map
+
+    def plan_with_a_wrong_rank(*args, **kwargs):
+        plan = real_plan(*args, **kwargs)
+        pattern = dict(plan.config.rank_pattern)
+        key = next(iter(pattern))
+        pattern[key] += 1
+        return dataclasses.replace(plan, config=dataclasses.replace(plan.config, rank_pattern=pattern))
+
+    monkeypatch.setattr(adaptive_lora, "plan_from_fisher_map", plan_with_a_wrong_rank)
+    with pytest.raises(AdapterRankMismatchError, match="adapter rank"):
+        fit(Task(), AdaptiveLoRA(fisher_map=fisher_map, adapter_root="model"))
+
+
+def test_resume_restores_adapter_shapes_and_weights(fisher_map, tmp_path):
+    task = Task(lr=1e-5)
+    trainer = fit(task, AdaptiveLoRA(fisher_map=fisher_map, adapter_root="model"), default_root_dir=tmp_path)
+    checkpoint = tmp_path / "run.ckpt"
+    trainer.save_checkpoint(checkpoint)
+    saved = {k: v.clone() for k, v in task.state_dict().items() if "lora_" in k}
+    assert torch.load(checkpoint, weights_only=False)["lightning_fisher"]["adapter_ranks"] == adapter_ranks(task.model)
+
+    class Snapshot(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            self.state = {k: v.clone() for k, v in pl_module.state_dict().items() if "lora_" in k}
+
+    snapshot = Snapshot()
+    resumed = Task(lr=1e-5)
+    callbacks = [AdaptiveLoRA(fisher_map=fisher_map, adapter_root="model"), snapshot]
+    trainer = pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, callbacks=callbacks, **QUIET)
+    trainer.fit(resumed, train_dataloaders=data(), ckpt_path=checkpoint)
+    assert trainer.current_epoch == 2  # one more epoch after the restored one
+    assert adapter_ranks(resumed.model) == adapter_ranks(task.model)
+    assert snapshot.state.keys() == saved.keys()
+    for key, value in saved.items():
+        assert torch.equal(snapshot.state[key], value), key
+
+
+def test_resume_with_a_changed_map_names_the_modules(fisher_map, tmp_path):
+    task = Task(lr=1e-5)
+    trainer = fit(task, AdaptiveLoRA(fisher_map=fisher_map, adapter_root="model"))
+    checkpoint = tmp_path / "run.ckpt"
+    trainer.save_checkpoint(checkpoint)
+    other = FisherMap.from_scores(
+        {name: (1.0 if name != "model.layers.2" else 50.0) for name in fisher_map.scores}, Task(),
+        rank=4, rank_min=1, rank_max=12,
+    )
+    trainer = pl.Trainer(
+        max_epochs=2, logger=False, enable_checkpointing=False, callbacks=[AdaptiveLoRA(fisher_map=other, adapter_root="model")], **QUIET
+    )
+    with pytest.raises(ModelMismatchError, match="map changed since the checkpoint"):
+        trainer.fit(Task(), train_dataloaders=data(), ckpt_path=checkpoint)
+
+
+def test_export_loads_with_peft_model_from_pretrained(fisher_map, tmp_path):
+    task = Task(lr=1e-2)
+    fit(task, AdaptiveLoRA(fisher_map=fisher_map, adapter_root="model", export_dir=tmp_path / "adapter"), epochs=2)
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    base = Task().model  # same seed: the same pretrained weights
+    loaded = peft.PeftModel.from_pretrained(base, str(tmp_path / "adapter"))
+    assert adapter_ranks(loaded) == adapter_ranks(task.model)
+    x = torch.randn(5, 6)
+    task.eval()
+    loaded.eval()
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), task.model(x), atol=1e-6)
+        assert not torch.allclose(Task().model(x), task.model(x), atol=1e-4)  # the adapter changed something
+    with pytest.raises(ValueError, match="no PEFT adapter"):
+        save_adapter(nn.Linear(2, 2), tmp_path / "none")
+
+
+def test_dora_and_loha_from_the_map(fisher_map):
+    task = Task(lr=1e-5)
+    fit(task, AdaptiveLoRA(fisher_map=fisher_map, adapter_root="model", lora_kwargs={"use_dora": True}))
+    assert "default" in task.model.out.lora_magnitude_vector
+    task = Task(lr=1e-5)
+    fit(task, AdaptiveLoRA(fisher_map=fisher_map, adapter_root="model", adapter="loha"))
+    assert adapter_ranks(task.model) == {n[len("model."):]: r for n, r in fisher_map.ranks.items()}

@@ -1,0 +1,220 @@
+import json
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_fisher import FisherAnalysisError, FisherAnalysisModule, FisherMap, FisherStability, analyze
+
+QUIET = dict(enable_progress_bar=False, accelerator="cpu", devices=1)
+
+
+class Task(pl.LightningModule):
+    """A classifier whose blocks differ in how much the loss depends on them."""
+
+    def __init__(self, width=12, classes=4, dtype=torch.float32):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(6, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh())
+        self.mixer = nn.Linear(width, width)
+        self.head = nn.Linear(width, classes)
+        self.dropout = nn.Dropout(0.5)
+        self.to(dtype)
+        self.logged = []
+
+    def forward(self, x):
+        h = self.encoder(x)
+        h = h + 0.1 * self.mixer(self.dropout(h))
+        return self.head(h)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        self.logged.append(batch_idx)
+        return {"loss": loss}
+
+
+def loader(n=96, batch_size=8, seed=0, dtype=torch.float32, shuffle=False):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 6, generator=generator, dtype=dtype)
+    y = (x[:, 0] > 0).long() + 2 * (x[:, 1] > 0).long()
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle)
+
+
+def no_early_stop(**kwargs):
+    return dict(convergence_patience=10_000, max_batches=None, min_batches=0, **kwargs)
+
+
+def reference_scores(task, data):
+    """Per-sample Fisher by a loop of batch-1 backward passes, per parameter, in eval mode."""
+    task.eval()
+    modules = {name: m for name, m in task.named_modules() if isinstance(m, nn.Linear)}
+    totals = {name: 0.0 for name in modules}
+    count = 0
+    for x, y in data:
+        for i in range(x.shape[0]):
+            task.zero_grad()
+            nn.functional.cross_entropy(task(x[i : i + 1]), y[i : i + 1]).backward()
+            for name, m in modules.items():
+                sq = m.weight.grad.pow(2).sum() + m.bias.grad.pow(2).sum()
+                totals[name] += float(sq) / (m.weight.numel() + m.bias.numel())
+            count += 1
+    task.zero_grad(set_to_none=True)
+    return {name: total / count for name, total in totals.items()}
+
+
+def test_scores_match_batch_one_reference_through_training_step():
+    torch.manual_seed(0)
+    task = Task(dtype=torch.float64)
+    data = loader(dtype=torch.float64)
+    fmap = analyze(task, data, rank=4, rank_min=1, rank_max=16, trainer_kwargs=QUIET, **no_early_stop())
+    expected = reference_scores(task, data)
+    assert set(fmap.scores) == set(expected) == {"encoder.0", "encoder.2", "mixer", "head"}
+    for name, value in expected.items():
+        assert fmap.scores[name] == pytest.approx(value, rel=1e-9)
+    assert fmap.analysis.samples == 96 and fmap.analysis.batches == 12
+    assert fmap.analysis.stop_reason == "data_exhausted" and not fmap.analysis.converged
+    assert all(v is not None and v > 0 for v in fmap.score_stderrs.values())
+    assert task.logged == list(range(12))  # the task's own training_step ran, with self.log working
+
+
+def test_task_comes_back_unchanged_and_trainable():
+    torch.manual_seed(0)
+    task = Task()
+    task.head.weight.requires_grad_(False)  # a user's own freezing must survive
+    task.train()
+    before = {k: v.clone() for k, v in task.state_dict().items()}
+    module = FisherAnalysisModule(task, rank=4, rank_min=1, rank_max=16)
+    trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, callbacks=[FisherStability(min_batches=0, max_batches=3)], **QUIET)
+    trainer.fit(module, train_dataloaders=loader())
+    assert module.fisher_map is not None and module.fisher_map.analysis.batches == 3
+    for key, value in task.state_dict().items():
+        assert torch.equal(value, before[key]), key  # bit-identical
+    assert task.head.weight.requires_grad is False
+    assert all(p.requires_grad for n, p in task.named_parameters() if n != "head.weight")
+    assert task.training
+    assert all(not m._forward_hooks for m in task.modules())
+    assert all(p.grad is None for p in task.parameters())
+
+
+def test_frozen_model_works():
+    torch.manual_seed(0)
+    task = Task()
+    task.requires_grad_(False)
+    fmap = analyze(task, loader(), rank=4, rank_min=1, rank_max=16, trainer_kwargs=QUIET, **no_early_stop())
+    assert all(s > 0 for s in fmap.scores.values())
+    assert not any(p.requires_grad for p in task.parameters())
+
+
+def test_eval_mode_by_default_train_mode_on_request():
+    torch.manual_seed(0)
+    task = Task()
+    eval_map = analyze(task, loader(), trainer_kwargs=QUIET, **no_early_stop())
+    again = analyze(task, loader(), trainer_kwargs=QUIET, **no_early_stop())
+    train_map = analyze(task, loader(), train_mode=True, trainer_kwargs=QUIET, **no_early_stop())
+    assert eval_map.scores == again.scores  # dropout off: deterministic
+    assert train_map.scores["mixer"] != eval_map.scores["mixer"]  # dropout sampled
+
+
+def test_same_seed_same_map_different_seed_different_order():
+    def run(seed):
+        torch.manual_seed(123)
+        task = Task()
+        return analyze(task, loader(shuffle=True), seed=seed, trainer_kwargs=QUIET, convergence_patience=2, min_batches=2, stability_threshold=0.5)
+
+    first, second, other = run(7), run(7), run(8)
+    assert first.scores == second.scores
+    assert first.ranks == second.ranks and first.analysis.batches == second.analysis.batches
+    assert first.analysis.seed == 7
+    assert first.scores != other.scores  # another seed samples other batches before stopping
+
+
+def test_stops_early_on_homogeneous_data():
+    torch.manual_seed(0)
+    task = Task()
+    # every sample is the same point: the ranking is settled from the first batch on
+    x = torch.randn(1, 6).repeat(400, 1)
+    y = torch.zeros(400, dtype=torch.long)
+    data = DataLoader(TensorDataset(x, y), batch_size=8)
+    fmap = analyze(task, data, convergence_patience=3, min_batches=4, trainer_kwargs=QUIET)
+    assert fmap.analysis.stop_reason == "converged" and fmap.analysis.converged
+    assert fmap.analysis.batches == 4  # min_batches, having been stable since batch 1
+    assert fmap.analysis.samples == 32
+    assert fmap.analysis.stability.patience == 3
+    assert fmap.analysis.stability.last_correlation == pytest.approx(1.0)
+
+
+class Exchangeable(pl.LightningModule):
+    """Identical parallel branches on pure-noise data: no ranking is reproducible."""
+
+    def __init__(self):
+        super().__init__()
+        self.branches = nn.ModuleList(nn.Linear(4, 1) for _ in range(12))
+        for branch in self.branches:
+            nn.init.constant_(branch.weight, 0.1)
+            nn.init.zeros_(branch.bias)
+
+    def training_step(self, batch, batch_idx):
+        (x,) = batch
+        outputs = torch.stack([b(x[:, i]) for i, b in enumerate(self.branches)], dim=1)
+        return outputs.pow(2).mean(dim=(1, 2)).mean()
+
+
+def test_runs_to_max_batches_when_ranking_never_settles():
+    x = torch.randn(4000, 12, 4, generator=torch.Generator().manual_seed(1))
+    data = DataLoader(TensorDataset(x), batch_size=8)
+    fmap = analyze(Exchangeable(), data, rank=4, rank_min=1, rank_max=16, convergence_patience=3, max_batches=25,
+                   stability_threshold=0.9, trainer_kwargs=QUIET)
+    assert fmap.analysis.stop_reason == "max_batches" and not fmap.analysis.converged
+    assert fmap.analysis.batches == 25 and fmap.analysis.samples == 200
+
+
+def test_nan_batch_is_skipped_and_counted():
+    torch.manual_seed(0)
+    data = loader(n=48, batch_size=8)
+    x, y = data.dataset.tensors
+    x = x.clone()
+    x[16:24] = float("nan")  # the whole third batch
+    x[40, 2] = float("inf")  # and one sample of the last
+    fmap = analyze(Task(), DataLoader(TensorDataset(x, y), batch_size=8), trainer_kwargs=QUIET, **no_early_stop())
+    assert fmap.analysis.skipped_samples == 9
+    assert fmap.analysis.samples == 39 and fmap.analysis.batches == 6
+    assert all(v > 0 for v in fmap.scores.values())
+
+
+def test_all_nan_is_a_clear_error_and_task_is_restored():
+    task = Task()
+    x = torch.full((16, 6), float("nan"))
+    data = DataLoader(TensorDataset(x, torch.zeros(16, dtype=torch.long)), batch_size=8)
+    with pytest.raises(FisherAnalysisError, match="no finite per-sample gradients in 2 batches"):
+        analyze(task, data, trainer_kwargs=QUIET, **no_early_stop())
+    assert all(p.requires_grad for p in task.parameters())
+    assert all(not m._forward_hooks for m in task.modules())
+
+
+def test_candidates_by_pattern_and_map_written_to_dataset_dir(tmp_path):
+    task = Task()
+    fmap = analyze(task, loader(), dataset_dir=tmp_path, exclude=["head"], trainer_kwargs=QUIET, convergence_patience=2, min_batches=2, stability_threshold=0.0)
+    assert set(fmap.scores) == {"encoder.0", "encoder.2", "mixer"}
+    assert fmap.path == tmp_path / "fisher_map.json"
+    assert FisherMap.load(tmp_path) == fmap
+    document = json.loads((tmp_path / "fisher_map.json").read_text())
+    assert document["analysis"]["stop_reason"] == "converged"
+
+
+def test_non_loss_training_step_is_rejected():
+    class NoLoss(Task):
+        def training_step(self, batch, batch_idx):
+            return None
+
+    with pytest.raises(FisherAnalysisError, match="must return the loss"):
+        analyze(NoLoss(), loader(), trainer_kwargs=QUIET)
+
+
+def test_manual_optimization_task_is_rejected():
+    task = Task()
+    task.automatic_optimization = False
+    with pytest.raises(FisherAnalysisError, match="manual optimization"):
+        FisherAnalysisModule(task)

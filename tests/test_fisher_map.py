@@ -1,0 +1,235 @@
+import dataclasses
+import json
+import os
+from importlib import resources
+
+import jsonschema
+import pytest
+from _nets import CollidingNet, linear_names
+
+from lightning_fisher import (
+    FisherMap,
+    FisherMapDecodeError,
+    FisherMapError,
+    FisherMapNotFoundError,
+    FisherMapSchemaError,
+    FisherMapVersionError,
+    FisherMapWriteError,
+)
+from lightning_fisher.fisher_map import AnalysisRecord, DatasetRecord, StabilityRecord, TimestepFocusRecord
+
+
+def colliding_scores(model):
+    names = linear_names(model)
+    scores = {name: 1.0 + index for index, name in enumerate(names)}
+    scores["pooler.dense"] = 0.0  # the loss would not depend on it: excluded
+    scores["q"] = 1e-4  # negligible: excluded
+    return scores
+
+
+@pytest.fixture
+def model():
+    return CollidingNet()
+
+
+@pytest.fixture
+def fisher_map(model):
+    analysis = AnalysisRecord(
+        score="fisher_trace_per_parameter",
+        loss_reduction="mean",
+        timestep_focus=TimestepFocusRecord("texture", (0.0, 0.4), True, (0.01, 0.39)),
+        batches=7,
+        samples=112,
+        skipped_samples=3,
+        converged=True,
+        stop_reason="converged",
+        seed=123,
+        stability=StabilityRecord("split-half spearman", 0.9, 5, 0.97, 4, 100, (0.5, None, 0.97)),
+        world_size=2,
+        seconds=1.5,
+    )
+    scores = colliding_scores(model)
+    return FisherMap.from_scores(
+        scores,
+        model,
+        rank=8,
+        rank_min=2,
+        rank_max=32,
+        score_stderr={name: 0.1 * s for name, s in scores.items()},
+        analysis=analysis,
+        dataset=DatasetRecord("/data/train", "sha256:" + "0" * 64, 112),
+    )
+
+
+def test_from_scores_records_everything(fisher_map, model):
+    assert set(fisher_map.scores) == set(linear_names(model))
+    assert set(fisher_map.excluded) == {"pooler.dense", "q"}
+    assert set(fisher_map.ranks) == set(linear_names(model)) - {"pooler.dense", "q"}
+    assert all(2 <= r <= 32 for r in fisher_map.ranks.values())
+    # alpha/r constant by default, alpha = 2r at the base rank
+    assert all(fisher_map.alphas[name] == 2 * r for name, r in fisher_map.ranks.items())
+    record = next(m for m in fisher_map.modules if m.name == "layers.3.dense")
+    assert record.shape == (8, 8) and record.rank_cost == 16 and record.type == "Linear"
+    assert fisher_map.model.fingerprint.startswith("sha256:")
+    costs = {name: 16 for name in linear_names(model)} | {"head": 8 + 3}
+    assert fisher_map.rank_costs == costs
+    assert fisher_map.budget.lora_parameters == sum(r * costs[name] for name, r in fisher_map.ranks.items())
+    assert fisher_map.budget.flat_lora_parameters == 8 * sum(costs.values())
+    assert fisher_map.versions["lightning_fisher"] and fisher_map.versions["torch"] and fisher_map.versions["peft"]
+
+
+def test_round_trip_is_equal_and_file_validates(fisher_map, tmp_path):
+    written = fisher_map.save(tmp_path)
+    assert written == tmp_path / "fisher_map.json"
+    loaded = FisherMap.load(tmp_path)
+    assert loaded == fisher_map
+    assert loaded.path == written
+    schema = json.loads(resources.files("lightning_fisher").joinpath("schema/fisher_map.v1.json").read_text())
+    document = json.loads(written.read_text())
+    jsonschema.Draft202012Validator(schema).validate(document)
+    assert document["schema_version"] == 1
+    assert document["analysis"]["timestep_focus"] == {
+        "name": "texture", "range": [0.0, 0.4], "applied": True, "observed_range": [0.01, 0.39]
+    }
+    assert document["budget"]["rank"] == 8 and document["budget"]["mode"] == "median"
+    # the PEFT-facing fields are exact keys
+    assert document["rank_pattern"]["^layers\\.1\\.q"] == fisher_map.ranks["layers.1.q"]
+    assert "^q" not in document["rank_pattern"]
+
+
+def test_round_trip_without_optional_records(model, tmp_path):
+    fmap = FisherMap.from_scores(colliding_scores(model), model, rank=4, rank_min=1, rank_max=8, mode="budget")
+    path = fmap.save(tmp_path / "custom_name.json")
+    assert path.name == "custom_name.json"
+    assert FisherMap.load(path) == fmap
+
+
+def test_from_scores_rejects_unknown_module(model):
+    with pytest.raises(ValueError, match="not modules of CollidingNet"):
+        FisherMap.from_scores({"nope.linear": 1.0}, model)
+
+
+def write_document(tmp_path, document):
+    path = tmp_path / "fisher_map.json"
+    path.write_text(json.dumps(document))
+    return path
+
+
+def test_missing_file_names_it(tmp_path):
+    with pytest.raises(FisherMapNotFoundError) as excinfo:
+        FisherMap.load(tmp_path)
+    assert str(tmp_path / "fisher_map.json") in str(excinfo.value)
+    assert isinstance(excinfo.value, FisherMapError) and isinstance(excinfo.value, FileNotFoundError)
+
+
+def test_truncated_json_names_file_and_position(fisher_map, tmp_path):
+    path = fisher_map.save(tmp_path)
+    path.write_text(path.read_text()[:200])
+    with pytest.raises(FisherMapDecodeError) as excinfo:
+        FisherMap.load(path)
+    assert str(path) in str(excinfo.value) and "line" in str(excinfo.value)
+
+
+@pytest.mark.parametrize(
+    "edit, json_path",
+    [
+        (lambda d: d["modules"][3].__setitem__("rank", "sixteen"), "$.modules[3].rank"),
+        (lambda d: d["budget"].__setitem__("mode", "flat"), "$.budget.mode"),
+        (lambda d: d.pop("seed_of_nothing", None) or d["analysis"].pop("seed"), "$.analysis"),
+        (lambda d: d["modules"][0].__setitem__("score", -1.0), "$.modules[0].score"),
+        (lambda d: d.__setitem__("extra", 1), "$"),
+        (lambda d: d["model"].__setitem__("fingerprint", "md5:abc"), "$.model.fingerprint"),
+    ],
+)
+def test_schema_violation_names_file_and_field(fisher_map, tmp_path, edit, json_path):
+    document = fisher_map.to_dict()
+    edit(document)
+    path = write_document(tmp_path, document)
+    with pytest.raises(FisherMapSchemaError) as excinfo:
+        FisherMap.load(path)
+    assert excinfo.value.json_path == json_path
+    assert str(path) in str(excinfo.value) and json_path in str(excinfo.value)
+
+
+@pytest.mark.parametrize(
+    "edit, json_path",
+    [
+        (lambda d: d["modules"][2].__setitem__("rank", d["modules"][2]["rank"] + 1), "$.modules[2].alpha"),
+        (lambda d: d["rank_pattern"].__setitem__("^layers\\.1\\.q", 31), "$.rank_pattern"),
+        (lambda d: d.__setitem__("target_modules", "(?:q)"), "$.target_modules"),
+        (lambda d: d["modules"][4].__setitem__("name", d["modules"][5]["name"]), "$.modules[5].name"),
+        (lambda d: (d["modules"][2].__setitem__("rank", 99), d["modules"][2].__setitem__("alpha", 198.0)), "$.modules[2].rank"),
+    ],
+)
+def test_inconsistent_map_names_field(fisher_map, tmp_path, edit, json_path):
+    document = fisher_map.to_dict()
+    edit(document)
+    path = write_document(tmp_path, document)
+    with pytest.raises(FisherMapSchemaError) as excinfo:
+        FisherMap.load(path)
+    assert excinfo.value.json_path == json_path, str(excinfo.value)
+    assert str(path) in str(excinfo.value)
+
+
+def test_unsupported_version(fisher_map, tmp_path):
+    document = fisher_map.to_dict()
+    document["schema_version"] = 2
+    path = write_document(tmp_path, document)
+    with pytest.raises(FisherMapVersionError, match="Upgrade lightning-fisher") as excinfo:
+        FisherMap.load(path)
+    assert str(path) in str(excinfo.value)
+
+
+def test_save_validates_before_writing(fisher_map, tmp_path):
+    broken = dataclasses.replace(fisher_map, budget=dataclasses.replace(fisher_map.budget, mode="flat"))
+    with pytest.raises(FisherMapSchemaError, match=r"\$\.budget\.mode"):
+        broken.save(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failure_in_serializer_keeps_previous_map(fisher_map, tmp_path, monkeypatch):
+    path = fisher_map.save(tmp_path)
+    before = path.read_bytes()
+
+    def exploding_dumps(*args, **kwargs):
+        raise RuntimeError("serializer crashed")
+
+    monkeypatch.setattr("lightning_fisher.fisher_map.json.dumps", exploding_dumps)
+    with pytest.raises(RuntimeError, match="serializer crashed"):
+        fisher_map.save(tmp_path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fisher_map.json"]
+
+
+def test_failure_mid_write_keeps_previous_map_and_no_temp_file(fisher_map, model, tmp_path, monkeypatch):
+    path = fisher_map.save(tmp_path)
+    before = path.read_bytes()
+    other = FisherMap.from_scores(colliding_scores(model), model, rank=16, rank_min=4, rank_max=64)
+
+    def failing_fsync(fd):  # the new text has been written to the temporary file by now
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(FisherMapWriteError) as excinfo:
+        other.save(tmp_path)
+    assert str(path) in str(excinfo.value) and "No space left" in str(excinfo.value)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fisher_map.json"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
+def test_unwritable_folder(fisher_map, tmp_path):
+    tmp_path.chmod(0o500)
+    try:
+        with pytest.raises(FisherMapWriteError, match=str(tmp_path)):
+            fisher_map.save(tmp_path)
+    finally:
+        tmp_path.chmod(0o700)
+
+
+def test_destination_that_cannot_be_a_folder(fisher_map, tmp_path):
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("a file where the map folder should be")
+    with pytest.raises(FisherMapWriteError, match="not_a_folder"):
+        fisher_map.save(blocker / "maps")
+    assert blocker.read_text() == "a file where the map folder should be"

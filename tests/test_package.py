@@ -1,0 +1,41 @@
+"""The package's shape: public names, and a core that does not load Lightning."""
+
+import subprocess
+import sys
+
+import lightning_fisher
+
+CORE_MODULES = [
+    "lightning_fisher.accumulator",
+    "lightning_fisher.allocation",
+    "lightning_fisher.candidates",
+    "lightning_fisher.collector",
+    "lightning_fisher.fingerprint",
+    "lightning_fisher.fisher_map",
+    "lightning_fisher.patterns",
+    "lightning_fisher.peft_factory",
+    "lightning_fisher.stability",
+    "lightning_fisher.tensor_folder",
+    "lightning_fisher.timesteps",
+]
+
+
+def test_public_names_import():
+    for name in lightning_fisher.__all__:
+        assert getattr(lightning_fisher, name) is not None, name
+    from lightning_fisher import AdaptiveLoRA, FisherMap, allocate_ranks, lora_config_from_fisher_map, verify_adapter_ranks  # noqa: F401
+
+
+def test_core_does_not_import_lightning():
+    code = (
+        "import sys\n"
+        f"import {', '.join(CORE_MODULES)}\n"
+        "import lightning_fisher\n"
+        "from lightning_fisher import FisherMap, FisherCollector, allocate_ranks, lora_config_from_fisher_map\n"
+        "loaded = sorted(m for m in sys.modules if m == 'lightning' or m.startswith(('lightning.', 'pytorch_lightning')))\n"
+        "assert not loaded, loaded\n"
+        "from lightning_fisher import AdaptiveLoRA\n"
+        "assert 'lightning.pytorch' in sys.modules\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
