@@ -38,7 +38,7 @@ import warnings
 from collections.abc import Mapping
 from typing import Literal, Optional
 
-__all__ = ["ALLOCATION_MODES", "allocate_ranks", "flat_lora_parameters", "lora_parameters"]
+__all__ = ["ALLOCATION_MODES", "allocate_ranks", "check_rank_settings", "flat_lora_parameters", "lora_parameters"]
 
 ALLOCATION_MODES = ("median", "budget")
 
@@ -102,9 +102,20 @@ def flat_lora_parameters(rank: int, rank_costs: Mapping[str, int]) -> int:
     return int(rank) * sum(int(c) for c in rank_costs.values())
 
 
-def _check_arguments(scores, rank, rank_min, rank_max, mode, rank_costs, score_power, exclude_threshold) -> None:
-    if not isinstance(scores, Mapping) or not scores:
-        raise ValueError("scores: need a non-empty mapping of module name to score")
+def check_rank_settings(
+    *,
+    rank: int,
+    rank_min: int,
+    rank_max: int,
+    mode: str = "median",
+    score_power: float = 0.5,
+    exclude_threshold: float = 0.05,
+) -> None:
+    """Validate the allocation settings alone, so a long analysis can fail before it starts.
+
+    Raises:
+        ValueError: naming the offending argument.
+    """
     for name, value in (("rank", rank), ("rank_min", rank_min), ("rank_max", rank_max)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}: must be a positive integer, got {value!r}")
@@ -118,6 +129,15 @@ def _check_arguments(scores, rank, rank_min, rank_max, mode, rank_costs, score_p
         raise ValueError(f"score_power: must be a positive number, got {score_power!r}")
     if not (isinstance(exclude_threshold, (int, float)) and 0 <= exclude_threshold < 1):
         raise ValueError(f"exclude_threshold: must be in [0, 1), got {exclude_threshold!r}")
+
+
+def _check_arguments(scores, rank, rank_min, rank_max, mode, rank_costs, score_power, exclude_threshold) -> None:
+    if not isinstance(scores, Mapping) or not scores:
+        raise ValueError("scores: need a non-empty mapping of module name to score")
+    check_rank_settings(
+        rank=rank, rank_min=rank_min, rank_max=rank_max, mode=mode, score_power=score_power,
+        exclude_threshold=exclude_threshold,
+    )
     for name, value in scores.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
             raise ValueError(f"scores[{name!r}]: must be a finite non-negative number, got {value!r}")

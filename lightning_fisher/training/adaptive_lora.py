@@ -30,13 +30,15 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from lightning_fisher.candidates import select_candidates, weight_shape
-from lightning_fisher.errors import CandidateSelectionError, FisherMapNotFoundError, FragileModelError, ModelMismatchError
+from lightning_fisher.errors import CandidateSelectionError, FisherMapNotFoundError, LightningFisherError, FragileModelError, ModelMismatchError
 from lightning_fisher.fingerprint import model_fingerprint
 from lightning_fisher.fisher_map import FisherMap, resolve_map_path
 from lightning_fisher.patterns import exact_target_regex
 from lightning_fisher.peft_factory import ADAPTER_CONFIGS, MapApplication, adapter_ranks, plan_from_fisher_map, verify_adapter_ranks
 
 __all__ = ["AdaptiveLoRA", "CHECKPOINT_KEY", "save_adapter"]
+
+_ADAPTER_NAMES = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr"}
 
 #: Key under which the applied map travels inside Lightning checkpoints.
 CHECKPOINT_KEY = "lightning_fisher"
@@ -132,6 +134,11 @@ class AdaptiveLoRA(Callback):
         if adapter_ranks(root, self.adapter_name):
             return  # already injected (e.g. test after fit in the same process)
         fisher_map = self.find_map(trainer)
+        flat_rank = 8
+        if fisher_map is None and self.ignore_fisher_map:
+            # Flat training instead of an existing map: compare like with like, at its base rank.
+            ignored = self._find_ignored_map(trainer)
+            flat_rank = ignored.budget.rank if ignored is not None else flat_rank
         if fisher_map is not None:
             self._check_model(fisher_map, pl_module)
             self._check_fragile(fisher_map)
@@ -140,7 +147,7 @@ class AdaptiveLoRA(Callback):
             )
             self.config = self.plan.config
         else:
-            self.config = self._flat_config(root)
+            self.config = self._flat_config(root, flat_rank)
         peft.inject_adapter_in_model(self.config, root, adapter_name=self.adapter_name)
         if fisher_map is not None:
             verify_adapter_ranks(root, fisher_map, adapter_name=self.adapter_name, adapter_root=self.adapter_root)
@@ -150,11 +157,20 @@ class AdaptiveLoRA(Callback):
         if self.verbose:
             rank_zero_info(self.summary)
 
-    def _flat_config(self, root: nn.Module):
+    def _find_ignored_map(self, trainer: pl.Trainer) -> Optional[FisherMap]:
+        self.ignore_fisher_map = False
+        try:
+            return self.find_map(trainer)
+        except LightningFisherError:
+            return None
+        finally:
+            self.ignore_fisher_map = True
+
+    def _flat_config(self, root: nn.Module, default_rank: int):
         options = dict(self.lora_kwargs)
         if "target_modules" not in options:
             options["target_modules"] = exact_target_regex(select_candidates(root))
-        options.setdefault("r", 8)
+        options.setdefault("r", default_rank)
         return ADAPTER_CONFIGS[self.adapter](**options)
 
     def _check_model(self, fisher_map: FisherMap, pl_module: pl.LightningModule) -> None:
@@ -209,7 +225,7 @@ class AdaptiveLoRA(Callback):
         values = sorted(ranks.values())
         if fisher_map is None:
             return (
-                f"Flat {self.adapter.upper()}: {len(ranks)} modules at rank {values[0] if values else '-'}, "
+                f"Flat {_ADAPTER_NAMES[self.adapter]}: {len(ranks)} modules at rank {values[0] if values else '-'}, "
                 f"{trainable:,} trainable adapter parameters"
                 + (" (fisher map ignored: ignore_fisher_map=True)" if self.ignore_fisher_map else "")
             )

@@ -33,6 +33,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 
 from lightning_fisher.accumulator import FisherAccumulator
+from lightning_fisher.allocation import check_rank_settings
 from lightning_fisher.candidates import select_candidates
 from lightning_fisher.collector import FisherCollector
 from lightning_fisher.errors import FisherAnalysisError
@@ -111,6 +112,10 @@ class FisherAnalysisModule(LightningModule):
                 f"{type(task).__name__} uses manual optimization, so its training_step steps optimizers "
                 "itself; the analysis needs a training_step that returns the loss"
             )
+        check_rank_settings(
+            rank=rank, rank_min=rank_min, rank_max=rank_max, mode=rank_mode, score_power=score_power,
+            exclude_threshold=exclude_threshold,
+        )
         self.automatic_optimization = False
         self.task = task
         # DistributedDataParallel refuses a module without a trainable parameter, and the task is

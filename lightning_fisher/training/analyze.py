@@ -26,6 +26,7 @@ _QUIET = (
     r".*does not have many workers.*",
     r".*smaller than the logging interval.*",
     r".*You defined a `validation_step` but have no `val_dataloader`.*",
+    r".*You passed in a `val_dataloader` but have no `validation_step`.*",
 )
 
 
@@ -92,6 +93,7 @@ def analyze(
     lora_alpha: Optional[float] = None,
     use_rslora: bool = False,
     trainer_kwargs: Optional[dict[str, Any]] = None,
+    trainer: Optional[pl.Trainer] = None,
 ) -> FisherMap:
     """Analyse ``task`` on ``data`` and return (and, given a folder, write) the fisher map.
 
@@ -129,6 +131,9 @@ def analyze(
         use_rslora: alpha policy recorded in the map.
         trainer_kwargs: extra ``Trainer`` arguments (``accelerator``, ``devices``,
             ``strategy="ddp"``, ``logger``, ``callbacks``, ``precision``, ...).
+        trainer: a ready ``Trainer`` to run the analysis with instead (the stability callback
+            is added to it); exclusive with ``trainer_kwargs``. Give it
+            ``enable_checkpointing=False``: the analysis has nothing worth checkpointing.
 
     Returns:
         The map (on every process under DDP; only global rank zero writes it).
@@ -137,7 +142,7 @@ def analyze(
         FisherMapWriteError: the destination is not writable (checked before analysing).
         FisherAnalysisError: no usable loss or gradients.
     """
-    TimestepFocus.parse(timestep_focus)  # fail on a bad focus before anything runs
+    TimestepFocus.parse(timestep_focus)  # fail on bad settings before anything runs
     destination = map_destination(data, dataset_dir, output)
     if destination is not None:
         _check_writable(destination)
@@ -165,17 +170,22 @@ def analyze(
         seed=seed,
         dataset=_dataset_record(dataset_dir if dataset_dir is not None else getattr(data, "dataset_dir", None)),
     )
-    kwargs = dict(
-        max_epochs=max_epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
-    kwargs.update(trainer_kwargs or {})
-    kwargs["callbacks"] = [stability, *list(kwargs.get("callbacks") or [])]
-    trainer = pl.Trainer(**kwargs)
+    if trainer is None:
+        kwargs = dict(
+            max_epochs=max_epochs,
+            logger=False,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            limit_val_batches=0,
+        )
+        kwargs.update(trainer_kwargs or {})
+        kwargs["callbacks"] = [stability, *list(kwargs.get("callbacks") or [])]
+        trainer = pl.Trainer(**kwargs)
+    elif trainer_kwargs:
+        raise ValueError("analyze(): pass either trainer or trainer_kwargs, not both")
+    else:
+        trainer.callbacks.insert(0, stability)
     with warnings.catch_warnings():
         for message in _QUIET:
             warnings.filterwarnings("ignore", message=message)

@@ -1,0 +1,98 @@
+"""``lightning-fisher``: the command line.
+
+Subcommands:
+
+- ``analyze``: Fisher analysis of a model on a dataset folder; writes ``fisher_map.json``.
+- ``fit`` / ``validate`` / ``test``: LightningCLI training with the map applied at fit start.
+- ``show``: a readable table (and optionally a heatmap) of a map.
+- ``demo``: the whole workflow on a real model and real data.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import Callable, Optional
+
+__all__ = ["main"]
+
+USAGE = """usage: lightning-fisher {analyze,fit,validate,test,show,demo} [options]
+
+Fisher-guided LoRA placement and ranks for PyTorch Lightning and PEFT.
+
+subcommands:
+  analyze    measure per-module Fisher scores on a dataset folder and write fisher_map.json
+  fit        train with LightningCLI; a fisher_map.json in the dataset folder sets the LoRA ranks
+  validate   LightningCLI validate, with the same adapters
+  test       LightningCLI test, with the same adapters
+  show       print a map as a table (--plot writes a heatmap)
+  demo       analyse and fine-tune the real all-MiniLM-L6-v2 on real drug reviews (CPU, minutes)
+
+Run 'lightning-fisher SUBCOMMAND --help' for the options of each.
+"""
+
+
+def _analyze(argv: list[str]) -> int:
+    from lightning_fisher.cli.lightning_clis import run_analyze
+
+    return run_analyze(argv)
+
+
+def _train(subcommand: str) -> Callable[[list[str]], int]:
+    def run(argv: list[str]) -> int:
+        from lightning_fisher.cli.lightning_clis import run_trainer_subcommand
+
+        return run_trainer_subcommand(subcommand, argv)
+
+    return run
+
+
+def _show(argv: list[str]) -> int:
+    from lightning_fisher.cli.show import run_show
+
+    return run_show(argv)
+
+
+def _demo(argv: list[str]) -> int:
+    from lightning_fisher.cli.demo import run_demo
+
+    return run_demo(argv)
+
+
+SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "analyze": _analyze,
+    "fit": _train("fit"),
+    "validate": _train("validate"),
+    "test": _train("test"),
+    "show": _show,
+    "demo": _demo,
+}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``lightning-fisher`` console script."""
+    from lightning_fisher.errors import LightningFisherError
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(USAGE, end="")
+        return 0 if args else 2
+    if args[0] in ("-V", "--version"):
+        from lightning_fisher import __version__
+
+        print(f"lightning-fisher {__version__}")
+        return 0
+    command = SUBCOMMANDS.get(args[0])
+    if command is None:
+        print(f"lightning-fisher: unknown subcommand {args[0]!r}\n\n{USAGE}", end="", file=sys.stderr)
+        return 2
+    try:
+        return command(args[1:])
+    except (LightningFisherError, ValueError) as error:
+        # Problems with the user's input: the message says what to do, a traceback would not.
+        print(f"lightning-fisher {args[0]}: error: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""The lightning-fisher command: analyze -> fit with the map, flat fallback, and input errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lightning_fisher import FisherMap, write_sample_folder
+from lightning_fisher.cli import main
+from lightning_fisher.cli.arguments import normalize_flags
+
+TESTS = Path(__file__).parent
+MODEL = ["--model", "cli_models.TinyClassifier"]
+QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    xs = torch.randn(64, 8, generator=generator)
+    samples = [{"x": x, "label": torch.tensor(int(x[0] > 0) + int(x[1] > 0))} for x in xs]
+    folder = tmp_path / "data"
+    write_sample_folder(folder, samples)
+    return folder
+
+
+def analyze_args(dataset, *extra):
+    return ["analyze", *MODEL, "--dataset-dir", str(dataset), "--rank", "4", "--rank-min", "1", "--rank-max", "16",
+            "--exclude", "head", "--data.batch_size", "8", "--convergence-patience", "2", "--min-batches", "2",
+            "--stability-threshold", "0.0", *QUIET, *extra]
+
+
+def fit_args(dataset, root, *extra):
+    return ["fit", *MODEL, "--dataset-dir", str(dataset), "--data.batch_size", "8", "--trainer.max_epochs", "1",
+            "--trainer.default_root_dir", str(root), "--adaptive_lora.adapter_root", "backbone",
+            "--adaptive_lora.export_dir", str(root / "adapter"), *QUIET, *extra]
+
+
+def adapter_shapes(folder):
+    weights = load_file(str(folder / "adapter_model.safetensors"))
+    return {key.split("base_model.model.")[1].split(".lora_A")[0]: value.shape[0]
+            for key, value in weights.items() if ".lora_A" in key}
+
+
+def test_normalize_flags():
+    assert normalize_flags(["--rank-min", "16", "--timestep-focus=0.2,0.5", "--trainer.max_epochs", "3"]) == [
+        "--rank_min", "16", "--timestep_focus=0.2,0.5", "--trainer.max_epochs", "3"]
+    assert normalize_flags(["--ignore-fisher-map", "--model", "x.M", "--checkpoint-dir", "ckpt"]) == [
+        "--model", "x.M", "--adaptive_lora.ignore_fisher_map=true", "--model.init_args.checkpoint_dir=ckpt"]
+    assert normalize_flags(["--ignore-fisher-map", "false"]) == ["--adaptive_lora.ignore_fisher_map=false"]
+
+
+def test_analyze_then_fit_uses_the_map_and_ignore_gives_flat(dataset, tmp_path):
+    assert main(analyze_args(dataset)) == 0
+    fisher_map = FisherMap.load(dataset)
+    assert set(fisher_map.scores) == {f"backbone.{i}" for i in (0, 2, 4, 6)}
+    assert fisher_map.analysis.stop_reason == "converged" and fisher_map.dataset.num_files == 64
+    assert main(fit_args(dataset, tmp_path / "adaptive")) == 0
+    expected = {name[len("backbone."):]: r for name, r in fisher_map.ranks.items()}
+    assert adapter_shapes(tmp_path / "adaptive" / "adapter") == expected
+    checkpoint = next((tmp_path / "adaptive").rglob("*.ckpt"))
+    stored = torch.load(checkpoint, weights_only=True)["lightning_fisher"]
+    assert stored["adapter_ranks"] == expected and stored["fisher_map"]["budget"]["rank"] == 4
+
+    assert main(fit_args(dataset, tmp_path / "flat", "--ignore-fisher-map")) == 0
+    assert set(adapter_shapes(tmp_path / "flat" / "adapter").values()) == {4}  # the map's base rank
+
+
+def test_checkpoint_dir_reaches_the_model(dataset, tmp_path):
+    pretrained = tmp_path / "pretrained"
+    pretrained.mkdir()
+    torch.manual_seed(1)
+    from cli_models import TinyClassifier
+
+    weights = TinyClassifier().backbone.state_dict()
+    weights = {k: torch.randn_like(v) for k, v in weights.items()}
+    torch.save(weights, pretrained / "weights.pt")
+    assert main(analyze_args(dataset, "--checkpoint-dir", str(pretrained), "--output", str(tmp_path / "m.json"))) == 0
+    other = tmp_path / "other.json"
+    assert main(analyze_args(dataset, "--output", str(other))) == 0
+    assert FisherMap.load(tmp_path / "m.json").scores != FisherMap.load(other).scores
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--timestep-focus", "sideways"], "timestep_focus='sideways' is not one of"),
+        (["--timestep-focus", "0.7,0.2"], "need 0 <= LO < HI <= 1"),
+        (["--rank-min", "64"], "rank_min (64) is greater than rank_max (16)"),
+        (["--rank", "0"], "rank: must be a positive integer"),
+    ],
+)
+def test_analyze_flag_errors(dataset, capsys, extra, message):
+    assert main(analyze_args(dataset, *extra)) == 1
+    assert message in capsys.readouterr().err
+    assert not (dataset / "fisher_map.json").exists()
+
+
+def test_dataset_folder_errors(tmp_path, capsys):
+    assert main(analyze_args(tmp_path / "missing")) == 1
+    assert "missing" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(analyze_args(tmp_path / "empty")) == 1
+    assert "holds no sample files" in capsys.readouterr().err
+
+
+def test_corrupt_sample_is_named(dataset, capsys):
+    (dataset / "sample_000000.pt").write_bytes(b"not a tensor file")  # read when the data is set up
+    assert main(analyze_args(dataset)) == 1
+    assert "sample_000000.pt" in capsys.readouterr().err
+    (dataset / "sample_000000.pt").unlink()
+    (dataset / "sample_000041.pt").write_bytes(b"also broken")  # found by a full check
+    assert main(analyze_args(dataset, "--data.validate", "full")) == 1
+    assert "sample_000041.pt" in capsys.readouterr().err
+
+
+def test_unwritable_output_fails_before_analysing(dataset, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert main(analyze_args(dataset, "--output", str(blocker / "maps"))) == 1
+    err = capsys.readouterr().err
+    assert "cannot write the fisher map" in err and "a_file" in err
+
+
+def test_fragile_model_needs_opt_in(dataset, tmp_path, capsys):
+    assert main(analyze_args(dataset)) == 0
+    assert main(fit_args(dataset, tmp_path / "r", "--adaptive_lora.fragile", "true")) == 1
+    assert "allow_fragile=True" in capsys.readouterr().err
+    assert main(fit_args(dataset, tmp_path / "r", "--adaptive_lora.fragile", "true", "--adaptive_lora.allow_fragile", "true")) == 0
+
+
+def test_console_script_end_to_end(dataset, tmp_path):
+    """The installed entry point, as a user runs it."""
+    env = dict(os.environ, PYTHONPATH=str(TESTS))
+    script = Path(sys.executable).parent / "lightning-fisher"
+    run = subprocess.run([str(script), *analyze_args(dataset)], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "fisher map written to" in run.stdout + run.stderr
+    help_text = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120).stdout
+    assert "analyze" in help_text and "demo" in help_text
+    json.loads((dataset / "fisher_map.json").read_text())
