@@ -144,3 +144,17 @@ def test_console_script_end_to_end(dataset, tmp_path):
     help_text = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120).stdout
     assert "analyze" in help_text and "demo" in help_text
     json.loads((dataset / "fisher_map.json").read_text())
+
+
+def test_show_prints_table_and_writes_plot(dataset, tmp_path, capsys):
+    assert main(analyze_args(dataset)) == 0
+    capsys.readouterr()
+    assert main(["show", str(dataset), "--plot", str(tmp_path / "map.png")]) == 0
+    out = capsys.readouterr().out
+    fisher_map = FisherMap.load(dataset)
+    assert str(dataset / "fisher_map.json") in out
+    for name, rank in fisher_map.ranks.items():
+        assert name.split(".")[-1] in out
+    assert (tmp_path / "map.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["show", str(tmp_path / "nowhere")]) == 1
+    assert "no fisher map here" in capsys.readouterr().err

@@ -14,6 +14,7 @@ CORE_MODULES = [
     "lightning_fisher.fisher_map",
     "lightning_fisher.patterns",
     "lightning_fisher.peft_factory",
+    "lightning_fisher.report",
     "lightning_fisher.stability",
     "lightning_fisher.tensor_folder",
     "lightning_fisher.timesteps",

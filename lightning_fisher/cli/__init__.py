@@ -10,6 +10,7 @@ Subcommands:
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 from typing import Callable, Optional
@@ -88,7 +89,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     try:
         return command(args[1:])
-    except (LightningFisherError, ValueError) as error:
+    except (LightningFisherError, ValueError, ImportError) as error:
+        if os.environ.get("LIGHTNING_FISHER_DEBUG"):
+            raise
         # Problems with the user's input: the message says what to do, a traceback would not.
         print(f"lightning-fisher {args[0]}: error: {error}", file=sys.stderr)
         return 1

@@ -1,0 +1,219 @@
+"""Analysis batch vs plain training step: time and peak memory, side by side, same process.
+
+Model: the real all-MiniLM-L6-v2 encoder with a 9-class head (``MiniLMClassifier``), batch 16 x
+128 tokens of real drug reviews (condition labels), eval mode (dropout off) for every variant.
+
+Variants, timed in interleaved rounds (the order rotates every round) so drift and background
+load hit them alike; the reported ratio is the median over rounds of each variant's time
+divided by the plain step's time in the same round:
+
+- ``train_step``: forward + backward, all weights trainable (the reference, 1.00).
+- ``frozen_floor``: forward + backward with every weight frozen and no hooks; the embedding
+  output requires grad so backward runs through the network. No per-sample method can beat it.
+- ``analysis_auto`` / ``analysis_ghost`` / ``analysis_materialize``: one analysis batch as
+  ``FisherAnalysisModule`` runs it: frozen weights, collector hooks, exact per-sample norms for
+  all 37 Linear modules, accumulator update.
+
+Peak memory: each variant runs once more in a fresh subprocess that resets the kernel's
+high-water mark (``/proc/self/clear_refs``) just before the step and reads ``VmHWM`` after it;
+reported is the step's peak above the resident size before it.
+
+Run:  python benchmarks/analysis_speed.py [--rounds 11] [--json benchmarks/results/analysis_speed.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+VARIANTS = ("train_step", "frozen_floor", "analysis_auto", "analysis_ghost", "analysis_materialize")
+
+
+def load_batch(batch_size: int = 16):
+    from lightning_fisher.examples.drug_reviews import write_condition_dataset
+    from lightning_fisher.examples.drug_reviews import default_cache_dir
+    from lightning_fisher.tensor_folder import TensorFolderDataset
+
+    folder = write_condition_dataset(default_cache_dir() / "condition_train_128", split="train", max_length=128)
+    dataset = TensorFolderDataset(folder)
+    samples = [dataset[i] for i in range(batch_size)]
+    return {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
+
+
+def load_model():
+    from lightning_fisher.examples.text_classifier import MiniLMClassifier
+
+    torch.manual_seed(0)
+    model = MiniLMClassifier(num_classes=9)
+    model.eval()
+    return model
+
+
+def loss_of(model, batch):
+    logits = model(batch["input_ids"], batch["attention_mask"])
+    return F.cross_entropy(logits, batch["label"])
+
+
+class Runner:
+    """Holds the model in the state each variant needs and runs one step of it."""
+
+    def __init__(self, model, batch):
+        from lightning_fisher import FisherAccumulator, FisherCollector
+
+        self.model = model
+        self.batch = batch
+        self.collectors = {
+            strategy: FisherCollector(model, norm_strategy=strategy) for strategy in ("auto", "ghost", "materialize")
+        }
+        names = self.collectors["auto"].names
+        self.accumulator = FisherAccumulator(names)
+        embeddings = model.encoder.embeddings
+        self._leaf_hook = None
+        self._embeddings = embeddings
+
+    def _freeze(self, frozen: bool) -> None:
+        for p in self.model.parameters():
+            p.requires_grad_(not frozen)
+
+    def train_step(self) -> None:
+        self._freeze(False)
+        self.model.zero_grad(set_to_none=True)
+        loss_of(self.model, self.batch).backward()
+        self.model.zero_grad(set_to_none=True)
+
+    def frozen_floor(self) -> None:
+        self._freeze(True)
+        handle = self._embeddings.register_forward_hook(lambda m, a, out: out.detach().requires_grad_())
+        try:
+            loss_of(self.model, self.batch).backward()
+        finally:
+            handle.remove()
+
+    def _analysis(self, strategy: str) -> None:
+        self._freeze(True)
+        collector = self.collectors[strategy]
+        with collector:
+            with collector.batch(batch_size=self.batch["label"].shape[0]) as record:
+                loss_of(self.model, self.batch).backward()
+        self.accumulator.update(record.values, record.finite)
+
+    def analysis_auto(self) -> None:
+        self._analysis("auto")
+
+    def analysis_ghost(self) -> None:
+        self._analysis("ghost")
+
+    def analysis_materialize(self) -> None:
+        self._analysis("materialize")
+
+    def run(self, variant: str) -> float:
+        start = time.perf_counter()
+        getattr(self, variant)()
+        return time.perf_counter() - start
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def measure_memory(variant: str) -> dict:
+    """Run in a fresh process: peak resident memory of one step above the level before it."""
+    torch.set_num_threads(torch.get_num_threads())
+    model = load_model()
+    batch = load_batch()
+    runner = Runner(model, batch)
+    getattr(runner, variant)()  # warm-up: allocator pools and lazy initialisations
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")  # reset the high-water mark to the current resident size
+    before = _status_kb("VmRSS")
+    getattr(runner, variant)()
+    peak = _status_kb("VmHWM")
+    return {"variant": variant, "before_mb": before / 1024, "peak_above_before_mb": (peak - before) / 1024}
+
+
+def timings(rounds: int) -> dict:
+    model = load_model()
+    batch = load_batch()
+    runner = Runner(model, batch)
+    for variant in VARIANTS:  # warm-up
+        runner.run(variant)
+    times = {v: [] for v in VARIANTS}
+    ratios = {v: [] for v in VARIANTS}
+    for r in range(rounds):
+        order = VARIANTS[r % len(VARIANTS):] + VARIANTS[: r % len(VARIANTS)]
+        this_round = {v: runner.run(v) for v in order}
+        for v in VARIANTS:
+            times[v].append(this_round[v])
+            ratios[v].append(this_round[v] / this_round["train_step"])
+    return {
+        v: {
+            "median_seconds": statistics.median(times[v]),
+            "median_ratio_to_train_step": statistics.median(ratios[v]),
+            "ratio_min": min(ratios[v]),
+            "ratio_max": max(ratios[v]),
+        }
+        for v in VARIANTS
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=11)
+    parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "analysis_speed.json")
+    parser.add_argument("--memory-repeats", type=int, default=3)
+    parser.add_argument("--measure-memory", choices=VARIANTS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.measure_memory:
+        print(json.dumps(measure_memory(args.measure_memory)))
+        return
+
+    results = {"timing": timings(args.rounds), "memory": {}}
+    for variant in VARIANTS:
+        peaks = []
+        for _ in range(args.memory_repeats):
+            out = subprocess.run(
+                [sys.executable, __file__, "--measure-memory", variant], capture_output=True, text=True, check=True
+            )
+            peaks.append(json.loads(out.stdout.strip().splitlines()[-1])["peak_above_before_mb"])
+        results["memory"][variant] = statistics.median(peaks)
+    reference_memory = results["memory"]["train_step"]
+    results["setup"] = {
+        "model": "all-MiniLM-L6-v2 + 9-class head (MiniLMClassifier), eval mode",
+        "batch": "16 x 128 tokens, real drug reviews",
+        "rounds": args.rounds,
+        "torch": str(torch.__version__),
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+    print(f"MiniLM, batch 16 x 128 tokens, {args.rounds} interleaved rounds, {os.cpu_count()} cores, torch {torch.__version__}")
+    print("| variant | median time | time / train step (median, min-max) | step peak memory | memory / train step |")
+    print("|---|---|---|---|---|")
+    for variant in VARIANTS:
+        t = results["timing"][variant]
+        m = results["memory"][variant]
+        print(
+            f"| {variant} | {t['median_seconds'] * 1000:.0f} ms | {t['median_ratio_to_train_step']:.2f} "
+            f"({t['ratio_min']:.2f}-{t['ratio_max']:.2f}) | {m:.0f} MB | {m / reference_memory:.2f} |"
+        )
+    print(f"results: {args.json}")
+
+
+if __name__ == "__main__":
+    main()
