@@ -90,14 +90,18 @@ def _sample_chunks(batch: int, per_sample: int) -> Iterator[slice]:
         yield slice(start, min(batch, start + step))
 
 
-def _ghost_weight_sq(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+def _ghost_sq(a: torch.Tensor, g: torch.Tensor, bias: bool) -> torch.Tensor:
+    # The bias acts like a constant input feature 1, so with a bias the Gram matrix of the
+    # inputs gains +1 everywhere: sum_{t,s} (a_t.a_s + 1)(g_t.g_s) covers weight and bias.
     t = a.shape[1]
     out = []
     for c in _sample_chunks(a.shape[0], t * t):
         aa = torch.bmm(a[c], a[c].transpose(1, 2))
+        if bias:
+            aa.add_(1.0)
         gg = torch.bmm(g[c], g[c].transpose(1, 2))
-        out.append((aa * gg).sum(dim=(1, 2)))
-    return torch.cat(out)
+        out.append(torch.einsum("bij,bij->b", aa, gg))
+    return torch.cat(out) if len(out) > 1 else out[0]
 
 
 def _materialized_weight_sq(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -126,9 +130,10 @@ def linear_sq_norms(
     t, d_in, d_out = a.shape[1], a.shape[2], g.shape[2]
     if t == 1:
         sq = a.square().sum(dim=(1, 2)) * g.square().sum(dim=(1, 2))
+    elif strategy == "ghost" or (strategy == "auto" and t * (d_in + d_out) < d_in * d_out):
+        return _ghost_sq(a, g, bias)
     else:
-        ghost = strategy == "ghost" or (strategy == "auto" and t * (d_in + d_out) < d_in * d_out)
-        sq = _ghost_weight_sq(a, g) if ghost else _materialized_weight_sq(a, g)
+        sq = _materialized_weight_sq(a, g)
     if bias:
         sq = sq + g.sum(dim=1).square().sum(dim=1)
     return sq
@@ -518,9 +523,9 @@ class FisherCollector:
         # gradient is the sum over every token of every call, squared after summing.
         module = self._modules[index]
         dtype = _compute_dtype(*grads) if self._kinds[index] == "Embedding" else _compute_dtype(*inputs, *grads)
-        g = torch.cat([y.reshape(batch, -1, y.shape[-1]).to(dtype) for y in grads], dim=1)
+        g = _tokens([y.reshape(batch, -1, y.shape[-1]).to(dtype) for y in grads])
         if self._kinds[index] == "Embedding":
-            idx = torch.cat([x.reshape(batch, -1) for x in inputs], dim=1)
+            idx = _tokens([x.reshape(batch, -1) for x in inputs])
             return embedding_sq_norms(
                 idx,
                 g,
@@ -528,8 +533,13 @@ class FisherCollector:
                 padding_idx=module.padding_idx,
                 strategy=self.norm_strategy,
             )
-        a = torch.cat([x.reshape(batch, -1, x.shape[-1]).to(dtype) for x in inputs], dim=1)
+        a = _tokens([x.reshape(batch, -1, x.shape[-1]).to(dtype) for x in inputs])
         return linear_sq_norms(a, g, bias=module.bias is not None, strategy=self.norm_strategy)
+
+
+def _tokens(parts: list[torch.Tensor]) -> torch.Tensor:
+    # torch.cat copies even a single tensor; most modules are called once per forward.
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
 def _inside_backward() -> bool:

@@ -479,15 +479,15 @@ def test_auto_picks_cheaper_kernel_per_layer(monkeypatch: pytest.MonkeyPatch) ->
     import lightning_fisher.collector as collector_module
 
     used = []
-    for kernel in ("_ghost_weight_sq", "_materialized_weight_sq"):
+    for kernel in ("_ghost_sq", "_materialized_weight_sq"):
         original = getattr(collector_module, kernel)
         monkeypatch.setattr(collector_module, kernel,
-                            lambda a, g, _k=kernel, _f=original: used.append((_k, a.shape[1])) or _f(a, g))
+                            lambda a, g, *rest, _k=kernel, _f=original: used.append((_k, a.shape[1])) or _f(a, g, *rest))
     # d_in * d_out / (d_in + d_out) = 64 * 64 / 128 = 32: ghost below 32 tokens, materialize above.
     for t in (8, 40):
         used.clear()
         linear_sq_norms(torch.randn(2, t, 64), torch.randn(2, t, 64), bias=True, strategy="auto")
-        assert used == [("_ghost_weight_sq" if t < 32 else "_materialized_weight_sq", t)]
+        assert used == [("_ghost_sq" if t < 32 else "_materialized_weight_sq", t)]
 
 
 def test_same_module_under_two_names_is_rejected() -> None:
