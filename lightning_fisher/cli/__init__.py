@@ -5,6 +5,7 @@ Subcommands:
 - ``analyze``: Fisher analysis of a model on a dataset folder; writes ``fisher_map.json``.
 - ``fit`` / ``validate`` / ``test``: LightningCLI training with the map applied at fit start.
 - ``show``: a readable table (and optionally a heatmap) of a map.
+- ``wizard``: the analysis choices as questions; saves a config ``analyze`` accepts.
 - ``demo``: the whole workflow on a real model and real data.
 """
 
@@ -17,7 +18,7 @@ from typing import Callable, Optional
 
 __all__ = ["main"]
 
-USAGE = """usage: lightning-fisher {analyze,fit,validate,test,show,demo} [options]
+USAGE = """usage: lightning-fisher {analyze,fit,validate,test,show,wizard,demo} [options]
 
 Fisher-guided LoRA placement and ranks for PyTorch Lightning and PEFT.
 
@@ -27,6 +28,7 @@ subcommands:
   validate   LightningCLI validate, with the same adapters
   test       LightningCLI test, with the same adapters
   show       print a map as a table (--plot writes a heatmap)
+  wizard     answer questions instead of writing a config; saves the YAML and runs analyze
   demo       analyse and fine-tune the real all-MiniLM-L6-v2 on real drug reviews (CPU, minutes)
 
 Run 'lightning-fisher SUBCOMMAND --help' for the options of each.
@@ -54,6 +56,12 @@ def _show(argv: list[str]) -> int:
     return run_show(argv)
 
 
+def _wizard(argv: list[str]) -> int:
+    from lightning_fisher.cli.wizard import run_wizard
+
+    return run_wizard(argv)
+
+
 def _demo(argv: list[str]) -> int:
     from lightning_fisher.cli.demo import run_demo
 
@@ -67,6 +75,7 @@ SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {
     "test": _train("test"),
     "show": _show,
     "demo": _demo,
+    "wizard": _wizard,
 }
 
 

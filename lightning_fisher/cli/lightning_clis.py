@@ -11,7 +11,9 @@ therefore take a ``dataset_dir`` argument. ``fit`` always carries an
 
 from __future__ import annotations
 
+import contextlib
 import sys
+import warnings
 from typing import Literal, Optional, Union
 
 from lightning.pytorch import LightningDataModule, LightningModule
@@ -23,7 +25,7 @@ from lightning_fisher.cli.arguments import normalize_flags
 from lightning_fisher.timesteps import FOCUS_HELP, TimestepFocus
 from lightning_fisher.training.adaptive_lora import AdaptiveLoRA
 
-__all__ = ["AnalyzeCLI", "TrainCLI", "run_analyze", "run_trainer_subcommand"]
+__all__ = ["AnalyzeCLI", "TrainCLI", "build_analyze_cli", "run_analyze", "run_trainer_subcommand"]
 
 DEFAULT_DATA = {"class_path": "lightning_fisher.TensorDirectoryDataModule"}
 
@@ -115,28 +117,46 @@ def _patterns(value: Union[list[str], str, None]) -> Optional[list[str]]:
     return [item.strip() for item in items if item.strip()]
 
 
+@contextlib.contextmanager
+def _args_from_caller():
+    # The console script hands LightningCLI its own argv slice; Lightning warns whenever args
+    # are given while sys.argv is not empty, which is always the case here.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter")
+        yield
+
+
+def build_analyze_cli(args: list[str], *, exit_on_error: bool = True) -> AnalyzeCLI:
+    """Parse ``analyze`` arguments and instantiate model, datamodule and trainer (nothing runs)."""
+    parser_kwargs = {"prog": "lightning-fisher analyze", "description": "Fisher analysis: write fisher_map.json."}
+    if not exit_on_error:
+        parser_kwargs["exit_on_error"] = False
+    with _args_from_caller():
+        return AnalyzeCLI(
+            LightningModule,
+            LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            run=False,
+            auto_configure_optimizers=False,
+            save_config_callback=None,
+            trainer_defaults=dict(
+                logger=False,
+                enable_checkpointing=False,
+                enable_model_summary=False,
+                max_epochs=1,
+                num_sanity_val_steps=0,
+                limit_val_batches=0,
+            ),
+            args=normalize_flags(args),
+            parser_kwargs=parser_kwargs,
+        )
+
+
 def run_analyze(argv: list[str]) -> int:
     from lightning_fisher.training.analyze import analyze
 
-    cli = AnalyzeCLI(
-        LightningModule,
-        LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        run=False,
-        auto_configure_optimizers=False,
-        save_config_callback=None,
-        trainer_defaults=dict(
-            logger=False,
-            enable_checkpointing=False,
-            enable_model_summary=False,
-            max_epochs=1,
-            num_sanity_val_steps=0,
-            limit_val_batches=0,
-        ),
-        args=normalize_flags(argv),
-        parser_kwargs={"prog": "lightning-fisher analyze", "description": "Fisher analysis: write fisher_map.json."},
-    )
+    cli = build_analyze_cli(argv)
     c = cli.config
     fisher_map = analyze(
         cli.model,
@@ -172,6 +192,12 @@ def run_analyze(argv: list[str]) -> int:
 
 
 def run_trainer_subcommand(subcommand: str, argv: list[str]) -> int:
+    with _args_from_caller():
+        _run_train_cli(subcommand, argv)
+    return 0
+
+
+def _run_train_cli(subcommand: str, argv: list[str]) -> None:
     TrainCLI(
         LightningModule,
         LightningDataModule,
@@ -180,7 +206,6 @@ def run_trainer_subcommand(subcommand: str, argv: list[str]) -> int:
         args=[subcommand, *normalize_flags(argv)],
         parser_kwargs={subcommand: {"prog": f"lightning-fisher {subcommand}"}},
     )
-    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

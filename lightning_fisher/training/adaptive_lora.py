@@ -259,7 +259,15 @@ class AdaptiveLoRA(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.applied_map is None:
             return
-        rates = [group["lr"] for optimizer in trainer.optimizers for group in optimizer.param_groups if "lr" in group]
+        # Only the groups that train adapters (a head may rightly use a larger rate). A
+        # scheduler's warm-up lowers "lr" at the start; "initial_lr" is the rate it ramps to.
+        adapter_ids = {id(p) for p in _adapter_parameter_list(_root(pl_module, self.adapter_root))}
+        rates = [
+            max(group.get("initial_lr", 0.0), group.get("lr", 0.0))
+            for optimizer in trainer.optimizers
+            for group in optimizer.param_groups
+            if any(id(p) in adapter_ids for p in group["params"])
+        ]
         high = [lr for lr in rates if lr > self.lr_warning_threshold]
         if high:
             rank_zero_warn(
@@ -319,15 +327,20 @@ def _root(pl_module: nn.Module, adapter_root: Optional[str]) -> nn.Module:
     return pl_module if not adapter_root else pl_module.get_submodule(adapter_root)
 
 
-def _adapter_parameters(root: nn.Module) -> int:
+def _adapter_parameter_list(root: nn.Module) -> list[nn.Parameter]:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    total = 0
-    for module in root.modules():
-        if isinstance(module, BaseTunerLayer):
-            for layer_name in module.adapter_layer_names:
-                total += sum(p.numel() for p in getattr(module, layer_name).parameters())
-    return total
+    return [
+        p
+        for module in root.modules()
+        if isinstance(module, BaseTunerLayer)
+        for layer_name in module.adapter_layer_names
+        for p in getattr(module, layer_name).parameters()
+    ]
+
+
+def _adapter_parameters(root: nn.Module) -> int:
+    return sum(p.numel() for p in _adapter_parameter_list(root))
 
 
 def save_adapter(root: nn.Module, directory: Union[str, os.PathLike], *, adapter_name: str = "default") -> Path:

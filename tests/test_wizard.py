@@ -1,0 +1,434 @@
+"""``lightning-fisher wizard``: the real console script in a pseudo-terminal, and its parts without one."""
+
+import io
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pexpect
+import pytest
+import torch
+import yaml
+
+from lightning_fisher import FisherMap, write_sample_folder
+from lightning_fisher.cli import wizard
+from lightning_fisher.cli.wizard import (
+    Prompter,
+    RankSettings,
+    RunTimeEstimate,
+    Wizard,
+    WizardAnswers,
+    analysis_batches,
+    answers_to_config,
+    default_presets_dir,
+    load_presets,
+    parse_config_path,
+    render_config,
+)
+
+TESTS = Path(__file__).parent
+REPO = TESTS.parent
+SCRIPT = Path(sys.executable).parent / "lightning-fisher"
+MODEL = "cli_models.TinyClassifier"
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    xs = torch.randn(48, 8, generator=generator)
+    folder = tmp_path / "data"
+    write_sample_folder(folder, [{"x": x, "label": torch.tensor(int(x[0] > 0) + int(x[1] > 0))} for x in xs])
+    return folder
+
+
+def _env():
+    # Keep any PYTHONPATH already set; add the tests folder so cli_models imports.
+    paths = [str(TESTS), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
+
+
+def spawn_wizard(cwd, *args, timeout=60):
+    child = pexpect.spawn(
+        str(SCRIPT), ["wizard", *args], cwd=str(cwd), env=_env(), encoding="utf-8", timeout=timeout,
+        dimensions=(60, 200),
+    )
+    child.logfile_read = io.StringIO()
+    return child
+
+
+def answer(child, *steps):
+    """Each step is (text the wizard prints, line to type, or None to type nothing)."""
+    for expected, line in steps:
+        child.expect_exact(expected)
+        if line is not None:
+            child.sendline(line)
+
+
+def transcript(child):
+    return child.logfile_read.getvalue().replace("\r\n", "\n")
+
+
+def finish(child):
+    child.expect(pexpect.EOF)
+    child.close()
+    return child.exitstatus
+
+
+def files_written(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.suffix in (".yaml", ".yml", ".json"))
+
+
+# --------------------------------------------------------------------------------------------
+# The console script in a pseudo-terminal
+
+
+def test_wizard_session_writes_config_and_runs_analyze(dataset, tmp_path):
+    # cwd has no configs/presets, so the presets come from the checkout next to the package.
+    child = spawn_wizard(tmp_path)
+    answer(
+        child,
+        ("class path [lightning_fisher.examples.text_classifier.MiniLMClassifier]:", MODEL),
+        ("Checkpoint folder [Enter: the model's own default]:", ""),
+        ("Exclude [Enter: none]:", "head"),
+        ("Dataset folder", str(dataset)),
+        ("Batch size [16]:", ""),
+        ("Timestep focus (balanced/texture/structure/custom) [balanced]:", ""),
+        ("Start from a preset? (none/small/medium/large) [none]:", "small"),
+        ("Base rank [8]:", "4"),
+        ("Minimum rank [2]:", "1"),
+        ("Maximum rank [32]:", "16"),
+        ("Rank mode (median/budget) [budget]:", ""),
+        ("'turbo') model? [y/N]:", ""),
+        (f"Save the config to [{dataset / 'fisher_analyze.yaml'}]:", ""),
+        ("Run the analysis now? [Y/n]:", ""),
+    )
+    child.expect_exact("fisher map written to", timeout=300)
+    assert finish(child) == 0
+    out = transcript(child)
+    assert "found 48 samples (.pt: 48)" in out
+    summary = out[out.index("[6/7] Summary"):out.index("[7/7]")]
+    assert re.search(r"samples\s+48 samples", summary)
+    assert re.search(r"estimated run time\s+about [0-9.]+ s \(3 batches x [0-9.]+ s", summary), summary
+    assert re.search(r"rank budget\s+rank 4, min 1, max 16, mode budget \(from preset small\)", summary)
+
+    config = yaml.safe_load((dataset / "fisher_analyze.yaml").read_text())
+    assert config == {
+        "model": {"class_path": MODEL},
+        "dataset_dir": str(dataset.resolve()),
+        "data": {"class_path": "lightning_fisher.TensorDirectoryDataModule", "init_args": {"batch_size": 16}},
+        "timestep_focus": "balanced",
+        "rank": 4, "rank_min": 1, "rank_max": 16, "rank_mode": "budget",
+        "exclude": ["head"],
+    }
+    fisher_map = FisherMap.load(dataset)
+    budget = fisher_map.budget
+    assert (budget.rank, budget.rank_min, budget.rank_max, budget.mode) == (4, 1, 16, "budget")
+    assert set(fisher_map.scores) == {f"backbone.{i}" for i in (0, 2, 4, 6)}  # head excluded
+    assert fisher_map.analysis.batches == 3 and fisher_map.dataset.num_files == 48
+
+
+def test_invalid_answers_are_explained_and_asked_again(dataset, tmp_path):
+    (dataset / "fisher_map.json").write_text("{}")  # an earlier map: warned about, left alone
+    (tmp_path / "empty").mkdir()
+    save_to = tmp_path / "configs" / "mine.yaml"
+    child = spawn_wizard(tmp_path, "--save-config", str(save_to), "--presets-dir", str(REPO / "configs" / "presets"))
+    answer(
+        child,
+        ("class path", "cli_models.NoSuchModel"),
+        ("module 'cli_models' has no attribute 'NoSuchModel'", "no_such_module.Model"),
+        ("cannot import module 'no_such_module'", "collections.OrderedDict"),
+        ("not a LightningModule subclass", MODEL),
+        ("Checkpoint folder", str(tmp_path / "no_checkpoint")),
+        ("no_checkpoint is not an existing folder", ""),
+        ("Exclude", "head("),
+        ("is not a valid regular expression", "head"),
+        ("Dataset folder", str(tmp_path / "missing")),
+        ("missing does not exist", str(tmp_path / "empty")),
+        ("holds no sample files", str(dataset)),
+        ("fisher_map.json already exists; the analysis will overwrite it", None),
+        ("Batch size [16]:", "0"),
+        ("0 is not positive", "many"),
+        ("'many' is not a whole number", "8"),
+        ("Timestep focus (balanced", "sideways"),
+        ("'sideways' is not one of", "custom"),
+        ("Range LO,HI [0.2,0.5]:", "0.9,0.1"),
+        ("need 0 <= LO < HI <= 1", "0.2,0.5"),
+        ("Start from a preset?", "none"),
+        ("Base rank [64]:", "32"),
+        ("Minimum rank [16]:", "64"),
+        ("Maximum rank [128]:", "16"),
+        ("Rank mode (median/budget) [median]:", ""),
+        ("rank_min (64) is greater than rank_max (16); enter the rank budget again", ""),
+        ("Minimum rank [64]:", "8"),
+        ("Maximum rank [16]:", "64"),
+        ("Rank mode (median/budget) [median]:", ""),
+        ("'turbo') model? [y/N]:", "maybe"),
+        ("answer y or n", "n"),
+        (f"Save the config to [{save_to}]:", ""),
+        ("Run the analysis now? [Y/n]:", "n"),
+    )
+    child.expect_exact("run the analysis later with")
+    assert finish(child) == 0
+    out = transcript(child)
+    assert f"lightning-fisher analyze --config {save_to}" in out
+    assert re.search(r"timestep focus\s+0.2,0.5 \(t in \[0.2, 0.5\]\)", out)
+    assert "Traceback" not in out
+    config = yaml.safe_load(save_to.read_text())
+    assert config["timestep_focus"] == "0.2,0.5" and config["data"]["init_args"]["batch_size"] == 8
+    assert [config[k] for k in ("rank", "rank_min", "rank_max", "rank_mode")] == [32, 8, 64, "median"]
+    assert (dataset / "fisher_map.json").read_text() == "{}"  # not run: no map written
+    assert files_written(tmp_path) == ["configs/mine.yaml", "data/fisher_map.json"]
+
+
+def test_ctrl_c_at_the_last_question_writes_nothing(dataset, tmp_path):
+    child = spawn_wizard(tmp_path, "--presets-dir", str(REPO / "configs" / "presets"))
+    answer(
+        child,
+        ("class path", MODEL), ("Checkpoint folder", ""), ("Exclude", ""), ("Dataset folder", str(dataset)),
+        ("Batch size", ""), ("Timestep focus (balanced", "texture"), ("preset?", "small"), ("Base rank", ""),
+        ("Minimum rank", ""), ("Maximum rank", ""), ("Rank mode", ""), ("'turbo') model?", ""),
+        ("Save the config to", ""),
+    )
+    child.expect_exact("Run the analysis now? [Y/n]:")
+    child.sendintr()
+    child.expect_exact("wizard cancelled, nothing written")
+    assert finish(child) == 130
+    assert files_written(tmp_path) == []
+
+
+def test_end_of_input_midway_writes_nothing(dataset, tmp_path):
+    child = spawn_wizard(tmp_path)
+    answer(child, ("class path", MODEL), ("Checkpoint folder", ""), ("Exclude", "head"))
+    child.expect_exact("Dataset folder")
+    child.sendeof()
+    child.expect_exact("wizard cancelled, nothing written (end of input)")
+    assert finish(child) == 1
+    assert "Traceback" not in transcript(child)
+    assert files_written(tmp_path) == []
+
+
+def test_fragile_model_without_opt_in_stops(dataset, tmp_path):
+    child = spawn_wizard(tmp_path)
+    answer(
+        child,
+        ("class path", MODEL), ("Checkpoint folder", ""), ("Exclude", ""), ("Dataset folder", str(dataset)),
+        ("Batch size", ""), ("Timestep focus (balanced", ""), ("preset?", ""), ("Base rank", ""), ("Minimum rank", ""),
+        ("Maximum rank", ""), ("Rank mode", ""), ("'turbo') model? [y/N]:", "y"),
+        ("Type 'yes' to continue with this model anyway [Enter: stop]:", "ok"),
+    )
+    child.expect_exact("stopped: nothing written")
+    assert finish(child) == 1
+    out = transcript(child)
+    for words in ("loss spikes", "base model", "lower the learning rate"):
+        assert words in out
+    assert "[6/7] Summary" not in out
+    assert files_written(tmp_path) == []
+
+
+def test_needs_a_terminal_and_an_existing_presets_dir(tmp_path, capsys):
+    assert wizard.run_wizard(["--presets-dir", str(tmp_path / "missing")]) == 2
+    assert "--presets-dir" in capsys.readouterr().err
+
+    run = subprocess.run(
+        [str(SCRIPT), "wizard"], stdin=subprocess.DEVNULL, capture_output=True, text=True, env=_env(), timeout=120
+    )
+    assert run.returncode == 2
+    assert run.stderr.strip() == (
+        "lightning-fisher wizard needs an interactive terminal; use `lightning-fisher analyze --config ...` instead"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The parts, without a terminal
+
+
+class Script:
+    """Plays the user: answers in order, then end of input."""
+
+    def __init__(self, *answers):
+        self.answers = list(answers)
+        self.prompts = []
+        self.lines = []
+
+    def input(self, prompt):
+        self.prompts.append(prompt)
+        if not self.answers:
+            raise EOFError
+        return self.answers.pop(0)
+
+    def output(self, text=""):
+        self.lines.append(text)
+
+    def prompter(self):
+        return Prompter(self.input, self.output)
+
+
+def test_prompter_ask_default_reask_and_empty():
+    script = Script("", "x", "7", "", "")
+    p = script.prompter()
+    assert p.ask("Batch size", default="16", parse=wizard.parse_positive_int) == 16
+    assert p.ask("Rank", parse=wizard.parse_positive_int) == 7
+    assert script.lines == ["  ! 'x' is not a whole number"]
+    assert script.prompts == ["Batch size [16]: ", "Rank: ", "Rank: "]
+    assert p.ask("Exclude", parse=wizard.parse_patterns, empty="none") == []
+    assert p.ask("Checkpoint folder", parse=wizard.parse_folder, empty="the model's own default") is None
+    with pytest.raises(EOFError):
+        p.ask("Dataset folder")
+
+
+def test_prompter_needs_an_answer_without_default():
+    script = Script("", "  data  ")
+    assert script.prompter().ask("Dataset folder") == "data"
+    assert script.lines == ["  ! an answer is needed"]
+
+
+def test_prompter_yes_no_and_choice():
+    script = Script("", "perhaps", "YES", "n", "tex", "s", "STRUCTURE", "")
+    p = script.prompter()
+    assert p.yes_no("Run now?", default=True) is True
+    assert p.yes_no("Turbo?", default=False) is True
+    assert p.yes_no("Turbo?", default=False) is False
+    options = ["balanced", "texture", "structure", "custom"]
+    assert p.choice("Focus", options, default="balanced") == "texture"
+    assert p.choice("Focus", options, default="balanced") == "structure"  # a unique prefix
+    assert p.choice("Focus", options, default="custom") == "structure"
+    assert p.choice("Focus", options, default="custom") == "custom"
+    assert script.prompts[1] == "Turbo? [y/N]: " and script.prompts[4] == "Focus (balanced/texture/structure/custom) [balanced]: "
+    assert script.lines == ["  ! answer y or n"]
+
+
+def test_prompter_choice_ambiguous_prefix():
+    script = Script("s", "sm")
+    assert script.prompter().choice("Preset", ["none", "small", "structure"], default="none") == "small"
+    assert script.lines == ["  ! 's' is not one of: none, small, structure"]
+
+
+def answers(**overrides):
+    values = dict(
+        model=MODEL, dataset_dir="/data/train", checkpoint_dir="/ckpt", exclude=["head", r"encoder\.pooler"],
+        num_samples=48, batch_size=8, timestep_focus="0.2,0.5", ranks=RankSettings(4, 1, 16, "budget"),
+        preset="small", fragile=False,
+    )
+    values.update(overrides)
+    return WizardAnswers(**values)
+
+
+def test_answers_to_config():
+    assert answers_to_config(answers()) == {
+        "model": {"class_path": MODEL, "init_args": {"checkpoint_dir": "/ckpt"}},
+        "dataset_dir": "/data/train",
+        "data": {"class_path": "lightning_fisher.TensorDirectoryDataModule", "init_args": {"batch_size": 8}},
+        "timestep_focus": "0.2,0.5",
+        "rank": 4, "rank_min": 1, "rank_max": 16, "rank_mode": "budget",
+        "exclude": ["head", r"encoder\.pooler"],
+    }
+    assert answers_to_config(answers(checkpoint_dir=None, exclude=[]))["model"] == {"class_path": MODEL}
+
+
+def test_render_config_is_what_analyze_reads(dataset):
+    text = render_config(answers(dataset_dir=str(dataset), checkpoint_dir=None, fragile=True))
+    assert "# fragile: true" in text and "--adaptive_lora.fragile true --adaptive_lora.allow_fragile true" in text
+    with wizard._quiet():
+        cli = wizard._analyze_cli(["--config", text])
+    from cli_models import TinyClassifier
+
+    assert isinstance(cli.model, TinyClassifier)
+    assert cli.datamodule.batch_size == 8 and str(cli.datamodule.dataset_dir) == str(dataset)
+    c = cli.config
+    assert (c.rank, c.rank_min, c.rank_max, c.rank_mode, c.timestep_focus) == (4, 1, 16, "budget", "0.2,0.5")
+    assert c.exclude == ["head", r"encoder\.pooler"]
+
+
+def test_write_config_is_atomic_and_creates_folders(tmp_path):
+    path = wizard.write_config(tmp_path / "a" / "b.yaml", "rank: 4\n")
+    assert path.read_text() == "rank: 4\n" and os.listdir(tmp_path / "a") == ["b.yaml"]
+
+
+def test_analysis_batches_and_estimate_text():
+    assert analysis_batches(48, 16, min_batches=5, patience=5, max_batches=200) == (3, 3)
+    assert analysis_batches(1000, 16, min_batches=5, patience=5, max_batches=200) == (5, 63)
+    assert analysis_batches(1000, 16, min_batches=10, patience=3, max_batches=20) == (10, 20)
+    assert analysis_batches(1000, 16, min_batches=0, patience=7, max_batches=None) == (7, 63)
+    estimate = RunTimeEstimate(load_seconds=2.0, batch_seconds=0.5, batches_low=5, batches_high=63)
+    assert (estimate.low, estimate.high) == (4.5, 33.5)
+    assert estimate.describe() == "about 4.5 s to 34 s (5 to 63 batches x 0.5 s, plus 2.0 s to load the model)"
+    assert RunTimeEstimate(30.0, 60.0, 200, 200).describe() == "about 3.3 h (200 batches x 60 s, plus 30 s to load the model)"
+
+
+def test_estimate_run_time_times_a_real_batch(dataset):
+    estimate = wizard.estimate_run_time(render_config(answers(dataset_dir=str(dataset), checkpoint_dir=None)), 48)
+    # 48 samples in batches of 8: 6 batches in one pass; converged at the earliest after 5.
+    assert (estimate.batches_low, estimate.batches_high) == (5, 6)
+    assert 0 < estimate.batch_seconds < 30 and 0 < estimate.load_seconds < 60
+    assert not (dataset / "fisher_map.json").exists()
+
+
+def test_presets_fill_only_rank_fields(tmp_path):
+    presets, problems = load_presets(REPO / "configs" / "presets")
+    assert list(presets) == ["small", "medium", "large"] and problems == []
+    assert presets["small"] == RankSettings(8, 2, 32, "budget")
+    assert presets["large"] == RankSettings(64, 16, 128, "median")
+
+    (tmp_path / "tiny.yaml").write_text("rank: 4\nrank_min: 1\ntrainer: {max_epochs: 3}\nlearning_rate: 0.1\n")
+    (tmp_path / "broken.yaml").write_text("rank_min: 64\nrank_max: 8\n")
+    (tmp_path / "notes.txt").write_text("not a preset")
+    presets, problems = load_presets(tmp_path)
+    assert presets == {"tiny": RankSettings(4, 1, 128, "median")}
+    assert len(problems) == 1 and "broken.yaml" in problems[0] and "rank_min (64) is greater" in problems[0]
+    assert load_presets(None) == ({}, [])
+
+
+def test_default_presets_dir(tmp_path):
+    assert default_presets_dir(tmp_path) == (REPO / "configs" / "presets").resolve()
+    (tmp_path / "configs" / "presets").mkdir(parents=True)
+    assert default_presets_dir(tmp_path) == tmp_path / "configs" / "presets"
+
+
+def test_parse_config_path(tmp_path):
+    with pytest.raises(ValueError, match="is a folder"):
+        parse_config_path(str(tmp_path))
+    with pytest.raises(ValueError, match="ending in .yaml"):
+        parse_config_path(str(tmp_path / "config.txt"))
+    assert parse_config_path(str(tmp_path / "new" / "c.yml")) == tmp_path / "new" / "c.yml"
+
+
+def fake_estimate(text, num_samples):
+    assert yaml.safe_load(text)["dataset_dir"]  # the rendered config is what gets timed
+    return RunTimeEstimate(1.0, 0.25, 3, 3)
+
+
+def test_wizard_flow_with_fragile_opt_in(dataset):
+    presets = {"small": RankSettings(8, 2, 32, "budget")}
+    script = Script(
+        MODEL, "", "", str(dataset), "12", "structure", "small", "", "", "", "median", "y", "yes", "", "n"
+    )
+    plan = Wizard(script.prompter(), presets=presets, estimate=fake_estimate).collect()
+    assert plan.run_now is False and plan.config_path == dataset / "fisher_analyze.yaml"
+    a = plan.answers
+    assert (a.model, a.dataset_dir, a.num_samples, a.batch_size, a.timestep_focus) == (
+        MODEL, str(dataset.resolve()), 48, 12, "structure")
+    assert a.ranks == RankSettings(8, 2, 32, "median") and a.preset == "small" and a.fragile is True
+    assert a.exclude == [] and a.checkpoint_dir is None
+    out = "\n".join(script.lines)
+    assert "estimated run time  about 1.8 s (3 batches x 0.25 s, plus 1.0 s to load the model)" in out
+    assert "fragile model       YES" in out and "--adaptive_lora.allow_fragile true" in out
+    assert "timestep focus      structure (t in [0.6, 1])" in out
+    assert "# fragile: true" in render_config(a)
+
+
+def test_wizard_reports_a_failed_estimate_as_unknown(dataset, tmp_path):
+    def failing(text, num_samples):
+        raise RuntimeError("CUDA out of memory")
+
+    checkpoint = tmp_path / "ckpt"
+    checkpoint.mkdir()
+    script = Script(MODEL, str(checkpoint), "head", str(dataset), "", "", "", "", "", "", "")
+    with pytest.raises(EOFError):  # the script ends at the save question
+        Wizard(script.prompter(), estimate=failing).collect()
+    out = "\n".join(script.lines)
+    assert "  ! could not time a batch: CUDA out of memory" in out
+    assert "estimated run time  unknown" in out
+    assert f"checkpoint          {checkpoint.resolve()}" in out
+    assert script.prompts[-1] == f"Save the config to [{dataset / 'fisher_analyze.yaml'}]: "
