@@ -1,0 +1,553 @@
+"""A small rectified-flow model on scikit-learn's 8x8 digits, for timestep-focus tests and benchmarks.
+
+Data: ``sklearn.datasets.load_digits()`` (1,797 real 8x8 handwritten digits from the UCI
+"Optical Recognition of Handwritten Digits" data set, Alpaydin and Kaynak 1998), pixel values
+0..16 scaled to ``[-1, 1]``. The ``low`` half (digits 0-4) is for pretraining, the ``high``
+half (digits 5-9) for adaptation; each half has a fixed 80/20 train/test split.
+
+Model: :class:`DigitsFlowMatching`, a transformer-style velocity model over the 16 patch
+tokens of 2x2 pixels. Its attention uses separate ``q``/``k``/``v``/``out`` ``nn.Linear``
+layers and its MLP two ``nn.Linear`` layers, so LoRA can target each of them by name
+(``blocks.0.attn.q``, ``blocks.0.mlp.fc1``, ...).
+
+Flow convention (as :mod:`lightning_fisher.timesteps`): ``t = 0`` is clean data, ``t = 1``
+pure noise, ``x_t = (1 - t) * x0 + t * noise``, and the model predicts the velocity
+``noise - x0``. Training timesteps come from ``self.timestep_sampler(batch_size, device)``,
+so the Fisher analysis can focus them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Literal, Optional, Union
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_fisher.errors import DatasetFolderError
+from lightning_fisher.timesteps import UniformTimestepSampler
+
+__all__ = [
+    "DigitsFlowMatching",
+    "DigitsHalf",
+    "LogitNormalTimestepSampler",
+    "denoising_loss",
+    "digits_split",
+    "held_out_denoising_loss",
+    "load_pretrained_digits_flow",
+    "pretrain_digits_flow",
+    "single_threaded",
+    "write_digits_dataset",
+]
+
+HALF_DIGITS = {"low": (0, 1, 2, 3, 4), "high": (5, 6, 7, 8, 9)}
+TEST_FRACTION = 0.2
+SPLIT_SEED = 0
+MANIFEST_NAME = "digits.json"
+SAMPLE_PREFIX = "digit"
+PATCH = 2
+IMAGE = 8
+NUM_TOKENS = (IMAGE // PATCH) ** 2
+TOKEN_DIM = PATCH * PATCH
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+
+
+@dataclass(frozen=True)
+class DigitsHalf:
+    """One half of the digits, split into train and test.
+
+    Attributes:
+        train_images: float32 ``[N, 1, 8, 8]`` in ``[-1, 1]``.
+        train_labels: int64 ``[N]``, the digit.
+        test_images: float32 ``[M, 1, 8, 8]``.
+        test_labels: int64 ``[M]``.
+    """
+
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+
+    def split(self, split: Literal["train", "test"]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(images, labels)`` of one split."""
+        if split == "train":
+            return self.train_images, self.train_labels
+        if split == "test":
+            return self.test_images, self.test_labels
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+
+
+def digits_split(half: Literal["low", "high"]) -> DigitsHalf:
+    """The digits of one half, with a fixed 80/20 train/test split.
+
+    ``"low"`` holds digits 0-4 (pretraining), ``"high"`` digits 5-9 (adaptation). Within a
+    half the split is a fixed permutation (seed 0), the same on every machine.
+
+    Args:
+        half: ``"low"`` or ``"high"``.
+    """
+    if half not in HALF_DIGITS:
+        raise ValueError(f"half must be 'low' or 'high', got {half!r}")
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as error:
+        raise ImportError("digits_split needs scikit-learn: pip install 'lightning-fisher[examples]'") from error
+    digits = load_digits()
+    images = torch.as_tensor(digits.images, dtype=torch.float32) / 8.0 - 1.0
+    labels = torch.as_tensor(digits.target, dtype=torch.int64)
+    keep = torch.isin(labels, torch.tensor(HALF_DIGITS[half]))
+    images, labels = images[keep].unsqueeze(1), labels[keep]
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(SPLIT_SEED))
+    n_test = round(TEST_FRACTION * len(labels))
+    test, train = order[:n_test], order[n_test:]
+    return DigitsHalf(images[train], labels[train], images[test], labels[test])
+
+
+def write_digits_dataset(
+    out_dir: Union[str, Path], half: Literal["low", "high"], split: Literal["train", "test"]
+) -> Path:
+    """Write one split of one half as a dataset folder: ``{"x": float32[1, 8, 8], "label": int64}`` per file.
+
+    Files are written with :func:`lightning_fisher.tensor_folder.write_sample_folder`, then a
+    ``digits.json`` manifest; a folder that already holds the same complete split is left as is.
+
+    Args:
+        out_dir: folder to write (created if missing).
+        half: ``"low"`` (digits 0-4) or ``"high"`` (digits 5-9).
+        split: ``"train"`` or ``"test"``.
+
+    Returns:
+        ``out_dir`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        DatasetFolderError: ``out_dir`` holds sample files this function did not write.
+    """
+    from lightning_fisher.tensor_folder import write_sample_folder
+
+    out = Path(out_dir)
+    images, labels = digits_split(half).split(split)
+    settings = {"half": half, "split": split, "num_samples": len(labels), "version": 1}
+    ours, foreign = [], []
+    if out.is_dir():
+        for path in sorted(out.iterdir()):
+            if not path.name.startswith(".") and path.suffix.lower() in (".pt", ".safetensors"):
+                (ours if re.fullmatch(rf"{SAMPLE_PREFIX}_\d+\.pt", path.name) else foreign).append(path)
+    manifest_path = out / MANIFEST_NAME
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        manifest = None
+    if foreign or (ours and manifest is None):
+        raise DatasetFolderError(
+            f"{out} already holds sample files that write_digits_dataset did not write "
+            f"(e.g. {(foreign or ours)[0].name}); choose an empty folder or remove them.",
+            path=out,
+        )
+    if manifest == settings and len(ours) == len(labels):
+        return out
+    manifest_path.unlink(missing_ok=True)
+    for path in ours:
+        path.unlink()
+    write_sample_folder(
+        out,
+        ({"x": images[i], "label": labels[i]} for i in range(len(labels))),
+        format="pt",
+        prefix=SAMPLE_PREFIX,
+        overwrite=True,
+    )
+    temporary = out / f".{MANIFEST_NAME}.tmp"
+    temporary.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
+    os.replace(temporary, manifest_path)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Timesteps
+
+
+class LogitNormalTimestepSampler:
+    """``t = sigmoid(n)``, ``n ~ N(mean, std)``, from torch's global generator.
+
+    The timestep distribution of Stable Diffusion 3 style rectified-flow training: more
+    weight in the middle of the schedule than :class:`UniformTimestepSampler`. Same call
+    signature as every sampler of :mod:`lightning_fisher.timesteps`:
+    ``sampler(batch_size, device) -> Tensor[batch_size]`` with values in ``(0, 1)``.
+
+    Args:
+        mean: location of ``n``.
+        std: scale of ``n`` (positive).
+    """
+
+    def __init__(self, mean: float = 0.0, std: float = 1.0) -> None:
+        if not std > 0.0:
+            raise ValueError(f"LogitNormalTimestepSampler needs std > 0, got {std}")
+        self.mean = float(mean)
+        self.std = float(std)
+
+    def __call__(self, batch_size: int, device: Union[torch.device, str, None] = None) -> torch.Tensor:
+        return torch.sigmoid(self.mean + self.std * torch.randn(batch_size, device=device))
+
+    def __repr__(self) -> str:
+        return f"LogitNormalTimestepSampler(mean={self.mean:g}, std={self.std:g})"
+
+
+def _timestep_sampler(name: str):
+    if name == "uniform":
+        return UniformTimestepSampler()
+    if name == "logit_normal":
+        return LogitNormalTimestepSampler()
+    raise ValueError(f"timestep_distribution must be 'uniform' or 'logit_normal', got {name!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Model
+
+
+def _patchify(x: torch.Tensor) -> torch.Tensor:
+    """``[B, 1, 8, 8]`` -> ``[B, 16, 4]``: row-major 2x2 patches."""
+    b = x.shape[0]
+    g = IMAGE // PATCH
+    return x.reshape(b, g, PATCH, g, PATCH).permute(0, 1, 3, 2, 4).reshape(b, g * g, TOKEN_DIM)
+
+
+def _unpatchify(tokens: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`_patchify`."""
+    b = tokens.shape[0]
+    g = IMAGE // PATCH
+    return tokens.reshape(b, g, g, PATCH, PATCH).permute(0, 1, 3, 2, 4).reshape(b, 1, IMAGE, IMAGE)
+
+
+def _sinusoidal(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal features of ``t`` in ``[0, 1]``, ``[B] -> [B, dim]``."""
+    half = dim // 2
+    frequencies = torch.exp(-math.log(10_000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    angles = 1000.0 * t.float().unsqueeze(-1) * frequencies
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with separate ``q``, ``k``, ``v`` and ``out`` projections."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width ({width}) must be divisible by heads ({heads})")
+        self.heads = heads
+        self.q = nn.Linear(width, width)
+        self.k = nn.Linear(width, width)
+        self.v = nn.Linear(width, width)
+        self.out = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+
+        def split(y: torch.Tensor) -> torch.Tensor:
+            return y.reshape(b, n, self.heads, d // self.heads).transpose(1, 2)
+
+        attended = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)))
+        return self.out(attended.transpose(1, 2).reshape(b, n, d))
+
+
+class MLP(nn.Module):
+    """``fc1 -> GELU -> fc2``."""
+
+    def __init__(self, width: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; the timestep embedding is added before each block."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width)
+        self.attn = SelfAttention(width, heads)
+        self.norm2 = nn.LayerNorm(width)
+        self.mlp = MLP(width, mlp_ratio * width)
+
+    def forward(self, x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        x = x + condition
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+def denoising_loss(model: nn.Module, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, labels=None) -> torch.Tensor:
+    """Rectified-flow loss: MSE between ``model(x_t, t)`` and ``noise - x0``, mean over all elements.
+
+    Every sample has the same number of elements, so this is also the mean over samples of
+    per-sample mean losses (what the Fisher analysis assumes of a batch loss).
+    """
+    shape = (-1,) + (1,) * (x0.dim() - 1)
+    x_t = (1.0 - t.reshape(shape)) * x0 + t.reshape(shape) * noise
+    return F.mse_loss(model(x_t, t, labels), noise - x0)
+
+
+class DigitsFlowMatching(pl.LightningModule):
+    """Rectified-flow velocity model for 8x8 digits: a small transformer over 2x2 patches.
+
+    Batches are dicts with ``x`` (float32 ``[B, 1, 8, 8]`` in ``[-1, 1]``) and ``label``
+    (int64 ``[B]``, used only with ``label_conditioning``), as written by
+    :func:`write_digits_dataset`.
+
+    ``self.timestep_sampler`` is the sampler :meth:`training_step` draws ``t`` from (protocol
+    of :mod:`lightning_fisher.timesteps`); noise comes from ``torch.randn`` on the global
+    generator. Validation and test losses use timesteps and noise from a generator seeded per
+    batch (``eval_seed + batch_idx``), so held-out losses are comparable across runs.
+
+    Args:
+        width: token width.
+        depth: number of transformer blocks.
+        heads: attention heads.
+        mlp_ratio: MLP hidden width as a multiple of ``width``.
+        label_conditioning: add a learned embedding of the digit label (off by default).
+        timestep_distribution: ``"uniform"`` (:class:`UniformTimestepSampler`) or
+            ``"logit_normal"`` (:class:`LogitNormalTimestepSampler`).
+        learning_rate: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        eval_seed: base seed of the fixed validation / test timesteps and noise.
+    """
+
+    def __init__(
+        self,
+        width: int = 64,
+        depth: int = 3,
+        heads: int = 4,
+        mlp_ratio: int = 2,
+        label_conditioning: bool = False,
+        timestep_distribution: Literal["uniform", "logit_normal"] = "uniform",
+        learning_rate: float = 2e-3,
+        weight_decay: float = 0.0,
+        eval_seed: int = 1234,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.timestep_sampler = _timestep_sampler(timestep_distribution)
+        self.patch_embed = nn.Linear(TOKEN_DIM, width)
+        self.pos_embed = nn.Parameter(torch.randn(1, NUM_TOKENS, width) * 0.02)
+        self.time_embed = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
+        self.label_embed = nn.Embedding(10, width) if label_conditioning else None
+        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio) for _ in range(depth))
+        self.norm = nn.LayerNorm(width)
+        self.output = nn.Linear(width, TOKEN_DIM)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Predicted velocity ``[B, 1, 8, 8]`` at noisy images ``x_t`` and times ``t`` ``[B]``."""
+        condition = self.time_embed(_sinusoidal(t, self.hparams.width).to(x_t.dtype))
+        if self.label_embed is not None:
+            if labels is None:
+                raise ValueError("DigitsFlowMatching(label_conditioning=True) needs the batch's 'label'")
+            condition = condition + self.label_embed(labels)
+        condition = condition.unsqueeze(1)
+        tokens = self.patch_embed(_patchify(x_t)) + self.pos_embed
+        for block in self.blocks:
+            tokens = block(tokens, condition)
+        return _unpatchify(self.output(self.norm(tokens)))
+
+    def _labels(self, batch: dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
+        return batch.get("label") if self.label_embed is not None else None
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x0 = batch["x"]
+        t = self.timestep_sampler(x0.shape[0], x0.device)
+        noise = torch.randn_like(x0)
+        loss = denoising_loss(self, x0, t, noise, self._labels(batch))
+        self.log("train_loss", loss, prog_bar=True, batch_size=x0.shape[0])
+        return loss
+
+    def _fixed_loss(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x0 = batch["x"]
+        # Drawn on the CPU so the same seed gives the same numbers on every device.
+        generator = torch.Generator().manual_seed(self.hparams.eval_seed + batch_idx)
+        t = torch.rand(x0.shape[0], generator=generator).to(x0.device)
+        noise = torch.randn(x0.shape, generator=generator).to(device=x0.device, dtype=x0.dtype)
+        return denoising_loss(self, x0, t, noise, self._labels(batch))
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self._fixed_loss(batch, batch_idx)
+        self.log("val_loss", loss, prog_bar=True, batch_size=batch["x"].shape[0], sync_dist=True)
+        return loss
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self._fixed_loss(batch, batch_idx)
+        self.log("test_loss", loss, batch_size=batch["x"].shape[0], sync_dist=True)
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        # Read requires_grad now: LoRA injection freezes the base weights after __init__.
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("DigitsFlowMatching has no parameter with requires_grad=True to optimize.")
+        return torch.optim.AdamW(params, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
+
+    @torch.no_grad()
+    def sample(self, num_samples: int, *, steps: int = 32, labels: Optional[torch.Tensor] = None,
+               generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Generate images by Euler integration from ``t = 1`` (noise) to ``t = 0``."""
+        x = torch.randn((num_samples, 1, IMAGE, IMAGE), generator=generator).to(self.device)
+        times = torch.linspace(1.0, 0.0, steps + 1, device=self.device)
+        for t_now, t_next in zip(times[:-1], times[1:]):
+            velocity = self(x, t_now.expand(num_samples), labels)
+            x = x + (t_next - t_now) * velocity
+        return x
+
+
+@torch.no_grad()
+def held_out_denoising_loss(
+    model: DigitsFlowMatching, images: torch.Tensor, *, batch_size: int = 256, seed: Optional[int] = None,
+    labels: Optional[torch.Tensor] = None,
+) -> float:
+    """Mean denoising loss over ``images`` with fixed timesteps and noise, without a Trainer.
+
+    Uses the same per-batch seeding as :meth:`DigitsFlowMatching.validation_step` (batch ``i``
+    seeded with ``seed + i``; default ``model.hparams.eval_seed``), weighted by batch size.
+    """
+    was_training = model.training
+    model.eval()
+    base = model.hparams.eval_seed if seed is None else seed
+    total, count = 0.0, 0
+    try:
+        for index, start in enumerate(range(0, len(images), batch_size)):
+            x0 = images[start : start + batch_size].to(model.device)
+            batch = {"x": x0}
+            if labels is not None:
+                batch["label"] = labels[start : start + batch_size].to(model.device)
+            generator = torch.Generator().manual_seed(base + index)
+            t = torch.rand(x0.shape[0], generator=generator).to(x0.device)
+            noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+            loss = denoising_loss(model, x0, t, noise, model._labels(batch))
+            total += float(loss) * x0.shape[0]
+            count += x0.shape[0]
+    finally:
+        model.train(was_training)
+    return total / count
+
+
+# --------------------------------------------------------------------------------------------
+# Pretraining
+
+
+@contextlib.contextmanager
+def single_threaded() -> Iterator[None]:
+    """Run torch ops on one intra-op thread inside the block, then restore the previous count.
+
+    This model's matrices are tiny (64 wide, 16 tokens): extra threads only add synchronisation,
+    and on a busy machine their spin-waiting made a training step 20x slower in our measurements.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def pretrain_digits_flow(
+    out_path: Union[str, Path],
+    *,
+    epochs: int = 60,
+    seed: int = 0,
+    batch_size: int = 128,
+    learning_rate: float = 3e-3,
+) -> Path:
+    """Pretrain :class:`DigitsFlowMatching` (default settings) on the ``low`` half and save it.
+
+    Cached: if ``out_path`` already holds a checkpoint written with the same ``epochs``,
+    ``seed``, ``batch_size`` and ``learning_rate``, it is reused as is. The file is a
+    ``torch.save`` dict with ``state_dict``, ``hparams``, the settings, and the held-out
+    denoising loss on the low half's test split before and after training
+    (``untrained_test_loss``, ``test_loss``). Load it with :func:`load_pretrained_digits_flow`.
+
+    With the defaults (360 steps, run on one intra-op thread) this takes about 16-20 s on
+    2 CPU cores and brings the low half's held-out loss from 1.98 (untrained) to 0.61; on the
+    unseen high half (digits 5-9) the same model scores 0.66, the gap adaptation closes.
+
+    Args:
+        out_path: checkpoint file to write (parent folders are created).
+        epochs: passes over the low half's training split (721 images).
+        seed: seeds model initialisation, shuffling, timesteps and noise.
+        batch_size: training batch size.
+        learning_rate: AdamW learning rate during pretraining.
+
+    Returns:
+        ``out_path`` as a :class:`~pathlib.Path`.
+    """
+    path = Path(out_path)
+    settings = {"epochs": epochs, "seed": seed, "batch_size": batch_size, "learning_rate": learning_rate}
+    if path.is_file():
+        try:
+            cached = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # unreadable or truncated: train again
+            cached = None
+        if isinstance(cached, dict) and cached.get("settings") == settings:
+            return path
+
+    with single_threaded():
+        model, untrained, trained = _pretrain(settings)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    torch.save(
+        {
+            "state_dict": model.state_dict(),
+            "hparams": dict(model.hparams),
+            "settings": settings,
+            "untrained_test_loss": untrained,
+            "test_loss": trained,
+        },
+        temporary,
+    )
+    os.replace(temporary, path)
+    return path
+
+
+def _pretrain(settings: dict) -> tuple[DigitsFlowMatching, float, float]:
+    epochs, seed, batch_size, learning_rate = (settings[k] for k in ("epochs", "seed", "batch_size", "learning_rate"))
+    data = digits_split("low")
+    pl.seed_everything(seed, verbose=False)
+    model = DigitsFlowMatching(learning_rate=learning_rate)
+    untrained = held_out_denoising_loss(model, data.test_images)
+    train_set = [{"x": x, "label": y} for x, y in zip(data.train_images, data.train_labels)]
+    loader = torch.utils.data.DataLoader(
+        train_set, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed)
+    )
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, loader)
+    return model, untrained, held_out_denoising_loss(model, data.test_images)
+
+
+def load_pretrained_digits_flow(path: Union[str, Path], **overrides: Any) -> DigitsFlowMatching:
+    """Build a :class:`DigitsFlowMatching` from a :func:`pretrain_digits_flow` checkpoint.
+
+    Args:
+        path: the checkpoint file.
+        **overrides: hyperparameters to change that do not affect the weights' shapes, e.g.
+            ``learning_rate`` or ``timestep_distribution`` for the adaptation run.
+    """
+    checkpoint = torch.load(Path(path), map_location="cpu", weights_only=True)
+    model = DigitsFlowMatching(**{**checkpoint["hparams"], **overrides})
+    model.load_state_dict(checkpoint["state_dict"])
+    return model
