@@ -159,8 +159,8 @@ def test_loss_decreases_in_a_few_steps_with_a_real_trainer(low):
 
 
 @pytest.mark.slow
-def test_pretraining_beats_the_untrained_model_and_is_cached(tmp_path, low):
-    path = pretrain_digits_flow(tmp_path / "flow.pt")
+def test_pretraining_beats_the_untrained_model_and_is_cached(pretrained_digits_flow, low):
+    path = pretrained_digits_flow
     checkpoint = torch.load(path, weights_only=True)
     assert checkpoint["test_loss"] < 0.6 * checkpoint["untrained_test_loss"]
     model = load_pretrained_digits_flow(path)
