@@ -44,6 +44,7 @@ __all__ = [
     "held_out_denoising_loss",
     "load_pretrained_digits_flow",
     "pretrain_digits_flow",
+    "prepare_digits_example",
     "single_threaded",
     "write_digits_dataset",
 ]
@@ -57,6 +58,8 @@ PATCH = 2
 IMAGE = 8
 NUM_TOKENS = (IMAGE // PATCH) ** 2
 TOKEN_DIM = PATCH * PATCH
+#: File name of a pretrained checkpoint inside a ``checkpoint_dir``.
+CHECKPOINT_NAME = "digits_flow.pt"
 
 
 # --------------------------------------------------------------------------------------------
@@ -321,6 +324,9 @@ class DigitsFlowMatching(pl.LightningModule):
         learning_rate: AdamW learning rate.
         weight_decay: AdamW weight decay.
         eval_seed: base seed of the fixed validation / test timesteps and noise.
+        checkpoint_dir: a folder holding ``digits_flow.pt`` from :func:`pretrain_digits_flow`
+            (the command line's ``--checkpoint-dir``); its weights are loaded after building
+            the model, so the architecture arguments must match the checkpoint's.
     """
 
     def __init__(
@@ -334,6 +340,7 @@ class DigitsFlowMatching(pl.LightningModule):
         learning_rate: float = 2e-3,
         weight_decay: float = 0.0,
         eval_seed: int = 1234,
+        checkpoint_dir: Optional[str] = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -345,6 +352,22 @@ class DigitsFlowMatching(pl.LightningModule):
         self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio) for _ in range(depth))
         self.norm = nn.LayerNorm(width)
         self.output = nn.Linear(width, TOKEN_DIM)
+        if checkpoint_dir is not None:
+            self._load_pretrained(Path(checkpoint_dir) / CHECKPOINT_NAME)
+
+    def _load_pretrained(self, path: Path) -> None:
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"checkpoint_dir: {path} does not exist; write it with "
+                "lightning_fisher.examples.digits_flow.pretrain_digits_flow(path) or "
+                "`lightning-fisher demo --task digits --prepare-only`"
+            )
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        architecture = ("width", "depth", "heads", "mlp_ratio", "label_conditioning")
+        different = {k: (checkpoint["hparams"][k], self.hparams[k]) for k in architecture if checkpoint["hparams"][k] != self.hparams[k]}
+        if different:
+            raise ValueError(f"checkpoint_dir: {path} was trained with other architecture settings {different} (checkpoint, here)")
+        self.load_state_dict(checkpoint["state_dict"])
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Predicted velocity ``[B, 1, 8, 8]`` at noisy images ``x_t`` and times ``t`` ``[B]``."""
@@ -548,6 +571,25 @@ def load_pretrained_digits_flow(path: Union[str, Path], **overrides: Any) -> Dig
             ``learning_rate`` or ``timestep_distribution`` for the adaptation run.
     """
     checkpoint = torch.load(Path(path), map_location="cpu", weights_only=True)
-    model = DigitsFlowMatching(**{**checkpoint["hparams"], **overrides})
+    hparams = {k: v for k, v in checkpoint["hparams"].items() if k != "checkpoint_dir"}
+    model = DigitsFlowMatching(**{**hparams, **overrides})
     model.load_state_dict(checkpoint["state_dict"])
     return model
+
+
+def prepare_digits_example(workdir: Union[str, Path]) -> tuple[Path, Path, Path]:
+    """Write the adaptation task's folders and the pretrained model under ``workdir``.
+
+    ``workdir/train`` and ``workdir/test`` hold the high half (digits 5-9) as sample folders;
+    ``workdir/pretrained/digits_flow.pt`` is the model pretrained on the low half (0-4), to be
+    loaded with ``DigitsFlowMatching(checkpoint_dir=workdir / "pretrained")``. Idempotent.
+
+    Returns:
+        ``(train_dir, test_dir, checkpoint_dir)``.
+    """
+    workdir = Path(workdir)
+    train_dir = write_digits_dataset(workdir / "train", "high", "train")
+    test_dir = write_digits_dataset(workdir / "test", "high", "test")
+    checkpoint_dir = workdir / "pretrained"
+    pretrain_digits_flow(checkpoint_dir / CHECKPOINT_NAME)
+    return train_dir, test_dir, checkpoint_dir
