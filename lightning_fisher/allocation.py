@@ -42,8 +42,6 @@ __all__ = ["ALLOCATION_MODES", "allocate_ranks", "check_rank_settings", "flat_lo
 
 ALLOCATION_MODES = ("median", "budget")
 
-_BISECTION_STEPS = 200
-
 
 def allocate_ranks(
     scores: Mapping[str, float],
@@ -177,11 +175,8 @@ def _round_half_up(x: float) -> int:
 def _budget_scaled(
     weights: Mapping[str, float], costs: Mapping[str, int], budget: int, lo: int, hi: int
 ) -> dict[str, int]:
-    def spent(scale: float) -> float:
-        return sum(min(hi, max(lo, scale * w)) * costs[n] for n, w in weights.items())
-
-    if spent(math.inf) < budget:
-        ceiling = sum(hi * c for c in costs.values())
+    ceiling = sum(hi * c for c in costs.values())
+    if ceiling < budget:
         warnings.warn(
             f"rank budget of {budget} adapter parameters is out of reach: every kept module at "
             f"rank_max={hi} gives only {ceiling}; raise rank_max or lower exclude_threshold",
@@ -190,17 +185,43 @@ def _budget_scaled(
         )
         return {name: hi for name in weights}
 
-    # spent() is continuous and non-decreasing in the scale: bisect on it, keeping the low
-    # side so the continuous allocation never exceeds the budget.
-    low, high = 0.0, hi / min(weights.values())
-    for _ in range(_BISECTION_STEPS):
-        middle = 0.5 * (low + high)
-        if spent(middle) <= budget:
-            low = middle
-        else:
-            high = middle
-    continuous = {n: min(hi, max(lo, low * w)) for n, w in weights.items()}
+    scale = _scale_for_budget(weights, costs, budget, lo, hi)
+    continuous = {n: min(hi, max(lo, scale * w)) for n, w in weights.items()}
     return _round_within_budget(continuous, costs, budget, hi)
+
+
+def _scale_for_budget(
+    weights: Mapping[str, float], costs: Mapping[str, int], budget: int, lo: int, hi: int
+) -> float:
+    """The scale ``c`` at which ``sum(cost * clamp(c * w, lo, hi))`` equals the budget.
+
+    The spend is piecewise linear in ``c`` with breakpoints where a module leaves ``lo``
+    (``c = lo / w``) or reaches ``hi`` (``c = hi / w``): sweep the sorted breakpoints keeping
+    the spend as ``fixed + c * slope`` and solve on the segment that crosses the budget.
+    O(n log n), exact up to float rounding.
+    """
+    events = []
+    for name, w in weights.items():
+        events.append((lo / w, 0, name))  # leaves the floor: starts to grow with c
+        events.append((hi / w, 1, name))  # reaches the ceiling: stops growing
+    events.sort()
+    fixed = float(lo * sum(costs.values()))
+    slope = 0.0
+    previous = 0.0
+    for c, kind, name in events:
+        if fixed + slope * c >= budget:
+            break
+        w, cost = weights[name], costs[name]
+        if kind == 0:
+            fixed -= lo * cost
+            slope += w * cost
+        else:
+            fixed += hi * cost
+            slope -= w * cost
+        previous = c
+    if slope <= 0:  # flat where the budget is crossed: any scale there gives the same spend
+        return previous
+    return max(previous, (budget - fixed) / slope)
 
 
 def _round_within_budget(
