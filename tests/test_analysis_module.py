@@ -218,3 +218,14 @@ def test_manual_optimization_task_is_rejected():
     task.automatic_optimization = False
     with pytest.raises(FisherAnalysisError, match="manual optimization"):
         FisherAnalysisModule(task)
+
+
+def test_modules_without_gradient_are_reported_and_excluded():
+    class WithUnused(Task):
+        def __init__(self):
+            super().__init__()
+            self.unused = nn.Linear(12, 12)
+
+    with pytest.warns(UserWarning, match=r"1 candidate module\(s\) received no gradient.*unused"):
+        fmap = analyze(WithUnused(), loader(), trainer_kwargs=QUIET, **no_early_stop())
+    assert fmap.scores["unused"] == 0.0 and "unused" in fmap.excluded

@@ -29,7 +29,7 @@ from typing import Any, Literal, Optional, Union
 
 import torch
 from lightning.pytorch import Callback, LightningModule
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch import nn
 
 from lightning_fisher.accumulator import FisherAccumulator
@@ -244,6 +244,14 @@ class FisherAnalysisModule(LightningModule):
             self.stop_reason = StopReason.DATA_EXHAUSTED
         self.fisher_map = self.build_map()
         self._log_scores(self.fisher_map)
+        silent = [name for name, score in self.fisher_map.scores.items() if score == 0.0]
+        if silent:
+            rank_zero_warn(
+                f"{len(silent)} candidate module(s) received no gradient during the analysis and get no adapter: "
+                f"{', '.join(silent[:5])}{', ...' if len(silent) > 5 else ''}. Either the loss does not use them, "
+                "or their forward is never called (nn.MultiheadAttention applies out_proj's weights directly); "
+                "exclude them from the candidates if that is expected"
+            )
 
     def build_map(self) -> FisherMap:
         """The map from the statistics gathered so far (all processes)."""
