@@ -269,3 +269,14 @@ def test_dora_and_loha_from_the_map(fisher_map):
     task = Task(lr=1e-5)
     fit(task, AdaptiveLoRA(fisher_map=fisher_map, adapter_root="model", adapter="loha"))
     assert adapter_ranks(task.model) == {n[len("model."):]: r for n, r in fisher_map.ranks.items()}
+
+
+def test_flat_lora_follows_the_alpha_policy(fisher_map):
+    task = Task()
+    fit(task, AdaptiveLoRA(fisher_map=fisher_map, ignore_fisher_map=True, adapter_root="model"))
+    # the ignored map's base rank and scaling (alpha = 2r: scaling 2), like the map's own modules
+    assert {m.scaling["default"] for m in task.model.modules() if hasattr(m, "scaling")} == {2.0}
+    assert set(adapter_ranks(task.model).values()) == {fisher_map.budget.rank}
+    plain = Task()
+    fit(plain, AdaptiveLoRA(adapter_root="model", lora_kwargs={"r": 16}))
+    assert {m.scaling["default"] for m in plain.model.modules() if hasattr(m, "scaling")} == {2.0}

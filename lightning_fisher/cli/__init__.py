@@ -5,6 +5,7 @@ Subcommands:
 - ``analyze``: Fisher analysis of a model on a dataset folder; writes ``fisher_map.json``.
 - ``fit`` / ``validate`` / ``test``: LightningCLI training with the map applied at fit start.
 - ``show``: a readable table (and optionally a heatmap) of a map.
+- ``compare``: does the map pay off on your data? Flat vs map fits, side by side.
 - ``wizard``: the analysis choices as questions; saves a config ``analyze`` accepts.
 - ``demo``: the whole workflow on a real model and real data.
 """
@@ -18,7 +19,7 @@ from typing import Callable, Optional
 
 __all__ = ["main"]
 
-USAGE = """usage: lightning-fisher {analyze,fit,validate,test,show,wizard,demo} [options]
+USAGE = """usage: lightning-fisher {analyze,fit,validate,test,show,compare,wizard,demo} [options]
 
 Fisher-guided LoRA placement and ranks for PyTorch Lightning and PEFT.
 
@@ -28,6 +29,7 @@ subcommands:
   validate   LightningCLI validate, with the same adapters
   test       LightningCLI test, with the same adapters
   show       print a map as a table (--plot writes a heatmap)
+  compare    short fits of flat LoRA vs the map at equal (and smaller) budgets, on the same seeds
   wizard     answer questions instead of writing a config; saves the YAML and runs analyze
   demo       analyse and fine-tune the real all-MiniLM-L6-v2 on real drug reviews (CPU, minutes)
 
@@ -56,6 +58,12 @@ def _show(argv: list[str]) -> int:
     return run_show(argv)
 
 
+def _compare(argv: list[str]) -> int:
+    from lightning_fisher.cli.compare import run_compare
+
+    return run_compare(argv)
+
+
 def _wizard(argv: list[str]) -> int:
     from lightning_fisher.cli.wizard import run_wizard
 
@@ -76,6 +84,7 @@ SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {
     "show": _show,
     "demo": _demo,
     "wizard": _wizard,
+    "compare": _compare,
 }
 
 

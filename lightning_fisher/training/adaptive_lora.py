@@ -134,11 +134,14 @@ class AdaptiveLoRA(Callback):
         if adapter_ranks(root, self.adapter_name):
             return  # already injected (e.g. test after fit in the same process)
         fisher_map = self.find_map(trainer)
-        flat_rank = 8
+        flat_rank, flat_alpha = 8, None
         if fisher_map is None and self.ignore_fisher_map:
-            # Flat training instead of an existing map: compare like with like, at its base rank.
+            # Flat training instead of an existing map: compare like with like, at its base
+            # rank and with its alpha policy (the same scaling as the map's modules).
             ignored = self._find_ignored_map(trainer)
-            flat_rank = ignored.budget.rank if ignored is not None else flat_rank
+            if ignored is not None:
+                flat_rank = ignored.budget.rank
+                flat_alpha = ignored.alpha.alpha_for(flat_rank, flat_rank)
         if fisher_map is not None:
             self._check_model(fisher_map, pl_module)
             self._check_fragile(fisher_map)
@@ -147,7 +150,7 @@ class AdaptiveLoRA(Callback):
             )
             self.config = self.plan.config
         else:
-            self.config = self._flat_config(root, flat_rank)
+            self.config = self._flat_config(root, flat_rank, flat_alpha)
         peft.inject_adapter_in_model(self.config, root, adapter_name=self.adapter_name)
         if fisher_map is not None:
             verify_adapter_ranks(root, fisher_map, adapter_name=self.adapter_name, adapter_root=self.adapter_root)
@@ -166,11 +169,15 @@ class AdaptiveLoRA(Callback):
         finally:
             self.ignore_fisher_map = True
 
-    def _flat_config(self, root: nn.Module, default_rank: int):
+    def _flat_config(self, root: nn.Module, default_rank: int, default_alpha: Optional[float]):
         options = dict(self.lora_kwargs)
         if "target_modules" not in options:
             options["target_modules"] = exact_target_regex(select_candidates(root))
         options.setdefault("r", default_rank)
+        # The library's alpha policy also without a map: alpha = 2r, i.e. scaling 2 (PEFT's own
+        # default, alpha 8, would scale rank 64 by 1/8).
+        alpha_option = "lora_alpha" if self.adapter == "lora" else "alpha"
+        options.setdefault(alpha_option, default_alpha if default_alpha is not None else 2.0 * options["r"])
         return ADAPTER_CONFIGS[self.adapter](**options)
 
     def _check_model(self, fisher_map: FisherMap, pl_module: pl.LightningModule) -> None:

@@ -52,6 +52,8 @@ class TensorDirectoryDataModule(pl.LightningDataModule):
         seed: seed of the validation split and of the training order. Under DDP, Lightning
             replaces the sampler with a ``DistributedSampler`` whose order follows
             ``seed_everything`` instead.
+        shuffle_seed: seed of the training order alone, when it should vary while the
+            validation split stays put (e.g. one run per seed); default ``seed``.
         drop_last: drop the last, incomplete training batch.
         validate: how much to check when the datasets are built: ``"none"``, ``"keys"`` (key
             sets of every ``.safetensors`` header and of the first ``.pt`` file) or ``"full"``
@@ -74,6 +76,7 @@ class TensorDirectoryDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         shuffle: bool = True,
         seed: int = 0,
+        shuffle_seed: Optional[int] = None,
         drop_last: bool = False,
         validate: Literal["none", "keys", "full"] = "keys",
     ) -> None:
@@ -81,6 +84,8 @@ class TensorDirectoryDataModule(pl.LightningDataModule):
         _check_int("batch_size", batch_size, minimum=1)
         _check_int("num_workers", num_workers, minimum=0)
         _check_int("seed", seed)
+        if shuffle_seed is not None:
+            _check_int("shuffle_seed", shuffle_seed)
         is_number = isinstance(val_fraction, (int, float)) and not isinstance(val_fraction, bool)
         if not is_number or not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be a number in [0, 1), got {val_fraction!r}")
@@ -100,6 +105,7 @@ class TensorDirectoryDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.shuffle = shuffle
         self.seed = seed
+        self.shuffle_seed = shuffle_seed
         self.drop_last = drop_last
         self.validate = validate
 
@@ -174,10 +180,10 @@ class TensorDirectoryDataModule(pl.LightningDataModule):
     # -- loaders ---------------------------------------------------------------------------
 
     def train_dataloader(self) -> DataLoader:
-        """Training batches, shuffled from ``seed`` when ``shuffle`` is true."""
+        """Training batches, shuffled from ``shuffle_seed`` (default ``seed``) when ``shuffle`` is true."""
         dataset = self._require("train_dataset", "fit")
         # A fresh generator per call: the same seed gives the same order on every run.
-        generator = torch.Generator().manual_seed(self.seed)
+        generator = torch.Generator().manual_seed(self.seed if self.shuffle_seed is None else self.shuffle_seed)
         return self._loader(dataset, shuffle=self.shuffle, drop_last=self.drop_last, generator=generator)
 
     def val_dataloader(self) -> Union[DataLoader, list]:

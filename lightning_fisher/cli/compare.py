@@ -1,0 +1,230 @@
+"""``lightning-fisher compare``: does the map help on my data? Flat LoRA versus the map, same budget, same seeds.
+
+Takes exactly the ``--config fit.yaml`` and flags of ``lightning-fisher fit`` (it is the same
+:class:`~lightning_fisher.cli.lightning_clis.TrainCLI` parser), plus ``--budgets``, ``--seeds``,
+``--max_steps`` and ``--output``. The config is parsed once and instantiated anew for every
+run; :mod:`lightning_fisher.training.compare` does the rest. What compare changes so that the
+runs are short probes that leave no files behind (no checkpoints, logger or export; validation
+data where there is none) is printed under the table.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import shutil
+import tempfile
+from typing import Any, Optional, Union
+
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.callbacks import DeviceStatsMonitor, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+
+from lightning_fisher.cli.arguments import normalize_flags
+from lightning_fisher.cli.lightning_clis import TrainCLI, _args_from_caller
+from lightning_fisher.errors import FisherMapNotFoundError
+from lightning_fisher.fisher_map import FisherMap, resolve_map_path
+from lightning_fisher.training.compare import CompareError, CompareResult, compare_fisher_map
+from lightning_fisher.training.datamodule import TensorDirectoryDataModule
+
+__all__ = ["CompareCLI", "build_compare_cli", "run_compare"]
+
+#: Validation share held out of the training folder when the datamodule has no validation data.
+DEFAULT_VAL_FRACTION = 0.2
+
+# Callbacks that write files or need a logger; compare runs have neither.
+_DROPPED_CALLBACKS = (ModelCheckpoint, LearningRateMonitor, DeviceStatsMonitor)
+
+
+class CompareCLI(TrainCLI):
+    """The ``fit`` parser plus compare's options; classes are instantiated per run by :meth:`new_run`."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        super().add_arguments_to_parser(parser)
+        add = parser.add_argument
+        add(
+            "--budgets",
+            type=Union[list[float], float, str],
+            default="1.0",
+            help="Rank budgets of the fisher arms as fractions of the map's rank, comma-separated "
+            "(e.g. 1.0,0.5); 1.0 always runs.",
+        )
+        add("--seeds", type=Union[list[int], int, str], default="0,1,2", help="Seeds, comma-separated; every arm runs once per seed.")
+        add("--max_steps", type=Optional[int], default=None, help="Train every run for this many steps (default: the config's epochs).")
+        add("--output", type=Optional[str], default=None, help="Write the raw per-run results to this JSON file.")
+
+    def before_instantiate_classes(self) -> None:
+        # Fail on bad options before any model is built.
+        self.budgets = parse_list(self.config.budgets, float, "--budgets")
+        self.seeds = parse_list(self.config.seeds, int, "--seeds")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise CompareError(f"--seeds: each seed once, got {self.seeds}")
+        max_steps = self.config.max_steps
+        if max_steps is not None and max_steps < 1:
+            raise CompareError(f"--max_steps: must be a positive number of steps, got {max_steps}")
+
+    def instantiate_classes(self) -> None:
+        """Nothing yet: every run instantiates its own model, datamodule and trainer (:meth:`new_run`)."""
+
+    def new_run(self) -> tuple[LightningModule, Optional[LightningDataModule], Any]:
+        """Fresh model, datamodule and trainer from the parsed config."""
+        LightningCLI.instantiate_classes(self)
+        return self.model, self.datamodule, self.trainer
+
+
+def parse_list(value: Any, cast: type, option: str) -> list:
+    """``"1.0,0.5"``, ``0.5`` or ``[1.0, 0.5]`` -> ``[1.0, 0.5]``; a message naming ``option`` otherwise."""
+    items = value.split(",") if isinstance(value, str) else value if isinstance(value, (list, tuple)) else [value]
+    parsed = []
+    for item in items:
+        text = str(item).strip()
+        if not text:
+            continue
+        try:
+            number = cast(text) if cast is int else float(text)
+        except ValueError:
+            kind = "integers" if cast is int else "numbers"
+            raise CompareError(f"{option}: expected comma-separated {kind}, got {value!r}") from None
+        if cast is float and not (math.isfinite(number) and number > 0):
+            raise CompareError(f"{option}: each must be a positive fraction, got {text}")
+        parsed.append(number)
+    if not parsed:
+        raise CompareError(f"{option}: give at least one value")
+    return parsed
+
+
+def build_compare_cli(argv: list[str]) -> CompareCLI:
+    """Parse ``compare`` arguments (the ``fit`` ones plus compare's); nothing is instantiated."""
+    with _args_from_caller():
+        return CompareCLI(
+            LightningModule,
+            LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            run=False,
+            save_config_callback=None,
+            args=normalize_flags(argv),
+            parser_kwargs={
+                "prog": "lightning-fisher compare",
+                "description": "Short fits with flat LoRA and with the fisher map at the same parameter budget "
+                "(and smaller ones), on the same seeds; prints validation loss and metrics side by side.",
+            },
+        )
+
+
+def _import(class_path: str) -> Optional[type]:
+    module, _, name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+
+
+def find_fisher_map(config) -> FisherMap:
+    """The map ``fit`` would apply: ``adaptive_lora.fisher_map``, ``adaptive_lora.dataset_dir``, the data's ``dataset_dir``."""
+    adaptive = config.adaptive_lora
+    if adaptive.fisher_map is not None:
+        return FisherMap.load(adaptive.fisher_map)
+    data = config.get("data")
+    init_args = data.get("init_args") if data is not None and hasattr(data, "get") else None
+    folder = adaptive.dataset_dir or (init_args.get("dataset_dir") if init_args is not None else None) or config.dataset_dir
+    if folder is None:
+        raise CompareError(
+            "no fisher map to compare: give the dataset folder (--dataset_dir) that holds fisher_map.json, or "
+            "--adaptive_lora.fisher_map PATH"
+        )
+    file = resolve_map_path(folder)
+    if not file.is_file():
+        raise FisherMapNotFoundError(
+            f"{file}: no fisher map here, and compare needs one: run lightning-fisher analyze first "
+            f"(e.g. lightning-fisher analyze --model ... --dataset-dir {folder}), or pass --adaptive_lora.fisher_map PATH",
+            path=file,
+        )
+    return FisherMap.load(file)
+
+
+def prepare_config(config, scratch_dir: str) -> list[str]:
+    """Turn the fit config into short probe runs in place; returns what changed, for the user.
+
+    No checkpoints, logger, config file or adapter export; files anything else writes under the
+    trainer's root go to ``scratch_dir``; validation data where the datamodule has none.
+    """
+    notes = []
+    trainer = config.trainer
+    trainer.enable_checkpointing = False
+    trainer.logger = False
+    trainer.default_root_dir = scratch_dir
+    callbacks = trainer.callbacks
+    if callbacks is not None:
+        callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+        kept = []
+        for callback in callbacks:
+            class_path = callback.get("class_path") if hasattr(callback, "get") else None
+            cls = _import(class_path) if class_path else type(callback)
+            if isinstance(cls, type) and issubclass(cls, _DROPPED_CALLBACKS):
+                notes.append(f"trainer callback {cls.__name__} left out (compare writes no checkpoints or logs)")
+            else:
+                kept.append(callback)
+        trainer.callbacks = kept
+    if trainer.devices in (None, "auto"):
+        trainer.devices = 1  # fits run one after another; "auto" would start DDP on a multi-GPU machine
+    if config.max_steps is not None:
+        trainer.max_steps = config.max_steps
+        trainer.max_epochs = -1  # the step count alone decides the length
+    adaptive = config.adaptive_lora
+    if adaptive.export_dir is not None:
+        notes.append(f"adaptive_lora.export_dir ({adaptive.export_dir}) not written: compare runs are probes")
+    adaptive.export_dir = None
+    if adaptive.ignore_fisher_map:
+        notes.append("ignore_fisher_map: has no effect here, compare runs flat LoRA and the map alike")
+        adaptive.ignore_fisher_map = False
+
+    data = config.get("data")
+    if data is not None and hasattr(data, "get") and data.get("class_path"):
+        cls = _import(data.class_path)
+        init_args = data.init_args
+        if (
+            isinstance(cls, type)
+            and issubclass(cls, TensorDirectoryDataModule)
+            and init_args.get("val_dir") is None
+            and not init_args.get("val_fraction")
+        ):
+            init_args.val_fraction = DEFAULT_VAL_FRACTION
+            notes.append(
+                f"no validation data in the config: {DEFAULT_VAL_FRACTION:.0%} of the training folder is held out "
+                f"(data.init_args.val_fraction={DEFAULT_VAL_FRACTION}, split seed {init_args.get('seed', 0)}); "
+                "set val_dir or val_fraction to choose"
+            )
+    return notes
+
+
+def run_compare(argv: list[str]) -> int:
+    """``lightning-fisher compare [fit options] [--budgets 1.0,0.5] [--seeds 0,1,2] [--max_steps N] [--output F]``."""
+    cli = build_compare_cli(argv)
+    config = cli.config
+    fisher_map = find_fisher_map(config)
+    scratch = tempfile.mkdtemp(prefix="lightning-fisher-compare-")
+    try:
+        notes = prepare_config(config, scratch)
+        result: CompareResult = compare_fisher_map(
+            cli.new_run,
+            fisher_map,
+            budgets=cli.budgets,
+            seeds=cli.seeds,
+            output=config.output,
+            notes=notes,
+        )
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    where = f" {result.fisher_map_path}" if result.fisher_map_path else ""
+    steps = sorted({run.steps for run in result.runs})
+    print(
+        f"\nfisher map{where} vs flat LoRA at rank {fisher_map.budget.rank}: {len(result.seeds)} seed(s), "
+        f"{'/'.join(map(str, steps))} steps per run\n"
+    )
+    print(result)
+    if result.notes:
+        print("\nnotes:\n" + "\n".join(f"  - {note}" for note in result.notes))
+    if config.output:
+        print(f"\nper-run results written to {config.output}")
+    return 0
