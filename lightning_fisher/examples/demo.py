@@ -96,6 +96,26 @@ class DemoResult:
     fit_seconds: float
 
 
+QUIET = dict(accelerator="cpu", devices=1, enable_progress_bar=False)
+
+
+def _analysis(settings: DemoSettings, model: pl.LightningModule, train_dir: Path, **options) -> FisherMap:
+    """The demo's analysis: the settings' rank budget, seeded, on the training folder."""
+    return analyze(
+        model,
+        TensorDirectoryDataModule(train_dir, batch_size=settings.batch_size, seed=settings.seed),
+        rank=settings.rank,
+        rank_min=settings.rank_min,
+        rank_max=settings.rank_max,
+        rank_mode=settings.rank_mode,
+        max_batches=settings.analysis_max_batches,
+        min_batches=min(5, settings.analysis_max_batches),
+        seed=settings.seed,
+        trainer_kwargs=QUIET,
+        **options,
+    )
+
+
 def prepare_demo_data(settings: DemoSettings, echo: Callable[[str], None] = print) -> dict[str, Path]:
     """Write the task's dataset folders (and, for digits, the pretrained model) under ``workdir``."""
     workdir = Path(settings.workdir)
@@ -134,19 +154,7 @@ def run_demo_pipeline(settings: DemoSettings = DemoSettings(), echo: Callable[[s
 
     echo("\n[1/3] Fisher analysis of all-MiniLM-L6-v2 on the training reviews")
     started = time.perf_counter()
-    fisher_map = analyze(
-        model(),
-        TensorDirectoryDataModule(train_dir, batch_size=settings.batch_size, seed=settings.seed),
-        exclude=["head"],  # the new head is trained fully, not through an adapter
-        rank=settings.rank,
-        rank_min=settings.rank_min,
-        rank_max=settings.rank_max,
-        rank_mode=settings.rank_mode,
-        max_batches=settings.analysis_max_batches,
-        min_batches=min(5, settings.analysis_max_batches),
-        seed=settings.seed,
-        trainer_kwargs=dict(accelerator="cpu", devices=1, enable_progress_bar=False),
-    )
+    fisher_map = _analysis(settings, model(), train_dir, exclude=["head"])  # the new head is trained fully
     analysis_seconds = time.perf_counter() - started
     a = fisher_map.analysis
     echo(f"map written to {fisher_map.path}")
@@ -202,23 +210,11 @@ def _digits_demo(settings: DemoSettings, echo: Callable[[str], None]) -> DemoRes
         pl.seed_everything(settings.seed, verbose=False)
         return DigitsFlowMatching(checkpoint_dir=str(folders["checkpoint_dir"]))
 
-    quiet = dict(accelerator="cpu", devices=1, enable_progress_bar=False)
+    quiet = QUIET
     with single_threaded():  # a 64-wide model: more threads only add synchronisation
         echo(f"\n[1/3] Fisher analysis, timestep focus {settings.timestep_focus}")
         started = time.perf_counter()
-        fisher_map = analyze(
-            model(),
-            TensorDirectoryDataModule(folders["train"], batch_size=settings.batch_size, seed=settings.seed),
-            timestep_focus=settings.timestep_focus,
-            rank=settings.rank,
-            rank_min=settings.rank_min,
-            rank_max=settings.rank_max,
-            rank_mode=settings.rank_mode,
-            max_batches=settings.analysis_max_batches,
-            min_batches=min(5, settings.analysis_max_batches),
-            seed=settings.seed,
-            trainer_kwargs=quiet,
-        )
+        fisher_map = _analysis(settings, model(), folders["train"], timestep_focus=settings.timestep_focus)
         analysis_seconds = time.perf_counter() - started
         a = fisher_map.analysis
         echo(f"map written to {fisher_map.path}")
