@@ -14,9 +14,11 @@ divided by the plain step's time in the same round:
   ``FisherAnalysisModule`` runs it: frozen weights, collector hooks, exact per-sample norms for
   all 37 Linear modules, accumulator update.
 
-Peak memory: each variant runs once more in a fresh subprocess that resets the kernel's
-high-water mark (``/proc/self/clear_refs``) just before the step and reads ``VmHWM`` after it;
-reported is the step's peak above the resident size before it.
+Peak memory: each variant runs again in a fresh subprocess in which every tensor above 64 KB
+gets its own memory mapping (``MALLOC_MMAP_THRESHOLD_``), so the resident size follows the
+live tensors; after a warm-up step the kernel's high-water mark is reset
+(``/proc/self/clear_refs``) and ``VmHWM`` read after one more step: reported is that step's
+peak above the resident size before it.
 
 Run:  python benchmarks/analysis_speed.py [--rounds 11] [--json benchmarks/results/analysis_speed.json]
 """
@@ -24,6 +26,7 @@ Run:  python benchmarks/analysis_speed.py [--rounds 11] [--json benchmarks/resul
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import platform
@@ -135,7 +138,10 @@ def measure_memory(variant: str) -> dict:
     model = load_model()
     batch = load_batch()
     runner = Runner(model, batch)
-    getattr(runner, variant)()  # warm-up: allocator pools and lazy initialisations
+    getattr(runner, variant)()  # warm-up: lazy initialisations
+    # The parent runs this with MALLOC_MMAP_THRESHOLD_ set, so tensors live in their own
+    # mappings and freed ones leave the resident set at once; trim what the heap still holds.
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as handle:
         handle.write("5")  # reset the high-water mark to the current resident size
     before = _status_kb("VmRSS")
@@ -185,7 +191,11 @@ def main() -> None:
         peaks = []
         for _ in range(args.memory_repeats):
             out = subprocess.run(
-                [sys.executable, __file__, "--measure-memory", variant], capture_output=True, text=True, check=True
+                [sys.executable, __file__, "--measure-memory", variant],
+                capture_output=True,
+                text=True,
+                check=True,
+                env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"},
             )
             peaks.append(json.loads(out.stdout.strip().splitlines()[-1])["peak_above_before_mb"])
         results["memory"][variant] = statistics.median(peaks)

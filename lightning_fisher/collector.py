@@ -67,7 +67,7 @@ from torch import nn
 from lightning_fisher.candidates import SUPPORTED_TYPE_NAMES, module_type_name, select_candidates
 from lightning_fisher.errors import CandidateSelectionError, FisherAnalysisError
 
-__all__ = ["BatchRecord", "FisherCollector", "embedding_sq_norms", "linear_sq_norms"]
+__all__ = ["BatchRecord", "FisherCollector", "embedding_sq_norms", "input_gram", "linear_sq_norms", "uses_ghost"]
 
 LossReduction = Literal["mean", "sum"]
 NormStrategy = Literal["auto", "ghost", "materialize"]
@@ -90,15 +90,20 @@ def _sample_chunks(batch: int, per_sample: int) -> Iterator[slice]:
         yield slice(start, min(batch, start + step))
 
 
-def _ghost_sq(a: torch.Tensor, g: torch.Tensor, bias: bool) -> torch.Tensor:
+def input_gram(a: torch.Tensor) -> torch.Tensor:
+    """``[B, T, T]`` Gram matrices ``a_t . a_s`` of each sample's tokens (the ghost norm's input half)."""
+    return torch.bmm(a, a.transpose(1, 2))
+
+
+def _ghost_sq(a: torch.Tensor, g: torch.Tensor, bias: bool, gram: Optional[torch.Tensor] = None) -> torch.Tensor:
     # The bias acts like a constant input feature 1, so with a bias the Gram matrix of the
     # inputs gains +1 everywhere: sum_{t,s} (a_t.a_s + 1)(g_t.g_s) covers weight and bias.
     t = a.shape[1]
     out = []
     for c in _sample_chunks(a.shape[0], t * t):
-        aa = torch.bmm(a[c], a[c].transpose(1, 2))
+        aa = input_gram(a[c]) if gram is None else gram[c]
         if bias:
-            aa.add_(1.0)
+            aa = aa + 1.0
         gg = torch.bmm(g[c], g[c].transpose(1, 2))
         out.append(torch.einsum("bij,bij->b", aa, gg))
     return torch.cat(out) if len(out) > 1 else out[0]
@@ -113,8 +118,22 @@ def _materialized_weight_sq(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return torch.cat(out)
 
 
+def uses_ghost(strategy: NormStrategy, tokens: int, d_in: int, d_out: int) -> bool:
+    """Whether a linear layer's norm is computed from Gram matrices (else per-sample gradients).
+
+    ``auto`` compares the costs: ``B T^2 (d_in + d_out)`` for the Gram matrices against
+    ``B T d_in d_out`` for materialised per-sample gradients.
+    """
+    return tokens > 1 and (strategy == "ghost" or (strategy == "auto" and tokens * (d_in + d_out) < d_in * d_out))
+
+
 def linear_sq_norms(
-    a: torch.Tensor, g: torch.Tensor, *, bias: bool, strategy: NormStrategy = "auto"
+    a: torch.Tensor,
+    g: torch.Tensor,
+    *,
+    bias: bool,
+    strategy: NormStrategy = "auto",
+    gram: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Per-sample squared norm of a linear layer's weight (+ bias) gradient.
 
@@ -123,15 +142,17 @@ def linear_sq_norms(
         g: ``[B, T, d_out]`` gradients of the outputs.
         bias: whether to add the bias gradient's squared norm.
         strategy: ``ghost``, ``materialize`` or ``auto`` (cheaper of the two for these sizes).
+        gram: ``input_gram(a)`` when already known (layers that share an input, such as an
+            attention block's query, key and value, share it too).
 
     Returns:
         ``[B]`` squared norms (unscaled, unnormalised).
     """
     t, d_in, d_out = a.shape[1], a.shape[2], g.shape[2]
+    if uses_ghost(strategy, t, d_in, d_out):
+        return _ghost_sq(a, g, bias, gram)
     if t == 1:
         sq = a.square().sum(dim=(1, 2)) * g.square().sum(dim=(1, 2))
-    elif strategy == "ghost" or (strategy == "auto" and t * (d_in + d_out) < d_in * d_out):
-        return _ghost_sq(a, g, bias)
     else:
         sq = _materialized_weight_sq(a, g)
     if bias:
@@ -212,10 +233,28 @@ class _BatchState:
         self.captured: set[int] = set()
         self.grad_any = False
         self.seen_in_backward: set[int] = set()
+        self._grams: dict[tuple, torch.Tensor] = {}
+
+    def input_gram(self, a: torch.Tensor) -> Optional[torch.Tensor]:
+        """``input_gram(a)``, computed once per batch for modules that read the same tensor.
+
+        An attention block's query, key and value read one hidden-state tensor: the cache key
+        is its memory and layout. Every input looked up here was captured during the forward
+        pass, when all captured inputs were alive together, so equal keys mean the same data
+        (the version counter catches in-place changes). ``None`` when too large to keep.
+        """
+        if a.shape[0] * a.shape[1] * a.shape[1] > _CHUNK_ELEMENTS:
+            return None  # too large to keep: computed chunk by chunk instead
+        key = (a.data_ptr(), tuple(a.shape), tuple(a.stride()), a.dtype, a._version)
+        gram = self._grams.get(key)
+        if gram is None:
+            gram = self._grams[key] = input_gram(a)
+        return gram
 
     def close(self) -> None:
         self.open = False
         self.modules = []
+        self._grams = {}
 
 
 class BatchRecord:
@@ -513,12 +552,13 @@ class FisherCollector:
                 f"per-sample norm cannot be computed; remove the in-place op or exclude it (exclude=[{name!r}])"
             )
         if grads:
-            sq = self._sq_norms(index, inputs, grads, state.batch_size)
+            sq = self._sq_norms(state, index, inputs, grads)
             mod.sq = sq if mod.sq is None else mod.sq + sq
 
     def _sq_norms(
-        self, index: int, inputs: list[torch.Tensor], grads: list[torch.Tensor], batch: int
+        self, state: _BatchState, index: int, inputs: list[torch.Tensor], grads: list[torch.Tensor]
     ) -> torch.Tensor:
+        batch = state.batch_size
         # Calls of a shared module are concatenated along the token axis: the per-sample
         # gradient is the sum over every token of every call, squared after summing.
         module = self._modules[index]
@@ -534,7 +574,10 @@ class FisherCollector:
                 strategy=self.norm_strategy,
             )
         a = _tokens([x.reshape(batch, -1, x.shape[-1]).to(dtype) for x in inputs])
-        return linear_sq_norms(a, g, bias=module.bias is not None, strategy=self.norm_strategy)
+        gram = None
+        if len(inputs) == 1 and uses_ghost(self.norm_strategy, a.shape[1], a.shape[2], g.shape[2]):
+            gram = state.input_gram(a)
+        return linear_sq_norms(a, g, bias=module.bias is not None, strategy=self.norm_strategy, gram=gram)
 
 
 def _tokens(parts: list[torch.Tensor]) -> torch.Tensor:

@@ -494,3 +494,40 @@ def test_same_module_under_two_names_is_rejected() -> None:
     model = tiny_model()
     with pytest.raises(CandidateSelectionError, match="more than once"):
         FisherCollector(model, {"fc1": model.fc1, "alias": model.fc1})
+
+
+class SharedInput(nn.Module):
+    """Query, key and value read one tensor, as in attention: their input Gram matrix is shared."""
+
+    def __init__(self, width: int = 32) -> None:
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(width, width), nn.Linear(width, width, bias=False), nn.Linear(width, width)
+        self.out = nn.Linear(width, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        attention = torch.softmax(self.q(x) @ self.k(x).transpose(1, 2), dim=-1)
+        return self.out(attention @ self.v(x)).mean(dim=(1, 2))
+
+
+@pytest.mark.parametrize("strategy", ["ghost", "auto"])
+def test_modules_reading_one_tensor_share_its_gram_exactly(strategy: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import lightning_fisher.collector as collector_module
+
+    grams = []
+    original = collector_module.input_gram
+    monkeypatch.setattr(collector_module, "input_gram", lambda a: grams.append(a.shape) or original(a))
+    torch.manual_seed(0)
+    model = SharedInput().double().requires_grad_(False)
+    x = torch.randn(3, 5, 32, dtype=torch.float64)  # 5 tokens < 32 * 32 / 64: auto picks ghost too
+    collector = FisherCollector(model, norm_strategy=strategy)
+    with collector, collector.batch() as record:
+        model(x).square().mean().backward()
+    assert len(grams) == 2  # one for q, k and v together, one for out
+    for m, name in enumerate(collector.names):
+        module = getattr(model, name)
+        params = [p for p in (module.weight, module.bias) if p is not None]
+        for i in range(3):
+            trainable = copy.deepcopy(model).requires_grad_(True)
+            grads = torch.autograd.grad(trainable(x[i : i + 1]).square().sum(), [getattr(trainable, name).weight] + ([getattr(trainable, name).bias] if module.bias is not None else []))
+            expected = sum(g.square().sum() for g in grads) / sum(p.numel() for p in params)
+            assert float(record.values[m, i]) == pytest.approx(float(expected), rel=1e-10), (name, i)
