@@ -118,6 +118,11 @@ def plan_from_fisher_map(
     """
     if adapter not in ADAPTER_CONFIGS:
         raise ValueError(f"adapter: must be one of {', '.join(ADAPTER_CONFIGS)}, got {adapter!r}")
+    if options.get("init_lora_weights") == "eva":
+        raise ValueError(
+            "init_lora_weights='eva': PEFT's EVA initialisation redistributes ranks itself, under the names of "
+            "its PeftModel, so the map's per-module ranks would not apply; use EVA or a fisher map, not both"
+        )
     fmap = _load(fisher_map)
     alpha_option = "lora_alpha" if adapter == "lora" else "alpha"
     overridden = {key: options.pop(key) for key in _MAP_OWNED if key in options}

@@ -229,3 +229,19 @@ def test_modules_without_gradient_are_reported_and_excluded():
     with pytest.warns(UserWarning, match=r"1 candidate module\(s\) received no gradient.*unused"):
         fmap = analyze(WithUnused(), loader(), trainer_kwargs=QUIET, **no_early_stop())
     assert fmap.scores["unused"] == 0.0 and "unused" in fmap.excluded
+
+
+def test_analysis_leaves_the_callers_random_streams_alone():
+    import random
+
+    import numpy as np
+
+    def draws():
+        return torch.rand(3).tolist(), random.random(), float(np.random.rand())
+
+    task, data = Task(), loader(shuffle=True)
+    torch.manual_seed(5), random.seed(5), np.random.seed(5)
+    expected = draws()
+    torch.manual_seed(5), random.seed(5), np.random.seed(5)
+    analyze(task, data, seed=123, trainer_kwargs=QUIET, convergence_patience=2, min_batches=2)
+    assert draws() == expected

@@ -197,3 +197,9 @@ def test_real_minilm_encoder(minilm_path):
         verify_adapter_ranks(tuned, fmap)
         trainable = sum(p.numel() for n, p in root.named_parameters() if "lora_" in n)
         assert trainable == fmap.budget.lora_parameters
+
+
+def test_eva_initialisation_is_refused(colliding):
+    _, fmap = colliding
+    with pytest.raises(ValueError, match="EVA"):
+        lora_config_from_fisher_map(fmap, init_lora_weights="eva")

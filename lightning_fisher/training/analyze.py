@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import random
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import lightning.pytorch as pl
+import numpy as np
+import torch
 from torch.utils.data import DataLoader
 
 from lightning_fisher.errors import DatasetFolderError, FisherMapWriteError
@@ -146,30 +150,55 @@ def analyze(
     destination = map_destination(data, dataset_dir, output)
     if destination is not None:
         _check_writable(destination)
-    if seed is not None:
-        pl.seed_everything(seed, workers=True, verbose=False)
-    stability = FisherStability(
-        patience=convergence_patience, threshold=stability_threshold, min_batches=min_batches, max_batches=max_batches
-    )
-    module = FisherAnalysisModule(
-        task,
-        include=include,
-        exclude=exclude,
-        module_types=module_types,
-        rank=rank,
-        rank_min=rank_min,
-        rank_max=rank_max,
-        rank_mode=rank_mode,
-        score_power=score_power,
-        exclude_threshold=exclude_threshold,
-        lora_alpha=lora_alpha,
-        use_rslora=use_rslora,
-        timestep_focus=timestep_focus,
-        loss_reduction=loss_reduction,
-        train_mode=train_mode,
-        seed=seed,
-        dataset=_dataset_record(dataset_dir if dataset_dir is not None else getattr(data, "dataset_dir", None)),
-    )
+    with _random_state_kept():
+        if seed is not None:
+            pl.seed_everything(seed, workers=True, verbose=False)
+        fisher_map, trainer = _run_analysis(
+            task, data, trainer=trainer, trainer_kwargs=trainer_kwargs, max_epochs=max_epochs,
+            stability=FisherStability(
+                patience=convergence_patience, threshold=stability_threshold, min_batches=min_batches,
+                max_batches=max_batches,
+            ),
+            module=FisherAnalysisModule(
+                task,
+                include=include,
+                exclude=exclude,
+                module_types=module_types,
+                rank=rank,
+                rank_min=rank_min,
+                rank_max=rank_max,
+                rank_mode=rank_mode,
+                score_power=score_power,
+                exclude_threshold=exclude_threshold,
+                lora_alpha=lora_alpha,
+                use_rslora=use_rslora,
+                timestep_focus=timestep_focus,
+                loss_reduction=loss_reduction,
+                train_mode=train_mode,
+                seed=seed,
+                dataset=_dataset_record(dataset_dir if dataset_dir is not None else getattr(data, "dataset_dir", None)),
+            ),
+        )
+    if destination is not None:
+        if trainer.is_global_zero:
+            fisher_map = fisher_map.with_path(fisher_map.save(destination))
+        else:
+            fisher_map = fisher_map.with_path(destination)
+        if trainer.world_size > 1:
+            trainer.strategy.barrier("lightning_fisher.map_written")
+    return fisher_map
+
+
+def _run_analysis(
+    task: pl.LightningModule,
+    data: Union[pl.LightningDataModule, DataLoader],
+    *,
+    trainer: Optional[pl.Trainer],
+    trainer_kwargs: Optional[dict[str, Any]],
+    max_epochs: int,
+    stability: FisherStability,
+    module: FisherAnalysisModule,
+) -> tuple[FisherMap, pl.Trainer]:
     if trainer is None:
         kwargs = dict(
             max_epochs=max_epochs,
@@ -193,14 +222,35 @@ def analyze(
             trainer.fit(module, datamodule=data)
         else:
             trainer.fit(module, train_dataloaders=data)
-    fisher_map = module.fisher_map
-    if fisher_map is None:  # fit returned without finishing (e.g. interrupted)
+    if module.fisher_map is None:  # fit returned without finishing (e.g. interrupted)
         raise RuntimeError("the analysis did not finish; no fisher map was produced")
-    if destination is not None:
-        if trainer.is_global_zero:
-            fisher_map = fisher_map.with_path(fisher_map.save(destination))
-        else:
-            fisher_map = fisher_map.with_path(destination)
-        if trainer.world_size > 1:
-            trainer.strategy.barrier("lightning_fisher.map_written")
-    return fisher_map
+    return module.fisher_map, trainer
+
+
+@contextlib.contextmanager
+def _random_state_kept() -> Iterator[None]:
+    """Seed the analysis without changing the caller's random streams.
+
+    The analysis draws samples, noise and timesteps from the global generators, seeded for
+    reproducibility; a training run started after it in the same script must not depend on
+    whether it ran. Python, NumPy and torch (CPU and CUDA) states and Lightning's seed
+    environment variables are put back afterwards.
+    """
+    python_state = random.getstate()
+    numpy_state = np.random.get_state()
+    torch_state = torch.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    environment = {key: os.environ.get(key) for key in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")}
+    try:
+        yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+        torch.set_rng_state(torch_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+        for key, value in environment.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
