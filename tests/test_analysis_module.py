@@ -245,3 +245,21 @@ def test_analysis_leaves_the_callers_random_streams_alone():
     torch.manual_seed(5), random.seed(5), np.random.seed(5)
     analyze(task, data, seed=123, trainer_kwargs=QUIET, convergence_patience=2, min_batches=2)
     assert draws() == expected
+
+
+def test_scores_and_ranks_reach_the_lightning_logger(tmp_path):
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    logger = CSVLogger(tmp_path, name="analysis", version=0)
+    fmap = analyze(Task(), loader(), rank=4, rank_min=1, rank_max=16, trainer_kwargs=dict(QUIET, logger=logger),
+                   convergence_patience=2, min_batches=2, stability_threshold=0.0)
+    rows = list(csv.DictReader(open(tmp_path / "analysis" / "version_0" / "metrics.csv")))
+    logged = {key: float(row[key]) for row in rows for key in row if row[key] and key.startswith("fisher_")}
+    for name, score in fmap.scores.items():
+        assert logged[f"fisher_score/{name}"] == pytest.approx(score, rel=1e-6)
+    for name, rank in fmap.ranks.items():
+        assert logged[f"fisher_rank/{name}"] == rank
+    assert any(row.get("fisher/split_half_spearman") for row in rows)  # the stability callback logs too
+    assert any(row.get("train_loss") for row in rows)  # and so does the task's own training_step
