@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from lightning_fisher import FisherMap, write_sample_folder
-from lightning_fisher.cli import wizard
+from lightning_fisher.cli import wizard, wizard_estimate
 from lightning_fisher.cli.wizard import (
     Prompter,
     RankSettings,
@@ -330,8 +330,8 @@ def test_answers_to_config():
 def test_render_config_is_what_analyze_reads(dataset):
     text = render_config(answers(dataset_dir=str(dataset), checkpoint_dir=None, fragile=True))
     assert "# fragile: true" in text and "--adaptive_lora.fragile true --adaptive_lora.allow_fragile true" in text
-    with wizard._quiet():
-        cli = wizard._analyze_cli(["--config", text])
+    with wizard_estimate._quiet():
+        cli = wizard_estimate._analyze_cli(["--config", text])
     from cli_models import TinyClassifier
 
     assert isinstance(cli.model, TinyClassifier)

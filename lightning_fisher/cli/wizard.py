@@ -16,39 +16,47 @@ The module is layered so that each part can be tested without a terminal:
 
 - :class:`Prompter`: one question with a default, a check and re-asking; yes/no; a choice.
   It reads and writes through the callables it is given.
-- ``parse_*`` functions: turn one answer into a value or raise ``ValueError`` with the reason.
-- :class:`WizardAnswers` and :func:`answers_to_config` / :func:`render_config`: the answers
-  and the config they make (pure).
+- :mod:`~lightning_fisher.cli.wizard_answers`: checking one answer (``parse_*``), rank
+  presets, and :class:`WizardAnswers` -> config (pure).
+- :mod:`~lightning_fisher.cli.wizard_estimate`: the run-time estimate in the summary.
 - :class:`Wizard`: the order of the questions; :func:`run_wizard`: the subcommand.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib
-import inspect
-import io
 import math
-import os
-import re
 import sys
-import time
-import uuid
-import warnings
-from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, TypeVar
+from typing import Callable, Optional, TypeVar
 
-import yaml
-
-import lightning_fisher
-from lightning_fisher.allocation import ALLOCATION_MODES, check_rank_settings
-from lightning_fisher.errors import DatasetFolderError
+from lightning_fisher.allocation import ALLOCATION_MODES
+from lightning_fisher.cli.wizard_answers import (
+    CONFIG_FILENAME,
+    DEMO_MODEL,
+    DEFAULT_BATCH_SIZE,
+    FRAGILE_FIT_FLAGS,
+    DatasetFolder,
+    RankSettings,
+    WizardAnswers,
+    accepts_checkpoint_dir,
+    answers_to_config,
+    default_presets_dir,
+    load_presets,
+    parse_config_path,
+    parse_dataset_folder,
+    parse_focus_range,
+    parse_folder,
+    parse_model_class,
+    parse_patterns,
+    parse_positive_int,
+    render_config,
+    write_config,
+)
+from lightning_fisher.cli.wizard_estimate import RunTimeEstimate, analysis_batches, estimate_run_time, short_reason
 from lightning_fisher.fisher_map import FISHER_MAP_FILENAME
-from lightning_fisher.tensor_folder import list_sample_files
 from lightning_fisher.timesteps import FOCUS_HELP, TimestepFocus
 
 __all__ = [
@@ -62,6 +70,7 @@ __all__ = [
     "default_presets_dir",
     "estimate_run_time",
     "load_presets",
+    "parse_config_path",
     "render_config",
     "run_wizard",
     "write_config",
@@ -69,14 +78,8 @@ __all__ = [
 
 T = TypeVar("T")
 
-DEMO_MODEL = "lightning_fisher.examples.text_classifier.MiniLMClassifier"
 #: Exclusions offered by default for the demo model: its classification head is freshly initialised.
 DEMO_EXCLUDE = ("head",)
-DATA_CLASS = "lightning_fisher.TensorDirectoryDataModule"
-DEFAULT_BATCH_SIZE = 16
-CONFIG_FILENAME = "fisher_analyze.yaml"
-#: The fields of a rank preset that the wizard asks for; other keys of a preset are ignored.
-RANK_FIELDS = ("rank", "rank_min", "rank_max", "rank_mode")
 
 MODE_HELP = {
     "median": "the base rank is the median rank of the adapted modules",
@@ -99,8 +102,6 @@ FRAGILE_WARNING = """\
     and that can destabilise such a model: loss spikes, outputs that turn to noise.
     The base model is the recommended target for this workflow. If you go on anyway,
     lower the learning rate (e.g. 1e-4 -> 5e-5) and check samples early."""
-
-FRAGILE_FIT_FLAGS = "--adaptive_lora.fragile true --adaptive_lora.allow_fragile true"
 
 
 # --------------------------------------------------------------------------------------------
@@ -194,439 +195,6 @@ class Prompter:
 
         return self.ask(f"{question} ({'/'.join(options)})", default=default, parse=parse)
 
-
-# --------------------------------------------------------------------------------------------
-# Checking one answer
-
-
-def parse_model_class(text: str) -> str:
-    """Check that ``text`` names an importable ``LightningModule`` subclass; return the class path."""
-    from lightning.pytorch import LightningModule
-
-    model_class = _import_class(text)
-    if not (isinstance(model_class, type) and issubclass(model_class, LightningModule)):
-        raise ValueError(f"{text} is a {type(model_class).__name__}, not a LightningModule subclass")
-    return text
-
-
-def _import_class(class_path: str) -> Any:
-    module_name, dot, name = class_path.rpartition(".")
-    if not dot or not module_name or not name:
-        raise ValueError(f"{class_path!r}: give the full class path, module.ClassName (e.g. {DEMO_MODEL})")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as error:  # any error in the user's module: report it, do not crash the wizard
-        raise ValueError(f"cannot import module {module_name!r}: {type(error).__name__}: {error}") from None
-    try:
-        return getattr(module, name)
-    except AttributeError:
-        raise ValueError(f"module {module_name!r} has no attribute {name!r}") from None
-
-
-def accepts_checkpoint_dir(class_path: str) -> bool:
-    """Whether the model's ``__init__`` takes ``checkpoint_dir`` (the ``--checkpoint-dir`` convention)."""
-    try:
-        parameters = inspect.signature(_import_class(class_path).__init__).parameters
-    except (TypeError, ValueError):
-        return False
-    return "checkpoint_dir" in parameters
-
-
-def parse_folder(text: str) -> Optional[str]:
-    """An existing folder as an absolute path; ``""`` gives ``None``."""
-    if not text:
-        return None
-    folder = Path(text).expanduser()
-    if not folder.is_dir():
-        raise ValueError(f"{folder} is not an existing folder")
-    return str(folder.resolve())
-
-
-def parse_patterns(text: str) -> list[str]:
-    """Comma-separated module name patterns (regular expressions); ``""`` or ``none`` gives ``[]``."""
-    if text.lower() in ("", "none", "-"):
-        return []
-    patterns = [item.strip() for item in text.split(",") if item.strip()]
-    for pattern in patterns:
-        try:
-            re.compile(pattern)
-        except re.error as error:
-            raise ValueError(f"{pattern!r} is not a valid regular expression: {error}") from None
-    return patterns
-
-
-@dataclass(frozen=True)
-class DatasetFolder:
-    """A checked dataset folder: its absolute path and its sample files."""
-
-    path: str
-    files: tuple[Path, ...]
-
-    @property
-    def suffixes(self) -> dict[str, int]:
-        return dict(sorted(Counter(path.suffix.lower() for path in self.files).items()))
-
-    def describe(self) -> str:
-        kinds = ", ".join(f"{suffix}: {count}" for suffix, count in self.suffixes.items())
-        return f"{len(self.files)} samples ({kinds})"
-
-
-def parse_dataset_folder(text: str) -> DatasetFolder:
-    """A folder that holds sample files (see :func:`~lightning_fisher.tensor_folder.list_sample_files`)."""
-    folder = Path(text).expanduser()
-    try:
-        files = list_sample_files(folder)
-    except DatasetFolderError as error:
-        raise ValueError(str(error)) from None
-    return DatasetFolder(str(folder.resolve()), tuple(files))
-
-
-def parse_positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise ValueError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise ValueError(f"{value} is not positive; give a number of at least 1")
-    return value
-
-
-def parse_focus_range(text: str) -> str:
-    """A custom focus ``"LO,HI"``, checked by :meth:`TimestepFocus.parse`; returns its canonical text."""
-    if "," not in text:
-        raise ValueError(f"{text!r}: give two numbers 'LO,HI' with 0 <= LO < HI <= 1, e.g. 0.2,0.5")
-    return str(TimestepFocus.parse(text))
-
-
-def parse_config_path(text: str) -> Path:
-    """Where to save the config: a ``.yaml``/``.yml`` file name in a writable place."""
-    path = Path(text).expanduser().absolute()
-    if path.is_dir():
-        raise ValueError(f"{path} is a folder; give a file name such as {path / CONFIG_FILENAME}")
-    if path.suffix.lower() not in (".yaml", ".yml"):
-        raise ValueError(f"{path}: the config is YAML; give a file name ending in .yaml")
-    existing = path.parent
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK):
-        raise ValueError(f"cannot write {path}: {existing} is not a writable folder")
-    return path
-
-
-# --------------------------------------------------------------------------------------------
-# Rank presets
-
-
-@dataclass(frozen=True)
-class RankSettings:
-    """The rank budget the wizard asks for (the ``analyze`` flags of the same names)."""
-
-    rank: int = 64
-    rank_min: int = 16
-    rank_max: int = 128
-    rank_mode: str = "median"
-
-    def check(self) -> None:
-        """Raises ``ValueError`` (from :func:`check_rank_settings`) naming the bad field."""
-        check_rank_settings(rank=self.rank, rank_min=self.rank_min, rank_max=self.rank_max, mode=self.rank_mode)
-
-    def __str__(self) -> str:
-        return f"rank {self.rank}, min {self.rank_min}, max {self.rank_max}, mode {self.rank_mode}"
-
-
-def default_presets_dir(cwd: Optional[Path] = None) -> Optional[Path]:
-    """``configs/presets`` under ``cwd``, else in the checkout next to the package, else ``None``."""
-    candidates = (
-        Path.cwd() if cwd is None else cwd,
-        Path(lightning_fisher.__file__).resolve().parents[1],
-    )
-    for root in candidates:
-        folder = root / "configs" / "presets"
-        if folder.is_dir():
-            return folder
-    return None
-
-
-def load_preset(path: Path) -> RankSettings:
-    """The rank fields of a preset YAML over the wizard's defaults; other keys are ignored.
-
-    Raises:
-        ValueError: the file is not a YAML mapping, or a rank field is invalid.
-    """
-    try:
-        content = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as error:
-        raise ValueError(f"preset {path}: cannot read it: {error}") from None
-    if not isinstance(content, Mapping):
-        raise ValueError(f"preset {path}: expected a YAML mapping of settings")
-    settings = replace(RankSettings(), **{key: content[key] for key in RANK_FIELDS if key in content})
-    try:
-        settings.check()
-    except ValueError as error:
-        raise ValueError(f"preset {path}: {error}") from None
-    return settings
-
-
-def load_presets(folder: Optional[Path]) -> tuple[dict[str, RankSettings], list[str]]:
-    """Rank presets ``NAME.yaml`` of ``folder``, ordered by base rank; and messages for unusable files."""
-    if folder is None or not folder.is_dir():
-        return {}, []
-    presets: dict[str, RankSettings] = {}
-    problems: list[str] = []
-    for path in sorted(folder.glob("*.y*ml")):
-        if path.suffix.lower() not in (".yaml", ".yml") or path.stem.lower() == "none":
-            continue
-        try:
-            presets[path.stem] = load_preset(path)
-        except ValueError as error:
-            problems.append(str(error))
-    ordered = sorted(presets.items(), key=lambda item: (item[1].rank, item[1].rank_max, item[0]))
-    return dict(ordered), problems
-
-
-# --------------------------------------------------------------------------------------------
-# Answers -> config
-
-
-@dataclass
-class WizardAnswers:
-    """Everything the wizard asked, in the user's words.
-
-    Args:
-        model: class path of the LightningModule.
-        dataset_dir: absolute path of the dataset folder.
-        checkpoint_dir: ``model.init_args.checkpoint_dir``; ``None`` keeps the model's default.
-        exclude: module name patterns to leave out of the analysis.
-        num_samples: sample files in the dataset folder (shown, not saved).
-        batch_size: ``data.init_args.batch_size``.
-        timestep_focus: ``balanced``, ``texture``, ``structure`` or ``"LO,HI"``.
-        ranks: the rank budget.
-        preset: name of the rank preset the ranks started from, if any.
-        fragile: the model is distilled / few-step ("turbo"); recorded as a comment.
-    """
-
-    model: str
-    dataset_dir: str
-    checkpoint_dir: Optional[str] = None
-    exclude: list[str] = field(default_factory=list)
-    num_samples: int = 0
-    batch_size: int = DEFAULT_BATCH_SIZE
-    timestep_focus: str = "balanced"
-    ranks: RankSettings = field(default_factory=RankSettings)
-    preset: Optional[str] = None
-    fragile: bool = False
-
-
-def answers_to_config(answers: WizardAnswers) -> dict[str, Any]:
-    """The ``lightning-fisher analyze --config`` content for ``answers`` (a plain dict)."""
-    model: dict[str, Any] = {"class_path": answers.model}
-    if answers.checkpoint_dir is not None:
-        model["init_args"] = {"checkpoint_dir": answers.checkpoint_dir}
-    return {
-        "model": model,
-        "dataset_dir": answers.dataset_dir,
-        "data": {"class_path": DATA_CLASS, "init_args": {"batch_size": answers.batch_size}},
-        "timestep_focus": answers.timestep_focus,
-        "rank": answers.ranks.rank,
-        "rank_min": answers.ranks.rank_min,
-        "rank_max": answers.ranks.rank_max,
-        "rank_mode": answers.ranks.rank_mode,
-        "exclude": list(answers.exclude),
-    }
-
-
-def render_config(answers: WizardAnswers) -> str:
-    """The YAML text of :func:`answers_to_config`, with comments on how to use it."""
-    lines = [
-        "# Fisher analysis settings written by `lightning-fisher wizard`.",
-        "# Run with: lightning-fisher analyze --config THIS_FILE  (flags after it override fields)",
-    ]
-    if answers.preset:
-        lines.append(f"# Rank fields started from the preset {answers.preset!r}.")
-    if answers.fragile:
-        lines += [
-            "# fragile: true -- distilled / few-step ('turbo') model, confirmed by the user.",
-            "# The analysis itself has no fragile option; training on the map needs",
-            f"#   lightning-fisher fit ... {FRAGILE_FIT_FLAGS}",
-            "# and a lower learning rate. The base model is the recommended target.",
-        ]
-    return "\n".join(lines) + "\n" + yaml.safe_dump(answers_to_config(answers), sort_keys=False)
-
-
-def write_config(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path`` atomically (a hidden temporary file renamed into place)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        temporary.write_text(text, encoding="utf-8")
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    return path
-
-
-# --------------------------------------------------------------------------------------------
-# Run-time estimate
-
-
-@dataclass(frozen=True)
-class RunTimeEstimate:
-    """Time of one batch times the number of batches the analysis may run, plus model loading.
-
-    Args:
-        load_seconds: building the model and data from the config.
-        batch_seconds: loading one batch plus one forward and backward pass.
-        batches_low: batches when the ranking converges as early as the settings allow.
-        batches_high: batches when it never converges (one pass, capped by ``max_batches``).
-    """
-
-    load_seconds: float
-    batch_seconds: float
-    batches_low: int
-    batches_high: int
-
-    @property
-    def low(self) -> float:
-        return self.load_seconds + self.batches_low * self.batch_seconds
-
-    @property
-    def high(self) -> float:
-        return self.load_seconds + self.batches_high * self.batch_seconds
-
-    def describe(self) -> str:
-        """E.g. ``about 4.5 s to 34 s (5 to 63 batches x 0.5 s, plus 2.0 s to load the model)``."""
-        same = self.batches_low == self.batches_high
-        total = _duration(self.low) if same else f"{_duration(self.low)} to {_duration(self.high)}"
-        batches = str(self.batches_low) if same else f"{self.batches_low} to {self.batches_high}"
-        return (
-            f"about {total} ({batches} batches x {_duration(self.batch_seconds)}, "
-            f"plus {_duration(self.load_seconds)} to load the model)"
-        )
-
-
-def analysis_batches(
-    num_samples: int, batch_size: int, *, min_batches: int, patience: int, max_batches: Optional[int]
-) -> tuple[int, int]:
-    """Fewest and most batches the analysis runs on ``num_samples`` samples in one pass.
-
-    The split-half correlation exists from the first batch, so the earliest convergence is
-    after ``max(min_batches, patience)`` batches; without convergence the analysis runs
-    until the data ends (one epoch) or ``max_batches``.
-    """
-    per_pass = max(1, math.ceil(num_samples / batch_size))
-    high = per_pass if max_batches is None else min(per_pass, max_batches)
-    return min(high, max(min_batches, patience)), high
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 10:
-        return f"{seconds:.2g} s" if seconds < 1 else f"{seconds:.1f} s"
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 2 * 3600:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
-
-
-@contextlib.contextmanager
-def _output_discarded() -> Iterator[None]:
-    """Send file descriptors 1 and 2 to the null device, and ``sys.stdout`` / ``sys.stderr`` nowhere.
-
-    Both levels: libraries log through handlers bound to the original streams (Hugging Face's
-    load report, Lightning's device summary), and a model's ``print`` goes to ``sys.stdout``.
-    """
-    for stream in (sys.stdout, sys.stderr):
-        stream.flush()
-    saved = [os.dup(1), os.dup(2)]
-    null = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(null, 1)
-        os.dup2(null, 2)
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            yield
-    finally:
-        for stream in (sys.stdout, sys.stderr):
-            stream.flush()
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        for descriptor in (*saved, null):
-            os.close(descriptor)
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Silence start-up messages and warnings while the wizard builds the model: the questions stay readable."""
-    with warnings.catch_warnings(), _output_discarded():
-        warnings.simplefilter("ignore")
-        yield
-
-
-def _analyze_cli(args: list[str]) -> Any:
-    """The ``analyze`` parser, exactly as the command builds it, raising instead of exiting."""
-    from lightning_fisher.cli.lightning_clis import build_analyze_cli
-
-    return build_analyze_cli(args, exit_on_error=False)
-
-
-def _forward_backward(model: Any, batch: Any, device: Any) -> float:
-    import torch
-
-    model.zero_grad(set_to_none=True)
-    start = time.perf_counter()
-    output = model.training_step(batch, 0)
-    loss = output.get("loss") if isinstance(output, Mapping) else output
-    if not isinstance(loss, torch.Tensor):
-        raise ValueError(f"{type(model).__name__}.training_step returned {type(output).__name__}, not a loss tensor")
-    loss.backward()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
-
-
-def estimate_run_time(config_text: str, num_samples: int) -> RunTimeEstimate:
-    """Build the model and data from ``config_text`` as ``analyze --config`` does, and time one batch.
-
-    The batch is loaded from the dataset folder and run forward and backward on the device
-    the analysis would use, twice (the faster counts: the first run pays one-off set-up costs).
-    The Fisher bookkeeping on top of that is small next to the backward pass.
-
-    Raises:
-        Exception: whatever building the model or running the batch raised.
-    """
-    from lightning.pytorch.utilities import move_data_to_device
-
-    with _quiet():
-        start = time.perf_counter()
-        cli = _analyze_cli(["--config", config_text])  # jsonargparse reads a config given as text
-        load_seconds = time.perf_counter() - start
-        model, data, settings = cli.model, cli.datamodule, cli.config
-        device = cli.trainer.strategy.root_device
-        model.to(device)
-        model.train(settings.train_mode)
-        data.setup("fit")
-        start = time.perf_counter()
-        batch = move_data_to_device(next(iter(data.train_dataloader())), device)
-        load_batch = time.perf_counter() - start
-        step = min(_forward_backward(model, batch, device) for _ in range(2))
-        model.zero_grad(set_to_none=True)
-    low, high = analysis_batches(
-        num_samples,
-        data.batch_size,
-        min_batches=settings.min_batches,
-        patience=settings.convergence_patience,
-        max_batches=settings.max_batches,
-    )
-    return RunTimeEstimate(load_seconds, load_batch + step, low, high)
-
-
-def _short_reason(error: BaseException) -> str:
-    """The informative lines of an error (jsonargparse repeats the Union alternatives)."""
-    noise = ("Does not validate against any", "Subtypes:", "Errors:", "Expected a <class 'NoneType'>", "Given value")
-    lines = [line.strip(" -") for line in str(error).splitlines()]
-    kept = [line for line in lines if line and not any(marker in line for marker in noise)]
-    reason = "; ".join(kept) or type(error).__name__
-    return reason if len(reason) <= 400 else reason[:397] + "..."
 
 
 # --------------------------------------------------------------------------------------------
@@ -786,7 +354,7 @@ class Wizard:
         except KeyboardInterrupt:
             raise
         except BaseException as error:  # noqa: BLE001 - any failure of the user's model is reported, not raised
-            p.warn(f"could not time a batch: {_short_reason(error)}")
+            p.warn(f"could not time a batch: {short_reason(error)}")
             estimate = "unknown"
         focus = TimestepFocus.parse(answers.timestep_focus)
         focus_text = str(focus) if focus.range is None else f"{focus} (t in [{focus.range[0]:g}, {focus.range[1]:g}])"

@@ -1,0 +1,327 @@
+"""The wizard's answers: checking each one where it is given, rank presets, and the config they make.
+
+Every ``parse_*`` function turns one answer into a value or raises ``ValueError`` with the
+reason, which the wizard shows before asking again. :class:`WizardAnswers` and
+:func:`answers_to_config` / :func:`render_config` are pure: the answers and the
+``lightning-fisher analyze --config`` YAML they make.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import re
+import uuid
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+import lightning_fisher
+from lightning_fisher.allocation import check_rank_settings
+from lightning_fisher.errors import DatasetFolderError
+from lightning_fisher.tensor_folder import list_sample_files
+from lightning_fisher.timesteps import TimestepFocus
+
+__all__ = [
+    "DatasetFolder",
+    "RankSettings",
+    "WizardAnswers",
+    "accepts_checkpoint_dir",
+    "answers_to_config",
+    "default_presets_dir",
+    "load_preset",
+    "load_presets",
+    "parse_config_path",
+    "parse_dataset_folder",
+    "parse_focus_range",
+    "parse_folder",
+    "parse_model_class",
+    "parse_patterns",
+    "parse_positive_int",
+    "render_config",
+    "write_config",
+]
+
+DEMO_MODEL = "lightning_fisher.examples.text_classifier.MiniLMClassifier"
+DATA_CLASS = "lightning_fisher.TensorDirectoryDataModule"
+DEFAULT_BATCH_SIZE = 16
+CONFIG_FILENAME = "fisher_analyze.yaml"
+#: The fields of a rank preset that the wizard asks for; other keys of a preset are ignored.
+RANK_FIELDS = ("rank", "rank_min", "rank_max", "rank_mode")
+#: What ``fit`` needs for a model the user marked fragile (written into the config's comments).
+FRAGILE_FIT_FLAGS = "--adaptive_lora.fragile true --adaptive_lora.allow_fragile true"
+
+# --------------------------------------------------------------------------------------------
+# Checking one answer
+
+
+def parse_model_class(text: str) -> str:
+    """Check that ``text`` names an importable ``LightningModule`` subclass; return the class path."""
+    from lightning.pytorch import LightningModule
+
+    model_class = _import_class(text)
+    if not (isinstance(model_class, type) and issubclass(model_class, LightningModule)):
+        raise ValueError(f"{text} is a {type(model_class).__name__}, not a LightningModule subclass")
+    return text
+
+
+def _import_class(class_path: str) -> Any:
+    module_name, dot, name = class_path.rpartition(".")
+    if not dot or not module_name or not name:
+        raise ValueError(f"{class_path!r}: give the full class path, module.ClassName (e.g. {DEMO_MODEL})")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as error:  # any error in the user's module: report it, do not crash the wizard
+        raise ValueError(f"cannot import module {module_name!r}: {type(error).__name__}: {error}") from None
+    try:
+        return getattr(module, name)
+    except AttributeError:
+        raise ValueError(f"module {module_name!r} has no attribute {name!r}") from None
+
+
+def accepts_checkpoint_dir(class_path: str) -> bool:
+    """Whether the model's ``__init__`` takes ``checkpoint_dir`` (the ``--checkpoint-dir`` convention)."""
+    try:
+        parameters = inspect.signature(_import_class(class_path).__init__).parameters
+    except (TypeError, ValueError):
+        return False
+    return "checkpoint_dir" in parameters
+
+
+def parse_folder(text: str) -> Optional[str]:
+    """An existing folder as an absolute path; ``""`` gives ``None``."""
+    if not text:
+        return None
+    folder = Path(text).expanduser()
+    if not folder.is_dir():
+        raise ValueError(f"{folder} is not an existing folder")
+    return str(folder.resolve())
+
+
+def parse_patterns(text: str) -> list[str]:
+    """Comma-separated module name patterns (regular expressions); ``""`` or ``none`` gives ``[]``."""
+    if text.lower() in ("", "none", "-"):
+        return []
+    patterns = [item.strip() for item in text.split(",") if item.strip()]
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise ValueError(f"{pattern!r} is not a valid regular expression: {error}") from None
+    return patterns
+
+
+@dataclass(frozen=True)
+class DatasetFolder:
+    """A checked dataset folder: its absolute path and its sample files."""
+
+    path: str
+    files: tuple[Path, ...]
+
+    @property
+    def suffixes(self) -> dict[str, int]:
+        return dict(sorted(Counter(path.suffix.lower() for path in self.files).items()))
+
+    def describe(self) -> str:
+        kinds = ", ".join(f"{suffix}: {count}" for suffix, count in self.suffixes.items())
+        return f"{len(self.files)} samples ({kinds})"
+
+
+def parse_dataset_folder(text: str) -> DatasetFolder:
+    """A folder that holds sample files (see :func:`~lightning_fisher.tensor_folder.list_sample_files`)."""
+    folder = Path(text).expanduser()
+    try:
+        files = list_sample_files(folder)
+    except DatasetFolderError as error:
+        raise ValueError(str(error)) from None
+    return DatasetFolder(str(folder.resolve()), tuple(files))
+
+
+def parse_positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise ValueError(f"{value} is not positive; give a number of at least 1")
+    return value
+
+
+def parse_focus_range(text: str) -> str:
+    """A custom focus ``"LO,HI"``, checked by :meth:`TimestepFocus.parse`; returns its canonical text."""
+    if "," not in text:
+        raise ValueError(f"{text!r}: give two numbers 'LO,HI' with 0 <= LO < HI <= 1, e.g. 0.2,0.5")
+    return str(TimestepFocus.parse(text))
+
+
+def parse_config_path(text: str) -> Path:
+    """Where to save the config: a ``.yaml``/``.yml`` file name in a writable place."""
+    path = Path(text).expanduser().absolute()
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; give a file name such as {path / CONFIG_FILENAME}")
+    if path.suffix.lower() not in (".yaml", ".yml"):
+        raise ValueError(f"{path}: the config is YAML; give a file name ending in .yaml")
+    existing = path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise ValueError(f"cannot write {path}: {existing} is not a writable folder")
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# Rank presets
+
+
+@dataclass(frozen=True)
+class RankSettings:
+    """The rank budget the wizard asks for (the ``analyze`` flags of the same names)."""
+
+    rank: int = 64
+    rank_min: int = 16
+    rank_max: int = 128
+    rank_mode: str = "median"
+
+    def check(self) -> None:
+        """Raises ``ValueError`` (from :func:`check_rank_settings`) naming the bad field."""
+        check_rank_settings(rank=self.rank, rank_min=self.rank_min, rank_max=self.rank_max, mode=self.rank_mode)
+
+    def __str__(self) -> str:
+        return f"rank {self.rank}, min {self.rank_min}, max {self.rank_max}, mode {self.rank_mode}"
+
+
+def default_presets_dir(cwd: Optional[Path] = None) -> Optional[Path]:
+    """``configs/presets`` under ``cwd``, else in the checkout next to the package, else ``None``."""
+    candidates = (
+        Path.cwd() if cwd is None else cwd,
+        Path(lightning_fisher.__file__).resolve().parents[1],
+    )
+    for root in candidates:
+        folder = root / "configs" / "presets"
+        if folder.is_dir():
+            return folder
+    return None
+
+
+def load_preset(path: Path) -> RankSettings:
+    """The rank fields of a preset YAML over the wizard's defaults; other keys are ignored.
+
+    Raises:
+        ValueError: the file is not a YAML mapping, or a rank field is invalid.
+    """
+    try:
+        content = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as error:
+        raise ValueError(f"preset {path}: cannot read it: {error}") from None
+    if not isinstance(content, Mapping):
+        raise ValueError(f"preset {path}: expected a YAML mapping of settings")
+    settings = replace(RankSettings(), **{key: content[key] for key in RANK_FIELDS if key in content})
+    try:
+        settings.check()
+    except ValueError as error:
+        raise ValueError(f"preset {path}: {error}") from None
+    return settings
+
+
+def load_presets(folder: Optional[Path]) -> tuple[dict[str, RankSettings], list[str]]:
+    """Rank presets ``NAME.yaml`` of ``folder``, ordered by base rank; and messages for unusable files."""
+    if folder is None or not folder.is_dir():
+        return {}, []
+    presets: dict[str, RankSettings] = {}
+    problems: list[str] = []
+    for path in sorted(folder.glob("*.y*ml")):
+        if path.suffix.lower() not in (".yaml", ".yml") or path.stem.lower() == "none":
+            continue
+        try:
+            presets[path.stem] = load_preset(path)
+        except ValueError as error:
+            problems.append(str(error))
+    ordered = sorted(presets.items(), key=lambda item: (item[1].rank, item[1].rank_max, item[0]))
+    return dict(ordered), problems
+
+
+# --------------------------------------------------------------------------------------------
+# Answers -> config
+
+
+@dataclass
+class WizardAnswers:
+    """Everything the wizard asked, in the user's words.
+
+    Args:
+        model: class path of the LightningModule.
+        dataset_dir: absolute path of the dataset folder.
+        checkpoint_dir: ``model.init_args.checkpoint_dir``; ``None`` keeps the model's default.
+        exclude: module name patterns to leave out of the analysis.
+        num_samples: sample files in the dataset folder (shown, not saved).
+        batch_size: ``data.init_args.batch_size``.
+        timestep_focus: ``balanced``, ``texture``, ``structure`` or ``"LO,HI"``.
+        ranks: the rank budget.
+        preset: name of the rank preset the ranks started from, if any.
+        fragile: the model is distilled / few-step ("turbo"); recorded as a comment.
+    """
+
+    model: str
+    dataset_dir: str
+    checkpoint_dir: Optional[str] = None
+    exclude: list[str] = field(default_factory=list)
+    num_samples: int = 0
+    batch_size: int = DEFAULT_BATCH_SIZE
+    timestep_focus: str = "balanced"
+    ranks: RankSettings = field(default_factory=RankSettings)
+    preset: Optional[str] = None
+    fragile: bool = False
+
+
+def answers_to_config(answers: WizardAnswers) -> dict[str, Any]:
+    """The ``lightning-fisher analyze --config`` content for ``answers`` (a plain dict)."""
+    model: dict[str, Any] = {"class_path": answers.model}
+    if answers.checkpoint_dir is not None:
+        model["init_args"] = {"checkpoint_dir": answers.checkpoint_dir}
+    return {
+        "model": model,
+        "dataset_dir": answers.dataset_dir,
+        "data": {"class_path": DATA_CLASS, "init_args": {"batch_size": answers.batch_size}},
+        "timestep_focus": answers.timestep_focus,
+        "rank": answers.ranks.rank,
+        "rank_min": answers.ranks.rank_min,
+        "rank_max": answers.ranks.rank_max,
+        "rank_mode": answers.ranks.rank_mode,
+        "exclude": list(answers.exclude),
+    }
+
+
+def render_config(answers: WizardAnswers) -> str:
+    """The YAML text of :func:`answers_to_config`, with comments on how to use it."""
+    lines = [
+        "# Fisher analysis settings written by `lightning-fisher wizard`.",
+        "# Run with: lightning-fisher analyze --config THIS_FILE  (flags after it override fields)",
+    ]
+    if answers.preset:
+        lines.append(f"# Rank fields started from the preset {answers.preset!r}.")
+    if answers.fragile:
+        lines += [
+            "# fragile: true -- distilled / few-step ('turbo') model, confirmed by the user.",
+            "# The analysis itself has no fragile option; training on the map needs",
+            f"#   lightning-fisher fit ... {FRAGILE_FIT_FLAGS}",
+            "# and a lower learning rate. The base model is the recommended target.",
+        ]
+    return "\n".join(lines) + "\n" + yaml.safe_dump(answers_to_config(answers), sort_keys=False)
+
+
+def write_config(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (a hidden temporary file renamed into place)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        temporary.write_text(text, encoding="utf-8")
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return path
