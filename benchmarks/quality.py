@@ -918,23 +918,34 @@ def lr_text(row: dict) -> str:
 
 
 def task_verdicts(task: str, rows: list[dict], baselines: dict) -> list[str]:
-    """Each arm against flat LoRA (same focus-less flat for every focus), and flat against the baselines."""
-    key, higher = ("test_acc", True) if task == "reviews" else ("test_loss", False)
+    """Each arm against flat LoRA (same focus-less flat for every focus), and flat against the baselines.
+
+    Reviews are judged on test accuracy and on test loss (both are reported; they need not
+    agree), digits on held-out loss.
+    """
+    metrics = [("test_acc", True), ("test_loss", False)] if task == "reviews" else [("test_loss", False)]
     flat = next((row for row in rows if row["arm"] == "flat"), None)
     if flat is None:
         return ["- no flat LoRA runs yet"]
     lines = []
-    flat_value = stats(flat["runs"], key)["mean"]
     if task == "reviews":
-        probe = (baselines.get("linear_probe") or {}).get("test_acc")
+        probe = baselines.get("linear_probe") or {}
         majority_test = (baselines.get("majority") or {}).get("test")
-        if probe is not None and majority_test is not None:
-            clear = flat_value - stats(flat["runs"], key)["std"] > max(probe, majority_test)
-            lines.append(f"- flat LoRA test accuracy {flat_value:.4f} vs majority {majority_test:.4f} and linear probe "
-                         f"{probe:.4f}: {'clearly above both (mean minus one seed std)' if clear else 'NOT clearly above both: the comparison below measures little'}")
+        if probe.get("test_acc") is not None and majority_test is not None:
+            acc = stats(flat["runs"], "test_acc")
+            clear = acc["mean"] - acc["std"] > max(probe["test_acc"], majority_test)
+            lines.append(f"- flat LoRA test accuracy {acc['mean']:.4f} ± {acc['std']:.4f} vs majority {majority_test:.4f} "
+                         f"and linear probe {probe['test_acc']:.4f}: "
+                         + ("clearly above both (mean minus one seed std)" if clear else
+                            "above the majority rate, but NOT clearly above the probe (mean minus one seed std)"))
+        if probe.get("test_loss") is not None:
+            loss = stats(flat["runs"], "test_loss")
+            lines.append(f"- flat LoRA test loss {loss['mean']:.4f} ± {loss['std']:.4f} vs linear probe "
+                         f"{probe['test_loss']:.4f}: {'lower' if loss['mean'] < probe['test_loss'] else 'HIGHER'}")
     else:
         pretrained = (baselines.get("pretrained") or {}).get("test_loss")
         if pretrained is not None:
+            flat_value = stats(flat["runs"], "test_loss")["mean"]
             lines.append(f"- flat LoRA test loss {flat_value:.4f} vs pretrained (unadapted) {pretrained:.4f}: "
                          f"adaptation {'improves' if flat_value < pretrained else 'does NOT improve'} it by "
                          f"{pretrained - flat_value:+.4f}")
@@ -943,7 +954,8 @@ def task_verdicts(task: str, rows: list[dict], baselines: dict) -> list[str]:
         if row["arm"] == "flat":
             continue
         focus = f" [{row['focus']}]" if row["focus"] else ""
-        lines.append(f"- {labels.get(row['arm'], row['arm'])}{focus} vs flat: {verdict(row, flat, key, higher)}")
+        judged = "; ".join(verdict(row, flat, key, higher) for key, higher in metrics)
+        lines.append(f"- {labels.get(row['arm'], row['arm'])}{focus} vs flat: {judged}")
     return lines
 
 
