@@ -966,6 +966,9 @@ def write_report(store: ResultStore, path: Path, command: str, wall_seconds: Opt
                f"`{store.path.relative_to(RESULTS_DIR.parent.parent) if store.path.is_relative_to(RESULTS_DIR.parent.parent) else store.path}`.")
     out.append("")
     out.append(f"- command: `{command}`")
+    earlier = list(dict.fromkeys(i["command"] for i in store.data["invocations"]))
+    if len(earlier) > 1 or (earlier and earlier[0] != command):
+        out.append("- the stored runs come from: " + "; ".join(f"`{c}`" for c in earlier))
     out.append(f"- machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__} "
                f"({torch.get_num_threads()} intra-op threads for MiniLM, 1 for the flow model; "
                f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}), "
@@ -1075,6 +1078,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--seeds", help="comma-separated run seeds (default 0,1,2)")
     parser.add_argument("--lrs", help="comma-separated adapter learning rates (default per task)")
     parser.add_argument("--epochs", type=int, help="fine-tuning epochs (default per task)")
+    parser.add_argument("--head-lr", type=float,
+                        help="learning rate of the reviews classification head (default 3e-3); part of the "
+                             "protocol, so give a separate --results file")
     parser.add_argument("--arms", help=f"comma-separated arms (default all: {', '.join(a.name for a in ARMS)}, head_only)")
     parser.add_argument("--full", action="store_true",
                         help="every arm, each on the full LR x seed grid (default: the reduced protocol, "
@@ -1097,6 +1103,8 @@ def selected_tasks(args: argparse.Namespace) -> list[TaskSpec]:
         tasks = [replace(t, staged=False, default_arms=None) for t in tasks]
     if args.epochs:
         tasks = [replace(t, epochs=args.epochs) for t in tasks]
+    if args.head_lr:
+        tasks = [replace(t, head_lr=args.head_lr) if t.head_lr is not None else t for t in tasks]
     if args.lrs:
         tasks = [replace(t, lrs=tuple(float(s) for s in args.lrs.split(","))) for t in tasks]
     return tasks
