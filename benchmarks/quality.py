@@ -956,6 +956,12 @@ def task_verdicts(task: str, rows: list[dict], baselines: dict) -> list[str]:
         focus = f" [{row['focus']}]" if row["focus"] else ""
         judged = "; ".join(verdict(row, flat, key, higher) for key, higher in metrics)
         lines.append(f"- {labels.get(row['arm'], row['arm'])}{focus} vs flat: {judged}")
+    eva = next((row for row in rows if row["arm"] == "eva"), None)
+    for row in rows:
+        if eva is not None and row["arm"] == "fisher_budget":
+            focus = f" [{row['focus']}]" if row["focus"] else ""
+            judged = "; ".join(verdict(row, eva, key, higher) for key, higher in metrics)
+            lines.append(f"- {labels['fisher_budget']}{focus} vs {labels['eva']}: {judged}")
     return lines
 
 
