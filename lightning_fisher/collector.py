@@ -235,17 +235,20 @@ class _BatchState:
         self.seen_in_backward: set[int] = set()
         self._grams: dict[tuple, torch.Tensor] = {}
 
-    def input_gram(self, a: torch.Tensor) -> Optional[torch.Tensor]:
+    def input_gram(self, a: torch.Tensor, source: torch.Tensor) -> Optional[torch.Tensor]:
         """``input_gram(a)``, computed once per batch for modules that read the same tensor.
 
-        An attention block's query, key and value read one hidden-state tensor: the cache key
-        is its memory and layout. Every input looked up here was captured during the forward
-        pass, when all captured inputs were alive together, so equal keys mean the same data
-        (the version counter catches in-place changes). ``None`` when too large to keep.
+        ``a`` is the ``[B, T, d]`` compute-dtype view or copy of ``source``, the input tensor
+        captured in the forward pass. An attention block's query, key and value read one
+        hidden-state tensor: the cache key is ``source``'s memory and layout. All captured
+        inputs were alive together during the forward pass, so equal keys mean the same data
+        (the version counter catches in-place changes). The key must not come from ``a``: a
+        dtype conversion or reshape copy is freed after use, and the next module's copy may
+        get the same address. ``None`` when too large to keep.
         """
         if a.shape[0] * a.shape[1] * a.shape[1] > _CHUNK_ELEMENTS:
             return None  # too large to keep: computed chunk by chunk instead
-        key = (a.data_ptr(), tuple(a.shape), tuple(a.stride()), a.dtype, a._version)
+        key = (source.data_ptr(), tuple(source.shape), tuple(source.stride()), source.dtype, source._version, a.dtype)
         gram = self._grams.get(key)
         if gram is None:
             gram = self._grams[key] = input_gram(a)
@@ -576,7 +579,7 @@ class FisherCollector:
         a = _tokens([x.reshape(batch, -1, x.shape[-1]).to(dtype) for x in inputs])
         gram = None
         if len(inputs) == 1 and uses_ghost(self.norm_strategy, a.shape[1], a.shape[2], g.shape[2]):
-            gram = state.input_gram(a)
+            gram = state.input_gram(a, source=inputs[0])
         return linear_sq_norms(a, g, bias=module.bias is not None, strategy=self.norm_strategy, gram=gram)
 
 

@@ -13,7 +13,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lightning_fisher.accumulator import FisherAccumulator
 from lightning_fisher.candidates import select_candidates
-from lightning_fisher.collector import FisherCollector, embedding_sq_norms, linear_sq_norms
+from lightning_fisher.collector import FisherCollector, embedding_sq_norms, input_gram, linear_sq_norms
 from lightning_fisher.errors import CandidateSelectionError, FisherAnalysisError
 
 VOCAB, DIM, HIDDEN, CLASSES = 11, 6, 5, 3
@@ -533,3 +533,45 @@ def test_modules_reading_one_tensor_share_its_gram_exactly(strategy: str, monkey
             grads = torch.autograd.grad(trainable(x[i : i + 1]).square().sum(), [getattr(trainable, name).weight] + ([getattr(trainable, name).bias] if module.bias is not None else []))
             expected = sum(g.square().sum() for g in grads) / sum(p.numel() for p in params)
             assert float(record.values[m, i]) == pytest.approx(float(expected), rel=1e-10), (name, i)
+
+
+def test_gram_cache_is_keyed_by_the_captured_tensor_not_its_converted_copy() -> None:
+    # A bf16 input is copied to float32 before its Gram matrix is taken; the copy is freed after
+    # use and the next module's copy may land at the same address (version 0 again). Simulated
+    # deterministically: two "copies" over one buffer, written outside torch (no version bump).
+    from lightning_fisher.collector import _BatchState
+
+    buffer = bytearray(2 * 3 * 4 * 4)
+    first_source, second_source = torch.randn(2, 3, 4).bfloat16(), torch.randn(2, 3, 4).bfloat16()
+    state = _BatchState(num_modules=2, batch_size=2)
+    grams = []
+    for source in (first_source, second_source):
+        copy_ = torch.frombuffer(buffer, dtype=torch.float32).view(2, 3, 4)
+        memoryview(buffer).cast("B")[:] = source.float().numpy().tobytes()
+        grams.append(state.input_gram(copy_, source=source).clone())
+    assert torch.equal(grams[1], input_gram(second_source.float()))
+    assert not torch.equal(grams[0], grams[1])
+    # the same captured tensor read by a second module (query / key / value) hits the cache
+    assert state.input_gram(second_source.float(), source=second_source) is not None
+    assert len(state._grams) == 2
+
+
+def test_low_precision_model_scores_do_not_depend_on_gram_sharing(monkeypatch: pytest.MonkeyPatch) -> None:
+    import lightning_fisher.collector as collector_module
+
+    torch.manual_seed(0)
+    layers = [nn.Linear(32, 32) for _ in range(4)]
+    model = nn.Sequential(*(m for layer in layers for m in (layer, nn.Tanh()))).bfloat16().requires_grad_(False)
+    x = torch.randn(4, 6, 32, dtype=torch.bfloat16, requires_grad=True)
+
+    def scores() -> torch.Tensor:
+        collector = FisherCollector(model, norm_strategy="ghost")
+        with collector, collector.batch() as record:
+            model(x).float().square().mean().backward()
+        return record.values.clone()
+
+    shared = [scores() for _ in range(4)]  # several runs: allocator address reuse varies
+    monkeypatch.setattr(collector_module._BatchState, "input_gram", lambda self, a, source: None)
+    unshared = scores()
+    for values in shared:
+        assert torch.equal(values, unshared)
