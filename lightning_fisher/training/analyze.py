@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_fisher.errors import DatasetFolderError, FisherMapWriteError
+from lightning_fisher.errors import DatasetFolderError, FisherAnalysisError, FisherMapWriteError
 from lightning_fisher.fisher_map import DatasetRecord, FisherMap, resolve_map_path
 from lightning_fisher.tensor_folder import dataset_fingerprint, list_sample_files
 from lightning_fisher.timesteps import TimestepFocus
@@ -144,7 +144,7 @@ def analyze(
 
     Raises:
         FisherMapWriteError: the destination is not writable (checked before analysing).
-        FisherAnalysisError: no usable loss or gradients.
+        FisherAnalysisError: no usable loss or gradients, or the Trainer stopped before the analysis finished.
     """
     TimestepFocus.parse(timestep_focus)  # fail on bad settings before anything runs
     destination = map_destination(data, dataset_dir, output)
@@ -223,7 +223,10 @@ def _run_analysis(
         else:
             trainer.fit(module, train_dataloaders=data)
     if module.fisher_map is None:  # fit returned without finishing (e.g. interrupted)
-        raise RuntimeError("the analysis did not finish; no fisher map was produced")
+        raise FisherAnalysisError(
+            "the analysis did not finish: the Trainer returned before the analysis produced a map (check "
+            "trainer_kwargs and callbacks that stop training or limit batches); nothing was written"
+        )
     return module.fisher_map, trainer
 
 
