@@ -62,7 +62,6 @@ import platform
 import shlex
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, replace
@@ -75,6 +74,8 @@ from typing import Any, Iterable, Optional
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
+
+from lightning_fisher.atomic_io import write_text_atomic  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SPLIT_SEED = 0  # the train/validation split; never a run seed
@@ -247,19 +248,8 @@ class ResultStore:
 
 
 def write_atomically(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file and ``os.replace``: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temporary, 0o644)  # mkstemp creates 0600
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    """Never a half-written results file (see :func:`lightning_fisher.atomic_io.write_text_atomic`)."""
+    write_text_atomic(path, text, make_parents=True)
 
 
 def finite_or_none(value: Any) -> Optional[float]:

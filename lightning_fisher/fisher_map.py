@@ -21,7 +21,6 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -36,6 +35,7 @@ from torch import nn
 
 from lightning_fisher._version import __version__
 from lightning_fisher.allocation import allocate_ranks, flat_lora_parameters, lora_parameters
+from lightning_fisher.atomic_io import write_text_atomic
 from lightning_fisher.candidates import module_type_name, rank_cost, weight_shape
 from lightning_fisher.errors import (
     FisherMapDecodeError,
@@ -512,26 +512,10 @@ def resolve_map_path(path: PathLike) -> Path:
 
 
 def _atomic_write_text(file: Path, text: str) -> None:
-    descriptor = None
-    temporary = None
     try:
-        descriptor, name = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.", suffix=".tmp")
-        temporary = Path(name)
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            descriptor = None  # owned by the file object now
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, file)
-        temporary = None
+        write_text_atomic(file, text)
     except OSError as error:
         raise FisherMapWriteError(f"{file}: cannot write the fisher map ({error})", path=file) from error
-    finally:
-        if descriptor is not None:
-            os.close(descriptor)
-        if temporary is not None:
-            temporary.unlink(missing_ok=True)
 
 
 @lru_cache(maxsize=None)

@@ -12,7 +12,6 @@ import importlib
 import inspect
 import os
 import re
-import uuid
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -23,6 +22,7 @@ import yaml
 
 import lightning_fisher
 from lightning_fisher.allocation import check_rank_settings
+from lightning_fisher.atomic_io import write_text_atomic
 from lightning_fisher.errors import DatasetFolderError
 from lightning_fisher.tensor_folder import list_sample_files
 from lightning_fisher.timesteps import TimestepFocus
@@ -315,13 +315,5 @@ def render_config(answers: WizardAnswers) -> str:
 
 
 def write_config(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path`` atomically (a hidden temporary file renamed into place)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        temporary.write_text(text, encoding="utf-8")
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    return path
+    """Write ``text`` to ``path`` atomically, creating its folder if needed."""
+    return write_text_atomic(path, text, make_parents=True)

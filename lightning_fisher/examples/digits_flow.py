@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_fisher.atomic_io import write_text_atomic
 from lightning_fisher.errors import DatasetFolderError
 from lightning_fisher.timesteps import UniformTimestepSampler
 
@@ -169,9 +170,7 @@ def write_digits_dataset(
         prefix=SAMPLE_PREFIX,
         overwrite=True,
     )
-    temporary = out / f".{MANIFEST_NAME}.tmp"
-    temporary.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
-    os.replace(temporary, manifest_path)
+    write_text_atomic(manifest_path, json.dumps(settings, indent=2) + "\n")
     return out
 
 

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional, Sequence, Union
 
+from lightning_fisher.atomic_io import write_text_atomic
 from lightning_fisher.errors import DatasetFolderError, LightningFisherError
 
 __all__ = [
@@ -404,7 +405,5 @@ def write_condition_dataset(
         "settings": settings,
         "citation": CITATION,
     }
-    tmp_manifest = out / f".{MANIFEST_NAME}.tmp"
-    tmp_manifest.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp_manifest, out / MANIFEST_NAME)
+    write_text_atomic(out / MANIFEST_NAME, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     return out

@@ -15,7 +15,6 @@ in a dataset folder may be absent (then flat LoRA).
 
 from __future__ import annotations
 
-import math
 import os
 import statistics
 import types

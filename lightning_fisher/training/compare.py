@@ -24,7 +24,6 @@ import json
 import math
 import os
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from lightning_fisher.atomic_io import write_text_atomic
 from lightning_fisher.errors import LightningFisherError
 from lightning_fisher.fisher_map import FisherMap
 from lightning_fisher.patterns import exact_target_regex
@@ -236,20 +236,10 @@ class CompareResult:
         """Write :meth:`to_dict` as JSON, atomically (a failed write leaves any previous file as it was)."""
         path = Path(path)
         text = json.dumps(self.to_dict(), indent=2) + "\n"
-        temporary = None
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            descriptor, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            temporary = Path(name)
-            with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-                handle.write(text)
-            os.replace(temporary, path)
-            temporary = None
+            write_text_atomic(path, text, make_parents=True)
         except OSError as error:
             raise CompareError(f"output: cannot write {path} ({error})") from error
-        finally:
-            if temporary is not None:
-                temporary.unlink(missing_ok=True)
         return path
 
     def __str__(self) -> str:
