@@ -1,0 +1,90 @@
+"""Baselines measured beside the arms: majority class and a linear probe (reviews), the unadapted model (digits)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from quality_bench.data import datamodule, folder_labels
+from quality_bench.protocol import TIE_TOLERANCE, TaskSpec
+from quality_bench.runs import build_model, task_threads, trainer
+from quality_bench.store import ResultStore
+
+def reviews_baselines(store: ResultStore, task: TaskSpec, folders: dict[str, Path], workdir: Path) -> None:
+    """Majority-class rate and a linear probe on frozen mean-pooled MiniLM features (C chosen on validation)."""
+    if store.baseline(task.name, "majority") is None:
+        store.set_baseline(task.name, "majority", {
+            split: majority(folder_labels(folders[split])) for split in ("train", "val", "test")})
+    if store.baseline(task.name, "linear_probe") is None:
+        started = time.perf_counter()
+        probe = linear_probe(folders, workdir)
+        probe["seconds"] = round(time.perf_counter() - started, 1)
+        store.set_baseline(task.name, "linear_probe", probe)
+
+
+def majority(labels: list[int]) -> float:
+    return max(labels.count(c) for c in set(labels)) / len(labels)
+
+
+@torch.no_grad()
+def frozen_features(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean-pooled last hidden states of the pretrained MiniLM (eval mode), exactly as the classifier pools."""
+    from lightning_fisher.examples.text_classifier import MiniLMClassifier
+    from lightning_fisher.tensor_folder import TensorFolderDataset
+
+    model = MiniLMClassifier(num_classes=9).eval()
+    dataset = TensorFolderDataset(folder)
+    features, labels = [], []
+    for start in range(0, len(dataset), 32):
+        batch = [dataset[i] for i in range(start, min(start + 32, len(dataset)))]
+        ids = torch.stack([b["input_ids"] for b in batch])
+        mask = torch.stack([b["attention_mask"] for b in batch])
+        hidden = model.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        features.append((hidden * m).sum(1) / m.sum(1).clamp_min(1.0))
+        labels.extend(int(b["label"]) for b in batch)
+    return torch.cat(features), torch.tensor(labels)
+
+
+def linear_probe(folders: dict[str, Path], workdir: Path) -> dict[str, Any]:
+    """Logistic regression on standardised frozen features; C chosen by validation log loss."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import log_loss
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    cache = workdir / "probe_features.pt"
+    if cache.is_file():
+        features = torch.load(cache, weights_only=True)
+    else:
+        features = {split: frozen_features(folders[split]) for split in ("train", "val", "test")}
+        torch.save(features, cache)
+    (xtr, ytr), (xva, yva), (xte, yte) = ((features[s][0].numpy(), features[s][1].numpy()) for s in ("train", "val", "test"))
+    classes = list(range(9))
+    best = None
+    for c in (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0):
+        probe = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=5000)).fit(xtr, ytr)
+        val_loss = log_loss(yva, probe.predict_proba(xva), labels=classes)
+        val_acc = float((probe.predict(xva) == yva).mean())
+        if best is None or val_loss < best["val_loss"] - TIE_TOLERANCE:
+            best = {"C": c, "val_loss": val_loss, "val_acc": val_acc, "probe": probe}
+    probe = best.pop("probe")
+    best.update(test_loss=log_loss(yte, probe.predict_proba(xte), labels=classes),
+                test_acc=float((probe.predict(xte) == yte).mean()))
+    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in best.items()}
+
+
+def digits_baselines(store: ResultStore, task: TaskSpec, folders: dict[str, Path]) -> None:
+    """The pretrained (0-4) model's held-out denoising loss on digits 5-9, before any adaptation."""
+    if store.baseline(task.name, "pretrained") is not None:
+        return
+    with task_threads(task):
+        model = build_model(task, 1e-3, 0, folders)
+        data = datamodule(task, folders, 0)
+        evaluation = trainer(task, fit=False)
+        val = evaluation.validate(model, datamodule=data, verbose=False)[0]["val_loss"]
+        test = evaluation.test(model, datamodule=data, verbose=False)[0]["test_loss"]
+    store.set_baseline(task.name, "pretrained", {"val_loss": round(float(val), 4), "test_loss": round(float(test), 4)})

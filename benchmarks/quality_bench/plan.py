@@ -1,0 +1,94 @@
+"""Which runs to make: the full grid for main arms, a staged LR sweep for the others; run what is missing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Optional
+
+from quality_bench.baselines import digits_baselines, reviews_baselines
+from quality_bench.data import prepare_digits, prepare_reviews
+from quality_bench.protocol import Arm, TaskSpec
+from quality_bench.report import choose_lr
+from quality_bench.runs import run_one
+from quality_bench.store import ResultStore
+
+Plan = list[tuple[Arm, float, int, str]]
+
+
+def grid(task: TaskSpec, arm: Arm, lrs: Iterable[float], seeds: Iterable[int], focuses: Iterable[str]) -> Plan:
+    return [(arm, lr, seed, focus) for seed in seeds for lr in lrs for focus in focuses]
+
+
+def arm_focuses(task: TaskSpec, arm: Arm) -> tuple[str, ...]:
+    return task.focuses if arm.kind == "fisher" else ("",)
+
+
+def full_plan(task: TaskSpec, arms: tuple[Arm, ...]) -> Plan:
+    """Every arm on the full LR x seed grid (``head_only`` at the head LR); seeds outermost."""
+    plan = []
+    for seed in task.seeds:
+        for arm in arms:
+            lrs = (task.head_lr,) if arm.kind == "head_only" else task.lrs_for(arm.name)
+            plan += grid(task, arm, lrs, (seed,), arm_focuses(task, arm))
+    return plan
+
+
+def staged_plan(task: TaskSpec, arms: tuple[Arm, ...], store: "ResultStore") -> tuple[Plan, Plan]:
+    """Staged runs of the non-main arms: (LR sweep on the first seed, other seeds at the chosen LR).
+
+    The second part is only known once the sweep is complete (for an arm and focus whose sweep
+    is not stored yet it is empty; run the plan again after the sweep).
+    """
+    sweep, rest = [], []
+    first, others = task.seeds[:1], task.seeds[1:]
+    for arm in arms:
+        if arm.main:
+            continue
+        for focus in arm_focuses(task, arm):
+            sweep += grid(task, arm, task.lrs_for(arm.name), first, (focus,))
+            lr = sweep_choice(task, store, arm, focus)
+            if lr is not None:
+                rest += grid(task, arm, (lr,), others, (focus,))
+    return sweep, rest
+
+
+def sweep_choice(task: TaskSpec, store: "ResultStore", arm: Arm, focus: str) -> Optional[float]:
+    """The LR the first seed chose on validation, once that seed has a run at every LR."""
+    seed, lrs = task.seeds[0], task.lrs_for(arm.name)
+    runs = {float(r["lr"]): [r] for r in store.runs(task.name)
+            if r["arm"] == arm.name and (r.get("focus") or "") == focus and r["seed"] == seed and float(r["lr"]) in lrs}
+    if len(runs) < len(lrs):
+        return None
+    return choose_lr(runs)[0]
+
+
+def run_plan(store: ResultStore, task: TaskSpec, plan: Plan, folders: dict[str, Path], workdir: Path, phase: str) -> None:
+    """Run every planned run not yet in the store, saving each as it finishes."""
+    todo = [p for p in plan if not store.has((task.name, p[0].name, float(p[1]), p[2], p[3]))]
+    print(f"[{task.name} {phase}] {len(plan) - len(todo)} of {len(plan)} runs already done; {len(todo)} to go",
+          flush=True)
+    for index, (arm, lr, seed, focus) in enumerate(todo, 1):
+        record = run_one(arm, task, lr, seed, focus, folders, workdir / task.name)
+        store.add_run(record)
+        metric = f", test acc {record['test_acc']:.4f}" if record.get("test_acc") is not None else ""
+        print(f"[{task.name} {phase} {index}/{len(todo)}] {arm.name}{'/' + focus if focus else ''} lr={lr:g} "
+              f"seed={seed}: {record['lora_parameters']:,} params, val loss {record['val_loss']:.4f}, "
+              f"test loss {record['test_loss']:.4f}{metric} ({record['seconds']:.0f} s)", flush=True)
+
+
+def run_task(store: ResultStore, task: TaskSpec, arms: tuple[Arm, ...], workdir: Path) -> None:
+    """Prepare data and baselines, then the main arms' grid, then the other arms (full or staged)."""
+    store.check_protocol(task)
+    folders = prepare_reviews(workdir / "reviews") if task.name == "reviews" else prepare_digits(workdir / "digits")
+    if task.name == "reviews":
+        reviews_baselines(store, task, folders, workdir / "reviews")
+    else:
+        digits_baselines(store, task, folders)
+    if not task.staged:
+        run_plan(store, task, full_plan(task, arms), folders, workdir, "all arms")
+        return
+    run_plan(store, task, full_plan(task, tuple(a for a in arms if a.main)), folders, workdir, "main arms")
+    sweep, _ = staged_plan(task, arms, store)
+    run_plan(store, task, sweep, folders, workdir, "LR sweep, first seed")
+    _, rest = staged_plan(task, arms, store)
+    run_plan(store, task, rest, folders, workdir, "other seeds at the chosen LR")

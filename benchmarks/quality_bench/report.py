@@ -1,0 +1,293 @@
+"""Selection (each arm's LR chosen on validation) and the Markdown report with verdicts against flat LoRA and EVA."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from quality_bench.protocol import ARMS, HEAD_ONLY, RESULTS_DIR, TIE_TOLERANCE
+from quality_bench.store import ResultStore, write_atomically
+
+def arm_rows(task: str, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (arm, focus): the LR chosen on validation, and test statistics there."""
+    groups: dict[tuple[str, str], dict[float, list[dict]]] = {}
+    for r in runs:
+        groups.setdefault((r["arm"], r.get("focus") or ""), {}).setdefault(float(r["lr"]), []).append(r)
+    rows = []
+    for (arm, focus), by_lr in groups.items():
+        chosen_lr, chosen = choose_lr(by_lr)
+        rows.append({"arm": arm, "focus": focus, "lr": chosen_lr, "runs": chosen, "lrs": sorted(by_lr), "by_lr": by_lr,
+                     "seeds": sorted(r["seed"] for r in chosen),
+                     "val_by_lr": {lr: mean([r["val_loss"] for r in rs]) for lr, rs in sorted(by_lr.items())}})
+    order = {a.name: i for i, a in enumerate((HEAD_ONLY,) + ARMS)}
+    return sorted(rows, key=lambda row: (order.get(row["arm"], 99), row["focus"]))
+
+
+def choose_lr(by_lr: dict[float, list[dict]]) -> tuple[float, list[dict]]:
+    """Lowest mean validation loss (a diverged run counts as infinite); ties -> higher accuracy.
+
+    Means are taken over the seeds every LR has (all seeds on a full grid, the first seed when
+    the arm was staged), so no LR is favoured by having been run on easier seeds. Returns the
+    LR and all of its runs.
+    """
+    common = set.intersection(*({r["seed"] for r in runs} for runs in by_lr.values()))
+
+    def score(runs: list[dict]) -> tuple[float, float]:
+        runs = [r for r in runs if r["seed"] in common]
+        loss = mean([r["val_loss"] if r["val_loss"] is not None else math.inf for r in runs])
+        acc = mean([r.get("val_acc") or 0.0 for r in runs])
+        return loss, acc
+
+    best_lr = None
+    for lr, runs in sorted(by_lr.items()):
+        if best_lr is None:
+            best_lr = lr
+            continue
+        (loss, acc), (best_loss, best_acc) = score(runs), score(by_lr[best_lr])
+        if loss < best_loss - TIE_TOLERANCE or (abs(loss - best_loss) <= TIE_TOLERANCE and acc > best_acc):
+            best_lr = lr
+    return best_lr, sorted(by_lr[best_lr], key=lambda r: r["seed"])
+
+
+def mean(values: list[Optional[float]]) -> float:
+    values = [math.inf if v is None else v for v in values]
+    return sum(values) / len(values) if values else math.nan
+
+
+def spread(values: list[float]) -> float:
+    """Sample standard deviation over seeds (0 for one seed)."""
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def stats(runs: list[dict], key: str) -> dict[str, float]:
+    values = [r[key] for r in runs if r.get(key) is not None]
+    if not values:
+        return {"mean": math.nan, "std": math.nan, "min": math.nan, "max": math.nan, "n": 0}
+    return {"mean": mean(values), "std": spread(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def verdict(row: dict, reference: dict, key: str, higher_is_better: bool) -> str:
+    """Plain words: the difference of means against the larger seed spread of the two arms."""
+    a, b = stats(row["runs"], key), stats(reference["runs"], key)
+    difference = a["mean"] - b["mean"]
+    noise = max(a["std"], b["std"])
+    paired = paired_differences(row["runs"], reference["runs"], key)
+    paired_text = (f"; per seed {', '.join(f'{d:+.3f}' for d in paired)}" if paired else "")
+    if not math.isfinite(difference):
+        return "not comparable (a diverged run)"
+    if min(a["n"], b["n"]) < 2:
+        return f"{difference:+.4f} {key.replace('_', ' ')}{paired_text} -> undetermined (one seed: no spread to judge by)"
+    if abs(difference) <= noise:
+        word = "parity"
+    else:
+        better = (difference > 0) == higher_is_better
+        word = "better" if better else "worse"
+    within = "within" if abs(difference) <= noise else "outside"
+    return f"{difference:+.4f} {key.replace('_', ' ')}, {within} the seed spread {noise:.4f}{paired_text} -> {word}"
+
+
+def paired_differences(runs: list[dict], reference: list[dict], key: str) -> list[float]:
+    """Arm minus reference, seed by seed (same seed = same head init and data order)."""
+    ref = {r["seed"]: r[key] for r in reference if r.get(key) is not None}
+    return [r[key] - ref[r["seed"]] for r in runs if r.get(key) is not None and r["seed"] in ref]
+
+
+def format_stat(s: dict[str, float]) -> str:
+    if s["n"] == 0:
+        return "diverged"
+    return f"{s['mean']:.4f} ± {s['std']:.4f} [{s['min']:.4f}, {s['max']:.4f}]"
+
+
+def task_table(task: str, runs: list[dict], flat_params: Optional[int]) -> tuple[list[str], list[dict]]:
+    """Markdown lines of one task's table, and the rows behind it."""
+    rows = arm_rows(task, runs)
+    accuracy = task == "reviews"
+    header = ["arm", "focus", "LoRA params", "x flat", "ranks min/med/max", "chosen LR (of)", "seeds",
+              "test acc" if accuracy else None, "test loss", "val loss", "val acc" if accuracy else None]
+    header = [h for h in header if h]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    labels = {a.name: a.label for a in (HEAD_ONLY,) + ARMS}
+    for row in rows:
+        params = sorted({r["lora_parameters"] for r in row["runs"]})
+        param_text = f"{params[0]:,}" if len(params) == 1 else f"{params[0]:,}-{params[-1]:,}"
+        ratio = (f"{mean(params) / flat_params:.2f}" if flat_params else "-") if params != [0] else "0"
+        ranks = row["runs"][0].get("ranks", {})
+        rank_text = f"{ranks['min']}/{ranks['median']:g}/{ranks['max']}" if ranks.get("modules") else "-"
+        cells = [labels.get(row["arm"], row["arm"]), row["focus"] or "-", param_text, ratio, rank_text,
+                 lr_text(row), str(len(row["seeds"]))]
+        if accuracy:
+            cells.append(format_stat(stats(row["runs"], "test_acc")))
+        cells.append(format_stat(stats(row["runs"], "test_loss")))
+        cells.append(f"{stats(row['runs'], 'val_loss')['mean']:.4f}")
+        if accuracy:
+            cells.append(f"{stats(row['runs'], 'val_acc')['mean']:.4f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines, rows
+
+
+def lr_text(row: dict) -> str:
+    """The chosen LR and the grid it was chosen from (or where a fixed LR came from)."""
+    if row["arm"] == "head_only":
+        return f"{row['lr']:g} (head LR)"
+    seeds = {lr: len(runs) for lr, runs in row["by_lr"].items()}
+    staged = len(set(seeds.values())) > 1
+    grid_text = ", ".join(f"{lr:g}" for lr in row["lrs"])
+    return f"{row['lr']:g} (of {grid_text}{'; chosen on the first seed' if staged else ''})"
+
+
+def task_verdicts(task: str, rows: list[dict], baselines: dict) -> list[str]:
+    """Each arm against flat LoRA (same focus-less flat for every focus), and flat against the baselines.
+
+    Reviews are judged on test accuracy and on test loss (both are reported; they need not
+    agree), digits on held-out loss.
+    """
+    metrics = [("test_acc", True), ("test_loss", False)] if task == "reviews" else [("test_loss", False)]
+    flat = next((row for row in rows if row["arm"] == "flat"), None)
+    if flat is None:
+        return ["- no flat LoRA runs yet"]
+    lines = []
+    if task == "reviews":
+        probe = baselines.get("linear_probe") or {}
+        majority_test = (baselines.get("majority") or {}).get("test")
+        if probe.get("test_acc") is not None and majority_test is not None:
+            acc = stats(flat["runs"], "test_acc")
+            clear = acc["mean"] - acc["std"] > max(probe["test_acc"], majority_test)
+            lines.append(f"- flat LoRA test accuracy {acc['mean']:.4f} ± {acc['std']:.4f} vs majority {majority_test:.4f} "
+                         f"and linear probe {probe['test_acc']:.4f}: "
+                         + ("clearly above both (mean minus one seed std)" if clear else
+                            "above the majority rate, but NOT clearly above the probe (mean minus one seed std)"))
+        if probe.get("test_loss") is not None:
+            loss = stats(flat["runs"], "test_loss")
+            lines.append(f"- flat LoRA test loss {loss['mean']:.4f} ± {loss['std']:.4f} vs linear probe "
+                         f"{probe['test_loss']:.4f}: {'lower' if loss['mean'] < probe['test_loss'] else 'HIGHER'}")
+    else:
+        pretrained = (baselines.get("pretrained") or {}).get("test_loss")
+        if pretrained is not None:
+            flat_value = stats(flat["runs"], "test_loss")["mean"]
+            lines.append(f"- flat LoRA test loss {flat_value:.4f} vs pretrained (unadapted) {pretrained:.4f}: "
+                         f"adaptation {'improves' if flat_value < pretrained else 'does NOT improve'} it by "
+                         f"{pretrained - flat_value:+.4f}")
+    labels = {a.name: a.label for a in (HEAD_ONLY,) + ARMS}
+    for row in rows:
+        if row["arm"] == "flat":
+            continue
+        focus = f" [{row['focus']}]" if row["focus"] else ""
+        judged = "; ".join(verdict(row, flat, key, higher) for key, higher in metrics)
+        lines.append(f"- {labels.get(row['arm'], row['arm'])}{focus} vs flat: {judged}")
+    eva = next((row for row in rows if row["arm"] == "eva"), None)
+    for row in rows:
+        if eva is not None and row["arm"] == "fisher_budget":
+            focus = f" [{row['focus']}]" if row["focus"] else ""
+            judged = "; ".join(verdict(row, eva, key, higher) for key, higher in metrics)
+            lines.append(f"- {labels['fisher_budget']}{focus} vs {labels['eva']}: {judged}")
+    return lines
+
+
+def write_report(store: ResultStore, path: Path, command: str, wall_seconds: Optional[float]) -> str:
+    """Write the Markdown report next to the JSON and return it."""
+    out = ["# Quality benchmark: Fisher-allocated LoRA ranks vs flat LoRA and EVA", ""]
+    out.append("Generated by `benchmarks/quality.py` from "
+               f"`{store.path.relative_to(RESULTS_DIR.parent.parent) if store.path.is_relative_to(RESULTS_DIR.parent.parent) else store.path}`.")
+    out.append("")
+    out.append(f"- command: `{command}`")
+    earlier = list(dict.fromkeys(i["command"] for i in store.data["invocations"]))
+    if len(earlier) > 1 or (earlier and earlier[0] != command):
+        out.append("- the stored runs come from: " + "; ".join(f"`{c}`" for c in earlier))
+    out.append(f"- machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__} "
+               f"({torch.get_num_threads()} intra-op threads for MiniLM, 1 for the flow model; "
+               f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}), "
+               f"{platform.python_implementation()} {platform.python_version()}")
+    compute = sum(r["seconds"] for r in store.data["runs"])
+    out.append(f"- compute time of the stored runs: {compute / 60:.1f} min over {len(store.data['runs'])} runs"
+               + (f"; this invocation's wall time: {wall_seconds / 60:.1f} min" if wall_seconds is not None else ""))
+    out.append("- selection: adapter LR per arm by mean validation loss over seeds; test metrics at that LR, "
+               "mean ± sample std [min, max] over seeds")
+    for task in ("reviews", "digits"):
+        runs = store.runs(task)
+        if not runs:
+            continue
+        protocol = store.data["protocols"].get(task, {})
+        baselines = store.data["baselines"].get(task, {})
+        flat_runs = [r for r in runs if r["arm"] == "flat"]
+        flat_params = flat_runs[0]["lora_parameters"] if flat_runs else None
+        table, rows = task_table(task, runs, flat_params)
+        out += ["", f"## {task}", "", f"protocol: `{json.dumps(protocol)}`", ""]
+        out += baseline_lines(task, baselines) + [""] + table + ["", "Verdicts (test metric at each arm's chosen LR):", ""]
+        out += task_verdicts(task, rows, baselines)
+        out += ["", "Notes:", ""] + task_notes(runs, rows)
+        out += ["", "Mean validation loss by LR (n = seeds):", ""]
+        out += [f"- {row['arm']}{'/' + row['focus'] if row['focus'] else ''}: "
+                + ", ".join(f"{lr:g}: {v:.4f} (n={len(row['by_lr'][lr])})" for lr, v in row["val_by_lr"].items())
+                for row in rows]
+    text = "\n".join(out) + "\n"
+    write_atomically(path, text)
+    return text
+
+
+def task_notes(runs: list[dict], rows: list[dict]) -> list[str]:
+    """Facts behind the table: analysis and EVA costs, and focuses whose allocations coincide."""
+    lines = []
+    analyses = {(r["seed"], r.get("focus") or ""): r for r in runs if r.get("analysis_batches") is not None}
+    if analyses:
+        batches = sorted({r["analysis_batches"] for r in analyses.values()})
+        stops = sorted({r["analysis_stop"] for r in analyses.values()})
+        seconds = [r["analysis_seconds"] for r in analyses.values() if r.get("analysis_seconds") is not None]
+        lines.append(f"- Fisher analyses: {len(analyses)} (one per seed{' and focus' if any(f for _, f in analyses) else ''}), "
+                     f"{'/'.join(map(str, batches))} batches, stopped by {', '.join(stops)}"
+                     + (f", {min(seconds):.1f}-{max(seconds):.1f} s each" if seconds else ""))
+    eva = [r for r in runs if r.get("eva_total_rank") is not None]
+    flat = next((r for r in runs if r["arm"] == "flat" and r["ranks"].get("modules")), None)
+    if eva:
+        flat_total = f" vs flat {flat['ranks']['modules'] * flat['ranks']['max']}" if flat else ""
+        lines.append(f"- EVA total rank {'/'.join(str(t) for t in sorted({r['eva_total_rank'] for r in eva}))}"
+                     f"{flat_total}; SVD + init {min(r['eva_seconds'] for r in eva):.0f}-"
+                     f"{max(r['eva_seconds'] for r in eva):.0f} s per run (the SVD is cached per seed)")
+    for row in rows:
+        if row["arm"] != "head_only" and len(row["lrs"]) > 1 and row["lr"] in (row["lrs"][0], row["lrs"][-1]):
+            lines.append(f"- {row['arm']}{'/' + row['focus'] if row['focus'] else ''}: the chosen LR {row['lr']:g} "
+                         "is at the edge of the grid; its best LR may lie outside it")
+    lines += same_allocation_notes(runs)
+    return lines or ["- none"]
+
+
+def same_allocation_notes(runs: list[dict]) -> list[str]:
+    """Focuses of one Fisher arm whose every run matches another focus's exactly (same ranks, same numbers)."""
+    lines = []
+    by_arm: dict[str, dict[str, dict[tuple, float]]] = {}
+    for r in runs:
+        if r.get("focus"):
+            by_arm.setdefault(r["arm"], {}).setdefault(r["focus"], {})[(float(r["lr"]), r["seed"])] = r["test_loss"]
+    for arm, focuses in by_arm.items():
+        names = sorted(focuses)
+        for i, a in enumerate(names):
+            for b in names[i + 1:]:
+                common = set(focuses[a]) & set(focuses[b])
+                if common and all(focuses[a][k] == focuses[b][k] for k in common):
+                    lines.append(f"- {arm}: focus {a} and {b} gave identical results in all {len(common)} common runs "
+                                 "(their maps allocate the same ranks)")
+    return lines
+
+
+def baseline_lines(task: str, baselines: dict) -> list[str]:
+    lines = ["Baselines:", ""]
+    if task == "reviews":
+        m = baselines.get("majority") or {}
+        if m:
+            lines.append(f"- majority class: test {m['test']:.4f}, validation {m['val']:.4f}")
+        p = baselines.get("linear_probe") or {}
+        if p:
+            lines.append(f"- linear probe on frozen mean-pooled features (C={p['C']} chosen on validation): "
+                         f"test acc {p['test_acc']:.4f}, test loss {p['test_loss']:.4f}, val acc {p['val_acc']:.4f}")
+    else:
+        p = baselines.get("pretrained") or {}
+        if p:
+            lines.append(f"- pretrained on digits 0-4, not adapted: test loss {p['test_loss']:.4f}, "
+                         f"validation loss {p['val_loss']:.4f}")
+    return lines

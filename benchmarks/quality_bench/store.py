@@ -1,0 +1,70 @@
+"""The results file: every finished run and baseline, rewritten atomically after each addition."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+from lightning_fisher.atomic_io import write_text_atomic
+
+from quality_bench.protocol import TaskSpec
+
+def run_key(record: dict[str, Any]) -> tuple:
+    """Identity of a run: (task, arm, lr, seed, focus)."""
+    return (record["task"], record["arm"], float(record["lr"]), int(record["seed"]), record.get("focus") or "")
+
+
+class ResultStore:
+    """The JSON results file: runs and baselines, rewritten atomically after every addition."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.data: dict[str, Any] = {"runs": [], "baselines": {}, "protocols": {}, "invocations": []}
+        if path.is_file():
+            self.data.update(json.loads(path.read_text(encoding="utf-8")))
+        self._keys = {run_key(r) for r in self.data["runs"]}
+
+    def check_protocol(self, task: TaskSpec) -> None:
+        """Refuse to mix runs made under different settings in one file."""
+        stored = self.data["protocols"].get(task.name)
+        current = task.protocol()
+        if stored is not None and stored != current:
+            raise SystemExit(
+                f"{self.path}: its {task.name} runs were made with {stored}, this invocation uses {current}. "
+                "Move the file away (or pass --results OTHER.json) to start afresh."
+            )
+        self.data["protocols"][task.name] = current
+
+    def has(self, key: tuple) -> bool:
+        return key in self._keys
+
+    def add_run(self, record: dict[str, Any]) -> None:
+        self.data["runs"].append(record)
+        self._keys.add(run_key(record))
+        self.save()
+
+    def set_baseline(self, task: str, name: str, value: Any) -> None:
+        self.data["baselines"].setdefault(task, {})[name] = value
+        self.save()
+
+    def baseline(self, task: str, name: str) -> Any:
+        return self.data["baselines"].get(task, {}).get(name)
+
+    def runs(self, task: str) -> list[dict[str, Any]]:
+        return [r for r in self.data["runs"] if r["task"] == task]
+
+    def save(self) -> None:
+        write_atomically(self.path, json.dumps(self.data, indent=1, allow_nan=False) + "\n")
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Never a half-written results file (see :func:`lightning_fisher.atomic_io.write_text_atomic`)."""
+    write_text_atomic(path, text, make_parents=True)
+
+
+def finite_or_none(value: Any) -> Optional[float]:
+    """JSON has no NaN: a diverged run's metric is stored as ``null``."""
+    value = float(value)
+    return value if math.isfinite(value) else None

@@ -1,0 +1,101 @@
+"""The quality benchmark's bookkeeping: which runs it plans, which LR it picks, what it refuses.
+
+These decide the published numbers, so they are tested on synthetic run records (no training).
+"""
+
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import quality  # noqa: E402
+from quality_bench.plan import full_plan, staged_plan  # noqa: E402
+from quality_bench.protocol import ARMS, HEAD_ONLY, REVIEWS  # noqa: E402
+from quality_bench.report import choose_lr, write_report  # noqa: E402
+from quality_bench.store import ResultStore  # noqa: E402
+
+ARM = {a.name: a for a in (HEAD_ONLY,) + ARMS}
+
+
+def record(arm, lr, seed, val_loss, *, test_loss=None, val_acc=0.5, test_acc=0.5, params=1000, task="reviews"):
+    return {"task": task, "arm": arm, "lr": lr, "seed": seed, "focus": "", "lora_parameters": params,
+            "ranks": {"modules": 2, "min": 8, "median": 8, "max": 8}, "val_loss": val_loss,
+            "test_loss": val_loss if test_loss is None else test_loss, "val_acc": val_acc, "test_acc": test_acc,
+            "seconds": 1.0}
+
+
+def test_choose_lr_compares_lrs_on_the_seeds_they_share():
+    # 3e-3 has three seeds, two of them easy; on seed 0 alone (the shared seed) 1e-3 is better
+    by_lr = {
+        1e-3: [record("eva", 1e-3, 0, 0.80)],
+        3e-3: [record("eva", 3e-3, 0, 0.85), record("eva", 3e-3, 1, 0.10), record("eva", 3e-3, 2, 0.10)],
+    }
+    lr, runs = choose_lr(by_lr)
+    assert lr == 1e-3
+    assert [r["seed"] for r in runs] == [0]
+
+
+def test_choose_lr_counts_a_diverged_run_as_worst_and_breaks_ties_by_accuracy():
+    diverged = {1e-2: [record("flat", 1e-2, 0, None)], 1e-3: [record("flat", 1e-3, 0, 5.0)]}
+    assert choose_lr(diverged)[0] == 1e-3
+    tied = {1e-3: [record("flat", 1e-3, 0, 0.80000, val_acc=0.6)],
+            3e-3: [record("flat", 3e-3, 0, 0.80005, val_acc=0.7)]}
+    assert choose_lr(tied)[0] == 3e-3
+
+
+def test_staged_arms_sweep_their_own_grid_then_run_the_other_seeds_at_the_chosen_lr(tmp_path):
+    store = ResultStore(tmp_path / "q.json")
+    eva = ARM["eva"]
+    sweep, rest = staged_plan(REVIEWS, (ARM["flat"], eva), store)
+    assert [(a.name, lr, seed) for a, lr, seed, _ in sweep] == [("eva", lr, 0) for lr in REVIEWS.lrs_for("eva")]
+    assert rest == []  # unknown until the sweep is stored
+    assert 1e-4 in REVIEWS.lrs_for("eva") and REVIEWS.lrs_for("flat") == REVIEWS.lrs
+    for lr in REVIEWS.lrs_for("eva"):
+        store.add_run(record("eva", lr, 0, 1.0 if lr != 3e-4 else 0.5))
+    _, rest = staged_plan(REVIEWS, (eva,), store)
+    assert [(a.name, lr, seed) for a, lr, seed, _ in rest] == [("eva", 3e-4, 1), ("eva", 3e-4, 2)]
+
+
+def test_main_arms_get_the_full_grid_and_head_only_runs_at_the_head_lr():
+    plan = full_plan(REVIEWS, (HEAD_ONLY, ARM["flat"]))
+    assert sorted({(a.name, lr) for a, lr, _, _ in plan}) == sorted(
+        [("head_only", REVIEWS.head_lr)] + [("flat", lr) for lr in REVIEWS.lrs])
+    assert len(plan) == (1 + len(REVIEWS.lrs)) * len(REVIEWS.seeds)
+
+
+def test_lrs_on_the_command_line_replace_every_arms_grid():
+    (reviews,) = quality.selected_tasks(quality.parse_args(["--task", "reviews", "--lrs", "0.001,0.002"]))
+    assert reviews.lrs_for("eva") == reviews.lrs_for("flat") == (0.001, 0.002)
+    (default,) = quality.selected_tasks(quality.parse_args(["--task", "reviews"]))
+    assert default == REVIEWS
+
+
+def test_a_results_file_refuses_runs_made_under_another_protocol(tmp_path):
+    path = tmp_path / "q.json"
+    store = ResultStore(path)
+    store.check_protocol(REVIEWS)
+    store.save()
+    with pytest.raises(SystemExit, match="head_lr"):
+        ResultStore(path).check_protocol(replace(REVIEWS, head_lr=REVIEWS.head_lr / 2))
+    ResultStore(path).check_protocol(replace(REVIEWS, lrs=(0.5,)))  # grids are not the protocol
+
+
+def test_report_judges_flat_against_the_probe_and_the_map_against_flat(tmp_path):
+    store = ResultStore(tmp_path / "q.json")
+    store.set_baseline("reviews", "majority", {"train": 0.55, "val": 0.55, "test": 0.554})
+    store.set_baseline("reviews", "linear_probe", {"C": 0.01, "val_loss": 0.8, "val_acc": 0.7,
+                                                   "test_loss": 0.80, "test_acc": 0.72})
+    for seed, (flat, fisher) in enumerate([(0.75, 0.80), (0.76, 0.81), (0.74, 0.79)]):
+        store.add_run(record("flat", 1e-3, seed, 0.7, test_loss=0.7, test_acc=flat))
+        store.add_run(record("fisher_budget", 1e-3, seed, 0.7, test_loss=0.7, test_acc=fisher))
+    text = write_report(store, tmp_path / "q.md", "python benchmarks/quality.py", None)
+    assert (tmp_path / "q.md").read_text() == text
+    assert "clearly above both" in text
+    fisher_line = next(line for line in text.splitlines() if line.startswith("- Fisher, budget (= flat params) vs flat"))
+    assert "+0.0500 test acc, outside the seed spread 0.0100" in fisher_line
+    assert "-> better" in fisher_line and "-> parity" in fisher_line  # accuracy better, loss equal
+    assert json.loads((tmp_path / "q.json").read_text())["baselines"]["reviews"]["linear_probe"]["C"] == 0.01
