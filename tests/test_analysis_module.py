@@ -194,6 +194,15 @@ def test_all_nan_is_a_clear_error_and_task_is_restored():
     assert all(not m._forward_hooks for m in task.modules())
 
 
+def test_a_trainer_that_returns_before_analysing_is_a_clear_error_and_writes_nothing(tmp_path):
+    task = Task()
+    with pytest.raises(FisherAnalysisError, match="did not finish.*limit batches"):
+        analyze(task, loader(), dataset_dir=tmp_path, trainer_kwargs={**QUIET, "limit_train_batches": 0}, **no_early_stop())
+    assert list(tmp_path.iterdir()) == []
+    assert all(p.requires_grad for p in task.parameters())
+    assert all(not m._forward_hooks for m in task.modules())
+
+
 def test_candidates_by_pattern_and_map_written_to_dataset_dir(tmp_path):
     task = Task()
     fmap = analyze(task, loader(), dataset_dir=tmp_path, exclude=["head"], trainer_kwargs=QUIET, convergence_patience=2, min_batches=2, stability_threshold=0.0)
