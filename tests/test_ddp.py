@@ -48,3 +48,57 @@ def test_ddp_ranks_stop_at_the_same_batch(tmp_path):
     assert ddp[0]["stop_reason"] == ddp[1]["stop_reason"] == "converged"
     assert ddp[0]["batches"] == ddp[1]["batches"] < 6
     assert ddp[0]["history"] == ddp[1]["history"]
+
+
+FIT_SCRIPT = Path(__file__).parent / "scripts" / "ddp_fit.py"
+
+
+def fit(mode, map_file, out):
+    out.mkdir()
+    result = subprocess.run(
+        [sys.executable, str(FIT_SCRIPT), mode, str(map_file), str(out)], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {int(p.stem[4:]): json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))}
+
+
+@pytest.mark.slow
+def test_ddp_fit_with_a_map_trains_the_same_adapters_as_one_process(tmp_path):
+    sys.path.insert(0, str(FIT_SCRIPT.parent))
+    from ddp_fit import Task
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import torch
+
+    from lightning_fisher import analyze
+
+    x = torch.randn(64, 6, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    data = DataLoader(TensorDataset(x, (x[:, 0] > 0).long() + 2 * (x[:, 2] > 0).long()), batch_size=16)
+    fisher_map = analyze(Task(), data, output=tmp_path / "fisher_map.json", exclude=["head"], rank=4, rank_min=1,
+                         rank_max=16, convergence_patience=10_000, min_batches=0, max_batches=None,
+                         trainer_kwargs=dict(accelerator="cpu", devices=1, enable_progress_bar=False))
+    ddp = fit("ddp", fisher_map.path, tmp_path / "ddp")
+    single = fit("single", fisher_map.path, tmp_path / "single")
+    assert set(ddp) == {0, 1} and set(single) == {0}
+    expected_ranks = {name.removeprefix("encoder."): rank for name, rank in fisher_map.ranks.items()}
+    for seen in (*ddp.values(), single[0]):
+        assert seen["adapter_ranks"] == expected_ranks
+        assert seen["steps"] == 6
+    assert ddp[0]["world_size"] == 2
+    assert ddp[0]["trainable"] == ddp[1]["trainable"]  # bitwise: DDP keeps the replicas equal
+    assert any("lora_A" in name for name in single[0]["trainable"])
+    assert set(ddp[0]["trainable"]) == set(single[0]["trainable"])
+    for name, values in single[0]["trainable"].items():
+        assert ddp[0]["trainable"][name] == pytest.approx(values, rel=1e-9, abs=1e-12), name
+    assert ddp[0]["frozen"] == single[0]["frozen"]
+    # rank zero exported a PEFT adapter folder that loads with the map's ranks and the trained weights
+    import peft
+
+    from lightning_fisher.peft_factory import adapter_ranks
+
+    loaded = peft.PeftModel.from_pretrained(Task().encoder, str(tmp_path / "ddp" / "adapter"))
+    assert adapter_ranks(loaded) == expected_ranks
+    for name, parameter in loaded.named_parameters():
+        if "lora_" in name:
+            trained = ddp[0]["trainable"]["encoder." + name.removeprefix("base_model.model.")]
+            assert parameter.detach().flatten().tolist() == trained, name
