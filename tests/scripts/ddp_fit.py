@@ -13,23 +13,16 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+from ddp_analysis import Task as AnalysisTask
 
 from lightning_fisher import AdaptiveLoRA
 from lightning_fisher.peft_factory import adapter_ranks
 
 
-class Task(pl.LightningModule):
-    def __init__(self):
-        super().__init__()
-        self.encoder = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh())
-        self.head = nn.Linear(16, 4)
-        self.to(torch.float64)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return nn.functional.cross_entropy(self.head(self.encoder(x)), y)
+class Task(AnalysisTask):
+    """The analysis script's model, trained with plain SGD (so both runs' steps compare exactly)."""
 
     def configure_optimizers(self):
         return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.5)
