@@ -34,8 +34,8 @@ arms are *staged*: LR sweep on seed 0, then seeds 1 and 2 at the LR seed 0 chose
 ``--arms`` runs a subset; every invocation adds its runs to the same results file.
 
 Reviews protocol (see ``quality_bench/protocol.py`` for the reasons): 3 epochs (90 steps on
-480 reviews; 5 epochs were no better on seed 0), adapter LRs 1e-3 / 3e-3 / 1e-2 (EVA and the
-median-mode map reach lower), head LR 1e-2 for every arm. The head LR was raised from 3e-3
+480 reviews; 5 epochs were no better on seed 0), adapter LRs 3e-4 / 1e-3 / 3e-3 (flat LoRA and
+the equal-budget map also 1e-2, EVA also 1e-4), head LR 1e-2 for every arm. The head LR was raised from 3e-3
 after the first full run, in which flat LoRA was not clearly above the linear probe; that run's
 results are kept in ``benchmarks/results/quality_reviews_head_lr_0.003.json``. The report
 states whether flat LoRA clearly beats the baselines. Digits: 10 epochs (90 steps), which
