@@ -89,12 +89,16 @@ def test_report_judges_flat_against_the_probe_and_the_map_against_flat(tmp_path)
     store.set_baseline("reviews", "majority", {"train": 0.55, "val": 0.55, "test": 0.554})
     store.set_baseline("reviews", "linear_probe", {"C": 0.01, "val_loss": 0.8, "val_acc": 0.7,
                                                    "test_loss": 0.80, "test_acc": 0.72})
+    store.set_baseline("reviews", "linear_probe_train_val", {"C": 0.01, "train_samples": 600,
+                                                             "test_loss": 0.69, "test_acc": 0.745})
     for seed, (flat, fisher) in enumerate([(0.75, 0.80), (0.76, 0.81), (0.74, 0.79)]):
         store.add_run(record("flat", 1e-3, seed, 0.7, test_loss=0.7, test_acc=flat))
         store.add_run(record("fisher_budget", 1e-3, seed, 0.7, test_loss=0.7, test_acc=fisher))
     text = write_report(store, tmp_path / "q.md", "python benchmarks/quality.py", None)
     assert (tmp_path / "q.md").read_text() == text
-    assert "clearly above both" in text
+    assert "clearly above both" in text  # 0.75 - 0.01 > 0.72
+    assert "all 600 training reviews (0.7450; not an equal-data comparison): NOT clearly above in accuracy; " \
+           "test loss HIGHER" in text  # 0.74 < 0.745, 0.70 > 0.69
     fisher_line = next(line for line in text.splitlines() if line.startswith("- Fisher, budget (= flat params) vs flat"))
     assert "+0.0500 test acc, outside the seed spread 0.0100" in fisher_line
     assert "-> better" in fisher_line and "-> parity" in fisher_line  # accuracy better, loss equal

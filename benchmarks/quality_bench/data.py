@@ -13,6 +13,7 @@ import torch
 from quality_bench.protocol import SPLIT_SEED, TaskSpec
 from quality_bench.store import write_atomically
 
+
 def link_subset(files: Iterable[Path], folder: Path) -> Path:
     """Fill ``folder`` with hard links (copies where linking fails) to ``files``; idempotent."""
     files = list(files)

@@ -15,6 +15,7 @@ import torch
 from quality_bench.protocol import ARMS, HEAD_ONLY, RESULTS_DIR, TIE_TOLERANCE
 from quality_bench.store import ResultStore, write_atomically
 
+
 def arm_rows(task: str, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (arm, focus): the LR chosen on validation, and test statistics there."""
     groups: dict[tuple[str, str], dict[float, list[dict]]] = {}
@@ -160,13 +161,23 @@ def task_verdicts(task: str, rows: list[dict], baselines: dict) -> list[str]:
             acc = stats(flat["runs"], "test_acc")
             clear = acc["mean"] - acc["std"] > max(probe["test_acc"], majority_test)
             lines.append(f"- flat LoRA test accuracy {acc['mean']:.4f} ± {acc['std']:.4f} vs majority {majority_test:.4f} "
-                         f"and linear probe {probe['test_acc']:.4f}: "
+                         f"and the linear probe on the same 480 reviews {probe['test_acc']:.4f}: "
                          + ("clearly above both (mean minus one seed std)" if clear else
                             "above the majority rate, but NOT clearly above the probe (mean minus one seed std)"))
         if probe.get("test_loss") is not None:
             loss = stats(flat["runs"], "test_loss")
             lines.append(f"- flat LoRA test loss {loss['mean']:.4f} ± {loss['std']:.4f} vs linear probe "
                          f"{probe['test_loss']:.4f}: {'lower' if loss['mean'] < probe['test_loss'] else 'HIGHER'}")
+        probe_600 = baselines.get("linear_probe_train_val") or {}
+        if probe_600:
+            acc, loss = stats(flat["runs"], "test_acc"), stats(flat["runs"], "test_loss")
+            above = acc["mean"] - acc["std"] > probe_600["test_acc"]
+            lines.append(f"- flat LoRA (trained on the 480-review split) vs the probe fitted on all "
+                         f"{probe_600['train_samples']} training reviews ({probe_600['test_acc']:.4f}; "
+                         "not an equal-data comparison): "
+                         + ("clearly above" if above else "NOT clearly above")
+                         + f" in accuracy; test loss {'lower' if loss['mean'] < probe_600['test_loss'] else 'HIGHER'} "
+                         f"than its {probe_600['test_loss']:.4f}")
     else:
         pretrained = (baselines.get("pretrained") or {}).get("test_loss")
         if pretrained is not None:
@@ -283,8 +294,14 @@ def baseline_lines(task: str, baselines: dict) -> list[str]:
             lines.append(f"- majority class: test {m['test']:.4f}, validation {m['val']:.4f}")
         p = baselines.get("linear_probe") or {}
         if p:
-            lines.append(f"- linear probe on frozen mean-pooled features (C={p['C']} chosen on validation): "
+            lines.append(f"- linear probe on frozen mean-pooled features of the 480 training reviews (C={p['C']} chosen "
+                         "on validation): "
                          f"test acc {p['test_acc']:.4f}, test loss {p['test_loss']:.4f}, val acc {p['val_acc']:.4f}")
+        p = baselines.get("linear_probe_train_val") or {}
+        if p:
+            lines.append(f"- the same probe (C={p['C']}) fitted on all {p['train_samples']} training reviews "
+                         f"(train + validation; the arms train on 480): test acc {p['test_acc']:.4f}, "
+                         f"test loss {p['test_loss']:.4f}")
     else:
         p = baselines.get("pretrained") or {}
         if p:

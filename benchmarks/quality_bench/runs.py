@@ -17,6 +17,7 @@ from quality_bench.data import datamodule
 from quality_bench.protocol import EVA_RHO, Arm, TaskSpec
 from quality_bench.store import finite_or_none
 
+
 def quiet_lightning() -> None:
     """Keep the log readable: no progress bars, no per-fit banners, no advice that does not apply."""
     for name in ("lightning.pytorch", "lightning.fabric", "lightning_fisher"):

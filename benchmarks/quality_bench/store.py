@@ -11,6 +11,7 @@ from lightning_fisher.atomic_io import write_text_atomic
 
 from quality_bench.protocol import TaskSpec
 
+
 def run_key(record: dict[str, Any]) -> tuple:
     """Identity of a run: (task, arm, lr, seed, focus)."""
     return (record["task"], record["arm"], float(record["lr"]), int(record["seed"]), record.get("focus") or "")
