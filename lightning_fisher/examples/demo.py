@@ -191,7 +191,7 @@ def run_demo_pipeline(settings: DemoSettings = DemoSettings(), echo: Callable[[s
     accuracy = float(metrics["test_acc"])
     echo(
         f"test accuracy {accuracy:.3f} on {'part of ' if settings.test_batches else ''}the 379 test reviews; "
-        f"majority-class rate {majority:.3f}, linear probe on frozen features of the same reviews 0.739"
+        f"majority-class rate {majority:.3f}, linear probe on frozen features of all 600 training reviews 0.739"
     )
     echo(f"analysis {analysis_seconds:.0f} s, fine-tuning {fit_seconds:.0f} s")
     return DemoResult(fisher_map, adaptive.summary or "", "test_acc", accuracy, majority, analysis_seconds, fit_seconds)
