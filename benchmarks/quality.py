@@ -8,6 +8,8 @@ frequent training conditions + other), 128 tokens, batch 16. The 600 training re
 once (fixed seed, independent of the run seeds) into 480 train / 120 validation; the test set is
 the 379 test reviews. Baselines measured in the same run: majority class, a linear probe on
 frozen mean-pooled features (C chosen on validation), and a head-only fit for the same steps.
+To meet the brief's probe figure (fitted on all 600 reviews) on equal data, the probe is also
+fitted on all 600, and flat LoRA refitted on all 600 at its chosen LR (``quality_bench/refit.py``).
 
 ``digits``: a rectified-flow model pretrained on scikit-learn digits 0-4, adapted to digits 5-9.
 The 5-9 train folder is split once (20 % validation, fixed seed); the metric is the held-out

@@ -91,6 +91,8 @@ def test_report_judges_flat_against_the_probe_and_the_map_against_flat(tmp_path)
                                                    "test_loss": 0.80, "test_acc": 0.72})
     store.set_baseline("reviews", "linear_probe_train_val", {"C": 0.01, "train_samples": 600,
                                                              "test_loss": 0.69, "test_acc": 0.745})
+    refit = [{"seed": s, "test_acc": a, "test_loss": 0.6} for s, a in enumerate([0.76, 0.77, 0.78])]
+    store.set_baseline("reviews", "flat_refit_train_val", {"lr": 1e-3, "train_samples": 600, "runs": refit})
     for seed, (flat, fisher) in enumerate([(0.75, 0.80), (0.76, 0.81), (0.74, 0.79)]):
         store.add_run(record("flat", 1e-3, seed, 0.7, test_loss=0.7, test_acc=flat))
         store.add_run(record("fisher_budget", 1e-3, seed, 0.7, test_loss=0.7, test_acc=fisher))
@@ -99,7 +101,40 @@ def test_report_judges_flat_against_the_probe_and_the_map_against_flat(tmp_path)
     assert "clearly above both" in text  # 0.75 - 0.01 > 0.72
     assert "all 600 training reviews (0.7450; not an equal-data comparison): NOT clearly above in accuracy; " \
            "test loss HIGHER" in text  # 0.74 < 0.745, 0.70 > 0.69
+    assert "refitted on all 600 training reviews at its chosen LR 0.001 (3 seeds): test accuracy 0.7700 ± 0.0100" in text
+    assert "0.7450 / 0.6900: clearly above in accuracy (mean minus one seed std), loss lower" in text
     fisher_line = next(line for line in text.splitlines() if line.startswith("- Fisher, budget (= flat params) vs flat"))
     assert "+0.0500 test acc, outside the seed spread 0.0100" in fisher_line
     assert "-> better" in fisher_line and "-> parity" in fisher_line  # accuracy better, loss equal
     assert json.loads((tmp_path / "q.json").read_text())["baselines"]["reviews"]["linear_probe"]["C"] == 0.01
+
+
+def test_refit_waits_for_flat_grid_then_trains_on_all_training_reviews_at_the_chosen_lr(tmp_path, monkeypatch):
+    """Bookkeeping only: ``run_one`` (a 3-minute MiniLM fit) is replaced by a recorder."""
+    from quality_bench import refit
+
+    calls = []
+
+    def fake_run_one(arm, task, lr, seed, focus, folders, workdir):
+        calls.append((arm.name, lr, seed, folders["train"]))
+        return {"seed": seed, "test_acc": 0.75, "test_loss": 0.7, "val_loss": 0.1, "val_acc": 0.9, "seconds": 1.0}
+
+    monkeypatch.setattr(refit, "run_one", fake_run_one)
+    monkeypatch.setattr(refit, "folder_size", lambda folder: 600)
+    folders = {"train": tmp_path / "train480", "train_and_val": tmp_path / "train600"}
+    store = ResultStore(tmp_path / "q.json")
+    flat_lrs = REVIEWS.lrs_for("flat")
+    for lr in flat_lrs:
+        for seed in REVIEWS.seeds[:-1]:
+            store.add_run(record("flat", lr, seed, 0.5 if lr == 1e-3 else 0.9))
+    refit.refit_flat(store, REVIEWS, folders, tmp_path)
+    assert calls == [] and store.baseline("reviews", refit.BASELINE) is None  # last seed missing
+    for lr in flat_lrs:
+        store.add_run(record("flat", lr, REVIEWS.seeds[-1], 0.5 if lr == 1e-3 else 0.9))
+    refit.refit_flat(store, REVIEWS, folders, tmp_path)
+    assert calls == [("flat", 1e-3, seed, tmp_path / "train600") for seed in REVIEWS.seeds]
+    stored = store.baseline("reviews", refit.BASELINE)
+    assert stored["lr"] == 1e-3 and stored["train_samples"] == 600
+    assert all(not any(k.startswith("val_") for k in r) for r in stored["runs"])
+    refit.refit_flat(store, REVIEWS, folders, tmp_path)
+    assert len(calls) == len(REVIEWS.seeds)  # resumable: nothing left to run

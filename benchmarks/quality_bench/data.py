@@ -57,13 +57,13 @@ def folder_labels(folder: Path) -> list[int]:
 
 
 def prepare_reviews(workdir: Path) -> dict[str, Path]:
-    """Tokenized folders: 480 train / 120 validation (from the 600 train reviews) and the 379 test reviews."""
+    """Tokenized folders: 480 train / 120 validation (from the 600 train reviews), all 600, and the 379 test reviews."""
     from lightning_fisher.examples.drug_reviews import write_condition_dataset
 
     full = write_condition_dataset(workdir / "train600", split="train", max_length=128)
     test = write_condition_dataset(workdir / "test", split="test", max_length=128)
     train, val = split_folder(full, workdir / "train480", workdir / "val120", val_count=120)
-    return {"train": train, "val": val, "test": test}
+    return {"train": train, "val": val, "test": test, "train_and_val": full}
 
 
 def prepare_digits(workdir: Path) -> dict[str, Path]:

@@ -8,6 +8,7 @@ from typing import Iterable, Optional
 from quality_bench.baselines import digits_baselines, reviews_baselines
 from quality_bench.data import prepare_digits, prepare_reviews
 from quality_bench.protocol import Arm, TaskSpec
+from quality_bench.refit import refit_flat
 from quality_bench.report import choose_lr
 from quality_bench.runs import run_one
 from quality_bench.store import ResultStore
@@ -77,7 +78,7 @@ def run_plan(store: ResultStore, task: TaskSpec, plan: Plan, folders: dict[str, 
 
 
 def run_task(store: ResultStore, task: TaskSpec, arms: tuple[Arm, ...], workdir: Path) -> None:
-    """Prepare data and baselines, then the main arms' grid, then the other arms (full or staged)."""
+    """Prepare data and baselines, run the main arms' grid and the other arms (full or staged), then the refit."""
     store.check_protocol(task)
     folders = prepare_reviews(workdir / "reviews") if task.name == "reviews" else prepare_digits(workdir / "digits")
     if task.name == "reviews":
@@ -86,9 +87,11 @@ def run_task(store: ResultStore, task: TaskSpec, arms: tuple[Arm, ...], workdir:
         digits_baselines(store, task, folders)
     if not task.staged:
         run_plan(store, task, full_plan(task, arms), folders, workdir, "all arms")
-        return
-    run_plan(store, task, full_plan(task, tuple(a for a in arms if a.main)), folders, workdir, "main arms")
-    sweep, _ = staged_plan(task, arms, store)
-    run_plan(store, task, sweep, folders, workdir, "LR sweep, first seed")
-    _, rest = staged_plan(task, arms, store)
-    run_plan(store, task, rest, folders, workdir, "other seeds at the chosen LR")
+    else:
+        run_plan(store, task, full_plan(task, tuple(a for a in arms if a.main)), folders, workdir, "main arms")
+        sweep, _ = staged_plan(task, arms, store)
+        run_plan(store, task, sweep, folders, workdir, "LR sweep, first seed")
+        _, rest = staged_plan(task, arms, store)
+        run_plan(store, task, rest, folders, workdir, "other seeds at the chosen LR")
+    if task.name == "reviews" and any(arm.name == "flat" for arm in arms):
+        refit_flat(store, task, folders, workdir)

@@ -178,6 +178,16 @@ def task_verdicts(task: str, rows: list[dict], baselines: dict) -> list[str]:
                          + ("clearly above" if above else "NOT clearly above")
                          + f" in accuracy; test loss {'lower' if loss['mean'] < probe_600['test_loss'] else 'HIGHER'} "
                          f"than its {probe_600['test_loss']:.4f}")
+        refit = baselines.get("flat_refit_train_val") or {}
+        if refit.get("runs") and probe_600:
+            acc, loss = stats(refit["runs"], "test_acc"), stats(refit["runs"], "test_loss")
+            above = acc["mean"] - acc["std"] > probe_600["test_acc"]
+            lines.append(f"- flat LoRA refitted on all {refit['train_samples']} training reviews at its chosen LR "
+                         f"{refit['lr']:g} ({acc['n']} seeds): test accuracy {acc['mean']:.4f} ± {acc['std']:.4f}, "
+                         f"loss {loss['mean']:.4f} ± {loss['std']:.4f}, vs the probe fitted on the same reviews "
+                         f"{probe_600['test_acc']:.4f} / {probe_600['test_loss']:.4f}: "
+                         + ("clearly above" if above else "NOT clearly above") + " in accuracy (mean minus one seed "
+                         f"std), loss {'lower' if loss['mean'] < probe_600['test_loss'] else 'HIGHER'}")
     else:
         pretrained = (baselines.get("pretrained") or {}).get("test_loss")
         if pretrained is not None:
