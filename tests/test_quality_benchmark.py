@@ -53,7 +53,7 @@ def test_staged_arms_sweep_their_own_grid_then_run_the_other_seeds_at_the_chosen
     sweep, rest = staged_plan(REVIEWS, (ARM["flat"], eva), store)
     assert [(a.name, lr, seed) for a, lr, seed, _ in sweep] == [("eva", lr, 0) for lr in REVIEWS.lrs_for("eva")]
     assert rest == []  # unknown until the sweep is stored
-    assert 1e-4 in REVIEWS.lrs_for("eva") and REVIEWS.lrs_for("fisher_budget_50") == REVIEWS.lrs
+    assert 1e-4 in REVIEWS.lrs_for("eva") and REVIEWS.lrs_for("fisher_median") == REVIEWS.lrs
     for lr in REVIEWS.lrs_for("eva"):
         store.add_run(record("eva", lr, 0, 1.0 if lr != 3e-4 else 0.5))
     _, rest = staged_plan(REVIEWS, (eva,), store)

@@ -82,12 +82,15 @@ class TaskSpec:
 # results/quality_reviews_head_lr_0.003.json. With head LR 1e-2, adapter LR 1e-2 diverged to the
 # majority class for flat LoRA and the equal-budget map on every seed, and both chose 1e-3, the
 # bottom of their grid, so the review grid is now 3e-4 / 1e-3 / 3e-3 (flat LoRA and the
-# equal-budget map keep their 1e-2 runs; EVA keeps its reach down to 1e-4).
+# equal-budget map keep their 1e-2 runs; EVA keeps its reach down to 1e-4). The 50 % and 25 %
+# maps then chose 3e-3, the top of that grid (smaller adapters take a larger step), so theirs
+# reaches 1e-2 again.
 REVIEWS = TaskSpec(
     name="reviews", rank=8, rank_min=2, rank_max=32, epochs=3, batch_size=16, analysis_max_batches=40,
     lrs=(3e-4, 1e-3, 3e-3), seeds=(0, 1, 2), head_lr=1e-2,
     arm_lrs=(("flat", (3e-4, 1e-3, 3e-3, 1e-2)), ("fisher_budget", (3e-4, 1e-3, 3e-3, 1e-2)),
-             ("eva", (1e-4, 3e-4, 1e-3, 3e-3))),
+             ("eva", (1e-4, 3e-4, 1e-3, 3e-3)),
+             ("fisher_budget_50", (3e-4, 1e-3, 3e-3, 1e-2)), ("fisher_budget_25", (3e-4, 1e-3, 3e-3, 1e-2))),
     staged=True,
     default_arms=("head_only", "flat", "fisher_budget", "eva", "fisher_median", "fisher_budget_50", "fisher_budget_25"),
 )
