@@ -30,7 +30,7 @@ TEST metrics at that learning rate, mean and spread over seeds. Every run re-see
 fitting, so the same seed gives the same head init, data order and dropout in every arm.
 
 Protocol size. The full grid (every arm x 3 LRs x 3 seeds, ``--full``) would take about 4 hours
-on 2 quiet CPU cores. The default takes about 2.5 hours there (digits about 15 minutes): flat
+on 2 quiet CPU cores. The default takes about 3 hours there (digits about 15 minutes): flat
 LoRA and the equal-budget Fisher map (and the head-only baseline) get the full grid; the other
 arms are *staged*: LR sweep on seed 0, then seeds 1 and 2 at the LR seed 0 chose on validation.
 ``--arms`` runs a subset; every invocation adds its runs to the same results file.
