@@ -101,8 +101,8 @@ def linear_probe(folders: dict[str, Path], workdir: Path) -> dict[str, Any]:
 def probe_on_train_and_val(folders: dict[str, Path], workdir: Path, c: float) -> dict[str, Any]:
     """The same probe (same C) fitted on all 600 training reviews, as the brief's 0.739 figure was.
 
-    Not comparable with the arms, which train on 480 (the other 120 choose their LR); reported
-    so that figure can be told apart from the protocol's probe.
+    Not comparable with the arms, which train on 480 (the other 120 choose their LR); its
+    equal-data counterpart is flat LoRA refitted on the same 600 (``quality_bench/refit.py``).
     """
     features = probe_features(folders, workdir)
     x = np.concatenate([features["train"][0], features["val"][0]])
