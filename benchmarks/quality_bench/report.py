@@ -155,39 +155,7 @@ def task_verdicts(task: str, rows: list[dict], baselines: dict) -> list[str]:
         return ["- no flat LoRA runs yet"]
     lines = []
     if task == "reviews":
-        probe = baselines.get("linear_probe") or {}
-        majority_test = (baselines.get("majority") or {}).get("test")
-        if probe.get("test_acc") is not None and majority_test is not None:
-            acc = stats(flat["runs"], "test_acc")
-            clear = acc["mean"] - acc["std"] > max(probe["test_acc"], majority_test)
-            lines.append(f"- flat LoRA test accuracy {acc['mean']:.4f} ± {acc['std']:.4f} vs majority {majority_test:.4f} "
-                         f"and the linear probe on the same 480 reviews {probe['test_acc']:.4f}: "
-                         + ("clearly above both (mean minus one seed std)" if clear else
-                            "above the majority rate, but NOT clearly above the probe (mean minus one seed std)"))
-        if probe.get("test_loss") is not None:
-            loss = stats(flat["runs"], "test_loss")
-            lines.append(f"- flat LoRA test loss {loss['mean']:.4f} ± {loss['std']:.4f} vs linear probe "
-                         f"{probe['test_loss']:.4f}: {'lower' if loss['mean'] < probe['test_loss'] else 'HIGHER'}")
-        probe_600 = baselines.get("linear_probe_train_val") or {}
-        if probe_600:
-            acc, loss = stats(flat["runs"], "test_acc"), stats(flat["runs"], "test_loss")
-            above = acc["mean"] - acc["std"] > probe_600["test_acc"]
-            lines.append(f"- flat LoRA (trained on the 480-review split) vs the probe fitted on all "
-                         f"{probe_600['train_samples']} training reviews ({probe_600['test_acc']:.4f}; "
-                         "not an equal-data comparison): "
-                         + ("clearly above" if above else "NOT clearly above")
-                         + f" in accuracy; test loss {'lower' if loss['mean'] < probe_600['test_loss'] else 'HIGHER'} "
-                         f"than its {probe_600['test_loss']:.4f}")
-        refit = baselines.get("flat_refit_train_val") or {}
-        if refit.get("runs") and probe_600:
-            acc, loss = stats(refit["runs"], "test_acc"), stats(refit["runs"], "test_loss")
-            above = acc["mean"] - acc["std"] > probe_600["test_acc"]
-            lines.append(f"- flat LoRA refitted on all {refit['train_samples']} training reviews at its chosen LR "
-                         f"{refit['lr']:g} ({acc['n']} seeds): test accuracy {acc['mean']:.4f} ± {acc['std']:.4f}, "
-                         f"loss {loss['mean']:.4f} ± {loss['std']:.4f}, vs the probe fitted on the same reviews "
-                         f"{probe_600['test_acc']:.4f} / {probe_600['test_loss']:.4f}: "
-                         + ("clearly above" if above else "NOT clearly above") + " in accuracy (mean minus one seed "
-                         f"std), loss {'lower' if loss['mean'] < probe_600['test_loss'] else 'HIGHER'}")
+        lines += precondition_lines(flat["runs"], baselines)
     else:
         pretrained = (baselines.get("pretrained") or {}).get("test_loss")
         if pretrained is not None:
@@ -208,6 +176,50 @@ def task_verdicts(task: str, rows: list[dict], baselines: dict) -> list[str]:
             focus = f" [{row['focus']}]" if row["focus"] else ""
             judged = "; ".join(verdict(row, eva, key, higher) for key, higher in metrics)
             lines.append(f"- {labels['fisher_budget']}{focus} vs {labels['eva']}: {judged}")
+    return lines
+
+
+def clearly_above(runs: list[dict], value: float) -> bool:
+    """Mean test accuracy minus one seed std above ``value``: the precondition's sense of "clearly"."""
+    acc = stats(runs, "test_acc")
+    return acc["mean"] - acc["std"] > value
+
+
+def lower_word(runs: list[dict], value: float) -> str:
+    return "lower" if stats(runs, "test_loss")["mean"] < value else "HIGHER"
+
+
+def precondition_lines(flat: list[dict], baselines: dict) -> list[str]:
+    """Does flat LoRA clearly beat the majority rate and the linear probe (on equal data, and on the brief's)?"""
+    lines = []
+    probe = baselines.get("linear_probe") or {}
+    majority_test = (baselines.get("majority") or {}).get("test")
+    acc, loss = stats(flat, "test_acc"), stats(flat, "test_loss")
+    if probe and majority_test is not None:
+        lines.append(f"- flat LoRA test accuracy {acc['mean']:.4f} ± {acc['std']:.4f} vs majority {majority_test:.4f} "
+                     f"and the linear probe on the same 480 reviews {probe['test_acc']:.4f}: "
+                     + ("clearly above both (mean minus one seed std)" if clearly_above(flat, max(probe["test_acc"], majority_test))
+                        else "above the majority rate, but NOT clearly above the probe (mean minus one seed std)"))
+        lines.append(f"- flat LoRA test loss {loss['mean']:.4f} ± {loss['std']:.4f} vs linear probe "
+                     f"{probe['test_loss']:.4f}: {lower_word(flat, probe['test_loss'])}")
+    probe_600 = baselines.get("linear_probe_train_val") or {}
+    if not probe_600:
+        return lines
+    lines.append(f"- flat LoRA (trained on the 480-review split) vs the probe fitted on all "
+                 f"{probe_600['train_samples']} training reviews ({probe_600['test_acc']:.4f}; "
+                 "not an equal-data comparison): "
+                 + ("clearly above" if clearly_above(flat, probe_600["test_acc"]) else "NOT clearly above")
+                 + f" in accuracy; test loss {lower_word(flat, probe_600['test_loss'])} than its {probe_600['test_loss']:.4f}")
+    refit = baselines.get("flat_refit_train_val") or {}
+    if refit.get("runs"):
+        runs = refit["runs"]
+        acc, loss = stats(runs, "test_acc"), stats(runs, "test_loss")
+        lines.append(f"- flat LoRA refitted on all {refit['train_samples']} training reviews at its chosen LR "
+                     f"{refit['lr']:g} ({acc['n']} seeds): test accuracy {acc['mean']:.4f} ± {acc['std']:.4f}, "
+                     f"loss {loss['mean']:.4f} ± {loss['std']:.4f}, vs the probe fitted on the same reviews "
+                     f"{probe_600['test_acc']:.4f} / {probe_600['test_loss']:.4f}: "
+                     + ("clearly above" if clearly_above(runs, probe_600["test_acc"]) else "NOT clearly above")
+                     + f" in accuracy (mean minus one seed std), loss {lower_word(runs, probe_600['test_loss'])}")
     return lines
 
 
