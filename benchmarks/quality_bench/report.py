@@ -198,7 +198,8 @@ def precondition_lines(flat: list[dict], baselines: dict) -> list[str]:
     if probe and majority_test is not None:
         lines.append(f"- flat LoRA test accuracy {acc['mean']:.4f} ± {acc['std']:.4f} vs majority {majority_test:.4f} "
                      f"and the linear probe on the same 480 reviews {probe['test_acc']:.4f}: "
-                     + ("clearly above both (mean minus one seed std)" if clearly_above(flat, max(probe["test_acc"], majority_test))
+                     + ("clearly above both (mean minus one seed std)"
+                        if clearly_above(flat, max(probe["test_acc"], majority_test))
                         else "above the majority rate, but NOT clearly above the probe (mean minus one seed std)"))
         lines.append(f"- flat LoRA test loss {loss['mean']:.4f} ± {loss['std']:.4f} vs linear probe "
                      f"{probe['test_loss']:.4f}: {lower_word(flat, probe['test_loss'])}")
@@ -209,7 +210,8 @@ def precondition_lines(flat: list[dict], baselines: dict) -> list[str]:
                  f"{probe_600['train_samples']} training reviews ({probe_600['test_acc']:.4f}; "
                  "not an equal-data comparison): "
                  + ("clearly above" if clearly_above(flat, probe_600["test_acc"]) else "NOT clearly above")
-                 + f" in accuracy; test loss {lower_word(flat, probe_600['test_loss'])} than its {probe_600['test_loss']:.4f}")
+                 + f" in accuracy; test loss {lower_word(flat, probe_600['test_loss'])} "
+                 f"than its {probe_600['test_loss']:.4f}")
     refit = baselines.get("flat_refit_train_val") or {}
     if refit.get("runs"):
         runs = refit["runs"]
