@@ -63,8 +63,8 @@ def fit(mode, map_file, out):
 
 
 @pytest.mark.slow
-def test_ddp_fit_with_a_map_trains_the_same_adapters_as_one_process(tmp_path):
-    sys.path.insert(0, str(FIT_SCRIPT.parent))
+def test_ddp_fit_with_a_map_trains_the_same_adapters_as_one_process(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(FIT_SCRIPT.parent))
     from ddp_fit import Task
     from torch.utils.data import DataLoader, TensorDataset
 

@@ -10,8 +10,9 @@ from typing import Iterable, Optional
 
 import torch
 
+from lightning_fisher.atomic_io import write_text_atomic
+
 from quality_bench.protocol import SPLIT_SEED, TaskSpec
-from quality_bench.store import write_atomically
 
 
 def link_subset(files: Iterable[Path], folder: Path) -> Path:
@@ -30,7 +31,7 @@ def link_subset(files: Iterable[Path], folder: Path) -> Path:
             os.link(source, target)
         except OSError:
             target.write_bytes(source.read_bytes())
-    write_atomically(manifest, json.dumps({"files": wanted}, indent=1))
+    write_text_atomic(manifest, json.dumps({"files": wanted}, indent=1))
     return folder
 
 

@@ -33,7 +33,10 @@ def refit_flat(store: ResultStore, task: TaskSpec, folders: dict[str, Path], wor
         return
     lr = choose_lr(by_lr)[0]
     stored = store.baseline(task.name, BASELINE)
-    if stored is None or stored["lr"] != lr:  # none yet, or flat's choice changed since
+    if stored is not None and stored["lr"] != lr:
+        print(f"[{task.name} refit] flat LoRA now chooses lr={lr:g}, not {stored['lr']:g}: the stored refit "
+              "runs are replaced as the new ones finish", flush=True)
+    if stored is None or stored["lr"] != lr:
         stored = {"lr": lr, "train_samples": None, "runs": []}
     done = {r["seed"] for r in stored["runs"]}
     todo = [seed for seed in task.seeds if seed not in done]

@@ -13,7 +13,9 @@ from typing import Any, Optional
 import torch
 
 from quality_bench.protocol import ARMS, HEAD_ONLY, RESULTS_DIR, TIE_TOLERANCE
-from quality_bench.store import ResultStore, write_atomically
+from lightning_fisher.atomic_io import write_text_atomic
+
+from quality_bench.store import ResultStore
 
 
 def arm_rows(task: str, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -262,7 +264,7 @@ def write_report(store: ResultStore, path: Path, command: str, wall_seconds: Opt
                 + ", ".join(f"{lr:g}: {v:.4f} (n={len(row['by_lr'][lr])})" for lr, v in row["val_by_lr"].items())
                 for row in rows]
     text = "\n".join(out) + "\n"
-    write_atomically(path, text)
+    write_text_atomic(path, text, make_parents=True)
     return text
 
 

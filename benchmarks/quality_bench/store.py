@@ -57,12 +57,7 @@ class ResultStore:
         return [r for r in self.data["runs"] if r["task"] == task]
 
     def save(self) -> None:
-        write_atomically(self.path, json.dumps(self.data, indent=1, allow_nan=False) + "\n")
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Never a half-written results file (see :func:`lightning_fisher.atomic_io.write_text_atomic`)."""
-    write_text_atomic(path, text, make_parents=True)
+        write_text_atomic(self.path, json.dumps(self.data, indent=1, allow_nan=False) + "\n", make_parents=True)
 
 
 def finite_or_none(value: Any) -> Optional[float]:
