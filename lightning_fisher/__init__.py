@@ -14,6 +14,7 @@ from typing import Any
 from lightning_fisher._version import __version__
 from lightning_fisher.accumulator import FisherAccumulator
 from lightning_fisher.allocation import allocate_ranks
+from lightning_fisher.allocation_settings import AllocationSettings
 from lightning_fisher.candidates import select_candidates
 from lightning_fisher.collector import FisherCollector
 from lightning_fisher.errors import (
@@ -30,6 +31,7 @@ from lightning_fisher.errors import (
     FragileModelError,
     LightningFisherError,
     ModelMismatchError,
+    SettingsError,
 )
 from lightning_fisher.fisher_map import FisherMap
 from lightning_fisher.peft_factory import (
@@ -54,6 +56,7 @@ _LIGHTNING_ADAPTERS = {
 __all__ = [
     "AdapterRankMismatchError",
     "AdaptiveLoRA",
+    "AllocationSettings",
     "CandidateSelectionError",
     "DatasetFolderError",
     "FisherAccumulator",
@@ -72,6 +75,7 @@ __all__ = [
     "FragileModelError",
     "LightningFisherError",
     "ModelMismatchError",
+    "SettingsError",
     "StabilityRule",
     "StabilityTracker",
     "StopReason",

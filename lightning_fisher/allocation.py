@@ -38,21 +38,31 @@ import warnings
 from collections.abc import Mapping
 from typing import Literal, Optional
 
-__all__ = ["ALLOCATION_MODES", "allocate_ranks", "check_rank_settings", "flat_lora_parameters", "lora_parameters"]
+from lightning_fisher.allocation_settings import ALLOCATION_MODES, AllocationSettings, resolve_settings
 
-ALLOCATION_MODES = ("median", "budget")
+__all__ = [
+    "ALLOCATION_MODES",
+    "AllocationSettings",
+    "allocate_ranks",
+    "check_rank_settings",
+    "flat_lora_parameters",
+    "lora_parameters",
+]
+
+_D = AllocationSettings  # the defaults below are the settings' own
 
 
 def allocate_ranks(
     scores: Mapping[str, float],
     *,
-    rank: int = 64,
-    rank_min: int = 16,
-    rank_max: int = 128,
-    mode: Literal["median", "budget"] = "median",
+    rank: int = _D.rank,
+    rank_min: int = _D.rank_min,
+    rank_max: int = _D.rank_max,
+    mode: Literal["median", "budget"] = _D.mode,
     rank_costs: Optional[Mapping[str, int]] = None,
-    score_power: float = 0.5,
-    exclude_threshold: float = 0.05,
+    score_power: float = _D.score_power,
+    exclude_threshold: float = _D.exclude_threshold,
+    settings: Optional[AllocationSettings] = None,
 ) -> dict[str, int]:
     """Assign an integer LoRA rank to each module worth adapting.
 
@@ -69,6 +79,8 @@ def allocate_ranks(
             square root.
         exclude_threshold: modules scoring below this fraction of the median positive score
             get no adapter; ``0`` keeps every module with a positive score.
+        settings: all of the above as one :class:`AllocationSettings` (then leave the
+            individual options at their defaults).
 
     Returns:
         ``{module name: rank}`` for the modules that get an adapter, in input order. Modules
@@ -77,16 +89,30 @@ def allocate_ranks(
     Raises:
         ValueError: naming the offending argument (and module, for a bad score).
     """
-    _check_arguments(scores, rank, rank_min, rank_max, mode, rank_costs, score_power, exclude_threshold)
-    kept = _auto_target(scores, exclude_threshold)
-    weights = {name: scores[name] ** score_power for name in kept}
-    if mode == "median":
-        continuous = _median_scaled(weights, rank, rank_min, rank_max)
+    settings = resolve_settings(
+        AllocationSettings,
+        settings,
+        dict(rank=rank, rank_min=rank_min, rank_max=rank_max, mode=mode, score_power=score_power,
+             exclude_threshold=exclude_threshold),
+        owner="allocate_ranks",
+    )
+    return _allocate(scores, settings, rank_costs)
+
+
+def _allocate(
+    scores: Mapping[str, float], settings: AllocationSettings, rank_costs: Optional[Mapping[str, int]]
+) -> dict[str, int]:
+    _check_inputs(scores, settings.mode, rank_costs)
+    kept = _auto_target(scores, settings.exclude_threshold)
+    weights = {name: scores[name] ** settings.score_power for name in kept}
+    lo, hi = settings.rank_min, settings.rank_max
+    if settings.mode == "median":
+        continuous = _median_scaled(weights, settings.rank, lo, hi)
         ranks = {name: _round_half_up(x) for name, x in continuous.items()}
     else:
         assert rank_costs is not None
-        budget = rank * sum(rank_costs[name] for name in scores)
-        ranks = _budget_scaled(weights, {n: rank_costs[n] for n in kept}, budget, rank_min, rank_max)
+        budget = settings.rank * sum(rank_costs[name] for name in scores)
+        ranks = _budget_scaled(weights, {n: rank_costs[n] for n in kept}, budget, lo, hi)
     return {name: ranks[name] for name in scores if name in ranks}
 
 
@@ -105,37 +131,26 @@ def check_rank_settings(
     rank: int,
     rank_min: int,
     rank_max: int,
-    mode: str = "median",
-    score_power: float = 0.5,
-    exclude_threshold: float = 0.05,
+    mode: str = _D.mode,
+    score_power: float = _D.score_power,
+    exclude_threshold: float = _D.exclude_threshold,
 ) -> None:
-    """Validate the allocation settings alone, so a long analysis can fail before it starts.
+    """Validate allocation settings alone (kept for callers of earlier releases).
+
+    Equivalent to building an :class:`AllocationSettings`, which is what the library does.
 
     Raises:
         ValueError: naming the offending argument.
     """
-    for name, value in (("rank", rank), ("rank_min", rank_min), ("rank_max", rank_max)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}: must be a positive integer, got {value!r}")
-    if rank_min > rank_max:
-        raise ValueError(f"rank_min ({rank_min}) is greater than rank_max ({rank_max})")
-    if not rank_min <= rank <= rank_max:
-        raise ValueError(f"rank ({rank}) must lie within [rank_min, rank_max] = [{rank_min}, {rank_max}]")
-    if mode not in ALLOCATION_MODES:
-        raise ValueError(f"mode: must be one of {', '.join(ALLOCATION_MODES)}, got {mode!r}")
-    if not (isinstance(score_power, (int, float)) and math.isfinite(score_power) and score_power > 0):
-        raise ValueError(f"score_power: must be a positive number, got {score_power!r}")
-    if not (isinstance(exclude_threshold, (int, float)) and 0 <= exclude_threshold < 1):
-        raise ValueError(f"exclude_threshold: must be in [0, 1), got {exclude_threshold!r}")
-
-
-def _check_arguments(scores, rank, rank_min, rank_max, mode, rank_costs, score_power, exclude_threshold) -> None:
-    if not isinstance(scores, Mapping) or not scores:
-        raise ValueError("scores: need a non-empty mapping of module name to score")
-    check_rank_settings(
+    AllocationSettings(
         rank=rank, rank_min=rank_min, rank_max=rank_max, mode=mode, score_power=score_power,
         exclude_threshold=exclude_threshold,
     )
+
+
+def _check_inputs(scores: Mapping[str, float], mode: str, rank_costs: Optional[Mapping[str, int]]) -> None:
+    if not isinstance(scores, Mapping) or not scores:
+        raise ValueError("scores: need a non-empty mapping of module name to score")
     for name, value in scores.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
             raise ValueError(f"scores[{name!r}]: must be a finite non-negative number, got {value!r}")

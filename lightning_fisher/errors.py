@@ -84,3 +84,15 @@ class DatasetFolderError(LightningFisherError):
 
 class FragileModelError(LightningFisherError):
     """An adaptive-rank map was about to be applied to a model marked fragile without opt-in."""
+
+
+class SettingsError(LightningFisherError, ValueError):
+    """A setting (rank budget, stopping rule) is out of range.
+
+    Attributes:
+        field: the offending field, as the settings object names it (e.g. ``rank_min``).
+    """
+
+    def __init__(self, message: str, *, field: str) -> None:
+        self.field = field
+        super().__init__(message)

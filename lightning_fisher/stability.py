@@ -29,6 +29,7 @@ import torch
 from torchmetrics.functional import spearman_corrcoef
 
 from lightning_fisher.accumulator import FisherAccumulator
+from lightning_fisher.errors import SettingsError
 
 __all__ = ["StabilityRule", "StabilityTracker", "StopReason", "split_half_correlation"]
 
@@ -70,7 +71,11 @@ def split_half_correlation(accumulator: FisherAccumulator) -> Optional[float]:
 
 @dataclass(frozen=True)
 class StabilityRule:
-    """Settings of the stopping rule.
+    """Settings of the stopping rule: the one home of their defaults and checks.
+
+    :class:`~lightning_fisher.FisherStability`, :func:`~lightning_fisher.analyze` and
+    ``lightning-fisher analyze`` take their defaults from these fields; ``metadata["flag"]`` is
+    the command-line flag.
 
     Args:
         patience: consecutive batches the correlation must stay at or above ``threshold``.
@@ -79,23 +84,35 @@ class StabilityRule:
         max_batches: always stop after this many batches (``None``: only when data runs out).
     """
 
-    patience: int = 5
-    threshold: float = 0.9
-    min_batches: int = 5
-    max_batches: Optional[int] = 200
+    patience: int = field(
+        default=5, metadata={"flag": "convergence_patience", "help": "Stop when the ranking is stable for this many batches."}
+    )
+    threshold: float = field(
+        default=0.9, metadata={"flag": "stability_threshold", "help": "Split-half Spearman correlation counted as stable."}
+    )
+    min_batches: int = field(default=5, metadata={"flag": "min_batches", "help": "Never stop before this many batches."})
+    max_batches: Optional[int] = field(
+        default=200, metadata={"flag": "max_batches", "help": "Stop after this many batches regardless."}
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.patience, bool) or not isinstance(self.patience, int) or self.patience < 1:
-            raise ValueError(f"patience (convergence_patience): must be a positive integer, got {self.patience!r}")
+            raise SettingsError(
+                f"patience (convergence_patience): must be a positive integer, got {self.patience!r}", field="patience"
+            )
         if not (isinstance(self.threshold, (int, float)) and -1.0 <= self.threshold <= 1.0):
-            raise ValueError(f"threshold: must be a correlation in [-1, 1], got {self.threshold!r}")
+            raise SettingsError(f"threshold: must be a correlation in [-1, 1], got {self.threshold!r}", field="threshold")
         if isinstance(self.min_batches, bool) or not isinstance(self.min_batches, int) or self.min_batches < 0:
-            raise ValueError(f"min_batches: must be a non-negative integer, got {self.min_batches!r}")
+            raise SettingsError(f"min_batches: must be a non-negative integer, got {self.min_batches!r}", field="min_batches")
         if self.max_batches is not None:
             if isinstance(self.max_batches, bool) or not isinstance(self.max_batches, int) or self.max_batches < 1:
-                raise ValueError(f"max_batches: must be a positive integer or None, got {self.max_batches!r}")
+                raise SettingsError(
+                    f"max_batches: must be a positive integer or None, got {self.max_batches!r}", field="max_batches"
+                )
             if self.max_batches < self.min_batches:
-                raise ValueError(f"max_batches ({self.max_batches}) is smaller than min_batches ({self.min_batches})")
+                raise SettingsError(
+                    f"max_batches ({self.max_batches}) is smaller than min_batches ({self.min_batches})", field="max_batches"
+                )
 
 
 @dataclass

@@ -125,6 +125,12 @@ class TimestepFocus:
             return f"{self.range[0]:g},{self.range[1]:g}"
         return self.name
 
+    def describe(self) -> str:
+        """For people: ``balanced``, ``texture (t in [0, 0.4])``, ``0.2,0.5 (t in [0.2, 0.5])``."""
+        if self.range is None:
+            return str(self)
+        return f"{self} (t in [{self.range[0]:g}, {self.range[1]:g}])"
+
 
 class UniformTimestepSampler:
     """``t ~ U(lo, hi)`` from torch's global generator.

@@ -16,6 +16,7 @@ from lightning_fisher import (
     FisherMapVersionError,
     FisherMapWriteError,
 )
+from lightning_fisher.errors import SettingsError
 from lightning_fisher.fisher_map import AnalysisRecord, DatasetRecord, StabilityRecord, TimestepFocusRecord
 
 
@@ -181,10 +182,18 @@ def test_unsupported_version(fisher_map, tmp_path):
 
 
 def test_save_validates_before_writing(fisher_map, tmp_path):
-    broken = dataclasses.replace(fisher_map, budget=dataclasses.replace(fisher_map.budget, mode="flat"))
-    with pytest.raises(FisherMapSchemaError, match=r"\$\.budget\.mode"):
+    broken = dataclasses.replace(fisher_map, created=20261202)
+    with pytest.raises(FisherMapSchemaError, match=r"\$\.created"):
         broken.save(tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_budget_with_a_bad_setting_cannot_be_built(fisher_map):
+    # The budget is the allocation settings plus counts: its check runs when it is built, so a
+    # map with mode "flat" cannot exist, let alone be saved.
+    with pytest.raises(SettingsError, match="mode: must be one of median, budget, got 'flat'") as caught:
+        dataclasses.replace(fisher_map.budget, mode="flat")
+    assert caught.value.field == "mode"
 
 
 def test_failure_in_serializer_keeps_previous_map(fisher_map, tmp_path, monkeypatch):
@@ -194,7 +203,7 @@ def test_failure_in_serializer_keeps_previous_map(fisher_map, tmp_path, monkeypa
     def exploding_dumps(*args, **kwargs):
         raise RuntimeError("serializer crashed")
 
-    monkeypatch.setattr("lightning_fisher.fisher_map.json.dumps", exploding_dumps)
+    monkeypatch.setattr("lightning_fisher.map_codec.json.dumps", exploding_dumps)
     with pytest.raises(RuntimeError, match="serializer crashed"):
         fisher_map.save(tmp_path)
     assert path.read_bytes() == before

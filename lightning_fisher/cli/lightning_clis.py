@@ -12,7 +12,9 @@ therefore take a ``dataset_dir`` argument. ``fit`` always carries an
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import sys
+import typing
 import warnings
 from typing import Literal, Optional, Union
 
@@ -20,8 +22,9 @@ from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_fisher.allocation import check_rank_settings
+from lightning_fisher.allocation_settings import AllocationSettings
 from lightning_fisher.cli.arguments import normalize_flags
+from lightning_fisher.stability import StabilityRule
 from lightning_fisher.timesteps import FOCUS_HELP, TimestepFocus
 from lightning_fisher.training.adaptive_lora import AdaptiveLoRA
 
@@ -50,25 +53,14 @@ class AnalyzeCLI(LightningCLI):
         _add_dataset_dir(parser, required=True)
         add = parser.add_argument
         add("--output", type=Optional[str], default=None, help="Map file or folder (default: the dataset folder).")
-        add("--rank", type=int, default=64, help="Target median rank (flat-equivalent rank with --rank_mode budget).")
-        add("--rank_min", type=int, default=16, help="Minimum rank of an adapted module.")
-        add("--rank_max", type=int, default=128, help="Maximum rank of an adapted module.")
-        add(
-            "--rank_mode",
-            type=Literal["median", "budget"],
-            default="median",
-            help="median: --rank is the median rank; budget: total LoRA parameters equal flat LoRA at --rank.",
-        )
+        _add_settings_flags(parser, AllocationSettings, only=("rank", "rank_min", "rank_max", "mode"))
         add(
             "--timestep_focus",
             type=str,
             default="balanced",
             help="Diffusion / flow models: " + "; ".join(f"{k}: {v}" for k, v in FOCUS_HELP.items()) + ".",
         )
-        add("--convergence_patience", type=int, default=5, help="Stop when the ranking is stable for this many batches.")
-        add("--stability_threshold", type=float, default=0.9, help="Split-half Spearman correlation counted as stable.")
-        add("--min_batches", type=int, default=5, help="Never stop before this many batches.")
-        add("--max_batches", type=Optional[int], default=200, help="Stop after this many batches regardless.")
+        _add_settings_flags(parser, StabilityRule)
         add("--seed", type=Optional[int], default=0, help="Seeds sample order, noise and timesteps.")
         add(
             "--include",
@@ -84,22 +76,29 @@ class AnalyzeCLI(LightningCLI):
         )
         add("--loss_reduction", type=Literal["mean", "sum"], default="mean", help="The loss is the mean or the sum over samples.")
         add("--train_mode", type=bool, default=False, help="Analyse with dropout on (default: eval mode).")
-        add("--score_power", type=float, default=0.5, help="Rank grows as score ** score_power.")
-        add("--exclude_threshold", type=float, default=0.05, help="No adapter below this fraction of the median score.")
+        _add_settings_flags(parser, AllocationSettings, only=("score_power", "exclude_threshold"))
         add("--lora_alpha", type=Optional[float], default=None, help="Alpha at the base rank recorded in the map (default 2 * rank).")
         add("--use_rslora", type=bool, default=False, help="Record the rsLoRA alpha policy in the map.")
 
     def before_instantiate_classes(self) -> None:
+        # Parsed and checked once, before the model is built; run_analyze passes the objects on.
         config = self.config
-        TimestepFocus.parse(config.timestep_focus)
-        check_rank_settings(
-            rank=config.rank,
-            rank_min=config.rank_min,
-            rank_max=config.rank_max,
-            mode=config.rank_mode,
-            score_power=config.score_power,
-            exclude_threshold=config.exclude_threshold,
-        )
+        self.timestep_focus = TimestepFocus.parse(config.timestep_focus)
+        self.allocation = _settings_from(config, AllocationSettings)
+        self.stopping = _settings_from(config, StabilityRule)
+
+
+def _add_settings_flags(parser, settings: type, *, only: Optional[tuple[str, ...]] = None) -> None:
+    """One ``--flag`` per field of a settings dataclass: its type, default and help come from the field."""
+    types = typing.get_type_hints(settings)  # the fields' annotations are strings (postponed evaluation)
+    for f in dataclasses.fields(settings):
+        if only is None or f.name in only:
+            parser.add_argument(f"--{f.metadata['flag']}", type=types[f.name], default=f.default, help=f.metadata["help"])
+
+
+def _settings_from(config, settings: type):
+    """The settings object from the parsed flags (raises the settings' own error, naming the field)."""
+    return settings(**{f.name: config[f.metadata["flag"]] for f in dataclasses.fields(settings)})
 
 
 class TrainCLI(LightningCLI):
@@ -162,22 +161,14 @@ def run_analyze(argv: list[str]) -> int:
         cli.model,
         cli.datamodule,
         output=c.output,
-        rank=c.rank,
-        rank_min=c.rank_min,
-        rank_max=c.rank_max,
-        rank_mode=c.rank_mode,
-        timestep_focus=c.timestep_focus,
-        convergence_patience=c.convergence_patience,
-        stability_threshold=c.stability_threshold,
-        min_batches=c.min_batches,
-        max_batches=c.max_batches,
+        allocation=cli.allocation,
+        stopping=cli.stopping,
+        timestep_focus=cli.timestep_focus,
         seed=c.seed,
         include=_patterns(c.include),
         exclude=_patterns(c.exclude) or (),
         loss_reduction=c.loss_reduction,
         train_mode=c.train_mode,
-        score_power=c.score_power,
-        exclude_threshold=c.exclude_threshold,
         lora_alpha=c.lora_alpha,
         use_rslora=c.use_rslora,
         trainer=cli.trainer,

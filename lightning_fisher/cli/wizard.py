@@ -321,7 +321,7 @@ class Wizard:
         settings, preset = RankSettings(), None
         if self.presets:
             for name, values in self.presets.items():
-                p.say(f"  {name:<10} {values}")
+                p.say(f"  {name:<10} {values.describe()}")
             answer = p.choice("Start from a preset?", ["none", *self.presets], default="none")
             if answer != "none":
                 settings, preset = self.presets[answer], answer
@@ -331,14 +331,11 @@ class Wizard:
             rank = p.ask("Base rank", default=str(settings.rank), parse=parse_positive_int)
             rank_min = p.ask("Minimum rank", default=str(settings.rank_min), parse=parse_positive_int)
             rank_max = p.ask("Maximum rank", default=str(settings.rank_max), parse=parse_positive_int)
-            mode = p.choice("Rank mode", list(ALLOCATION_MODES), default=settings.rank_mode)
-            settings = RankSettings(rank, rank_min, rank_max, mode)
+            mode = p.choice("Rank mode", list(ALLOCATION_MODES), default=settings.mode)
             try:
-                settings.check()
+                return RankSettings(rank, rank_min, rank_max, mode), preset
             except ValueError as error:
                 p.warn(f"{error}; enter the rank budget again")
-                continue
-            return settings, preset
 
     def confirm_fragile(self) -> bool:
         self.prompter.say(FRAGILE_WARNING)
@@ -357,8 +354,8 @@ class Wizard:
             p.warn(f"could not time a batch: {short_reason(error)}")
             estimate = "unknown"
         focus = TimestepFocus.parse(answers.timestep_focus)
-        focus_text = str(focus) if focus.range is None else f"{focus} (t in [{focus.range[0]:g}, {focus.range[1]:g}])"
-        ranks = str(answers.ranks) + (f" (from preset {answers.preset})" if answers.preset else "")
+        focus_text = focus.describe()
+        ranks = answers.ranks.describe() + (f" (from preset {answers.preset})" if answers.preset else "")
         batches = max(1, math.ceil(answers.num_samples / answers.batch_size))
         rows = [
             ("model", answers.model),

@@ -14,14 +14,14 @@ import os
 import re
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import yaml
 
 import lightning_fisher
-from lightning_fisher.allocation import check_rank_settings
+from lightning_fisher.allocation_settings import AllocationSettings
 from lightning_fisher.atomic_io import write_text_atomic
 from lightning_fisher.errors import DatasetFolderError
 from lightning_fisher.tensor_folder import list_sample_files
@@ -52,7 +52,7 @@ DATA_CLASS = "lightning_fisher.TensorDirectoryDataModule"
 DEFAULT_BATCH_SIZE = 16
 CONFIG_FILENAME = "fisher_analyze.yaml"
 #: The fields of a rank preset that the wizard asks for; other keys of a preset are ignored.
-RANK_FIELDS = ("rank", "rank_min", "rank_max", "rank_mode")
+RANK_FIELDS = ("rank", "rank_min", "rank_max", "rank_mode")  # the flags of the rank budget, in asking order
 #: What ``fit`` needs for a model the user marked fragile (written into the config's comments).
 FRAGILE_FIT_FLAGS = "--adaptive_lora.fragile true --adaptive_lora.allow_fragile true"
 
@@ -178,21 +178,9 @@ def parse_config_path(text: str) -> Path:
 # Rank presets
 
 
-@dataclass(frozen=True)
-class RankSettings:
-    """The rank budget the wizard asks for (the ``analyze`` flags of the same names)."""
-
-    rank: int = 64
-    rank_min: int = 16
-    rank_max: int = 128
-    rank_mode: str = "median"
-
-    def check(self) -> None:
-        """Raises ``ValueError`` (from :func:`check_rank_settings`) naming the bad field."""
-        check_rank_settings(rank=self.rank, rank_min=self.rank_min, rank_max=self.rank_max, mode=self.rank_mode)
-
-    def __str__(self) -> str:
-        return f"rank {self.rank}, min {self.rank_min}, max {self.rank_max}, mode {self.rank_mode}"
+#: The rank budget the wizard asks for: the allocation settings themselves (their flags are the
+#: ``analyze`` flags ``rank``, ``rank_min``, ``rank_max``, ``rank_mode``).
+RankSettings = AllocationSettings
 
 
 def default_presets_dir(cwd: Optional[Path] = None) -> Optional[Path]:
@@ -220,12 +208,10 @@ def load_preset(path: Path) -> RankSettings:
         raise ValueError(f"preset {path}: cannot read it: {error}") from None
     if not isinstance(content, Mapping):
         raise ValueError(f"preset {path}: expected a YAML mapping of settings")
-    settings = replace(RankSettings(), **{key: content[key] for key in RANK_FIELDS if key in content})
     try:
-        settings.check()
+        return RankSettings.from_flags({key: content[key] for key in RANK_FIELDS if key in content})
     except ValueError as error:
         raise ValueError(f"preset {path}: {error}") from None
-    return settings
 
 
 def load_presets(folder: Optional[Path]) -> tuple[dict[str, RankSettings], list[str]]:
@@ -288,10 +274,7 @@ def answers_to_config(answers: WizardAnswers) -> dict[str, Any]:
         "dataset_dir": answers.dataset_dir,
         "data": {"class_path": DATA_CLASS, "init_args": {"batch_size": answers.batch_size}},
         "timestep_focus": answers.timestep_focus,
-        "rank": answers.ranks.rank,
-        "rank_min": answers.ranks.rank_min,
-        "rank_max": answers.ranks.rank_max,
-        "rank_mode": answers.ranks.rank_mode,
+        **{key: answers.ranks.flags()[key] for key in RANK_FIELDS},
         "exclude": list(answers.exclude),
     }
 

@@ -33,7 +33,7 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch import nn
 
 from lightning_fisher.accumulator import FisherAccumulator
-from lightning_fisher.allocation import check_rank_settings
+from lightning_fisher.allocation_settings import AllocationSettings, resolve_settings
 from lightning_fisher.candidates import select_candidates
 from lightning_fisher.collector import FisherCollector
 from lightning_fisher.errors import FisherAnalysisError
@@ -80,6 +80,8 @@ class FisherAnalysisModule(LightningModule):
         seed: recorded in the map (seeding itself is done by :func:`~lightning_fisher.analyze`
             or by you, with ``lightning.seed_everything``).
         dataset: the analysed dataset folder, recorded in the map.
+        allocation: the six allocation options (``rank`` ... ``exclude_threshold``) as one
+            :class:`~lightning_fisher.AllocationSettings`; then leave those at their defaults.
     """
 
     def __init__(
@@ -89,12 +91,12 @@ class FisherAnalysisModule(LightningModule):
         include: Optional[Sequence[str]] = None,
         exclude: Sequence[str] = (),
         module_types: Optional[Sequence[type]] = None,
-        rank: int = 64,
-        rank_min: int = 16,
-        rank_max: int = 128,
-        rank_mode: Literal["median", "budget"] = "median",
-        score_power: float = 0.5,
-        exclude_threshold: float = 0.05,
+        rank: int = AllocationSettings.rank,
+        rank_min: int = AllocationSettings.rank_min,
+        rank_max: int = AllocationSettings.rank_max,
+        rank_mode: Literal["median", "budget"] = AllocationSettings.mode,
+        score_power: float = AllocationSettings.score_power,
+        exclude_threshold: float = AllocationSettings.exclude_threshold,
         lora_alpha: Optional[float] = None,
         use_rslora: bool = False,
         timestep_focus: Union[str, TimestepFocus] = "balanced",
@@ -103,6 +105,7 @@ class FisherAnalysisModule(LightningModule):
         train_mode: bool = False,
         seed: Optional[int] = None,
         dataset: Optional[DatasetRecord] = None,
+        allocation: Optional[AllocationSettings] = None,
     ) -> None:
         super().__init__()
         if not isinstance(task, LightningModule):
@@ -112,9 +115,13 @@ class FisherAnalysisModule(LightningModule):
                 f"{type(task).__name__} uses manual optimization, so its training_step steps optimizers "
                 "itself; the analysis needs a training_step that returns the loss"
             )
-        check_rank_settings(
-            rank=rank, rank_min=rank_min, rank_max=rank_max, mode=rank_mode, score_power=score_power,
-            exclude_threshold=exclude_threshold,
+        #: The allocation settings (checked once, here, before anything runs).
+        self.allocation = resolve_settings(
+            AllocationSettings,
+            allocation,
+            dict(rank=rank, rank_min=rank_min, rank_max=rank_max, mode=rank_mode, score_power=score_power,
+                 exclude_threshold=exclude_threshold),
+            owner="FisherAnalysisModule",
         )
         self.automatic_optimization = False
         self.task = task
@@ -122,16 +129,7 @@ class FisherAnalysisModule(LightningModule):
         # frozen during the analysis: this scalar enters the loss times zero, so it changes no
         # gradient, and lets DDP wrap the module (its gradient is the only one DDP syncs).
         self.ddp_anchor = nn.Parameter(torch.zeros(()))
-        self.allocation = dict(
-            rank=rank,
-            rank_min=rank_min,
-            rank_max=rank_max,
-            mode=rank_mode,
-            score_power=score_power,
-            exclude_threshold=exclude_threshold,
-            lora_alpha=lora_alpha,
-            use_rslora=use_rslora,
-        )
+        self.alpha_policy = dict(lora_alpha=lora_alpha, use_rslora=use_rslora)
         self.timestep_focus = TimestepFocus.parse(timestep_focus)
         self.loss_reduction = loss_reduction
         self.train_mode = train_mode
@@ -260,9 +258,8 @@ class FisherAnalysisModule(LightningModule):
         # fewer than two samples leave the spread unknown (nan): recorded as null
         stderr = {name: (v if math.isfinite(v) else None) for name, v in acc.stderr().items()}
         observed = None if self._sampler is None else self._sampler.observed_range
-        focus = TimestepFocusRecord(
-            name=self.timestep_focus.name,
-            range=self.timestep_focus.range,
+        focus = TimestepFocusRecord.of(
+            self.timestep_focus,
             applied=self._timestep_applied,
             observed_range=None if observed is None else (max(0.0, observed[0]), min(1.0, observed[1])),
         )
@@ -282,7 +279,13 @@ class FisherAnalysisModule(LightningModule):
             seconds=round(time.perf_counter() - self._started, 3),
         )
         return FisherMap.from_scores(
-            scores, self.task, score_stderr=stderr, analysis=analysis, dataset=self.dataset, **self.allocation
+            scores,
+            self.task,
+            score_stderr=stderr,
+            analysis=analysis,
+            dataset=self.dataset,
+            allocation=self.allocation,
+            **self.alpha_policy,
         )
 
     @rank_zero_only

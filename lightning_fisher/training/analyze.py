@@ -15,8 +15,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from lightning_fisher.allocation_settings import AllocationSettings, resolve_settings
 from lightning_fisher.errors import DatasetFolderError, FisherAnalysisError, FisherMapWriteError
 from lightning_fisher.fisher_map import DatasetRecord, FisherMap, resolve_map_path
+from lightning_fisher.stability import StabilityRule
 from lightning_fisher.tensor_folder import dataset_fingerprint, list_sample_files
 from lightning_fisher.timesteps import TimestepFocus
 from lightning_fisher.training.analysis_module import FisherAnalysisModule
@@ -76,15 +78,15 @@ def analyze(
     *,
     dataset_dir: Union[str, os.PathLike, None] = None,
     output: Union[str, os.PathLike, None] = None,
-    rank: int = 64,
-    rank_min: int = 16,
-    rank_max: int = 128,
-    rank_mode: Literal["median", "budget"] = "median",
+    rank: int = AllocationSettings.rank,
+    rank_min: int = AllocationSettings.rank_min,
+    rank_max: int = AllocationSettings.rank_max,
+    rank_mode: Literal["median", "budget"] = AllocationSettings.mode,
     timestep_focus: Union[str, TimestepFocus] = "balanced",
-    convergence_patience: int = 5,
-    stability_threshold: float = 0.9,
-    min_batches: int = 5,
-    max_batches: Optional[int] = 200,
+    convergence_patience: int = StabilityRule.patience,
+    stability_threshold: float = StabilityRule.threshold,
+    min_batches: int = StabilityRule.min_batches,
+    max_batches: Optional[int] = StabilityRule.max_batches,
     max_epochs: int = 1,
     seed: Optional[int] = 0,
     include: Optional[Sequence[str]] = None,
@@ -92,12 +94,14 @@ def analyze(
     module_types: Optional[Sequence[type]] = None,
     loss_reduction: Literal["mean", "sum"] = "mean",
     train_mode: bool = False,
-    score_power: float = 0.5,
-    exclude_threshold: float = 0.05,
+    score_power: float = AllocationSettings.score_power,
+    exclude_threshold: float = AllocationSettings.exclude_threshold,
     lora_alpha: Optional[float] = None,
     use_rslora: bool = False,
     trainer_kwargs: Optional[dict[str, Any]] = None,
     trainer: Optional[pl.Trainer] = None,
+    allocation: Optional[AllocationSettings] = None,
+    stopping: Optional[StabilityRule] = None,
 ) -> FisherMap:
     """Analyse ``task`` on ``data`` and return (and, given a folder, write) the fisher map.
 
@@ -138,6 +142,11 @@ def analyze(
         trainer: a ready ``Trainer`` to run the analysis with instead (the stability callback
             is added to it); exclusive with ``trainer_kwargs``. Give it
             ``enable_checkpointing=False``: the analysis has nothing worth checkpointing.
+        allocation: the allocation options (``rank``, ``rank_min``, ``rank_max``,
+            ``rank_mode``, ``score_power``, ``exclude_threshold``) as one
+            :class:`~lightning_fisher.AllocationSettings`; then leave those at their defaults.
+        stopping: the stopping options (``convergence_patience``, ``stability_threshold``,
+            ``min_batches``, ``max_batches``) as one :class:`~lightning_fisher.StabilityRule`.
 
     Returns:
         The map (on every process under DDP; only global rank zero writes it).
@@ -146,7 +155,22 @@ def analyze(
         FisherMapWriteError: the destination is not writable (checked before analysing).
         FisherAnalysisError: no usable loss or gradients, or the Trainer stopped before the analysis finished.
     """
-    TimestepFocus.parse(timestep_focus)  # fail on bad settings before anything runs
+    # Every setting is parsed and checked here, once, before anything runs.
+    focus = TimestepFocus.parse(timestep_focus)
+    allocation = resolve_settings(
+        AllocationSettings,
+        allocation,
+        dict(rank=rank, rank_min=rank_min, rank_max=rank_max, mode=rank_mode, score_power=score_power,
+             exclude_threshold=exclude_threshold),
+        owner="analyze",
+    )
+    stopping = resolve_settings(
+        StabilityRule,
+        stopping,
+        dict(patience=convergence_patience, threshold=stability_threshold, min_batches=min_batches,
+             max_batches=max_batches),
+        owner="analyze",
+    )
     destination = map_destination(data, dataset_dir, output)
     if destination is not None:
         _check_writable(destination)
@@ -155,24 +179,16 @@ def analyze(
             pl.seed_everything(seed, workers=True, verbose=False)
         fisher_map, trainer = _run_analysis(
             task, data, trainer=trainer, trainer_kwargs=trainer_kwargs, max_epochs=max_epochs,
-            stability=FisherStability(
-                patience=convergence_patience, threshold=stability_threshold, min_batches=min_batches,
-                max_batches=max_batches,
-            ),
+            stability=FisherStability(rule=stopping),
             module=FisherAnalysisModule(
                 task,
                 include=include,
                 exclude=exclude,
                 module_types=module_types,
-                rank=rank,
-                rank_min=rank_min,
-                rank_max=rank_max,
-                rank_mode=rank_mode,
-                score_power=score_power,
-                exclude_threshold=exclude_threshold,
+                allocation=allocation,
                 lora_alpha=lora_alpha,
                 use_rslora=use_rslora,
-                timestep_focus=timestep_focus,
+                timestep_focus=focus,
                 loss_reduction=loss_reduction,
                 train_mode=train_mode,
                 seed=seed,

@@ -8,6 +8,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
+from lightning_fisher.allocation_settings import resolve_settings
 from lightning_fisher.fisher_map import StabilityRecord
 from lightning_fisher.stability import METHOD, StabilityRule, StabilityTracker, StopReason, split_half_correlation
 
@@ -31,6 +32,8 @@ class FisherStability(Callback):
         min_batches: never stop before this many batches.
         max_batches: stop after this many batches regardless; ``None`` for no limit.
         verbose: announce the stop on rank zero.
+        rule: the four settings above as one :class:`~lightning_fisher.StabilityRule` (then
+            leave them at their defaults).
 
     Example::
 
@@ -40,14 +43,20 @@ class FisherStability(Callback):
 
     def __init__(
         self,
-        patience: int = 5,
-        threshold: float = 0.9,
-        min_batches: int = 5,
-        max_batches: Optional[int] = 200,
+        patience: int = StabilityRule.patience,
+        threshold: float = StabilityRule.threshold,
+        min_batches: int = StabilityRule.min_batches,
+        max_batches: Optional[int] = StabilityRule.max_batches,
         verbose: bool = True,
+        rule: Optional[StabilityRule] = None,
     ) -> None:
         super().__init__()
-        self.rule = StabilityRule(patience=patience, threshold=threshold, min_batches=min_batches, max_batches=max_batches)
+        self.rule = resolve_settings(
+            StabilityRule,
+            rule,
+            dict(patience=patience, threshold=threshold, min_batches=min_batches, max_batches=max_batches),
+            owner="FisherStability",
+        )
         self.verbose = verbose
         self.tracker = StabilityTracker(self.rule)
 

@@ -1,0 +1,150 @@
+"""The settings objects: one home for the allocation and stopping defaults, checked once."""
+
+import dataclasses
+import inspect
+from pathlib import Path
+
+import pytest
+import yaml
+from _nets import linear_names
+from cli_models import TinyClassifier
+
+from lightning_fisher import (
+    AllocationSettings,
+    FisherAnalysisModule,
+    FisherMap,
+    FisherStability,
+    StabilityRule,
+    allocate_ranks,
+    analyze,
+)
+from lightning_fisher.allocation_settings import resolve_settings
+from lightning_fisher.cli import main
+from lightning_fisher.cli.wizard_answers import RankSettings, load_preset
+from lightning_fisher.errors import SettingsError
+
+TESTS = Path(__file__).parent
+REPO = TESTS.parent
+
+# The names the public functions give the fields (the flags, except where a function predates them).
+ALLOCATION_OPTION = {"rank": "rank", "rank_min": "rank_min", "rank_max": "rank_max", "mode": "rank_mode",
+                     "score_power": "score_power", "exclude_threshold": "exclude_threshold"}
+STOPPING_OPTION = {"patience": "convergence_patience", "threshold": "stability_threshold",
+                   "min_batches": "min_batches", "max_batches": "max_batches"}
+
+
+def defaults(function):
+    return {name: p.default for name, p in inspect.signature(function).parameters.items()}
+
+
+def test_allocate_ranks_and_from_scores_default_to_the_settings():
+    expected = AllocationSettings()
+    for function in (allocate_ranks, FisherMap.from_scores):
+        seen = defaults(function)
+        assert {field: seen[field] for field in ALLOCATION_OPTION} == dataclasses.asdict(expected), function.__qualname__
+
+
+def test_analysis_module_and_analyze_default_to_the_settings():
+    allocation = dataclasses.asdict(AllocationSettings())
+    stopping = dataclasses.asdict(StabilityRule())
+    for function in (FisherAnalysisModule.__init__, analyze):
+        seen = defaults(function)
+        assert {field: seen[option] for field, option in ALLOCATION_OPTION.items()} == allocation
+    seen = defaults(analyze)
+    assert {field: seen[option] for field, option in STOPPING_OPTION.items()} == stopping
+    seen = defaults(FisherStability.__init__)
+    assert {field: seen[field] for field in STOPPING_OPTION} == stopping
+
+
+def test_the_analysis_module_builds_its_settings_from_the_defaults():
+    module = FisherAnalysisModule(TinyClassifier())
+    assert module.allocation == AllocationSettings()
+    assert FisherStability().rule == StabilityRule()
+
+
+def test_print_config_shows_the_settings_defaults(tmp_path, capsys):
+    (tmp_path / "data").mkdir()
+    with pytest.raises(SystemExit) as exited:
+        main(["analyze", "--model", "cli_models.TinyClassifier", "--dataset-dir", str(tmp_path / "data"),
+              "--print_config"])
+    assert exited.value.code in (0, None)
+    config = yaml.safe_load(capsys.readouterr().out)
+    allocation = AllocationSettings()
+    assert {key: config[key] for key in allocation.flags()} == allocation.flags()
+    assert {field: config[option] for field, option in STOPPING_OPTION.items()} == dataclasses.asdict(StabilityRule())
+
+
+def test_the_large_preset_is_the_default_budget():
+    assert load_preset(REPO / "configs" / "presets" / "large.yaml") == AllocationSettings()
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        (dict(rank=0), "rank"),
+        (dict(rank_min=40, rank_max=32, rank=35), "rank_min"),
+        (dict(rank=200), "rank"),
+        (dict(mode="flat"), "mode"),
+        (dict(score_power=float("nan")), "score_power"),
+        (dict(exclude_threshold=1.0), "exclude_threshold"),
+        (dict(rank=True), "rank"),
+    ],
+)
+def test_a_bad_allocation_setting_names_its_field(change, field):
+    with pytest.raises(SettingsError, match=f"^{field}") as caught:
+        AllocationSettings(**change)
+    assert caught.value.field == field
+    assert isinstance(caught.value, ValueError)  # callers that caught ValueError still do
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [(dict(patience=0), "patience"), (dict(threshold=1.5), "threshold"), (dict(min_batches=-1), "min_batches"),
+     (dict(max_batches=3, min_batches=5), "max_batches")],
+)
+def test_a_bad_stopping_setting_names_its_field(change, field):
+    with pytest.raises(SettingsError) as caught:
+        StabilityRule(**change)
+    assert caught.value.field == field
+
+
+def test_flags_round_trip_and_name_the_yaml_keys():
+    settings = AllocationSettings(rank=8, rank_min=2, rank_max=32, mode="budget")
+    assert settings.flags() == {"rank": 8, "rank_min": 2, "rank_max": 32, "rank_mode": "budget",
+                                "score_power": 0.5, "exclude_threshold": 0.05}
+    assert AllocationSettings.from_flags(settings.flags()) == settings
+    assert AllocationSettings.from_flags({"rank_mode": "budget", "unrelated": 1}) == AllocationSettings(mode="budget")
+    assert settings.describe() == "rank 8, min 2, max 32, mode budget"
+    assert RankSettings is AllocationSettings
+
+
+def test_an_object_and_changed_options_together_are_refused():
+    settings = AllocationSettings(rank=8, rank_min=2, rank_max=32)
+    options = dict(rank=64, rank_min=16, rank_max=128, mode="median", score_power=0.5, exclude_threshold=0.05)
+    assert resolve_settings(AllocationSettings, settings, options, owner="f") is settings
+    assert resolve_settings(AllocationSettings, None, {**options, "rank": 32}, owner="f") == AllocationSettings(rank=32)
+    with pytest.raises(TypeError, match=r"f: give either a AllocationSettings or the individual options \(rank\)"):
+        resolve_settings(AllocationSettings, settings, {**options, "rank": 4}, owner="f")
+    with pytest.raises(TypeError, match="expected a StabilityRule"):
+        resolve_settings(StabilityRule, settings, {}, owner="f")
+
+
+def test_allocate_ranks_takes_the_object_and_gives_the_same_ranks():
+    scores = {f"m{i}": float(i + 1) for i in range(6)}
+    costs = {name: 10 for name in scores}
+    settings = AllocationSettings(rank=4, rank_min=1, rank_max=16, mode="budget")
+    by_object = allocate_ranks(scores, rank_costs=costs, settings=settings)
+    by_options = allocate_ranks(scores, rank=4, rank_min=1, rank_max=16, mode="budget", rank_costs=costs)
+    assert by_object == by_options
+    assert sum(r * 10 for r in by_object.values()) <= 4 * 60
+
+
+def test_the_map_budget_is_the_settings_it_was_made_with():
+    tiny_task = TinyClassifier()
+    settings = AllocationSettings(rank=4, rank_min=1, rank_max=16, mode="budget", score_power=1.0)
+    names = linear_names(tiny_task)
+    fisher_map = FisherMap.from_scores({name: float(i + 1) for i, name in enumerate(names)}, tiny_task,
+                                       allocation=settings)
+    assert fisher_map.allocation == settings
+    assert isinstance(fisher_map.budget, AllocationSettings)
+    assert fisher_map.budget.lora_parameters == sum(fisher_map.ranks[n] * fisher_map.rank_costs[n] for n in fisher_map.ranks)
