@@ -38,7 +38,7 @@ import warnings
 from collections.abc import Mapping
 from typing import Literal, Optional
 
-from lightning_fisher.allocation_settings import ALLOCATION_MODES, AllocationSettings, resolve_settings
+from lightning_fisher.allocation_settings import ALLOCATION_MODES, AllocationSettings, allocation_from_options
 
 __all__ = [
     "ALLOCATION_MODES",
@@ -89,12 +89,8 @@ def allocate_ranks(
     Raises:
         ValueError: naming the offending argument (and module, for a bad score).
     """
-    settings = resolve_settings(
-        AllocationSettings,
-        settings,
-        dict(rank=rank, rank_min=rank_min, rank_max=rank_max, mode=mode, score_power=score_power,
-             exclude_threshold=exclude_threshold),
-        owner="allocate_ranks",
+    settings = allocation_from_options(
+        settings, "allocate_ranks", rank, rank_min, rank_max, mode, score_power, exclude_threshold
     )
     return _allocate(scores, settings, rank_costs)
 

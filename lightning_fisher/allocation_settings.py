@@ -22,7 +22,7 @@ from typing import Any, Literal, Mapping, Optional, TypeVar
 
 from lightning_fisher.errors import SettingsError
 
-__all__ = ["ALLOCATION_MODES", "AllocationSettings", "resolve_settings"]
+__all__ = ["ALLOCATION_MODES", "AllocationSettings", "allocation_from_options", "resolve_settings"]
 
 ALLOCATION_MODES = ("median", "budget")
 
@@ -154,3 +154,13 @@ def resolve_settings(cls: type[_S], given: Optional[_S], options: Mapping[str, A
             f"not both; e.g. dataclasses.replace(settings, {changed[0]}=...)"
         )
     return given
+
+
+def allocation_from_options(
+    given: Optional[AllocationSettings], owner: str, rank: int, rank_min: int, rank_max: int, mode: str,
+    score_power: float, exclude_threshold: float,
+) -> AllocationSettings:
+    """:func:`resolve_settings` for the six allocation options, in the order the signatures list them."""
+    options = dict(rank=rank, rank_min=rank_min, rank_max=rank_max, mode=mode, score_power=score_power,
+                   exclude_threshold=exclude_threshold)
+    return resolve_settings(AllocationSettings, given, options, owner=owner)

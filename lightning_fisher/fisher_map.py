@@ -30,7 +30,7 @@ from torch import nn
 
 from lightning_fisher._version import __version__
 from lightning_fisher.allocation import allocate_ranks, flat_lora_parameters, lora_parameters
-from lightning_fisher.allocation_settings import AllocationSettings, resolve_settings
+from lightning_fisher.allocation_settings import AllocationSettings, allocation_from_options
 from lightning_fisher.candidates import module_type_name, rank_cost, weight_shape
 from lightning_fisher.fingerprint import model_fingerprint
 from lightning_fisher.map_codec import (
@@ -148,12 +148,8 @@ class FisherMap:
             ValueError: a name in ``scores`` is not a module of ``model``, or an allocation
                 argument is invalid (the message names it).
         """
-        settings = resolve_settings(
-            AllocationSettings,
-            allocation,
-            dict(rank=rank, rank_min=rank_min, rank_max=rank_max, mode=mode, score_power=score_power,
-                 exclude_threshold=exclude_threshold),
-            owner="FisherMap.from_scores",
+        settings = allocation_from_options(
+            allocation, "FisherMap.from_scores", rank, rank_min, rank_max, mode, score_power, exclude_threshold
         )
         named = dict(model.named_modules())
         unknown = [name for name in scores if name not in named]

@@ -36,16 +36,7 @@ from lightning_fisher.errors import (
     FisherMapWriteError,
     SettingsError,
 )
-from lightning_fisher.map_records import (
-    AlphaPolicy,
-    AnalysisRecord,
-    DatasetRecord,
-    ModelRecord,
-    ModuleRecord,
-    RankBudget,
-    StabilityRecord,
-    TimestepFocusRecord,
-)
+from lightning_fisher import map_records as records
 
 if TYPE_CHECKING:  # pragma: no cover
     from lightning_fisher.fisher_map import FisherMap
@@ -118,7 +109,7 @@ def records_of(document: Mapping[str, Any], path: Optional[PathLike] = None) -> 
         FisherMapSchemaError: a budget setting is out of range (``$.budget.<field>``).
     """
     modules = tuple(
-        ModuleRecord(
+        records.ModuleRecord(
             name=m["name"],
             type=m["type"],
             shape=tuple(m["shape"]),
@@ -134,7 +125,7 @@ def records_of(document: Mapping[str, Any], path: Optional[PathLike] = None) -> 
     if document["analysis"] is not None:
         raw = dict(document["analysis"])
         focus = raw["timestep_focus"]
-        raw["timestep_focus"] = TimestepFocusRecord(
+        raw["timestep_focus"] = records.TimestepFocusRecord(
             name=focus["name"],
             range=None if focus["range"] is None else tuple(focus["range"]),
             applied=focus["applied"],
@@ -144,20 +135,20 @@ def records_of(document: Mapping[str, Any], path: Optional[PathLike] = None) -> 
         if stability is not None:
             stability = dict(stability)
             stability["history"] = tuple(stability.get("history", ()))
-            raw["stability"] = StabilityRecord(**stability)
-        analysis = AnalysisRecord(**raw)
+            raw["stability"] = records.StabilityRecord(**stability)
+        analysis = records.AnalysisRecord(**raw)
     try:
-        budget = RankBudget(**document["budget"])
+        budget = records.RankBudget(**document["budget"])
     except SettingsError as error:
         json_path = f"$.budget.{error.field}"
         raise FisherMapSchemaError(f"{_where(path)}: {json_path}: {error}", path=path, json_path=json_path) from None
     return dict(
         modules=modules,
         budget=budget,
-        alpha=AlphaPolicy(**document["alpha"]),
-        model=ModelRecord(**document["model"]),
+        alpha=records.AlphaPolicy(**document["alpha"]),
+        model=records.ModelRecord(**document["model"]),
         analysis=analysis,
-        dataset=None if document["dataset"] is None else DatasetRecord(**document["dataset"]),
+        dataset=None if document["dataset"] is None else records.DatasetRecord(**document["dataset"]),
         versions=dict(document["versions"]),
         created=document["created"],
         path=None if path is None else Path(path),

@@ -33,7 +33,7 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch import nn
 
 from lightning_fisher.accumulator import FisherAccumulator
-from lightning_fisher.allocation_settings import AllocationSettings, resolve_settings
+from lightning_fisher.allocation_settings import AllocationSettings, allocation_from_options
 from lightning_fisher.candidates import select_candidates
 from lightning_fisher.collector import FisherCollector
 from lightning_fisher.errors import FisherAnalysisError
@@ -116,12 +116,8 @@ class FisherAnalysisModule(LightningModule):
                 "itself; the analysis needs a training_step that returns the loss"
             )
         #: The allocation settings (checked once, here, before anything runs).
-        self.allocation = resolve_settings(
-            AllocationSettings,
-            allocation,
-            dict(rank=rank, rank_min=rank_min, rank_max=rank_max, mode=rank_mode, score_power=score_power,
-                 exclude_threshold=exclude_threshold),
-            owner="FisherAnalysisModule",
+        self.allocation = allocation_from_options(
+            allocation, "FisherAnalysisModule", rank, rank_min, rank_max, rank_mode, score_power, exclude_threshold
         )
         self.automatic_optimization = False
         self.task = task

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_fisher.allocation_settings import AllocationSettings, resolve_settings
+from lightning_fisher.allocation_settings import AllocationSettings, allocation_from_options, resolve_settings
 from lightning_fisher.errors import DatasetFolderError, FisherAnalysisError, FisherMapWriteError
 from lightning_fisher.fisher_map import DatasetRecord, FisherMap, resolve_map_path
 from lightning_fisher.stability import StabilityRule
@@ -157,12 +157,8 @@ def analyze(
     """
     # Every setting is parsed and checked here, once, before anything runs.
     focus = TimestepFocus.parse(timestep_focus)
-    allocation = resolve_settings(
-        AllocationSettings,
-        allocation,
-        dict(rank=rank, rank_min=rank_min, rank_max=rank_max, mode=rank_mode, score_power=score_power,
-             exclude_threshold=exclude_threshold),
-        owner="analyze",
+    allocation = allocation_from_options(
+        allocation, "analyze", rank, rank_min, rank_max, rank_mode, score_power, exclude_threshold
     )
     stopping = resolve_settings(
         StabilityRule,
