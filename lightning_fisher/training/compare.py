@@ -38,8 +38,16 @@ from lightning_fisher.atomic_io import write_text_atomic
 from lightning_fisher.errors import LightningFisherError
 from lightning_fisher.fisher_map import FisherMap
 from lightning_fisher.patterns import exact_target_regex
-from lightning_fisher.peft_factory import adapter_ranks
-from lightning_fisher.training.adaptive_lora import AdaptiveLoRA, _adapter_parameters
+from lightning_fisher.peft_factory import (
+    MAP_OWNED_OPTIONS,
+    adapter_ranks,
+    alpha_option,
+    alpha_policy,
+    count_adapter_parameters,
+    rebase_names,
+    root_module,
+)
+from lightning_fisher.training.adaptive_lora import AdaptiveLoRA
 
 __all__ = [
     "MONITOR",
@@ -58,9 +66,6 @@ MONITOR = "val_loss"
 #: Builds one fresh run: ``(model, datamodule or None, trainer)``. The trainer must carry an
 #: :class:`AdaptiveLoRA` callback; its adapter options are kept, compare sets which map it applies.
 RunFactory = Callable[[], tuple[pl.LightningModule, Optional[pl.LightningDataModule], pl.Trainer]]
-
-# lora_kwargs that decide which modules are adapted and at what rank: every arm sets its own.
-_ARM_OWNED = ("r", "target_modules", "rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern", "exclude_modules")
 
 
 class CompareError(LightningFisherError, ValueError):
@@ -291,14 +296,6 @@ def _check_budgets(fisher_map: FisherMap, budgets: Sequence[float]) -> list[tupl
     return planned
 
 
-def _under_root(names, adapter_root: Optional[str]) -> dict[str, str]:
-    """``{name relative to adapter_root: full name}`` for the names under it."""
-    if not adapter_root:
-        return {name: name for name in names}
-    prefix = adapter_root.rstrip(".") + "."
-    return {name[len(prefix):]: name for name in names if name.startswith(prefix)}
-
-
 def plan_arms(
     fisher_map: FisherMap,
     model: nn.Module,
@@ -320,7 +317,7 @@ def plan_arms(
             another's rank; or no candidate of the map lies under ``adapter_root``.
     """
     planned = _check_budgets(fisher_map, budgets)
-    candidates = _under_root(fisher_map.scores, adapter_root)
+    candidates, _ = rebase_names(fisher_map.scores, adapter_root)
     if not candidates:
         raise CompareError(
             f"adapter_root={adapter_root!r}: none of the map's {len(fisher_map.modules)} candidate modules lies "
@@ -366,7 +363,7 @@ def plan_arms(
             )
             # Same model as the map on disk: keep its identity so the model check behaves as in fit.
             arm_map = dataclasses.replace(arm_map, model=fisher_map.model)
-        ranks = _under_root(arm_map.ranks, adapter_root)
+        ranks, _ = rebase_names(arm_map.ranks, adapter_root)
         arms.append(
             CompareArm(
                 name="fisher" if fraction == 1.0 else f"fisher@{fraction:g}",
@@ -401,17 +398,13 @@ class _AdapterOptions:
     lora_kwargs: Mapping[str, Any]
 
     def configure(self, callback: AdaptiveLoRA, arm: CompareArm, fisher_map: FisherMap) -> None:
-        options = {k: v for k, v in self.lora_kwargs.items() if k not in _ARM_OWNED}
-        alpha_option = "lora_alpha" if self.adapter == "lora" else "alpha"
-        base_rank = fisher_map.budget.rank
-        use_rslora = bool(options.get("use_rslora", fisher_map.alpha.use_rslora)) if self.adapter == "lora" else False
+        options = {k: v for k, v in self.lora_kwargs.items() if k not in MAP_OWNED_OPTIONS}
         # Alpha at the map's base rank (yours or the map's), carried to the arm's base rank by the
         # map's policy, so that alpha / rank, and with it the update scale, is the same in every arm.
-        base_alpha = float(options.get(alpha_option, fisher_map.alpha.lora_alpha))
-        policy = dataclasses.replace(fisher_map.alpha, lora_alpha=base_alpha, use_rslora=use_rslora)
-        options[alpha_option] = policy.alpha_for(arm.rank, base_rank)
+        policy = alpha_policy(fisher_map, self.adapter, options)
+        options[alpha_option(self.adapter)] = policy.alpha_for(arm.rank, fisher_map.budget.rank)
         if self.adapter == "lora":
-            options["use_rslora"] = use_rslora
+            options["use_rslora"] = policy.use_rslora
         if arm.is_flat:
             options["r"] = arm.rank
             options["target_modules"] = exact_target_regex(arm.modules)
@@ -482,11 +475,11 @@ def _run(
             f"the model logs no {MONITOR!r} in validation (validation metrics logged: {logged}); compare ranks the "
             f"arms by it: add self.log({MONITOR!r}, loss) to {type(model).__name__}.validation_step"
         )
-    root = model if not options.adapter_root else model.get_submodule(options.adapter_root)
+    root = root_module(model, options.adapter_root)
     result = RunResult(
         arm=arm.name,
         seed=seed,
-        lora_parameters=_adapter_parameters(root),
+        lora_parameters=count_adapter_parameters(root),
         adapted_modules=len(adapter_ranks(root, options.adapter_name)),
         val_loss=metrics[MONITOR],
         metrics=metrics,
@@ -555,7 +548,7 @@ def compare_fisher_map(
         fisher_map_path=None if fisher_map.path is None else str(fisher_map.path),
         notes=list(notes),
     )
-    replaced = sorted(k for k in options.lora_kwargs if k in _ARM_OWNED)
+    replaced = sorted(k for k in options.lora_kwargs if k in MAP_OWNED_OPTIONS)
     if replaced:
         result.notes.append(f"lora_kwargs {', '.join(replaced)}: ignored, every arm sets its own targets and ranks")
     outside = len(fisher_map.modules) - len(arms[0].modules)
