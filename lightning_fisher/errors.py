@@ -84,3 +84,7 @@ class DatasetFolderError(LightningFisherError):
 
 class FragileModelError(LightningFisherError):
     """An adaptive-rank map was about to be applied to a model marked fragile without opt-in."""
+
+
+class CompareError(LightningFisherError, ValueError):
+    """A comparison of flat LoRA with a fisher map cannot be planned or run (bad option, no validation data, metric not logged)."""

@@ -10,6 +10,8 @@ CORE_MODULES = [
     "lightning_fisher.allocation",
     "lightning_fisher.candidates",
     "lightning_fisher.collector",
+    "lightning_fisher.compare_plan",
+    "lightning_fisher.compare_results",
     "lightning_fisher.fingerprint",
     "lightning_fisher.fisher_map",
     "lightning_fisher.patterns",

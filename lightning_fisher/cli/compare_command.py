@@ -3,7 +3,7 @@
 Takes exactly the ``--config fit.yaml`` and flags of ``lightning-fisher fit`` (it is the same
 :class:`~lightning_fisher.cli.lightning_clis.TrainCLI` parser), plus ``--budgets``, ``--seeds``,
 ``--max_steps`` and ``--output``. The config is parsed once and instantiated anew for every
-run; :mod:`lightning_fisher.training.compare` does the rest. What compare changes so that the
+run; :mod:`lightning_fisher.training.compare_runner` does the rest. What compare changes so that the
 runs are short probes that leave no files behind (no checkpoints, logger or export; validation
 data where there is none) is printed under the table.
 """
@@ -22,10 +22,11 @@ from lightning.pytorch.cli import LightningCLI
 
 from lightning_fisher.cli.arguments import normalize_flags
 from lightning_fisher.cli.lightning_clis import TrainCLI, _args_from_caller
-from lightning_fisher.errors import FisherMapNotFoundError
+from lightning_fisher.compare_results import CompareResult
+from lightning_fisher.errors import CompareError, FisherMapNotFoundError
 from lightning_fisher.fisher_map import FisherMap
 from lightning_fisher.peft_factory import fisher_map_path
-from lightning_fisher.training.compare import CompareError, CompareResult, compare_fisher_map
+from lightning_fisher.training.compare_runner import compare_fisher_map
 from lightning_fisher.training.datamodule import TensorDirectoryDataModule
 
 __all__ = ["CompareCLI", "build_compare_cli", "run_compare"]
