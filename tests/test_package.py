@@ -37,7 +37,7 @@ def test_core_does_not_import_lightning():
         "import sys\n"
         f"import {', '.join(CORE_MODULES)}\n"
         "import lightning_fisher\n"
-        "from lightning_fisher import FisherMap, FisherCollector, allocate_ranks, lora_config_from_fisher_map\n"
+        "from lightning_fisher import FisherMap, FisherCollector, allocate_ranks, lora_config_from_fisher_map, save_adapter\n"
         "loaded = sorted(m for m in sys.modules if m == 'lightning' or m.startswith(('lightning.', 'pytorch_lightning')))\n"
         "assert not loaded, loaded\n"
         "from lightning_fisher import AdaptiveLoRA\n"
