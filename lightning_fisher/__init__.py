@@ -46,7 +46,7 @@ from lightning_fisher.timesteps import TimestepFocus, UniformTimestepSampler
 
 _LIGHTNING_ADAPTERS = {
     "AdaptiveLoRA": "lightning_fisher.training.adaptive_lora",
-    "save_adapter": "lightning_fisher.training.adaptive_lora",
+    "save_adapter": "lightning_fisher.peft_factory.export",
     "FisherAnalysisModule": "lightning_fisher.training.analysis_module",
     "FisherStability": "lightning_fisher.training.stability_callback",
     "TensorDirectoryDataModule": "lightning_fisher.training.datamodule",

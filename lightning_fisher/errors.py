@@ -96,3 +96,7 @@ class SettingsError(LightningFisherError, ValueError):
     def __init__(self, message: str, *, field: str) -> None:
         self.field = field
         super().__init__(message)
+
+
+class CompareError(LightningFisherError, ValueError):
+    """A comparison of flat LoRA with a fisher map cannot be planned or run (bad option, no validation data, metric not logged)."""

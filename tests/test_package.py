@@ -10,10 +10,15 @@ CORE_MODULES = [
     "lightning_fisher.allocation",
     "lightning_fisher.candidates",
     "lightning_fisher.collector",
+    "lightning_fisher.compare_plan",
+    "lightning_fisher.compare_results",
     "lightning_fisher.fingerprint",
     "lightning_fisher.fisher_map",
     "lightning_fisher.patterns",
     "lightning_fisher.peft_factory",
+    "lightning_fisher.peft_factory.export",
+    "lightning_fisher.peft_factory.flat",
+    "lightning_fisher.peft_factory.verify",
     "lightning_fisher.report",
     "lightning_fisher.stability",
     "lightning_fisher.tensor_folder",
@@ -32,7 +37,7 @@ def test_core_does_not_import_lightning():
         "import sys\n"
         f"import {', '.join(CORE_MODULES)}\n"
         "import lightning_fisher\n"
-        "from lightning_fisher import FisherMap, FisherCollector, allocate_ranks, lora_config_from_fisher_map\n"
+        "from lightning_fisher import FisherMap, FisherCollector, allocate_ranks, lora_config_from_fisher_map, save_adapter\n"
         "loaded = sorted(m for m in sys.modules if m == 'lightning' or m.startswith(('lightning.', 'pytorch_lightning')))\n"
         "assert not loaded, loaded\n"
         "from lightning_fisher import AdaptiveLoRA\n"

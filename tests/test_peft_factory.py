@@ -203,3 +203,36 @@ def test_eva_initialisation_is_refused(colliding):
     _, fmap = colliding
     with pytest.raises(ValueError, match="EVA"):
         lora_config_from_fisher_map(fmap, init_lora_weights="eva")
+
+
+def test_rebase_names_and_root_module():
+    from lightning_fisher.peft_factory import rebase_names, root_module
+
+    names = ["model.a", "model.b.c", "head", "modelx.d"]
+    assert rebase_names(names, "model") == ({"a": "model.a", "b.c": "model.b.c"}, ["head", "modelx.d"])
+    assert rebase_names(names, "model.") == rebase_names(names, "model")
+    assert rebase_names(names, None) == ({name: name for name in names}, [])
+    wrapper = Wrapper()
+    assert root_module(wrapper, "model") is wrapper.model and root_module(wrapper, "") is wrapper
+
+
+def test_adapter_options_in_one_place(colliding):
+    from lightning_fisher.peft_factory import ADAPTER_CONFIGS, MAP_OWNED_OPTIONS, alpha_option, alpha_policy, config_class
+
+    _, fmap = colliding
+    assert config_class("lokr") is peft.LoKrConfig and set(ADAPTER_CONFIGS) == {"lora", "loha", "lokr"}
+    with pytest.raises(ValueError, match="adapter: must be one of lora, loha, lokr, got 'ia3'"):
+        config_class("ia3")
+    assert [alpha_option(a) for a in ("lora", "loha", "lokr")] == ["lora_alpha", "alpha", "alpha"]
+    assert "r" in MAP_OWNED_OPTIONS and "lora_dropout" not in MAP_OWNED_OPTIONS
+    assert alpha_policy(fmap, "lora", {}) == fmap.alpha
+    mine = alpha_policy(fmap, "lora", {"lora_alpha": 4, "use_rslora": True})
+    assert (mine.lora_alpha, mine.use_rslora) == (4.0, True)
+    assert alpha_policy(fmap, "loha", {"alpha": 3, "use_rslora": True}).use_rslora is False  # no rsLoRA for LoHa
+
+
+def test_changed_modules_between_two_rank_maps():
+    from lightning_fisher.peft_factory import changed_modules
+
+    assert changed_modules({"a": 4, "b": 8}, {"a": 4, "b": 8}) == []
+    assert changed_modules({"a": 4, "b": 8, "c": 2}, {"a": 5, "b": 8, "d": 2}) == ["c", "d", "a"]

@@ -59,7 +59,7 @@ def _show(argv: list[str]) -> int:
 
 
 def _compare(argv: list[str]) -> int:
-    from lightning_fisher.cli.compare import run_compare
+    from lightning_fisher.cli.compare_command import run_compare
 
     return run_compare(argv)
 

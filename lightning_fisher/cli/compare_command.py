@@ -3,7 +3,7 @@
 Takes exactly the ``--config fit.yaml`` and flags of ``lightning-fisher fit`` (it is the same
 :class:`~lightning_fisher.cli.lightning_clis.TrainCLI` parser), plus ``--budgets``, ``--seeds``,
 ``--max_steps`` and ``--output``. The config is parsed once and instantiated anew for every
-run; :mod:`lightning_fisher.training.compare` does the rest. What compare changes so that the
+run; :mod:`lightning_fisher.training.compare_runner` does the rest. What compare changes so that the
 runs are short probes that leave no files behind (no checkpoints, logger or export; validation
 data where there is none) is printed under the table.
 """
@@ -22,9 +22,11 @@ from lightning.pytorch.cli import LightningCLI
 
 from lightning_fisher.cli.arguments import normalize_flags
 from lightning_fisher.cli.lightning_clis import TrainCLI, _args_from_caller
-from lightning_fisher.errors import FisherMapNotFoundError
-from lightning_fisher.fisher_map import FisherMap, resolve_map_path
-from lightning_fisher.training.compare import CompareError, CompareResult, compare_fisher_map
+from lightning_fisher.compare_results import CompareResult
+from lightning_fisher.errors import CompareError, FisherMapNotFoundError
+from lightning_fisher.fisher_map import FisherMap
+from lightning_fisher.peft_factory import fisher_map_path
+from lightning_fisher.training.compare_runner import compare_fisher_map
 from lightning_fisher.training.datamodule import TensorDirectoryDataModule
 
 __all__ = ["CompareCLI", "build_compare_cli", "run_compare"]
@@ -120,27 +122,36 @@ def _import(class_path: str) -> Optional[type]:
         return None
 
 
-def find_fisher_map(config) -> FisherMap:
-    """The map ``fit`` would apply: ``adaptive_lora.fisher_map``, ``adaptive_lora.dataset_dir``, the data's ``dataset_dir``."""
+def map_to_compare(config) -> FisherMap:
+    """The map ``fit`` would apply (the rule of :func:`~lightning_fisher.peft_factory.fisher_map_path`); it must exist.
+
+    Args:
+        config: the parsed ``fit`` config: ``adaptive_lora.fisher_map``, ``adaptive_lora.dataset_dir``,
+            the data's ``init_args.dataset_dir``, the top-level ``dataset_dir``.
+
+    Raises:
+        CompareError: the config names no map and no dataset folder.
+        FisherMapNotFoundError: the place named holds no map.
+    """
     adaptive = config.adaptive_lora
-    if adaptive.fisher_map is not None:
-        return FisherMap.load(adaptive.fisher_map)
     data = config.get("data")
     init_args = data.get("init_args") if data is not None and hasattr(data, "get") else None
-    folder = adaptive.dataset_dir or (init_args.get("dataset_dir") if init_args is not None else None) or config.dataset_dir
-    if folder is None:
+    data_dir = init_args.get("dataset_dir") if init_args is not None else None
+    path = fisher_map_path(adaptive.fisher_map, adaptive.dataset_dir or data_dir or config.dataset_dir)
+    if path is None:
         raise CompareError(
             "no fisher map to compare: give the dataset folder (--dataset_dir) that holds fisher_map.json, or "
             "--adaptive_lora.fisher_map PATH"
         )
-    file = resolve_map_path(folder)
-    if not file.is_file():
+    try:
+        return FisherMap.load(path)
+    except FisherMapNotFoundError as error:
+        # Unlike fit, compare has nothing to do without a map: say so on top of the loader's advice.
         raise FisherMapNotFoundError(
-            f"{file}: no fisher map here, and compare needs one: run lightning-fisher analyze first "
-            f"(e.g. lightning-fisher analyze --model ... --dataset-dir {folder}), or pass --adaptive_lora.fisher_map PATH",
-            path=file,
-        )
-    return FisherMap.load(file)
+            f"{error}. compare needs a map: run lightning-fisher analyze first (as above), or pass "
+            "--adaptive_lora.fisher_map PATH",
+            path=error.path,
+        ) from None
 
 
 def prepare_config(config, scratch_dir: str) -> list[str]:
@@ -202,7 +213,7 @@ def run_compare(argv: list[str]) -> int:
     """``lightning-fisher compare [fit options] [--budgets 1.0,0.5] [--seeds 0,1,2] [--max_steps N] [--output F]``."""
     cli = build_compare_cli(argv)
     config = cli.config
-    fisher_map = find_fisher_map(config)
+    fisher_map = map_to_compare(config)
     scratch = tempfile.mkdtemp(prefix="lightning-fisher-compare-")
     try:
         notes = prepare_config(config, scratch)

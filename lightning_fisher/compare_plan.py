@@ -1,0 +1,203 @@
+"""The arms of a comparison of flat LoRA with a fisher map, planned without training anything.
+
+- ``flat``: LoRA at the map's base rank ``r`` on exactly the map's candidate modules (those
+  under ``adapter_root``), so it covers what the analysis covered and nothing else.
+- ``fisher``: the map's scores allocated in budget mode at rank ``r``: its adapter parameters
+  equal flat's, less at most one rank step of one module.
+- ``fisher@F``: one per extra budget fraction ``F``, budget mode at ``round(r * F)`` (half up,
+  at least the map's ``rank_min``).
+
+Every fisher arm keeps the map's alpha / rank, so the arms differ only in where the adapters go
+and how large they are. :mod:`lightning_fisher.training.compare_runner` runs the arms;
+:mod:`lightning_fisher.compare_results` summarises the runs. No Lightning here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from torch import nn
+
+from lightning_fisher.errors import CompareError
+from lightning_fisher.fisher_map import FisherMap
+from lightning_fisher.peft_factory.adapter_root import rebase_names
+
+__all__ = ["CompareArm", "check_budgets", "check_seeds", "plan_arms"]
+
+
+@dataclass(frozen=True)
+class CompareArm:
+    """One training setup of the comparison.
+
+    Attributes:
+        name: ``"flat"``, ``"fisher"`` or ``"fisher@<fraction>"``.
+        rank: base rank: flat LoRA's rank, or the flat-equivalent budget rank of a fisher arm.
+        budget_fraction: ``rank`` relative to the map's base rank, as asked for.
+        fisher_map: the map the arm applies (``None`` for flat).
+        modules: ``{module name relative to adapter_root: rank}`` of the adapters it injects.
+        expected_parameters: LoRA parameters of those adapters, ``sum(rank * (d_in + d_out))``.
+    """
+
+    name: str
+    rank: int
+    budget_fraction: float
+    fisher_map: Optional[FisherMap]
+    modules: Mapping[str, int]
+    expected_parameters: int
+
+    @property
+    def is_flat(self) -> bool:
+        return self.fisher_map is None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "rank": self.rank,
+            "budget_fraction": self.budget_fraction,
+            "expected_lora_parameters": self.expected_parameters,
+            "modules": dict(self.modules),
+        }
+
+
+def _budget_rank(fisher_map: FisherMap, fraction: float) -> int:
+    budget = fisher_map.budget
+    if fraction == 1.0:
+        return budget.rank
+    # Half up, not round()'s half to even: 0.5 of rank 5 is 3, as a reader expects.
+    return max(budget.rank_min, int(math.floor(budget.rank * fraction + 0.5)))
+
+
+def check_budgets(fisher_map: FisherMap, budgets: Sequence[float]) -> list[tuple[float, int]]:
+    """``[(fraction, rank)]`` of the fisher arms, the same-budget arm ``(1.0, r)`` first.
+
+    Args:
+        fisher_map: its budget gives the base rank ``r``, ``rank_min`` and ``rank_max``.
+        budgets: rank budgets as fractions of ``r``; duplicates are dropped, ``1.0`` added.
+
+    Raises:
+        CompareError: a fraction is not a positive number, gives a rank above ``rank_max``, or
+            gives the same rank as another one.
+    """
+    fractions: list[float] = []
+    for value in budgets:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise CompareError(f"budgets: each must be a positive fraction of the map's rank budget, got {value!r}")
+        if float(value) not in fractions:
+            fractions.append(float(value))
+    if 1.0 in fractions:
+        fractions.remove(1.0)
+    fractions.insert(0, 1.0)  # the same-budget arm always runs: it answers the question
+    budget = fisher_map.budget
+    planned: list[tuple[float, int]] = []
+    for fraction in fractions:
+        rank = _budget_rank(fisher_map, fraction)
+        if rank > budget.rank_max:
+            raise CompareError(
+                f"budgets: {fraction:g} of rank {budget.rank} is rank {rank}, above the map's rank_max "
+                f"{budget.rank_max}; use fractions up to {budget.rank_max / budget.rank:g}"
+            )
+        same = [f for f, r in planned if r == rank]
+        if same:
+            raise CompareError(
+                f"budgets: {fraction:g} and {same[0]:g} both give rank {rank} (map rank {budget.rank}, "
+                f"rank_min {budget.rank_min}); drop one of them"
+            )
+        planned.append((fraction, rank))
+    return planned
+
+
+def check_seeds(seeds: Sequence[int]) -> list[int]:
+    """``seeds`` as a list, checked: one or more distinct integers.
+
+    Raises:
+        CompareError: naming the ``seeds`` option and the values given.
+    """
+    seeds = list(seeds)
+    if not seeds or any(isinstance(s, bool) or not isinstance(s, int) for s in seeds) or len(set(seeds)) != len(seeds):
+        raise CompareError(f"seeds: need one or more distinct integers, got {seeds!r}")
+    return seeds
+
+
+def plan_arms(
+    fisher_map: FisherMap,
+    model: nn.Module,
+    *,
+    budgets: Sequence[float] = (1.0,),
+    adapter_root: Optional[str] = None,
+) -> list[CompareArm]:
+    """The arms of a comparison: ``flat``, ``fisher`` and one ``fisher@F`` per extra budget fraction.
+
+    Args:
+        fisher_map: the map to compare against flat LoRA.
+        model: the model the map was made for (its module shapes give the parameter counts).
+        budgets: rank budgets as fractions of the map's base rank; ``1.0`` (the ``fisher`` arm)
+            is always included.
+        adapter_root: as in :class:`~lightning_fisher.AdaptiveLoRA`; only candidates under it take part.
+
+    Raises:
+        CompareError: a budget fraction is not positive, exceeds ``rank_max``, or duplicates
+            another's rank; or no candidate of the map lies under ``adapter_root``.
+    """
+    planned = check_budgets(fisher_map, budgets)
+    candidates, _ = rebase_names(fisher_map.scores, adapter_root)
+    if not candidates:
+        raise CompareError(
+            f"adapter_root={adapter_root!r}: none of the map's {len(fisher_map.modules)} candidate modules lies "
+            f"under it (e.g. {list(fisher_map.scores)[:2]}); use the dotted name of the submodule that holds them"
+        )
+    costs = fisher_map.rank_costs
+    budget = fisher_map.budget
+    rank = budget.rank
+    arms = [
+        CompareArm(
+            name="flat",
+            rank=rank,
+            budget_fraction=1.0,
+            fisher_map=None,
+            modules={relative: rank for relative in candidates},
+            expected_parameters=rank * sum(costs[full] for full in candidates.values()),
+        )
+    ]
+    # Candidates outside adapter_root get no adapter in either arm, so the budget is taken over
+    # the ones inside it: the fisher arm then spends what flat spends.
+    scores = {full: fisher_map.scores[full] for full in candidates.values()}
+    stderr = {full: fisher_map.score_stderrs[full] for full in candidates.values()}
+    for fraction, arm_rank in planned:
+        reuse = fraction == 1.0 and budget.mode == "budget" and len(scores) == len(fisher_map.modules)
+        if reuse:
+            arm_map = fisher_map
+        else:
+            arm_map = FisherMap.from_scores(
+                scores,
+                model,
+                rank=arm_rank,
+                rank_min=budget.rank_min,
+                rank_max=budget.rank_max,
+                mode="budget",
+                score_power=budget.score_power,
+                exclude_threshold=budget.exclude_threshold,
+                # alpha / rank stays what the map prescribes, whatever the budget
+                lora_alpha=fisher_map.alpha.alpha_for(arm_rank, rank),
+                use_rslora=fisher_map.alpha.use_rslora,
+                score_stderr=stderr,
+                analysis=fisher_map.analysis,
+                dataset=fisher_map.dataset,
+            )
+            # Same model as the map on disk: keep its identity so the model check behaves as in fit.
+            arm_map = dataclasses.replace(arm_map, model=fisher_map.model)
+        ranks, _ = rebase_names(arm_map.ranks, adapter_root)
+        arms.append(
+            CompareArm(
+                name="fisher" if fraction == 1.0 else f"fisher@{fraction:g}",
+                rank=arm_rank,
+                budget_fraction=fraction,
+                fisher_map=arm_map,
+                modules={relative: arm_map.ranks[full] for relative, full in ranks.items()},
+                expected_parameters=sum(arm_map.ranks[full] * costs[full] for full in ranks.values()),
+            )
+        )
+    return arms

@@ -1,0 +1,120 @@
+"""lightning-fisher compare (cli/compare_command.py): flat LoRA versus the map at the same budget, on real Lightning fits."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cli_models import TinyClassifier
+from compare_data import budget_parameters, dataset, write_dataset  # noqa: F401 (dataset is a fixture)
+from lightning_fisher import FisherMap, FisherMapNotFoundError
+from lightning_fisher.cli import main
+from lightning_fisher.cli.compare_command import run_compare
+from lightning_fisher.errors import CompareError
+
+
+class NoValLossClassifier(TinyClassifier):
+    """Same parameters as TinyClassifier (so the map fits), but validation logs only an accuracy."""
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_acc", (self(batch["x"]).argmax(-1) == batch["label"]).float().mean())
+
+
+def fit_config(path, dataset, root, model="cli_models.TinyClassifier"):
+    """A fit config as users have them: checkpoints, an export folder, no validation."""
+    config = {
+        "model": {"class_path": model},
+        "dataset_dir": str(dataset),
+        "data": {"class_path": "lightning_fisher.TensorDirectoryDataModule", "init_args": {"batch_size": 8}},
+        "adaptive_lora": {"adapter_root": "backbone", "export_dir": str(root / "adapter")},
+        "trainer": {"max_epochs": 3, "default_root_dir": str(root), "limit_val_batches": 0,
+                    "enable_progress_bar": False, "enable_model_summary": False,
+                    "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint"}]},
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def files_under(folder):
+    return {p for p in Path(folder).rglob("*") if p.is_file()}
+
+
+def test_compare_runs_flat_fisher_and_half_budget(dataset, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = fit_config(tmp_path / "fit.yaml", dataset, tmp_path / "runs")
+    before = files_under(tmp_path) | files_under(dataset)
+    output = tmp_path / "results.json"
+    code = main(["compare", "--config", str(config), "--budgets", "1.0,0.5", "--seeds", "0,1", "--max-steps", "8",
+                        "--output", str(output)])
+    assert code == 0
+
+    fisher_map = FisherMap.load(dataset)
+    assert fisher_map.budget.mode == "median" and fisher_map.budget.rank == 4
+    costs = fisher_map.rank_costs
+    step = max(costs.values())  # one rank step of the widest module
+    flat = 4 * sum(costs.values())
+    fisher = budget_parameters(fisher_map, 4)
+    half = budget_parameters(fisher_map, 2)
+    assert flat - step < fisher <= flat
+    assert 2 * sum(costs.values()) - step < half <= 2 * sum(costs.values())
+
+    results = json.loads(output.read_text())
+    runs = results["runs"]
+    assert len(runs) == 6
+    assert {(r["arm"], r["seed"]) for r in runs} == {(a, s) for a in ("flat", "fisher", "fisher@0.5") for s in (0, 1)}
+    counted = {r["arm"]: r["lora_parameters"] for r in runs}  # counted in the model after injection
+    assert counted == {"flat": flat, "fisher": fisher, "fisher@0.5": half}
+    assert 0.4 < half / flat <= 0.5
+    for run in runs:
+        assert math.isfinite(run["val_loss"]) and run["val_loss"] > 0
+        assert run["metrics"]["val_loss"] == run["val_loss"] and 0 <= run["metrics"]["val_acc"] <= 1
+        assert run["steps"] == 8
+    by_seed = {r["seed"]: r["val_loss"] for r in runs if r["arm"] == "flat"}
+    assert by_seed[0] != by_seed[1]
+    assert [arm["name"] for arm in results["arms"]] == ["flat", "fisher", "fisher@0.5"]
+    assert results["arms"][0]["modules"] == {"0": 4, "2": 4, "4": 4, "6": 4}  # the map's candidates, rebased
+
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| arm")]
+    assert [row.split("|")[1].strip() for row in rows] == ["flat", "fisher", "fisher@0.5"]
+    flat_losses = [r["val_loss"] for r in runs if r["arm"] == "flat"]
+    mean = sum(flat_losses) / 2
+    std = abs(flat_losses[0] - flat_losses[1]) / math.sqrt(2)
+    assert f"{mean:.4f} ± {std:.4f}" in rows[0] and f"{flat:,}" in rows[0] and "1.00x" in rows[0]
+    assert f"{half / flat:.2f}x" in rows[2]
+    assert "fisher vs flat: val_loss" in out and "seed spread" in out
+    assert "val_fraction=0.2" in out  # the config had no validation data: compare says what it did
+
+    # Checkpoints, the export folder, logs and the trainer's root: none of them were written.
+    assert files_under(tmp_path) | files_under(dataset) == before | {output}
+    assert not (tmp_path / "runs").exists() and not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_missing_map_is_a_clear_error(tmp_path):
+    folder = write_dataset(tmp_path / "no_map")
+    config = fit_config(tmp_path / "fit.yaml", folder, tmp_path / "runs")
+    with pytest.raises(FisherMapNotFoundError, match="run lightning-fisher analyze first") as error:
+        run_compare(["--config", str(config)])
+    assert str(folder / "fisher_map.json") in str(error.value)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_model_without_val_loss_is_a_clear_error(dataset, tmp_path):
+    config = fit_config(tmp_path / "fit.yaml", dataset, tmp_path / "runs", model="test_compare_command.NoValLossClassifier")
+    with pytest.raises(CompareError, match=r"logs no 'val_loss' in validation \(validation metrics logged: val_acc\)"):
+        run_compare(["--config", str(config), "--seeds", "0", "--max-steps", "2"])
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [(["--budgets", "1.0,zero"], "--budgets: expected comma-separated numbers"),
+     (["--budgets", "-0.5"], "--budgets: each must be a positive fraction"),
+     (["--seeds", "0,0"], "--seeds: each seed once"),
+     (["--max-steps", "0"], "--max_steps: must be a positive number")],
+)
+def test_option_errors_name_the_option(dataset, tmp_path, extra, message):
+    config = fit_config(tmp_path / "fit.yaml", dataset, tmp_path / "runs")
+    with pytest.raises(CompareError, match=message.replace("(", r"\(")):
+        run_compare(["--config", str(config), *extra])
