@@ -174,12 +174,7 @@ def plan_arms(
             arm_map = FisherMap.from_scores(
                 scores,
                 model,
-                rank=arm_rank,
-                rank_min=budget.rank_min,
-                rank_max=budget.rank_max,
-                mode="budget",
-                score_power=budget.score_power,
-                exclude_threshold=budget.exclude_threshold,
+                allocation=dataclasses.replace(fisher_map.allocation, rank=arm_rank, mode="budget"),
                 # alpha / rank stays what the map prescribes, whatever the budget
                 lora_alpha=fisher_map.alpha.alpha_for(arm_rank, rank),
                 use_rslora=fisher_map.alpha.use_rslora,

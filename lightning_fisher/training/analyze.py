@@ -17,7 +17,8 @@ from torch.utils.data import DataLoader
 
 from lightning_fisher.allocation_settings import AllocationSettings, allocation_from_options, resolve_settings
 from lightning_fisher.errors import DatasetFolderError, FisherAnalysisError, FisherMapWriteError
-from lightning_fisher.fisher_map import DatasetRecord, FisherMap, resolve_map_path
+from lightning_fisher.fisher_map import DatasetRecord, FisherMap
+from lightning_fisher.peft_factory.locate import fisher_map_path
 from lightning_fisher.stability import StabilityRule
 from lightning_fisher.tensor_folder import dataset_fingerprint, list_sample_files
 from lightning_fisher.timesteps import TimestepFocus
@@ -39,11 +40,11 @@ _QUIET = (
 def map_destination(
     data: Any, dataset_dir: Union[str, os.PathLike, None], output: Union[str, os.PathLike, None]
 ) -> Optional[Path]:
-    """Where the map goes: ``output``, else ``dataset_dir``, else the datamodule's ``dataset_dir``."""
-    if output is not None:
-        return resolve_map_path(output)
-    folder = dataset_dir if dataset_dir is not None else getattr(data, "dataset_dir", None)
-    return None if folder is None else resolve_map_path(folder)
+    """Where the map goes: ``output``, else ``dataset_dir``, else the datamodule's ``dataset_dir``.
+
+    The same rule every reader of the map follows (:func:`~lightning_fisher.peft_factory.fisher_map_path`).
+    """
+    return fisher_map_path(output, dataset_dir, data)
 
 
 def _check_writable(destination: Path) -> None:
