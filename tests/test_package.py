@@ -13,6 +13,7 @@ CORE_MODULES = [
     "lightning_fisher.fingerprint",
     "lightning_fisher.fisher_map",
     "lightning_fisher.patterns",
+    "lightning_fisher.per_sample_norms",
     "lightning_fisher.peft_factory",
     "lightning_fisher.report",
     "lightning_fisher.stability",
