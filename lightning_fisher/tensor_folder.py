@@ -29,7 +29,6 @@ import hashlib
 import os
 import pickle
 import re
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Literal, Optional, Union
@@ -39,6 +38,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file as _load_safetensors
 from safetensors.torch import save as _safetensors_bytes
 
+from lightning_fisher.atomic_io import atomic_writer, write_bytes_atomic
 from lightning_fisher.errors import DatasetFolderError
 
 __all__ = [
@@ -463,9 +463,10 @@ def write_sample_folder(
 ) -> list[Path]:
     """Write samples as a dataset folder, one file each: ``sample_000000.pt``, ``sample_000001.pt``, ...
 
-    Each file is written atomically: to a hidden temporary file in ``out_dir`` first, then
-    renamed into place, so an interrupted run leaves either the complete file or nothing (and
-    never a temporary file that :func:`list_sample_files` would pick up). Tensors are copied to
+    Each file is written atomically (:mod:`lightning_fisher.atomic_io`): to a hidden temporary
+    file in ``out_dir`` first, synced to disk, then renamed into place, so an interrupted run
+    leaves either the complete file or nothing (and never a temporary file that
+    :func:`list_sample_files` would pick up). Tensors are copied to
     compact contiguous CPU storage first, so a sample that is a view of a large batch does not
     drag the whole batch into its file.
 
@@ -516,23 +517,16 @@ def write_sample_folder(
 
 
 def _write_atomically(target: Path, sample: dict[str, torch.Tensor], format: str) -> None:
-    # Hidden name with a non-sample suffix: never listed as a sample, even if the process dies
-    # before the cleanup below runs. os.open with 0o666 lets the umask set the usual
-    # permissions (tempfile.mkstemp would make every sample private to its writer).
-    temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.tmp")
+    # The atomic writer's temporary files are hidden with a non-sample suffix: never listed as
+    # a sample, even if the process dies before its cleanup runs.
     try:
-        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(descriptor, "wb") as handle:
-            if format == "safetensors":
-                handle.write(_safetensors_bytes(sample))
-            else:
+        if format == "safetensors":
+            write_bytes_atomic(target, _safetensors_bytes(sample))
+        else:
+            with atomic_writer(target) as handle:
                 torch.save(sample, handle)
-        os.replace(temporary, target)
-    except BaseException as error:
-        temporary.unlink(missing_ok=True)
-        if isinstance(error, (OSError, RuntimeError)):
-            raise DatasetFolderError(f"cannot write sample file {target}: {error}", path=target) from error
-        raise
+    except (OSError, RuntimeError) as error:
+        raise DatasetFolderError(f"cannot write sample file {target}: {error}", path=target) from error
 
 
 # --------------------------------------------------------------------------------------------
