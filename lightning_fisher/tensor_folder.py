@@ -40,6 +40,7 @@ from safetensors.torch import save as _safetensors_bytes
 
 from lightning_fisher.atomic_io import atomic_writer, write_bytes_atomic
 from lightning_fisher.errors import DatasetFolderError
+from lightning_fisher.natural_sort import natural_key
 
 __all__ = [
     "SAMPLE_SUFFIXES",
@@ -66,14 +67,6 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 # --------------------------------------------------------------------------------------------
 # Listing
-
-
-def _natural_key(name: str) -> tuple:
-    # re.split with a capturing group alternates text, digits, text, ... (text first, maybe
-    # empty), so position i always holds the same type and the tuples compare cleanly. The name
-    # itself breaks ties such as "7" vs "007".
-    parts = re.split(r"(\d+)", name)
-    return tuple(int(part) if i % 2 else part for i, part in enumerate(parts)), name
 
 
 def _is_sample_name(name: str) -> bool:
@@ -129,7 +122,7 @@ def list_sample_files(dataset_dir: PathLike) -> list[Path]:
         ]
     if not names:
         raise DatasetFolderError(f"dataset folder {folder} holds no sample files; {_EXPECTED_LAYOUT}", path=folder)
-    return [folder / name for name in sorted(names, key=_natural_key)]
+    return [folder / name for name in sorted(names, key=natural_key)]
 
 
 # --------------------------------------------------------------------------------------------
