@@ -1,4 +1,4 @@
-"""The demo: Fisher analysis, then adaptive-rank LoRA fine-tuning of a real model on real data.
+"""The demo pipeline: Fisher analysis, then adaptive-rank LoRA fine-tuning of a real model on real data.
 
 Two tasks. ``reviews`` (the default) is described below. ``digits`` adapts a small
 flow-matching model pretrained on scikit-learn's digits 0-4 to digits 5-9, with a timestep
@@ -14,7 +14,9 @@ fine-tune that learns is visible.
 
 Steps: write both splits as tokenized dataset folders; :func:`~lightning_fisher.analyze` the
 model on the training folder (``fisher_map.json`` lands in it); fit with
-:class:`~lightning_fisher.AdaptiveLoRA`, which detects the map; test.
+:class:`~lightning_fisher.AdaptiveLoRA`, which detects the map; test. The command line
+``lightning-fisher demo`` (:mod:`lightning_fisher.cli.demo`) parses the options into
+:class:`DemoSettings` and calls :func:`run_demo_pipeline`.
 """
 
 from __future__ import annotations
