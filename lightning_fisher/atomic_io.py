@@ -83,17 +83,7 @@ def write_bytes_atomic(path: PathLike, data: bytes, *, make_parents: bool = Fals
 
 
 def write_text_atomic(path: PathLike, text: str, *, make_parents: bool = False) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` atomically and return ``path`` as a :class:`~pathlib.Path`.
-
-    Args:
-        path: the file to write or replace.
-        text: its new content.
-        make_parents: create missing parent folders first (else a missing folder is an error).
-
-    Raises:
-        OSError: the folder is missing or not writable, or the disk is full; ``path`` is
-            then as it was before the call.
-    """
+    """:func:`write_bytes_atomic` of ``text`` encoded as UTF-8 (newlines written as given)."""
     return write_bytes_atomic(path, text.encode("utf-8"), make_parents=make_parents)
 
 
