@@ -5,23 +5,13 @@ collector records::
 
     F[m, i] = (||dl_i/dW||^2 + ||dl_i/db||^2) / (numel(W) + numel(b))
 
-where ``l_i`` is sample ``i``'s own loss, i.e. the squared norm of the per-sample gradient
-per parameter. It never forms a per-parameter gradient: a forward hook keeps each call's
-input ``a`` (``[B, T, d_in]``, middle dims flattened into ``T``; 2-D inputs have ``T = 1``) and
-a hook on the call's output receives its gradient ``g`` (``[B, T, d_out]``). The weight
-gradient of sample ``i`` is ``sum_t g_t a_t^T``, and its squared norm is either
-
-* ``ghost``: ``sum_{t,s} (a_t . a_s)(g_t . g_s)`` from two ``[B, T, T]`` Gram matrices, or
-* ``materialize``: the per-sample ``[d_out, d_in]`` gradient by ``bmm``, squared and summed.
-
-``auto`` picks per layer and batch the cheaper one: ghost when ``T < d_in d_out / (d_in + d_out)``.
-The bias gradient is ``sum_t g_t``. An embedding's per-sample gradient sums ``g_t`` over the
-positions that share an index (padding index excluded); ``ghost`` uses an index-equality Gram
-matrix, ``materialize``/``auto`` sum rows per (sample, index) with ``index_add`` (never a
-``[B, vocab, dim]`` tensor). The norm is computed as soon as a call's gradient arrives and the
-kept input is dropped, so memory stays at a training step's level; large temporaries are
-built a few samples at a time. Norms are computed in float32 for float16/bfloat16/float32
-activations and in float64 for float64 ones; values are returned as float64.
+where ``l_i`` is sample ``i``'s own loss. It never forms a per-parameter gradient: a forward
+hook keeps each call's input ``a`` and a hook on the call's output receives its gradient
+``g``; the squared norms come from ``a`` and ``g`` by the kernels of
+:mod:`lightning_fisher.per_sample_norms` (which states the formulas and the ``ghost`` /
+``materialize`` / ``auto`` strategies). The norm is computed as soon as a call's gradient
+arrives and the kept input is dropped, so memory stays at a training step's level. Values
+are returned as float64.
 
 Loss convention (``loss_reduction``):
 
@@ -66,139 +56,19 @@ from torch import nn
 
 from lightning_fisher.candidates import SUPPORTED_TYPE_NAMES, module_type_name, select_candidates
 from lightning_fisher.errors import CandidateSelectionError, FisherAnalysisError
+from lightning_fisher.per_sample_norms import (
+    CHUNK_ELEMENTS,
+    NormStrategy,
+    compute_dtype,
+    embedding_sq_norms,
+    input_gram,
+    linear_sq_norms,
+    uses_ghost,
+)
 
-__all__ = ["BatchRecord", "FisherCollector", "embedding_sq_norms", "input_gram", "linear_sq_norms", "uses_ghost"]
+__all__ = ["BatchRecord", "FisherCollector"]
 
 LossReduction = Literal["mean", "sum"]
-NormStrategy = Literal["auto", "ghost", "materialize"]
-
-# Elements of the largest temporary (Gram matrices or per-sample gradients) computed at once;
-# larger batches are processed in chunks of samples so memory stays bounded (~128 MB float32).
-_CHUNK_ELEMENTS = 1 << 25
-
-
-# --------------------------------------------------------------------------- norm kernels
-
-
-def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
-def _sample_chunks(batch: int, per_sample: int) -> Iterator[slice]:
-    step = max(1, _CHUNK_ELEMENTS // max(1, per_sample))
-    for start in range(0, batch, step):
-        yield slice(start, min(batch, start + step))
-
-
-def input_gram(a: torch.Tensor) -> torch.Tensor:
-    """``[B, T, T]`` Gram matrices ``a_t . a_s`` of each sample's tokens (the ghost norm's input half)."""
-    return torch.bmm(a, a.transpose(1, 2))
-
-
-def _ghost_sq(a: torch.Tensor, g: torch.Tensor, bias: bool, gram: Optional[torch.Tensor] = None) -> torch.Tensor:
-    # The bias acts like a constant input feature 1, so with a bias the Gram matrix of the
-    # inputs gains +1 everywhere: sum_{t,s} (a_t.a_s + 1)(g_t.g_s) covers weight and bias.
-    t = a.shape[1]
-    out = []
-    for c in _sample_chunks(a.shape[0], t * t):
-        aa = input_gram(a[c]) if gram is None else gram[c]
-        if bias:
-            aa = aa + 1.0
-        gg = torch.bmm(g[c], g[c].transpose(1, 2))
-        out.append(torch.einsum("bij,bij->b", aa, gg))
-    return torch.cat(out) if len(out) > 1 else out[0]
-
-
-def _materialized_weight_sq(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    out = []
-    for c in _sample_chunks(a.shape[0], a.shape[2] * g.shape[2]):
-        per_sample = torch.bmm(g[c].transpose(1, 2), a[c])
-        # Square and sum rather than vector_norm over two dims: measurably more accurate in float32.
-        out.append(per_sample.square().sum(dim=(1, 2)))
-    return torch.cat(out)
-
-
-def uses_ghost(strategy: NormStrategy, tokens: int, d_in: int, d_out: int) -> bool:
-    """Whether a linear layer's norm is computed from Gram matrices (else per-sample gradients).
-
-    ``auto`` compares the costs: ``B T^2 (d_in + d_out)`` for the Gram matrices against
-    ``B T d_in d_out`` for materialised per-sample gradients.
-    """
-    return tokens > 1 and (strategy == "ghost" or (strategy == "auto" and tokens * (d_in + d_out) < d_in * d_out))
-
-
-def linear_sq_norms(
-    a: torch.Tensor,
-    g: torch.Tensor,
-    *,
-    bias: bool,
-    strategy: NormStrategy = "auto",
-    gram: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """Per-sample squared norm of a linear layer's weight (+ bias) gradient.
-
-    Args:
-        a: ``[B, T, d_in]`` inputs (already in the compute dtype).
-        g: ``[B, T, d_out]`` gradients of the outputs.
-        bias: whether to add the bias gradient's squared norm.
-        strategy: ``ghost``, ``materialize`` or ``auto`` (cheaper of the two for these sizes).
-        gram: ``input_gram(a)`` when already known (layers that share an input, such as an
-            attention block's query, key and value, share it too).
-
-    Returns:
-        ``[B]`` squared norms (unscaled, unnormalised).
-    """
-    t, d_in, d_out = a.shape[1], a.shape[2], g.shape[2]
-    if uses_ghost(strategy, t, d_in, d_out):
-        return _ghost_sq(a, g, bias, gram)
-    if t == 1:
-        sq = a.square().sum(dim=(1, 2)) * g.square().sum(dim=(1, 2))
-    else:
-        sq = _materialized_weight_sq(a, g)
-    if bias:
-        sq = sq + g.sum(dim=1).square().sum(dim=1)
-    return sq
-
-
-def embedding_sq_norms(
-    idx: torch.Tensor,
-    g: torch.Tensor,
-    *,
-    num_embeddings: int,
-    padding_idx: Optional[int],
-    strategy: NormStrategy = "auto",
-) -> torch.Tensor:
-    """Per-sample squared norm of an embedding's weight gradient.
-
-    Args:
-        idx: ``[B, T]`` integer indices.
-        g: ``[B, T, dim]`` gradients of the looked-up rows (compute dtype).
-        num_embeddings: vocabulary size.
-        padding_idx: index whose row receives no gradient, or ``None``.
-        strategy: ``ghost`` (index-equality Gram matrix) or ``materialize``/``auto`` (sum rows
-            per sample and index with ``index_add``; cheaper, never vocabulary-sized).
-
-    Returns:
-        ``[B]`` squared norms.
-    """
-    batch, t = idx.shape
-    valid = torch.ones_like(idx, dtype=torch.bool) if padding_idx is None else idx != padding_idx
-    if strategy == "ghost":
-        out = []
-        for c in _sample_chunks(batch, t * t):
-            same = (idx[c].unsqueeze(2) == idx[c].unsqueeze(1)) & valid[c].unsqueeze(2)
-            gg = torch.bmm(g[c], g[c].transpose(1, 2))
-            out.append((gg * same).sum(dim=(1, 2)))
-        return torch.cat(out)
-    sample = torch.arange(batch, device=idx.device).unsqueeze(1).expand(batch, t)
-    keys = (sample * num_embeddings + idx)[valid]
-    rows = g[valid]
-    unique, inverse = torch.unique(keys, return_inverse=True)
-    summed = torch.zeros(unique.numel(), g.shape[2], dtype=g.dtype, device=g.device)
-    summed.index_add_(0, inverse, rows)
-    sq = torch.zeros(batch, dtype=g.dtype, device=g.device)
-    sq.index_add_(0, torch.div(unique, num_embeddings, rounding_mode="floor"), summed.square().sum(dim=1))
-    return sq
 
 
 # ----------------------------------------------------------------------- batch state
@@ -246,7 +116,7 @@ class _BatchState:
         dtype conversion or reshape copy is freed after use, and the next module's copy may
         get the same address. ``None`` when too large to keep.
         """
-        if a.shape[0] * a.shape[1] * a.shape[1] > _CHUNK_ELEMENTS:
+        if a.shape[0] * a.shape[1] * a.shape[1] > CHUNK_ELEMENTS:
             return None  # too large to keep: computed chunk by chunk instead
         key = (source.data_ptr(), tuple(source.shape), tuple(source.stride()), source.dtype, source._version, a.dtype)
         gram = self._grams.get(key)
@@ -565,7 +435,7 @@ class FisherCollector:
         # Calls of a shared module are concatenated along the token axis: the per-sample
         # gradient is the sum over every token of every call, squared after summing.
         module = self._modules[index]
-        dtype = _compute_dtype(*grads) if self._kinds[index] == "Embedding" else _compute_dtype(*inputs, *grads)
+        dtype = compute_dtype(*grads) if self._kinds[index] == "Embedding" else compute_dtype(*inputs, *grads)
         g = _tokens([y.reshape(batch, -1, y.shape[-1]).to(dtype) for y in grads])
         if self._kinds[index] == "Embedding":
             idx = _tokens([x.reshape(batch, -1) for x in inputs])

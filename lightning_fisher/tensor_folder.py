@@ -29,7 +29,6 @@ import hashlib
 import os
 import pickle
 import re
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Literal, Optional, Union
@@ -39,7 +38,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file as _load_safetensors
 from safetensors.torch import save as _safetensors_bytes
 
+from lightning_fisher.atomic_io import atomic_writer, write_bytes_atomic
 from lightning_fisher.errors import DatasetFolderError
+from lightning_fisher.natural_sort import natural_key
 
 __all__ = [
     "SAMPLE_SUFFIXES",
@@ -66,14 +67,6 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 # --------------------------------------------------------------------------------------------
 # Listing
-
-
-def _natural_key(name: str) -> tuple:
-    # re.split with a capturing group alternates text, digits, text, ... (text first, maybe
-    # empty), so position i always holds the same type and the tuples compare cleanly. The name
-    # itself breaks ties such as "7" vs "007".
-    parts = re.split(r"(\d+)", name)
-    return tuple(int(part) if i % 2 else part for i, part in enumerate(parts)), name
 
 
 def _is_sample_name(name: str) -> bool:
@@ -129,7 +122,7 @@ def list_sample_files(dataset_dir: PathLike) -> list[Path]:
         ]
     if not names:
         raise DatasetFolderError(f"dataset folder {folder} holds no sample files; {_EXPECTED_LAYOUT}", path=folder)
-    return [folder / name for name in sorted(names, key=_natural_key)]
+    return [folder / name for name in sorted(names, key=natural_key)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -463,9 +456,10 @@ def write_sample_folder(
 ) -> list[Path]:
     """Write samples as a dataset folder, one file each: ``sample_000000.pt``, ``sample_000001.pt``, ...
 
-    Each file is written atomically: to a hidden temporary file in ``out_dir`` first, then
-    renamed into place, so an interrupted run leaves either the complete file or nothing (and
-    never a temporary file that :func:`list_sample_files` would pick up). Tensors are copied to
+    Each file is written atomically (:mod:`lightning_fisher.atomic_io`): to a hidden temporary
+    file in ``out_dir`` first, synced to disk, then renamed into place, so an interrupted run
+    leaves either the complete file or nothing (and never a temporary file that
+    :func:`list_sample_files` would pick up). Tensors are copied to
     compact contiguous CPU storage first, so a sample that is a view of a large batch does not
     drag the whole batch into its file.
 
@@ -516,23 +510,16 @@ def write_sample_folder(
 
 
 def _write_atomically(target: Path, sample: dict[str, torch.Tensor], format: str) -> None:
-    # Hidden name with a non-sample suffix: never listed as a sample, even if the process dies
-    # before the cleanup below runs. os.open with 0o666 lets the umask set the usual
-    # permissions (tempfile.mkstemp would make every sample private to its writer).
-    temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.tmp")
+    # The atomic writer's temporary files are hidden with a non-sample suffix: never listed as
+    # a sample, even if the process dies before its cleanup runs.
     try:
-        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(descriptor, "wb") as handle:
-            if format == "safetensors":
-                handle.write(_safetensors_bytes(sample))
-            else:
+        if format == "safetensors":
+            write_bytes_atomic(target, _safetensors_bytes(sample))
+        else:
+            with atomic_writer(target) as handle:
                 torch.save(sample, handle)
-        os.replace(temporary, target)
-    except BaseException as error:
-        temporary.unlink(missing_ok=True)
-        if isinstance(error, (OSError, RuntimeError)):
-            raise DatasetFolderError(f"cannot write sample file {target}: {error}", path=target) from error
-        raise
+    except (OSError, RuntimeError) as error:
+        raise DatasetFolderError(f"cannot write sample file {target}: {error}", path=target) from error
 
 
 # --------------------------------------------------------------------------------------------

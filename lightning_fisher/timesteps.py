@@ -38,6 +38,7 @@ import torch
 __all__ = [
     "FOCUS_RANGES",
     "TIMESTEP_SAMPLER_ATTRIBUTE",
+    "LogitNormalTimestepSampler",
     "RecordingTimestepSampler",
     "TimestepFocus",
     "TimestepSampler",
@@ -151,6 +152,31 @@ class UniformTimestepSampler:
 
     def __repr__(self) -> str:
         return f"UniformTimestepSampler(lo={self.lo:g}, hi={self.hi:g})"
+
+
+class LogitNormalTimestepSampler:
+    """``t = sigmoid(n)``, ``n ~ N(mean, std)``, from torch's global generator.
+
+    The timestep distribution of Stable Diffusion 3 style rectified-flow training: more
+    weight in the middle of the schedule than :class:`UniformTimestepSampler`. Follows the
+    :class:`TimestepSampler` protocol, with values in ``(0, 1)``.
+
+    Args:
+        mean: location of ``n``.
+        std: scale of ``n`` (positive).
+    """
+
+    def __init__(self, mean: float = 0.0, std: float = 1.0) -> None:
+        if not std > 0.0:
+            raise ValueError(f"LogitNormalTimestepSampler needs std > 0, got {std}")
+        self.mean = float(mean)
+        self.std = float(std)
+
+    def __call__(self, batch_size: int, device: Union[torch.device, str, None] = None) -> torch.Tensor:
+        return torch.sigmoid(self.mean + self.std * torch.randn(batch_size, device=device))
+
+    def __repr__(self) -> str:
+        return f"LogitNormalTimestepSampler(mean={self.mean:g}, std={self.std:g})"
 
 
 class RecordingTimestepSampler:

@@ -1,23 +1,67 @@
-"""``write_text_atomic``: the old file survives a failed write, and no temporary file is left."""
+"""Atomic writes: the content lands whole, the old file survives a failed write, no temporary is left."""
 
 import os
 from pathlib import Path
 
 import pytest
 
-from lightning_fisher.atomic_io import write_text_atomic
+import lightning_fisher.atomic_io as atomic_io
+from lightning_fisher.atomic_io import atomic_writer, write_bytes_atomic, write_text_atomic
 
 
-def test_writes_text_readable_by_others(tmp_path: Path) -> None:
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def test_writes_text_readable_by_others(tmp_path: Path, umask_022) -> None:
     target = write_text_atomic(tmp_path / "sub" / "a.json", "{}\n", make_parents=True)
     assert target.read_text(encoding="utf-8") == "{}\n"
     assert oct(target.stat().st_mode & 0o777) == oct(0o644)
     assert sorted(p.name for p in target.parent.iterdir()) == ["a.json"]
 
 
+def test_text_is_utf8_with_newlines_unchanged(tmp_path: Path) -> None:
+    target = write_text_atomic(tmp_path / "a.txt", "ü\nend")
+    assert target.read_bytes() == "ü\nend".encode("utf-8")
+
+
+def test_permissions_follow_the_umask(tmp_path: Path) -> None:
+    old = os.umask(0o077)
+    try:
+        private = write_bytes_atomic(tmp_path / "private.bin", b"x")
+    finally:
+        os.umask(old)
+    assert private.stat().st_mode & 0o777 == 0o600
+
+
+def test_bytes_content_replaces_the_old_file(tmp_path: Path, umask_022) -> None:
+    target = tmp_path / "image.png"
+    target.write_bytes(b"old")
+    data = bytes(range(256)) * 10
+    written = write_bytes_atomic(str(target), data)
+    assert written == target and isinstance(written, Path)
+    assert target.read_bytes() == data
+    assert target.stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["image.png"]
+
+
+def test_streaming_writer_content_and_parents(tmp_path: Path) -> None:
+    target = tmp_path / "deep" / "er" / "model.pt"
+    with atomic_writer(target, make_parents=True) as handle:
+        handle.write(b"part one, ")
+        handle.write(b"part two")
+    assert target.read_bytes() == b"part one, part two"
+    assert [p.name for p in target.parent.iterdir()] == ["model.pt"]
+
+
 def test_missing_folder_is_an_error_without_make_parents(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         write_text_atomic(tmp_path / "missing" / "a.json", "x")
+    with pytest.raises(FileNotFoundError):
+        write_bytes_atomic(tmp_path / "missing" / "a.bin", b"x")
     assert not (tmp_path / "missing").exists()
 
 
@@ -31,5 +75,65 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path: Path,
     monkeypatch.setattr(os, "replace", interrupted)
     with pytest.raises(KeyboardInterrupt):
         write_text_atomic(target, "new")
+    with pytest.raises(KeyboardInterrupt):
+        write_bytes_atomic(target, b"new")
     assert target.read_text(encoding="utf-8") == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["map.json"]
+
+
+def test_error_inside_the_block_keeps_the_old_file_and_leaves_no_temporary(tmp_path: Path) -> None:
+    target = tmp_path / "model.pt"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError, match="serialisation failed"):
+        with atomic_writer(target) as handle:
+            handle.write(b"half a checkpoint")
+            raise RuntimeError("serialisation failed")
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+
+
+def test_disk_full_while_syncing_keeps_the_old_file(tmp_path: Path, monkeypatch) -> None:
+    target = tmp_path / "data.bin"
+    target.write_bytes(b"old")
+
+    def disk_full(descriptor):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        write_bytes_atomic(target, b"new")
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["data.bin"]
+
+
+def test_file_then_folder_are_synced(tmp_path: Path, monkeypatch) -> None:
+    synced = []
+    real_fsync = os.fsync
+
+    def recording(descriptor):
+        synced.append(os.path.isdir(f"/proc/self/fd/{descriptor}") if os.path.exists("/proc/self/fd") else None)
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", recording)
+    write_text_atomic(tmp_path / "a.txt", "a")
+    write_bytes_atomic(tmp_path / "b.bin", b"b")
+    if os.name == "nt":
+        assert len(synced) == 2
+    else:
+        assert len(synced) == 4
+        if synced[0] is not None:
+            assert synced == [False, True, False, True]  # the file before the rename, the folder after
+
+
+def test_folder_sync_unsupported_by_the_file_system_is_not_an_error(tmp_path: Path, monkeypatch) -> None:
+    real_fsync = os.fsync
+
+    def no_folder_sync(descriptor):
+        if os.path.isdir(f"/proc/self/fd/{descriptor}"):
+            raise OSError(22, "Invalid argument")
+        real_fsync(descriptor)
+
+    if not os.path.exists("/proc/self/fd"):
+        pytest.skip("needs /proc to tell a folder descriptor from a file one")
+    monkeypatch.setattr(atomic_io.os, "fsync", no_folder_sync)
+    assert write_bytes_atomic(tmp_path / "a.bin", b"a").read_bytes() == b"a"

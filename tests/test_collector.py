@@ -13,8 +13,9 @@ from torch.utils.checkpoint import checkpoint
 
 from lightning_fisher.accumulator import FisherAccumulator
 from lightning_fisher.candidates import select_candidates
-from lightning_fisher.collector import FisherCollector, embedding_sq_norms, input_gram, linear_sq_norms
+from lightning_fisher.collector import FisherCollector
 from lightning_fisher.errors import CandidateSelectionError, FisherAnalysisError
+from lightning_fisher.per_sample_norms import input_gram
 
 VOCAB, DIM, HIDDEN, CLASSES = 11, 6, 5, 3
 
@@ -339,40 +340,6 @@ def test_explicit_batch_size_is_checked() -> None:
             sample_losses(model, make_batch([4, 4])).mean().backward()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_low_precision_inputs_compute_in_float32(dtype: torch.dtype) -> None:
-    torch.manual_seed(0)
-    a = torch.randn(2, 9, 8, dtype=torch.float64)
-    g = torch.randn(2, 9, 7, dtype=torch.float64)
-    exact = linear_sq_norms(a, g, bias=True, strategy="materialize")
-    collector_like = linear_sq_norms(a.to(dtype).float(), g.to(dtype).float(), bias=True, strategy="ghost")
-    tol = 1e-5 if dtype == torch.float32 else 3e-2  # bf16 rounding of the inputs themselves
-    assert rel_err(collector_like.double(), exact) < tol
-
-
-@pytest.mark.parametrize("chunk_elements", [1 << 25, 40])  # 40: one or two samples per chunk
-def test_kernels_agree(chunk_elements: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("lightning_fisher.collector._CHUNK_ELEMENTS", chunk_elements)
-    torch.manual_seed(1)
-    a = torch.randn(3, 6, 5, dtype=torch.float64)
-    g = torch.randn(3, 6, 4, dtype=torch.float64)
-    ghost = linear_sq_norms(a, g, bias=False, strategy="ghost")
-    full = torch.einsum("bto,bti->boi", g, a).square().sum(dim=(1, 2))
-    assert rel_err(ghost, full) < 1e-12
-    assert rel_err(linear_sq_norms(a, g, bias=False, strategy="materialize"), full) < 1e-12
-    idx = torch.tensor([[1, 2, 1, 0, 3, 1], [0, 0, 4, 4, 2, 5]])
-    ge = torch.randn(2, 6, 4, dtype=torch.float64)
-    dense = torch.zeros(2, 7, 4, dtype=torch.float64)
-    for b in range(2):
-        for t in range(6):
-            if idx[b, t] != 0:
-                dense[b, idx[b, t]] += ge[b, t]
-    expected = dense.square().sum(dim=(1, 2))
-    for strategy in ("ghost", "materialize"):
-        got = embedding_sq_norms(idx, ge, num_embeddings=7, padding_idx=0, strategy=strategy)
-        assert rel_err(got, expected) < 1e-12
-
-
 @pytest.mark.slow
 def test_minilm_frozen_matches_batch1_loop() -> None:
     transformers = pytest.importorskip("transformers")
@@ -473,21 +440,6 @@ def test_inputs_with_more_than_three_dims() -> None:
             grads = torch.autograd.grad(loss, params, retain_graph=True)
             ref = sum(g.square().sum() for g in grads) / sum(p.numel() for p in params)
             assert abs(float(record.values[m, i] - ref)) <= 1e-10 * float(ref)
-
-
-def test_auto_picks_cheaper_kernel_per_layer(monkeypatch: pytest.MonkeyPatch) -> None:
-    import lightning_fisher.collector as collector_module
-
-    used = []
-    for kernel in ("_ghost_sq", "_materialized_weight_sq"):
-        original = getattr(collector_module, kernel)
-        monkeypatch.setattr(collector_module, kernel,
-                            lambda a, g, *rest, _k=kernel, _f=original: used.append((_k, a.shape[1])) or _f(a, g, *rest))
-    # d_in * d_out / (d_in + d_out) = 64 * 64 / 128 = 32: ghost below 32 tokens, materialize above.
-    for t in (8, 40):
-        used.clear()
-        linear_sq_norms(torch.randn(2, t, 64), torch.randn(2, t, 64), bias=True, strategy="auto")
-        assert used == [("_ghost_sq" if t < 32 else "_materialized_weight_sq", t)]
 
 
 def test_same_module_under_two_names_is_rejected() -> None:

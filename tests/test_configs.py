@@ -1,5 +1,6 @@
 """Every YAML file in configs/ runs through the command line (with shortened trainer settings)."""
 
+import re
 import shutil
 from pathlib import Path
 
@@ -40,6 +41,20 @@ def test_every_config_file_is_covered():
         "digits_analyze.yaml", "digits_fit.yaml", "reviews_analyze.yaml", "reviews_fit.yaml",
         "presets/small.yaml", "presets/medium.yaml", "presets/large.yaml",
     }
+
+
+def test_config_files_named_in_comments_exist():
+    """The commands in the files' comments name config files that are there."""
+    named = {
+        (path.relative_to(CONFIGS).as_posix(), match)
+        for path in CONFIGS.rglob("*.yaml")
+        for line in path.read_text().splitlines()
+        if line.lstrip().startswith("#")
+        for match in re.findall(r"configs/[\w./-]+\.yaml", line)
+    }
+    assert ("presets/small.yaml", "configs/reviews_analyze.yaml") in named
+    missing = [(where, name) for where, name in named if not (CONFIGS.parent / name).is_file()]
+    assert missing == []
 
 
 @pytest.mark.slow

@@ -9,7 +9,12 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_fisher import TimestepFocus, UniformTimestepSampler, analyze
-from lightning_fisher.timesteps import RecordingTimestepSampler, timestep_focus_applied
+from lightning_fisher.timesteps import (
+    LogitNormalTimestepSampler,
+    RecordingTimestepSampler,
+    TimestepSampler,
+    timestep_focus_applied,
+)
 
 pytest.importorskip("sklearn")
 QUIET = dict(accelerator="cpu", devices=1, enable_progress_bar=False)
@@ -111,3 +116,18 @@ def test_recording_sampler_and_restore_on_error():
             assert torch.all((t >= 0.6) & (t <= 1.0))
             raise RuntimeError("boom")
     assert model.timestep_sampler is own
+
+
+def test_logit_normal_sampler_follows_the_protocol():
+    torch.manual_seed(0)
+    sampler = LogitNormalTimestepSampler()
+    assert isinstance(sampler, TimestepSampler)
+    t = sampler(10_000, "cpu")
+    assert t.shape == (10_000,) and 0.0 < float(t.min()) and float(t.max()) < 1.0
+    assert float(t.mean()) == pytest.approx(0.5, abs=0.01)
+    assert float(((t > 0.25) & (t < 0.75)).float().mean()) > 0.6  # more mass mid-schedule than uniform's 0.5
+    shifted = LogitNormalTimestepSampler(mean=1.0, std=0.5)(10_000)
+    assert float(shifted.mean()) > 0.65  # sigmoid(1) = 0.73: a positive mean moves t towards noise
+    assert repr(LogitNormalTimestepSampler(mean=1.0, std=0.5)) == "LogitNormalTimestepSampler(mean=1, std=0.5)"
+    with pytest.raises(ValueError, match="std > 0"):
+        LogitNormalTimestepSampler(std=0.0)

@@ -1,4 +1,4 @@
-"""``lightning-fisher demo``: the whole workflow on a real model and real data."""
+"""``lightning-fisher demo``: the command line of :mod:`lightning_fisher.examples.demo_pipeline`."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ TASK_DEFAULTS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lightning_fisher.examples.demo import CITATION
+    from lightning_fisher.examples.demo_pipeline import CITATION
     from lightning_fisher.examples.drug_reviews import default_cache_dir
 
     parser = argparse.ArgumentParser(
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_demo(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    from lightning_fisher.examples.demo import DemoSettings, prepare_demo_data, run_demo_pipeline
+    from lightning_fisher.examples.demo_pipeline import DemoSettings, prepare_demo_data, run_demo_pipeline
     from lightning_fisher.examples.drug_reviews import default_cache_dir
     from lightning_fisher.timesteps import TimestepFocus
 

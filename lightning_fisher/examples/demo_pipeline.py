@@ -1,4 +1,4 @@
-"""The demo: Fisher analysis, then adaptive-rank LoRA fine-tuning of a real model on real data.
+"""The demo pipeline: Fisher analysis, then adaptive-rank LoRA fine-tuning of a real model on real data.
 
 Two tasks. ``reviews`` (the default) is described below. ``digits`` adapts a small
 flow-matching model pretrained on scikit-learn's digits 0-4 to digits 5-9, with a timestep
@@ -14,7 +14,9 @@ fine-tune that learns is visible.
 
 Steps: write both splits as tokenized dataset folders; :func:`~lightning_fisher.analyze` the
 model on the training folder (``fisher_map.json`` lands in it); fit with
-:class:`~lightning_fisher.AdaptiveLoRA`, which detects the map; test.
+:class:`~lightning_fisher.AdaptiveLoRA`, which detects the map; test. The command line
+``lightning-fisher demo`` (:mod:`lightning_fisher.cli.demo`) parses the options into
+:class:`DemoSettings` and calls :func:`run_demo_pipeline`.
 """
 
 from __future__ import annotations
@@ -117,6 +119,21 @@ def _analysis(settings: DemoSettings, model: pl.LightningModule, train_dir: Path
     )
 
 
+def _fine_tuning_trainer(settings: DemoSettings, adaptive: AdaptiveLoRA) -> pl.Trainer:
+    """The demo's fit and test: the map's adapters, no validation, no files written."""
+    return pl.Trainer(
+        max_epochs=settings.epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        callbacks=[adaptive],
+        limit_train_batches=settings.train_batches,
+        limit_val_batches=0,
+        limit_test_batches=settings.test_batches,
+        **QUIET,
+    )
+
+
 def prepare_demo_data(settings: DemoSettings, echo: Callable[[str], None] = print) -> dict[str, Path]:
     """Write the task's dataset folders (and, for digits, the pretrained model) under ``workdir``."""
     workdir = Path(settings.workdir)
@@ -168,19 +185,7 @@ def run_demo_pipeline(settings: DemoSettings = DemoSettings(), echo: Callable[[s
     # LoRA on a small encoder trains well at 1e-3; the 1e-4 default threshold is the seed's
     # advice for large diffusion models.
     adaptive = AdaptiveLoRA(adapter_root="encoder", lr_warning_threshold=2e-3)
-    trainer = pl.Trainer(
-        max_epochs=settings.epochs,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        enable_progress_bar=False,
-        callbacks=[adaptive],
-        limit_train_batches=settings.train_batches,
-        limit_val_batches=0,
-        limit_test_batches=settings.test_batches,
-    )
+    trainer = _fine_tuning_trainer(settings, adaptive)
     data = TensorDirectoryDataModule(train_dir, test_dir=test_dir, batch_size=settings.batch_size, seed=settings.seed)
     started = time.perf_counter()
     trainer.fit(classifier, datamodule=data)
@@ -211,7 +216,6 @@ def _digits_demo(settings: DemoSettings, echo: Callable[[str], None]) -> DemoRes
         pl.seed_everything(settings.seed, verbose=False)
         return DigitsFlowMatching(checkpoint_dir=str(folders["checkpoint_dir"]))
 
-    quiet = QUIET
     with single_threaded():  # a 64-wide model: more threads only add synchronisation
         echo(f"\n[1/3] Fisher analysis, timestep focus {settings.timestep_focus}")
         started = time.perf_counter()
@@ -226,22 +230,12 @@ def _digits_demo(settings: DemoSettings, echo: Callable[[str], None]) -> DemoRes
         data = TensorDirectoryDataModule(
             folders["train"], test_dir=folders["test"], batch_size=settings.batch_size, seed=settings.seed
         )
-        evaluation = pl.Trainer(logger=False, enable_model_summary=False, limit_test_batches=settings.test_batches, **quiet)
+        evaluation = pl.Trainer(logger=False, enable_model_summary=False, limit_test_batches=settings.test_batches, **QUIET)
         flow = model()
         before = float(evaluation.test(flow, datamodule=data, verbose=False)[0]["test_loss"])
         echo(f"\n[2/3] fine-tuning for {settings.epochs} epoch(s) with the map's adapter ranks")
         adaptive = AdaptiveLoRA(lr_warning_threshold=5e-3)
-        trainer = pl.Trainer(
-            max_epochs=settings.epochs,
-            logger=False,
-            enable_checkpointing=False,
-            enable_model_summary=False,
-            callbacks=[adaptive],
-            limit_train_batches=settings.train_batches,
-            limit_val_batches=0,
-            limit_test_batches=settings.test_batches,
-            **quiet,
-        )
+        trainer = _fine_tuning_trainer(settings, adaptive)
         started = time.perf_counter()
         trainer.fit(flow, datamodule=data)
         fit_seconds = time.perf_counter() - started

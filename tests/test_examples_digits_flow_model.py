@@ -1,8 +1,7 @@
-"""The digits flow-matching example: real sklearn digits, real Trainer, the timestep protocol."""
+"""The digits flow-matching model: real sklearn digits, real Trainer, the timestep protocol."""
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import lightning.pytorch as pl
@@ -11,16 +10,16 @@ import torch
 
 from lightning_fisher.examples.digits_flow import (
     DigitsFlowMatching,
-    LogitNormalTimestepSampler,
     digits_split,
     held_out_denoising_loss,
-    load_pretrained_digits_flow,
-    pretrain_digits_flow,
     single_threaded,
-    write_digits_dataset,
 )
-from lightning_fisher.tensor_folder import TensorFolderDataset, list_sample_files
-from lightning_fisher.timesteps import RecordingTimestepSampler, UniformTimestepSampler, timestep_focus_applied
+from lightning_fisher.timesteps import (
+    LogitNormalTimestepSampler,
+    RecordingTimestepSampler,
+    UniformTimestepSampler,
+    timestep_focus_applied,
+)
 
 pytest.importorskip("sklearn")
 pytestmark = pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`")
@@ -46,35 +45,6 @@ def _quiet_step(model, batch):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*self.log.*")
         return model.training_step(batch, 0)
-
-
-def test_halves_are_disjoint_deterministic_and_scaled(low):
-    high = digits_split("high")
-    assert set(low.train_labels.tolist()) | set(low.test_labels.tolist()) == {0, 1, 2, 3, 4}
-    assert set(high.train_labels.tolist()) | set(high.test_labels.tolist()) == {5, 6, 7, 8, 9}
-    total = sum(len(h.train_labels) + len(h.test_labels) for h in (low, high))
-    assert total == 1797
-    assert len(low.test_labels) == round(0.2 * (len(low.train_labels) + len(low.test_labels)))
-    assert low.train_images.shape[1:] == (1, 8, 8) and low.train_images.dtype == torch.float32
-    assert float(low.train_images.min()) == -1.0 and float(low.train_images.max()) == 1.0
-    again = digits_split("low")
-    assert torch.equal(again.test_images, low.test_images)
-    with pytest.raises(ValueError, match="half"):
-        digits_split("middle")
-
-
-def test_written_dataset_folder(tmp_path, low):
-    out = write_digits_dataset(tmp_path / "low_test", "low", "test")
-    files = list_sample_files(out)
-    assert len(files) == len(low.test_labels)
-    sample = TensorFolderDataset(out)[3]
-    assert set(sample) == {"x", "label"}
-    assert sample["x"].dtype == torch.float32 and sample["x"].shape == (1, 8, 8)
-    assert sample["label"].dtype == torch.int64 and sample["label"].dim() == 0
-    assert torch.equal(sample["x"], low.test_images[3]) and int(sample["label"]) == int(low.test_labels[3])
-    stamps = [os.stat(f).st_mtime_ns for f in files]
-    write_digits_dataset(out, "low", "test")
-    assert [os.stat(f).st_mtime_ns for f in files] == stamps
 
 
 def test_lora_targets_are_linear_layers_over_tokens():
@@ -122,14 +92,12 @@ def test_training_step_draws_timesteps_from_the_sampler(low):
     assert isinstance(model.timestep_sampler, UniformTimestepSampler)
 
 
-def test_logit_normal_sampler_follows_the_protocol():
-    torch.manual_seed(0)
-    t = LogitNormalTimestepSampler()(10_000, "cpu")
-    assert t.shape == (10_000,) and 0.0 < float(t.min()) and float(t.max()) < 1.0
-    assert float(t.mean()) == pytest.approx(0.5, abs=0.01)
-    assert float(((t > 0.25) & (t < 0.75)).float().mean()) > 0.6  # more mass mid-schedule than uniform's 0.5
-    model = DigitsFlowMatching(timestep_distribution="logit_normal")
-    assert isinstance(model.timestep_sampler, LogitNormalTimestepSampler)
+def test_timestep_distribution_picks_the_sampler():
+    assert isinstance(DigitsFlowMatching().timestep_sampler, UniformTimestepSampler)
+    logit_normal = DigitsFlowMatching(timestep_distribution="logit_normal")
+    assert isinstance(logit_normal.timestep_sampler, LogitNormalTimestepSampler)
+    with pytest.raises(ValueError, match="timestep_distribution"):
+        DigitsFlowMatching(timestep_distribution="cosine")
 
 
 def test_held_out_loss_is_fixed_across_calls_and_global_seed(low):
@@ -156,19 +124,3 @@ def test_loss_decreases_in_a_few_steps_with_a_real_trainer(low):
     # test_step logs the same fixed-noise loss (one batch of the whole split: same seed).
     result = trainer.test(model, torch.utils.data.DataLoader(test, batch_size=256), verbose=False)
     assert result[0]["test_loss"] == pytest.approx(after, rel=1e-5)
-
-
-@pytest.mark.slow
-def test_pretraining_beats_the_untrained_model_and_is_cached(pretrained_digits_flow, low):
-    path = pretrained_digits_flow
-    checkpoint = torch.load(path, weights_only=True)
-    assert checkpoint["test_loss"] < 0.6 * checkpoint["untrained_test_loss"]
-    model = load_pretrained_digits_flow(path)
-    assert held_out_denoising_loss(model, low.test_images) == pytest.approx(checkpoint["test_loss"], rel=1e-6)
-    # The high half (digits 5-9) was never seen: the pretrained model does worse there.
-    assert held_out_denoising_loss(model, digits_split("high").test_images) > checkpoint["test_loss"]
-
-    stamp = os.stat(path).st_mtime_ns
-    assert pretrain_digits_flow(path) == path
-    assert os.stat(path).st_mtime_ns == stamp
-    assert load_pretrained_digits_flow(path, learning_rate=1e-4).hparams.learning_rate == 1e-4

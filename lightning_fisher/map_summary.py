@@ -1,0 +1,236 @@
+"""A fisher map in words: every summary of a map that the library prints comes from here.
+
+One set of phrases, laid out for four places:
+
+* :func:`summary_line`: one line (``FisherMap.summary()``, the demo, the notebook);
+* :func:`header_fields`: labelled fields, the header of ``lightning-fisher show``;
+* :func:`plot_title`: the two-line title of the heatmap;
+* :func:`fit_summary`: what :class:`~lightning_fisher.AdaptiveLoRA` logs at fit start, about
+  the adapters it actually injected (their ranks and parameters are read from the model, so
+  they are passed in; the map's own are the default everywhere else).
+
+Parameters are compared with flat LoRA at the map's base rank on every candidate
+(``budget.flat_lora_parameters``); the ratio reads ``n/a`` when that is 0. Rank spreads are
+``low-high`` with the median. This module imports no third-party package (the map type only
+for type checking), so the map, the report and the training callback can all use it.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:  # fisher_map imports this module for FisherMap.summary()
+    from lightning_fisher.fisher_map import FisherMap, TimestepFocusRecord
+    from lightning_fisher.peft_factory import MapApplication
+
+__all__ = ["fit_summary", "header_fields", "plot_title", "summary_line", "times_flat"]
+
+
+def times_flat(parameters: int, flat_parameters: int) -> str:
+    """``parameters`` as a multiple of flat LoRA's, e.g. ``"0.98x"``; ``"n/a"`` when flat has none."""
+    return "n/a" if flat_parameters <= 0 else f"{parameters / flat_parameters:.2f}x"
+
+
+def _spread(ranks: Iterable[int]) -> Optional[tuple[str, str]]:
+    """``("low-high", "median")`` of some ranks, ``None`` for none."""
+    values = sorted(ranks)
+    if not values:
+        return None
+    return f"{values[0]}-{values[-1]}", f"{statistics.median(values):g}"
+
+
+def _bounds(bounds: Optional[Sequence[float]]) -> str:
+    return "-" if bounds is None else f"{bounds[0]:g}-{bounds[1]:g}"
+
+
+def _adapted(fisher_map: FisherMap, noun: str) -> str:
+    return f"{len(fisher_map.ranks)}/{len(fisher_map.modules)} {noun}"
+
+
+def summary_line(fisher_map: FisherMap) -> str:
+    """One line: adapted modules, rank range and median, LoRA parameters versus flat LoRA.
+
+    ``35/36 modules adapted, ranks 2-24 (median 7), 331,776 LoRA parameters = 1.00x flat rank 8 (331,776)``
+
+    Args:
+        fisher_map: the map to summarise.
+    """
+    budget = fisher_map.budget
+    spread = _spread(fisher_map.ranks.values())
+    ranks = f", ranks {spread[0]} (median {spread[1]})" if spread else ""
+    return (
+        f"{_adapted(fisher_map, 'modules adapted')}{ranks}, {budget.lora_parameters:,} LoRA parameters = "
+        f"{times_flat(budget.lora_parameters, budget.flat_lora_parameters)} flat rank {budget.rank} "
+        f"({budget.flat_lora_parameters:,})"
+    )
+
+
+def header_fields(fisher_map: FisherMap) -> list[tuple[str, str]]:
+    """``(label, text)`` pairs describing how a map was made and what it allocates.
+
+    Labels, in order (those in brackets only when the map records it): ``[map]`` (its file),
+    ``model``, ``created``, ``[dataset]``, ``[analysis]``, ``[stopped]``, ``[focus]``, ``[run]``
+    (the last four from the analysis record), ``budget``, ``LoRA`` (parameters versus flat
+    LoRA), ``alpha``, ``adapted``.
+
+    Args:
+        fisher_map: the map to describe.
+    """
+    fields: list[tuple[str, str]] = []
+    if fisher_map.path is not None:
+        fields.append(("map", str(fisher_map.path)))
+    model = fisher_map.model
+    fields.append(("model", f"{model.class_name}, {model.num_parameters:,} parameters ({model.fingerprint[:19]}…)"))
+    version = fisher_map.versions.get("lightning_fisher")
+    fields.append(("created", fisher_map.created + (f" by lightning_fisher {version}" if version else "")))
+    if fisher_map.dataset is not None:
+        fields.append(("dataset", f"{fisher_map.dataset.path} ({fisher_map.dataset.num_files:,} sample files)"))
+    analysis = fisher_map.analysis
+    if analysis is not None:
+        processes = f", {analysis.world_size} processes" if analysis.world_size > 1 else ""
+        fields.append(
+            (
+                "analysis",
+                f"{analysis.score}, {analysis.samples:,} samples in {analysis.batches:,} batches "
+                f"({analysis.skipped_samples:,} skipped){processes}, loss reduction {analysis.loss_reduction}",
+            )
+        )
+        stop = analysis.stop_reason
+        if analysis.stop_reason != "converged":
+            stop += f", converged: {'yes' if analysis.converged else 'no'}"
+        stability = analysis.stability
+        if stability is not None:
+            last = "n/a" if stability.last_correlation is None else f"{stability.last_correlation:.3f}"
+            stop += f" ({stability.method} {last}, threshold {stability.threshold:g}, patience {stability.patience})"
+        fields.append(("stopped", stop))
+        fields.append(("focus", _focus_field(analysis.timestep_focus)))
+        run = f"seed {analysis.seed}" if analysis.seed is not None else "no seed"
+        if analysis.seconds is not None:
+            run += f", {analysis.seconds:.1f} s"
+        fields.append(("run", run))
+    budget = fisher_map.budget
+    fields.append(
+        (
+            "budget",
+            f"rank {budget.rank} (min {budget.rank_min}, max {budget.rank_max}, mode {budget.mode}, "
+            f"score power {budget.score_power:g}, exclude below {budget.exclude_threshold:g}x median)",
+        )
+    )
+    fields.append(
+        (
+            "LoRA",
+            f"{budget.lora_parameters:,} parameters = "
+            f"{times_flat(budget.lora_parameters, budget.flat_lora_parameters)} flat LoRA at rank {budget.rank} "
+            f"({budget.flat_lora_parameters:,})",
+        )
+    )
+    alpha = fisher_map.alpha
+    policy = "rsLoRA" if alpha.use_rslora else "alpha/rank constant"
+    fields.append(("alpha", f"{alpha.lora_alpha:g} at rank {budget.rank}, {policy}"))
+    adapted = _adapted(fisher_map, "candidate modules")
+    spread = _spread(fisher_map.ranks.values())
+    if spread:
+        adapted += f", ranks {spread[0]}, median {spread[1]}"
+    fields.append(("adapted", adapted))
+    return fields
+
+
+def _focus_field(focus: TimestepFocusRecord) -> str:
+    text = focus.name
+    if focus.range is not None:
+        text += f", t in {_bounds(focus.range)}"
+    text += ", applied" if focus.applied else ", not applied"
+    if focus.observed_range is not None:
+        text += f", drew t in {_bounds(focus.observed_range)}"
+    return text
+
+
+def plot_title(fisher_map: FisherMap) -> str:
+    """Two lines: the model, then the analysis (focus, samples, stop) and the allocation.
+
+    Args:
+        fisher_map: the map drawn.
+    """
+    first = f"{fisher_map.model.class_name}: Fisher score and LoRA rank per module"
+    analysis = fisher_map.analysis
+    if analysis is None:
+        second = "no analysis record"
+    else:
+        focus = analysis.timestep_focus
+        second = f"focus {focus.name}" + (f" (t in {_bounds(focus.range)})" if focus.range is not None else "")
+        second += f", {analysis.samples:,} samples, {analysis.batches:,} batches, {analysis.stop_reason}"
+    budget = fisher_map.budget
+    ratio = times_flat(budget.lora_parameters, budget.flat_lora_parameters)
+    second += f"; {_adapted(fisher_map, 'adapted')}, {ratio} flat rank {budget.rank} parameters"
+    return first + "\n" + second
+
+
+def fit_summary(
+    fisher_map: Optional[FisherMap],
+    application: Optional[MapApplication],
+    *,
+    ranks: Mapping[str, int],
+    trainable_parameters: int,
+    adapter_root: Optional[str] = None,
+    adapter_label: str = "LoRA",
+    map_ignored: bool = False,
+) -> str:
+    """What a fit injected: the map it followed (or flat ranks) and the adapters in the model.
+
+    Without a map, one line: ``Flat LoRA: 36 modules at rank 8, 331,776 trainable adapter
+    parameters``. With one, a ``Fisher map detected: PATH`` line and indented lines for the
+    adapted and excluded modules, the rank spread against the map's budget, the trainable
+    parameters against flat LoRA, the analysis, and what applying the map left out or replaced.
+
+    Args:
+        fisher_map: the map applied, or ``None`` for flat adapters.
+        application: how the map was applied (``peft_factory.plan_from_fisher_map``); needed
+            with a map.
+        ranks: ``{module name: rank}`` of the adapters injected in the model.
+        trainable_parameters: their trainable parameters.
+        adapter_root: the submodule the adapters were injected into, named when the map has
+            modules outside it.
+        adapter_label: the adapter type in words (``LoRA``, ``LoHa``, ``LoKr``), for flat adapters.
+        map_ignored: a map was found but not applied (``ignore_fisher_map=True``).
+    """
+    values = sorted(ranks.values())
+    if fisher_map is None:
+        return (
+            f"Flat {adapter_label}: {len(ranks)} modules at rank {values[0] if values else '-'}, "
+            f"{trainable_parameters:,} trainable adapter parameters"
+            + (" (fisher map ignored: ignore_fisher_map=True)" if map_ignored else "")
+        )
+    if application is None:
+        raise ValueError("fit_summary: a map needs the MapApplication it was applied with")
+    budget = fisher_map.budget
+    excluded = application.excluded
+    candidates = len(application.ranks) + len(excluded)
+    listed = ", ".join(excluded[:4]) + (", ..." if len(excluded) > 4 else "")
+    spread = _spread(values) or ("-", "-")
+    lines = [
+        f"Fisher map detected: {fisher_map.path or '(in memory)'}",
+        f"  modules adapted: {len(ranks)} / {candidates} candidates"
+        + (f" ({len(excluded)} excluded: {listed})" if excluded else ""),
+        f"  ranks: {spread[0]}, median {spread[1]} "
+        f"(map: rank {budget.rank}, min {budget.rank_min}, max {budget.rank_max}, mode {budget.mode})",
+        f"  trainable adapter parameters: {trainable_parameters:,} = "
+        f"{times_flat(trainable_parameters, budget.flat_lora_parameters)} flat rank {budget.rank} on all "
+        f"{len(fisher_map.modules)} candidates ({budget.flat_lora_parameters:,})",
+    ]
+    analysis = fisher_map.analysis
+    if analysis is not None:
+        focus = analysis.timestep_focus
+        focus_text = focus.name + (f" {list(focus.range)}" if focus.range else "")
+        lines.append(
+            f"  analysis: {analysis.samples} samples in {analysis.batches} batches, {analysis.stop_reason}; "
+            f"timestep focus {focus_text}"
+        )
+    if application.outside_root:
+        lines.append(f"  outside adapter_root {adapter_root!r}, not adapted: {', '.join(application.outside_root)}")
+    if application.overridden:
+        lines.append(
+            "  settings replaced by the map: " + ", ".join(f"{k}={v!r}" for k, v in application.overridden.items())
+        )
+    return "\n".join(lines)

@@ -1,0 +1,18 @@
+"""Reading a fisher map: a plain-text report and a heatmap (``lightning-fisher show``).
+
+One module per concern:
+
+* :mod:`~lightning_fisher.report.grid`: blocks and kinds, the block x kind grid of a map
+  (:func:`split_module_name`, :func:`map_matrix`);
+* :mod:`~lightning_fisher.report.table`: the text report (:func:`format_map_table`);
+* :mod:`~lightning_fisher.report.plot`: the PNG heatmap (:func:`plot_map`).
+
+The header and title lines come from :mod:`lightning_fisher.map_summary`. Nothing here imports
+Lightning; matplotlib is imported only inside :func:`plot_map`, so text reports work without it.
+"""
+
+from lightning_fisher.report.grid import TOP_BLOCK, map_matrix, split_module_name
+from lightning_fisher.report.plot import PLOT_INSTALL_HINT, plot_map
+from lightning_fisher.report.table import format_map_table
+
+__all__ = ["PLOT_INSTALL_HINT", "TOP_BLOCK", "format_map_table", "map_matrix", "plot_map", "split_module_name"]

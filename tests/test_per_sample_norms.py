@@ -1,0 +1,88 @@
+"""Per-sample squared-norm kernels against per-sample gradients formed explicitly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_fisher.per_sample_norms import compute_dtype, embedding_sq_norms, linear_sq_norms, uses_ghost
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(((a - b).abs() / b.abs().clamp_min(1e-30)).max())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_precision_inputs_compute_in_float32(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    a = torch.randn(2, 9, 8, dtype=torch.float64)
+    g = torch.randn(2, 9, 7, dtype=torch.float64)
+    exact = linear_sq_norms(a, g, bias=True, strategy="materialize")
+    collector_like = linear_sq_norms(a.to(dtype).float(), g.to(dtype).float(), bias=True, strategy="ghost")
+    tol = 1e-5 if dtype == torch.float32 else 3e-2  # bf16 rounding of the inputs themselves
+    assert rel_err(collector_like.double(), exact) < tol
+
+
+@pytest.mark.parametrize("chunk_elements", [1 << 25, 40])  # 40: one or two samples per chunk
+def test_kernels_agree(chunk_elements: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("lightning_fisher.per_sample_norms.CHUNK_ELEMENTS", chunk_elements)
+    torch.manual_seed(1)
+    a = torch.randn(3, 6, 5, dtype=torch.float64)
+    g = torch.randn(3, 6, 4, dtype=torch.float64)
+    ghost = linear_sq_norms(a, g, bias=False, strategy="ghost")
+    full = torch.einsum("bto,bti->boi", g, a).square().sum(dim=(1, 2))
+    assert rel_err(ghost, full) < 1e-12
+    assert rel_err(linear_sq_norms(a, g, bias=False, strategy="materialize"), full) < 1e-12
+    idx = torch.tensor([[1, 2, 1, 0, 3, 1], [0, 0, 4, 4, 2, 5]])
+    ge = torch.randn(2, 6, 4, dtype=torch.float64)
+    dense = torch.zeros(2, 7, 4, dtype=torch.float64)
+    for b in range(2):
+        for t in range(6):
+            if idx[b, t] != 0:
+                dense[b, idx[b, t]] += ge[b, t]
+    expected = dense.square().sum(dim=(1, 2))
+    for strategy in ("ghost", "materialize"):
+        got = embedding_sq_norms(idx, ge, num_embeddings=7, padding_idx=0, strategy=strategy)
+        assert rel_err(got, expected) < 1e-12
+
+
+def test_auto_picks_cheaper_kernel_per_layer(monkeypatch: pytest.MonkeyPatch) -> None:
+    import lightning_fisher.per_sample_norms as kernels
+
+    used = []
+    for kernel in ("_ghost_sq", "_materialized_weight_sq"):
+        original = getattr(kernels, kernel)
+        monkeypatch.setattr(kernels, kernel,
+                            lambda a, g, *rest, _k=kernel, _f=original: used.append((_k, a.shape[1])) or _f(a, g, *rest))
+    # d_in * d_out / (d_in + d_out) = 64 * 64 / 128 = 32: ghost below 32 tokens, materialize above.
+    for t in (8, 40):
+        used.clear()
+        linear_sq_norms(torch.randn(2, t, 64), torch.randn(2, t, 64), bias=True, strategy="auto")
+        assert used == [("_ghost_sq" if t < 32 else "_materialized_weight_sq", t)]
+
+
+
+
+@pytest.mark.parametrize("strategy", ["ghost", "materialize", "auto"])
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_bias_adds_the_squared_norm_of_the_summed_output_gradient(strategy: str, tokens: int) -> None:
+    torch.manual_seed(2)
+    a = torch.randn(4, tokens, 5, dtype=torch.float64)
+    g = torch.randn(4, tokens, 3, dtype=torch.float64)
+    weight = torch.einsum("bto,bti->boi", g, a).square().sum(dim=(1, 2))
+    bias = g.sum(dim=1).square().sum(dim=1)
+    assert rel_err(linear_sq_norms(a, g, bias=True, strategy=strategy), weight + bias) < 1e-12
+    assert rel_err(linear_sq_norms(a, g, bias=False, strategy=strategy), weight) < 1e-12
+
+
+def test_uses_ghost_only_with_several_tokens_and_when_cheaper() -> None:
+    assert not uses_ghost("ghost", 1, 64, 64)  # one token: the outer product is exact and cheaper
+    assert uses_ghost("ghost", 100, 64, 64)
+    assert not uses_ghost("materialize", 2, 64, 64)
+    assert uses_ghost("auto", 31, 64, 64) and not uses_ghost("auto", 32, 64, 64)
+
+
+def test_compute_dtype_is_float64_only_for_float64_inputs() -> None:
+    half, single, double = torch.zeros(1).bfloat16(), torch.zeros(1), torch.zeros(1).double()
+    assert compute_dtype(half) == compute_dtype(half, single) == torch.float32
+    assert compute_dtype(half, double) == torch.float64
