@@ -54,6 +54,7 @@ from lightning_fisher.map_records import (
     StabilityRecord,
     TimestepFocusRecord,
 )
+from lightning_fisher.map_summary import summary_line
 from lightning_fisher.patterns import exact_module_key, exact_target_regex
 
 __all__ = [
@@ -244,14 +245,7 @@ class FisherMap:
 
     def summary(self) -> str:
         """One line: adapted modules, rank range and median, parameters versus flat LoRA."""
-        ranks = sorted(self.ranks.values())
-        median = ranks[len(ranks) // 2] if len(ranks) % 2 else 0.5 * (ranks[len(ranks) // 2 - 1] + ranks[len(ranks) // 2])
-        ratio = self.budget.lora_parameters / max(1, self.budget.flat_lora_parameters)
-        return (
-            f"{len(ranks)}/{len(self.modules)} modules adapted, ranks {ranks[0]}-{ranks[-1]} "
-            f"(median {median:g}), {self.budget.lora_parameters:,} LoRA parameters = "
-            f"{ratio:.2f}x flat rank {self.budget.rank} ({self.budget.flat_lora_parameters:,})"
-        )
+        return summary_line(self)
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:

@@ -138,9 +138,7 @@ def header_fields(fisher_map: FisherMap) -> list[tuple[str, str]]:
 
 
 def _focus_field(focus: TimestepFocusRecord) -> str:
-    text = focus.name
-    if focus.range is not None:
-        text += f", t in {_bounds(focus.range)}"
+    text = focus.focus.describe()
     text += ", applied" if focus.applied else ", not applied"
     if focus.observed_range is not None:
         text += f", drew t in {_bounds(focus.observed_range)}"
@@ -158,8 +156,7 @@ def plot_title(fisher_map: FisherMap) -> str:
     if analysis is None:
         second = "no analysis record"
     else:
-        focus = analysis.timestep_focus
-        second = f"focus {focus.name}" + (f" (t in {_bounds(focus.range)})" if focus.range is not None else "")
+        second = f"focus {analysis.timestep_focus.focus.describe()}"
         second += f", {analysis.samples:,} samples, {analysis.batches:,} batches, {analysis.stop_reason}"
     budget = fisher_map.budget
     ratio = times_flat(budget.lora_parameters, budget.flat_lora_parameters)
@@ -221,11 +218,9 @@ def fit_summary(
     ]
     analysis = fisher_map.analysis
     if analysis is not None:
-        focus = analysis.timestep_focus
-        focus_text = focus.name + (f" {list(focus.range)}" if focus.range else "")
         lines.append(
             f"  analysis: {analysis.samples} samples in {analysis.batches} batches, {analysis.stop_reason}; "
-            f"timestep focus {focus_text}"
+            f"timestep focus {analysis.timestep_focus.focus.describe()}"
         )
     if application.outside_root:
         lines.append(f"  outside adapter_root {adapter_root!r}, not adapted: {', '.join(application.outside_root)}")

@@ -79,7 +79,7 @@ def test_header_fields(fisher_map):
         "fisher_trace_per_parameter, 1,536 samples in 12 batches (0 skipped), 2 processes, loss reduction mean"
     )
     assert fields["stopped"] == "max_batches, converged: no (split-half spearman n/a, threshold 0.9, patience 3)"
-    assert fields["focus"] == "texture, t in 0-0.4, applied, drew t in 0.01-0.39"
+    assert fields["focus"] == "texture (t in [0, 0.4]), applied, drew t in 0.01-0.39"
     assert fields["run"] == "no seed"
     assert fields["alpha"] == f"{fisher_map.alpha.lora_alpha:g} at rank 8, alpha/rank constant"
     low, high, median = spread(fisher_map)
@@ -91,7 +91,7 @@ def test_plot_title(fisher_map):
     ratio = budget.lora_parameters / budget.flat_lora_parameters
     assert plot_title(fisher_map) == (
         "CollidingNet: Fisher score and LoRA rank per module\n"
-        f"focus texture (t in 0-0.4), 1,536 samples, 12 batches, max_batches; 27/28 adapted, {ratio:.2f}x flat "
+        f"focus texture (t in [0, 0.4]), 1,536 samples, 12 batches, max_batches; 27/28 adapted, {ratio:.2f}x flat "
         "rank 8 parameters"
     )
     without = dataclasses.replace(fisher_map, analysis=None)
@@ -128,7 +128,7 @@ def test_fit_summary_with_a_map(fisher_map):
         "  ranks: 4-6, median 5 (map: rank 8, min 2, max 32, mode median)",
         f"  trainable adapter parameters: 900 = {900 / budget.flat_lora_parameters:.2f}x flat rank 8 on all 28 "
         f"candidates ({budget.flat_lora_parameters:,})",
-        "  analysis: 1536 samples in 12 batches, max_batches; timestep focus texture [0.0, 0.4]",
+        "  analysis: 1536 samples in 12 batches, max_batches; timestep focus texture (t in [0, 0.4])",
         "  outside adapter_root 'encoder', not adapted: outside.q",
         "  settings replaced by the map: r=32",
     ]

@@ -10,6 +10,8 @@ import peft
 import safetensors.torch
 from torch import nn
 
+from lightning_fisher.atomic_io import write_bytes_atomic
+
 __all__ = ["save_adapter"]
 
 
@@ -40,8 +42,6 @@ def save_adapter(root: nn.Module, directory: Union[str, os.PathLike], *, adapter
     # PeftModel stores its weights under the names it sees: base_model.model.<module>.
     state = {f"base_model.model.{key}": value.detach().cpu().contiguous() for key, value in state.items()}
     # Written aside and renamed: an interrupted export never leaves a truncated weights file.
-    temporary = directory / ".adapter_model.safetensors.tmp"
-    safetensors.torch.save_file(state, str(temporary), metadata={"format": "pt"})
-    os.replace(temporary, directory / "adapter_model.safetensors")
+    write_bytes_atomic(directory / "adapter_model.safetensors", safetensors.torch.save(state, metadata={"format": "pt"}))
     config.save_pretrained(str(directory))
     return directory

@@ -22,7 +22,6 @@ check sits on the module's ``on_load_checkpoint`` and not in this callback's own
 from __future__ import annotations
 
 import os
-import statistics
 from typing import Any, Literal, Optional, Union
 
 import lightning.pytorch as pl
@@ -33,6 +32,7 @@ from torch import nn
 
 from lightning_fisher.errors import FragileModelError, LightningFisherError
 from lightning_fisher.fisher_map import FisherMap
+from lightning_fisher.map_summary import fit_summary
 from lightning_fisher.peft_factory import (
     MapApplication,
     adapter_parameters,
@@ -178,41 +178,15 @@ class AdaptiveLoRA(Callback):
 
     # ------------------------------------------------------------------ reporting
     def _describe(self, root: nn.Module, fisher_map: Optional[FisherMap]) -> str:
-        trainable = count_adapter_parameters(root)
-        ranks = adapter_ranks(root, self.adapter_name)
-        values = sorted(ranks.values())
-        if fisher_map is None:
-            return (
-                f"Flat {_ADAPTER_NAMES[self.adapter]}: {len(ranks)} modules at rank {values[0] if values else '-'}, "
-                f"{trainable:,} trainable adapter parameters"
-                + (" (fisher map ignored: ignore_fisher_map=True)" if self.ignore_fisher_map else "")
-            )
-        assert self.plan is not None
-        budget = fisher_map.budget
-        candidates = len(self.plan.ranks) + len(self.plan.excluded)
-        lines = [
-            f"Fisher map detected: {fisher_map.path or '(in memory)'}",
-            f"  modules adapted: {len(ranks)} / {candidates} candidates"
-            + (f" ({len(self.plan.excluded)} excluded: {', '.join(self.plan.excluded[:4])}"
-               + (", ..." if len(self.plan.excluded) > 4 else "") + ")" if self.plan.excluded else ""),
-            f"  ranks: {values[0]}-{values[-1]}, median {statistics.median(values):g} "
-            f"(map: rank {budget.rank}, min {budget.rank_min}, max {budget.rank_max}, mode {budget.mode})",
-            f"  trainable adapter parameters: {trainable:,} = {trainable / max(1, budget.flat_lora_parameters):.2f}x "
-            f"flat rank {budget.rank} on all {len(fisher_map.modules)} candidates ({budget.flat_lora_parameters:,})",
-        ]
-        if fisher_map.analysis is not None:
-            a = fisher_map.analysis
-            focus = a.timestep_focus.name + (f" {list(a.timestep_focus.range)}" if a.timestep_focus.range else "")
-            lines.append(
-                f"  analysis: {a.samples} samples in {a.batches} batches, {a.stop_reason}; timestep focus {focus}"
-            )
-        if self.plan.outside_root:
-            lines.append(f"  outside adapter_root {self.adapter_root!r}, not adapted: {', '.join(self.plan.outside_root)}")
-        if self.plan.overridden:
-            lines.append(
-                "  settings replaced by the map: " + ", ".join(f"{k}={v!r}" for k, v in self.plan.overridden.items())
-            )
-        return "\n".join(lines)
+        return fit_summary(
+            fisher_map,
+            self.plan,
+            ranks=adapter_ranks(root, self.adapter_name),
+            trainable_parameters=count_adapter_parameters(root),
+            adapter_root=self.adapter_root,
+            adapter_label=_ADAPTER_NAMES[self.adapter],
+            map_ignored=self.ignore_fisher_map,
+        )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.applied_map is None:
