@@ -1,0 +1,173 @@
+"""allocate_ranks_from_spectra: worked examples and properties (bounds, budget, monotonicity, floors)."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import statistics
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lightning_fisher.allocation_settings import AllocationSettings
+from lightning_fisher.spectrum_allocation import NO_DIRECTION, OUT_OF_BUDGET, allocate_ranks_from_spectra
+
+value = st.floats(min_value=0.0, max_value=1e4, allow_nan=False, allow_infinity=False)
+
+
+@st.composite
+def problems(draw):
+    rank_min = draw(st.integers(min_value=1, max_value=4))
+    rank_max = draw(st.integers(min_value=rank_min, max_value=12))
+    rank = draw(st.integers(min_value=rank_min, max_value=rank_max))
+    count = draw(st.integers(min_value=1, max_value=12))
+    spectra, floors, costs = {}, {}, {}
+    for i in range(count):
+        name = f"layers.{i}.proj"
+        spectra[name] = sorted(draw(st.lists(value, min_size=0, max_size=rank_max + 2)), reverse=True)
+        floors[name] = draw(value)
+        costs[name] = draw(st.sampled_from([48, 80, 160, 4096 + 11008]))
+    return spectra, floors, costs, AllocationSettings(rank=rank, rank_min=rank_min, rank_max=rank_max)
+
+
+common = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def above(spectra, floors, name):
+    return sum(1 for s in spectra[name] if s > floors[name])
+
+
+def next_step(spectra, floors, costs, cfg, name, rank):
+    """Parameters the module's next unit would add, or None when it has none left."""
+    if rank == 0:
+        return cfg.rank_min * costs[name] if above(spectra, floors, name) else None
+    return costs[name] if rank < min(cfg.rank_max, above(spectra, floors, name)) else None
+
+
+@common
+@given(problems(), st.sampled_from(["median", "budget"]))
+def test_bounds_floors_reasons_and_determinism(problem, mode):
+    spectra, floors, costs, cfg = problem
+    cfg = dataclasses.replace(cfg, mode=mode)
+    result = allocate_ranks_from_spectra(spectra, floors, costs, settings=cfg)
+    assert result == allocate_ranks_from_spectra(spectra, floors, costs, settings=cfg)
+    # every module is adapted or excluded, never both, each part in input order
+    assert sorted(list(result.ranks) + list(result.excluded)) == sorted(spectra)
+    assert list(result.ranks) == [n for n in spectra if n in result.ranks]
+    assert list(result.excluded) == [n for n in spectra if n in result.excluded]
+    for name, rank in result.ranks.items():
+        # no unit past the entry for a direction below the floor
+        assert cfg.rank_min <= rank <= cfg.rank_max and rank <= max(cfg.rank_min, above(spectra, floors, name))
+    for name, reason in result.excluded.items():
+        assert reason == (NO_DIRECTION if above(spectra, floors, name) == 0 else OUT_OF_BUDGET)
+    assert result.parameters == sum(r * costs[n] for n, r in result.ranks.items())
+    if mode == "median":
+        assert OUT_OF_BUDGET not in result.excluded.values()
+
+
+@common
+@given(problems())
+def test_budget_is_never_exceeded_and_spent_to_within_one_step(problem):
+    spectra, floors, costs, cfg = problem
+    result = allocate_ranks_from_spectra(spectra, floors, costs, settings=dataclasses.replace(cfg, mode="budget"))
+    assert result.budget == cfg.rank * sum(costs.values())
+    left = result.budget - result.parameters
+    assert left >= 0
+    steps = [next_step(spectra, floors, costs, cfg, n, result.ranks.get(n, 0)) for n in spectra]
+    steps = [s for s in steps if s is not None]
+    if steps:  # otherwise every direction above a floor is taken
+        assert left < max(steps)
+
+
+@common
+@given(problems(), st.integers(min_value=0, max_value=11))
+def test_ranks_are_monotone_in_the_budget(problem, extra):
+    spectra, floors, costs, cfg = problem
+    low = dataclasses.replace(cfg, mode="budget")
+    high = dataclasses.replace(low, rank=min(cfg.rank_max, cfg.rank + extra))
+    small = allocate_ranks_from_spectra(spectra, floors, costs, settings=low).ranks
+    large = allocate_ranks_from_spectra(spectra, floors, costs, settings=high).ranks
+    assert all(large.get(name, 0) >= rank for name, rank in small.items())
+
+
+@common
+@given(problems())
+def test_median_mode_stops_once_half_the_modules_reach_rank(problem):
+    spectra, floors, costs, cfg = problem
+    result = allocate_ranks_from_spectra(spectra, floors, costs, settings=cfg)
+    adapted = [n for n in spectra if above(spectra, floors, n)]
+    assert set(result.ranks) == set(adapted)
+    reached = sum(1 for r in result.ranks.values() if r >= cfg.rank)
+    left = any(next_step(spectra, floors, costs, cfg, n, r) for n, r in result.ranks.items())
+    if left:  # stopped by the rule, not by running out of directions
+        assert 2 * reached >= len(adapted)
+
+
+def test_worked_example_greedy_by_gain_per_parameter():
+    spectra = {"wide": [100.0, 60.0, 30.0, 5.0], "narrow": [40.0, 35.0, 2.0], "dead": [3.0, 1.0]}
+    floors = {"wide": 4.0, "narrow": 4.0, "dead": 4.0}
+    costs = {"wide": 20, "narrow": 5, "dead": 10}
+    # gains per parameter: wide 4.8, 2.8, 1.3, 0.05; narrow 7.2, 6.2; dead none.
+    # budget 2 * 35 = 70: narrow 7.2 (5), narrow 6.2 (5), wide 4.8, 2.8, 1.3 (20 each); 0.05 does not fit
+    result = allocate_ranks_from_spectra(
+        spectra, floors, costs, settings=AllocationSettings(rank=2, rank_min=1, rank_max=8, mode="budget")
+    )
+    assert result.ranks == {"wide": 3, "narrow": 2}
+    assert result.excluded == {"dead": NO_DIRECTION}
+    assert (result.parameters, result.budget, result.threshold) == (70, 70, pytest.approx(26 / 20))
+    # rank_min=2: entries (7.2 + 6.2) / 2 = 6.7 (10) and (4.8 + 2.8) / 2 = 3.8 (40), then wide 1.3 (20)
+    entry = allocate_ranks_from_spectra(
+        spectra, floors, costs, settings=AllocationSettings(rank=2, rank_min=2, rank_max=8, mode="budget")
+    )
+    assert entry.ranks == {"wide": 3, "narrow": 2} and entry.threshold == pytest.approx(1.3)
+    # half the budget (35 parameters): narrow 7.2, 6.2 and wide 4.8 fit; wide 2.8 (20) would not
+    less = allocate_ranks_from_spectra(
+        spectra, floors, costs, settings=AllocationSettings(rank=1, rank_min=1, rank_max=8, mode="budget")
+    )
+    assert less.ranks == {"narrow": 2, "wide": 1} and less.parameters == 30
+
+
+def test_worked_example_median_mode():
+    spectra = {f"m{i}": [10.0 * (i + 1)] * 6 for i in range(3)}
+    floors = {name: 1.0 for name in spectra}
+    costs = {name: 10 for name in spectra}
+    cfg = AllocationSettings(rank=4, rank_min=1, rank_max=6)
+    result = allocate_ranks_from_spectra(spectra, floors, costs, settings=cfg)
+    # the strongest modules fill first; stops when two of three have rank 4
+    assert result.ranks == {"m0": 1, "m1": 4, "m2": 6}
+    assert statistics.median(result.ranks.values()) == 4
+
+
+def test_budget_reached_only_by_strong_modules_gives_a_reason():
+    spectra = {"strong": [100.0] * 8, "weak": [5.0]}
+    floors, costs = {"strong": 1.0, "weak": 1.0}, {"strong": 10, "weak": 10}
+    result = allocate_ranks_from_spectra(
+        spectra, floors, costs, settings=AllocationSettings(rank=4, rank_min=1, rank_max=8, mode="budget")
+    )
+    assert result.ranks == {"strong": 8} and result.excluded == {"weak": OUT_OF_BUDGET}
+
+
+@pytest.mark.parametrize(
+    "spectra, floors, costs, message",
+    [
+        ({}, {}, {}, "spectra"),
+        ({"a": [1.0, 2.0]}, {"a": 0.0}, {"a": 3}, "spectra['a']: values must be in descending order"),
+        ({"a": [float("nan")]}, {"a": 0.0}, {"a": 3}, "spectra['a']"),
+        ({"a": [1.0]}, {}, {"a": 3}, "floors['a']"),
+        ({"a": [1.0]}, {"a": -1.0}, {"a": 3}, "floors['a']"),
+        ({"a": [1.0]}, {"a": 0.0}, {"a": 0}, "rank_costs['a']"),
+        ({"a": [1.0]}, {"a": 0.0}, {}, "rank_costs['a']"),
+    ],
+)
+def test_invalid_inputs_name_the_argument_and_module(spectra, floors, costs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        allocate_ranks_from_spectra(spectra, floors, costs)
+
+
+def test_equal_gains_keep_the_entry_first_despite_rounding():
+    # (1.9 + 1.9 + 1.9) / 3 rounds below 1.9: a later direction must still not come before the entry
+    spectra, floors, costs = {"a": [2.9] * 6}, {"a": 1.0}, {"a": 80}
+    for rank in range(3, 7):
+        cfg = AllocationSettings(rank=rank, rank_min=3, rank_max=6, mode="budget")
+        assert allocate_ranks_from_spectra(spectra, floors, costs, settings=cfg).ranks == {"a": rank}
