@@ -2,8 +2,9 @@
 
 The core (map, allocation, collector, PEFT factory) is plain PyTorch. The Lightning adapters
 (``FisherAnalysisModule``, ``FisherStability``, ``AdaptiveLoRA``, ``analyze``,
-``TensorDirectoryDataModule``) are imported on first use, so ``import lightning_fisher`` in a
-plain PyTorch loop does not load Lightning.
+``TensorDirectoryDataModule``) and the names that need PEFT (the config factories,
+``verify_adapter_ranks``, ``save_adapter``) are imported on first use, so
+``import lightning_fisher`` in a plain PyTorch loop loads neither Lightning nor PEFT.
 """
 
 from __future__ import annotations
@@ -34,18 +35,18 @@ from lightning_fisher.errors import (
     SettingsError,
 )
 from lightning_fisher.fisher_map import FisherMap
-from lightning_fisher.peft_factory import (
-    FisherMapOverrideWarning,
-    lora_config_from_fisher_map,
-    peft_config_from_fisher_map,
-    verify_adapter_ranks,
-)
 from lightning_fisher.stability import StabilityRule, StabilityTracker, StopReason, split_half_correlation
 from lightning_fisher.tensor_folder import TensorFolderDataset, write_sample_folder
 from lightning_fisher.timesteps import TimestepFocus, UniformTimestepSampler
 
-_LIGHTNING_ADAPTERS = {
+# Imported on first use: the Lightning adapters (so a plain PyTorch loop does not load
+# Lightning) and the names that need PEFT (so reading or showing a map does not load PEFT).
+_LAZY = {
     "AdaptiveLoRA": "lightning_fisher.training.adaptive_lora",
+    "FisherMapOverrideWarning": "lightning_fisher.peft_factory.plan",
+    "lora_config_from_fisher_map": "lightning_fisher.peft_factory.plan",
+    "peft_config_from_fisher_map": "lightning_fisher.peft_factory.plan",
+    "verify_adapter_ranks": "lightning_fisher.peft_factory.verify",
     "save_adapter": "lightning_fisher.peft_factory.export",
     "FisherAnalysisModule": "lightning_fisher.training.analysis_module",
     "FisherStability": "lightning_fisher.training.stability_callback",
@@ -97,8 +98,8 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name in _LIGHTNING_ADAPTERS:
-        value = getattr(importlib.import_module(_LIGHTNING_ADAPTERS[name]), name)
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'lightning_fisher' has no attribute {name!r}")

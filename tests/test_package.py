@@ -52,3 +52,20 @@ def test_core_does_not_import_lightning():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
+
+
+def test_reading_and_showing_a_map_does_not_import_peft():
+    # `lightning-fisher show` and `--help` only read a map: PEFT (seconds to import) stays out
+    # until a name that needs it is used.
+    code = (
+        "import sys\n"
+        "import lightning_fisher\n"
+        "from lightning_fisher import FisherMap, AllocationSettings, allocate_ranks\n"
+        "from lightning_fisher.peft_factory import fisher_map_path\n"
+        "import lightning_fisher.map_summary, lightning_fisher.report, lightning_fisher.cli\n"
+        "assert 'peft' not in sys.modules, 'peft imported'\n"
+        "from lightning_fisher import lora_config_from_fisher_map\n"
+        "assert 'peft' in sys.modules\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
