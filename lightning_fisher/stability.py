@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-from torchmetrics.functional import spearman_corrcoef
 
 from lightning_fisher.accumulator import FisherAccumulator
 from lightning_fisher.errors import SettingsError
@@ -65,6 +64,9 @@ def split_half_correlation(accumulator: FisherAccumulator) -> Optional[float]:
         return None
     if bool((halves[0] == halves[0, 0]).all()) or bool((halves[1] == halves[1, 0]).all()):
         return None
+    # Imported here: torchmetrics takes seconds to import, and only the analysis needs it.
+    from torchmetrics.functional import spearman_corrcoef
+
     rho = float(spearman_corrcoef(halves[0].to(torch.float64), halves[1].to(torch.float64)))
     return rho if math.isfinite(rho) else None
 
