@@ -22,9 +22,10 @@ from typing import Any, Literal, Mapping, Optional, TypeVar
 
 from lightning_fisher.errors import SettingsError
 
-__all__ = ["ALLOCATION_MODES", "AllocationSettings", "allocation_from_options", "resolve_settings"]
+__all__ = ["ALLOCATION_MODES", "CRITERIA", "AllocationSettings", "allocation_from_options", "resolve_settings"]
 
 ALLOCATION_MODES = ("median", "budget")
+CRITERIA = ("trace", "spectrum")
 
 _S = TypeVar("_S")
 
@@ -42,6 +43,10 @@ class AllocationSettings:
         score_power: exponent of the score-to-rank rule (``0.5``: 4x the score, 2x the rank).
         exclude_threshold: modules scoring below this fraction of the median positive score get
             no adapter; ``0`` keeps every module with a positive score.
+        criterion: ``"trace"`` (score-to-rank rule above; the seed tool's behaviour) or
+            ``"spectrum"`` (greedy by gain per parameter from the mean gradient's singular
+            values above their noise floor; see :mod:`lightning_fisher.spectrum_allocation`).
+            ``score_power`` and ``exclude_threshold`` apply to ``"trace"`` only.
 
     Raises:
         SettingsError: (a ``ValueError``) naming the offending field, when a value is out of range.
@@ -65,6 +70,15 @@ class AllocationSettings:
         default=0.05,
         metadata={"flag": "exclude_threshold", "help": "No adapter below this fraction of the median score."},
     )
+    criterion: Literal["trace", "spectrum"] = field(
+        default="trace",
+        metadata={
+            "flag": "criterion",
+            "help": "trace: rank grows with the module's Fisher trace per parameter (score_power, exclude_threshold); "
+            "spectrum: rank units go by gain per parameter, the squared singular values of the mean gradient "
+            "above their noise floor (modules with none get no adapter).",
+        },
+    )
 
     def __post_init__(self) -> None:
         for name in ("rank", "rank_min", "rank_max"):
@@ -83,13 +97,16 @@ class AllocationSettings:
         power = self.score_power
         if isinstance(power, bool) or not (isinstance(power, (int, float)) and math.isfinite(power) and power > 0):
             raise SettingsError(f"score_power: must be a positive number, got {power!r}", field="score_power")
+        if self.criterion not in CRITERIA:
+            raise SettingsError(f"criterion: must be one of {', '.join(CRITERIA)}, got {self.criterion!r}", field="criterion")
         threshold = self.exclude_threshold
         if isinstance(threshold, bool) or not (isinstance(threshold, (int, float)) and 0 <= threshold < 1):
             raise SettingsError(f"exclude_threshold: must be in [0, 1), got {threshold!r}", field="exclude_threshold")
 
     def describe(self) -> str:
-        """One line for people: ``rank 8, min 2, max 32, mode budget``."""
-        return f"rank {self.rank}, min {self.rank_min}, max {self.rank_max}, mode {self.mode}"
+        """One line for people: ``rank 8, min 2, max 32, mode budget`` (plus ``, criterion spectrum``)."""
+        text = f"rank {self.rank}, min {self.rank_min}, max {self.rank_max}, mode {self.mode}"
+        return text if self.criterion == "trace" else f"{text}, criterion {self.criterion}"
 
     def flags(self) -> dict[str, Any]:
         """``{command-line flag / YAML key: value}``, e.g. ``{"rank_mode": "median", ...}``."""

@@ -31,6 +31,8 @@ from torch import nn
 from lightning_fisher._version import __version__
 from lightning_fisher.allocation import allocate_ranks, flat_lora_parameters, lora_parameters
 from lightning_fisher.allocation_settings import AllocationSettings, allocation_from_options
+from lightning_fisher.spectrum import ModuleSpectrum
+from lightning_fisher.spectrum_allocation import allocate_ranks_from_spectra
 from lightning_fisher.candidates import module_type_name, rank_cost, weight_shape
 from lightning_fisher.fingerprint import model_fingerprint
 from lightning_fisher.map_codec import (
@@ -124,6 +126,7 @@ class FisherMap:
         analysis: Optional[AnalysisRecord] = None,
         dataset: Optional[DatasetRecord] = None,
         allocation: Optional[AllocationSettings] = None,
+        spectra: Optional[Mapping[str, ModuleSpectrum]] = None,
     ) -> "FisherMap":
         """Allocate ranks from per-module scores and describe the result for ``model``.
 
@@ -142,8 +145,12 @@ class FisherMap:
             score_stderr: standard error of each score, when known (``None`` entries allowed).
             analysis: how the scores were measured.
             dataset: the analysed dataset folder.
-            allocation: the six allocation options above as one
-                :class:`~lightning_fisher.AllocationSettings` (then leave them at their defaults).
+            allocation: the allocation options above as one
+                :class:`~lightning_fisher.AllocationSettings` (then leave them at their
+                defaults); the only way to choose ``criterion="spectrum"``.
+            spectra: per module, its mean-gradient spectrum and noise floor
+                (:class:`~lightning_fisher.spectrum.ModuleSpectrum`); required by the
+                ``spectrum`` criterion, recorded in the map whatever the criterion.
 
         Raises:
             ValueError: a name in ``scores`` is not a module of ``model``, or an allocation
@@ -159,38 +166,94 @@ class FisherMap:
                 f"scores: {len(unknown)} name(s) are not modules of {type(model).__name__}, "
                 f"e.g. {unknown[:3]}; use full names from model.named_modules()"
             )
-        costs = {name: rank_cost(named[name]) for name in scores}
-        ranks = allocate_ranks(scores, rank_costs=costs, settings=settings)
-        base_rank = settings.rank
-        policy = AlphaPolicy(
-            lora_alpha=float(2 * base_rank if lora_alpha is None else lora_alpha), use_rslora=use_rslora
-        )
-        if not (math.isfinite(policy.lora_alpha) and policy.lora_alpha > 0):
-            raise ValueError(f"lora_alpha: must be a positive number, got {lora_alpha!r}")
+        spectra = spectra or {}
         records = tuple(
             ModuleRecord(
                 name=name,
                 type=module_type_name(named[name]),
                 shape=tuple(weight_shape(named[name])),
-                rank_cost=costs[name],
+                rank_cost=rank_cost(named[name]),
                 score=float(score),
                 score_stderr=None if score_stderr is None or score_stderr[name] is None else float(score_stderr[name]),
-                rank=ranks.get(name),
-                alpha=None if name not in ranks else policy.alpha_for(ranks[name], base_rank),
+                sigma_sq=None if name not in spectra else tuple(float(v) for v in spectra[name].sigma_sq),
+                noise_floor=None if name not in spectra else float(spectra[name].floor),
             )
             for name, score in scores.items()
-        )
-        budget = RankBudget(
-            **settings.as_dict(),
-            lora_parameters=lora_parameters(ranks, costs),
-            flat_lora_parameters=flat_lora_parameters(base_rank, costs),
         )
         model_record = ModelRecord(
             fingerprint=model_fingerprint(model),
             class_name=type(model).__name__,
             num_parameters=sum(p.numel() for p in model.parameters()),
         )
-        return cls(records, budget, policy, model_record, analysis=analysis, dataset=dataset)
+        alpha = float(2 * settings.rank if lora_alpha is None else lora_alpha)
+        return cls._allocated(
+            records, settings, AlphaPolicy(lora_alpha=alpha, use_rslora=use_rslora), model_record,
+            analysis=analysis, dataset=dataset,
+        )
+
+    def reallocate(
+        self, allocation: AllocationSettings, *, lora_alpha: Optional[float] = None
+    ) -> "FisherMap":
+        """The same analysis allocated with other settings (budget, bounds, mode or criterion).
+
+        No model and no new analysis are needed: the scores, and for the ``spectrum``
+        criterion the spectra, are in the map. A spectrum keeps as many values as the
+        analysis' ``rank_max``, so a module cannot get more ranks than that.
+
+        Args:
+            allocation: the new settings (e.g. ``dataclasses.replace(fisher_map.allocation,
+                rank=4, mode="budget")``).
+            lora_alpha: alpha at the new base rank; default: the map's alpha policy carried
+                to it (alpha/rank kept, or alpha kept under rsLoRA).
+
+        Returns:
+            A new map (not written; ``path`` unset), with this map's analysis and provenance.
+
+        Raises:
+            ValueError: the ``spectrum`` criterion on a map analysed without spectra (re-run
+                the analysis with ``criterion="spectrum"``), or a bad setting.
+        """
+        if lora_alpha is None:
+            lora_alpha = self.alpha.alpha_for(allocation.rank, self.budget.rank)
+        base = tuple(
+            dataclasses.replace(m, rank=None, alpha=None, exclusion_reason=None) for m in self.modules
+        )
+        policy = AlphaPolicy(lora_alpha=float(lora_alpha), use_rslora=self.alpha.use_rslora)
+        return self._allocated(
+            base, allocation, policy, self.model, analysis=self.analysis, dataset=self.dataset,
+        )
+
+    @classmethod
+    def _allocated(
+        cls,
+        records: tuple[ModuleRecord, ...],
+        settings: AllocationSettings,
+        policy: AlphaPolicy,
+        model: ModelRecord,
+        *,
+        analysis: Optional[AnalysisRecord],
+        dataset: Optional[DatasetRecord],
+    ) -> "FisherMap":
+        """Records with ranks, alphas and reasons from ``settings``; the map around them."""
+        if not (math.isfinite(policy.lora_alpha) and policy.lora_alpha > 0):
+            raise ValueError(f"lora_alpha: must be a positive number, got {policy.lora_alpha!r}")
+        costs = {m.name: m.rank_cost for m in records}
+        ranks, reasons = _ranks_and_reasons(records, settings, costs)
+        allocated = tuple(
+            dataclasses.replace(
+                m,
+                rank=ranks.get(m.name),
+                alpha=None if m.name not in ranks else policy.alpha_for(ranks[m.name], settings.rank),
+                exclusion_reason=None if m.name in ranks else reasons[m.name],
+            )
+            for m in records
+        )
+        budget = RankBudget(
+            **settings.as_dict(),
+            lora_parameters=lora_parameters(ranks, costs),
+            flat_lora_parameters=flat_lora_parameters(settings.rank, costs),
+        )
+        return cls(allocated, budget, policy, model, analysis=analysis, dataset=dataset)
 
     @property
     def allocation(self) -> AllocationSettings:
@@ -295,3 +358,30 @@ class FisherMap:
         return dataclasses.replace(self, path=None if path is None else Path(path))
 
 
+
+
+def _ranks_and_reasons(
+    records: tuple[ModuleRecord, ...], settings: AllocationSettings, costs: Mapping[str, int]
+) -> tuple[dict[str, int], dict[str, str]]:
+    """``({module: rank}, {excluded module: why})`` under the settings' criterion."""
+    if settings.criterion == "spectrum":
+        missing = [m.name for m in records if m.sigma_sq is None or m.noise_floor is None]
+        if missing:
+            raise ValueError(
+                f"criterion 'spectrum': {len(missing)} module(s) have no recorded spectrum, e.g. {missing[:3]}; "
+                "run the analysis with criterion='spectrum' (lightning-fisher analyze --criterion spectrum)"
+            )
+        result = allocate_ranks_from_spectra(
+            {m.name: m.sigma_sq for m in records}, {m.name: m.noise_floor for m in records}, costs,
+            settings=settings,
+        )
+        return dict(result.ranks), dict(result.excluded)
+    scores = {m.name: m.score for m in records}
+    ranks = allocate_ranks(scores, rank_costs=costs, settings=settings)
+    reference = settings.exclude_threshold
+    reasons = {
+        name: ("no gradient reached it on this data (score 0)" if score == 0
+               else f"score below exclude_threshold ({reference:g}) x the median score")
+        for name, score in scores.items() if name not in ranks
+    }
+    return ranks, reasons

@@ -54,7 +54,10 @@ __all__ = [
 ]
 
 FISHER_MAP_FILENAME = "fisher_map.json"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: Versions this library reads. Version 1 maps (no criterion, no spectra) read as ``trace`` maps.
+READABLE_VERSIONS = (1, 2)
+_V1_EXCLUSION = "excluded by the trace allocation (the map predates recorded reasons)"
 
 PathLike = Union[str, os.PathLike]
 
@@ -84,6 +87,7 @@ def document_of(fisher_map: "FisherMap") -> dict[str, Any]:
     for m in fisher_map.modules:
         record = dataclasses.asdict(m)
         record["shape"] = list(m.shape)
+        record["sigma_sq"] = None if m.sigma_sq is None else list(m.sigma_sq)
         record["excluded"] = m.excluded
         modules.append(record)
     return {
@@ -118,6 +122,9 @@ def records_of(document: Mapping[str, Any], path: Optional[PathLike] = None) -> 
             score_stderr=None if m["score_stderr"] is None else float(m["score_stderr"]),
             rank=m["rank"],
             alpha=None if m["alpha"] is None else float(m["alpha"]),
+            sigma_sq=None if m.get("sigma_sq") is None else tuple(float(v) for v in m["sigma_sq"]),
+            noise_floor=None if m.get("noise_floor") is None else float(m["noise_floor"]),
+            exclusion_reason=m.get("exclusion_reason", _V1_EXCLUSION if m["rank"] is None else None),
         )
         for m in document["modules"]
     )
@@ -138,7 +145,7 @@ def records_of(document: Mapping[str, Any], path: Optional[PathLike] = None) -> 
             raw["stability"] = records.StabilityRecord(**stability)
         analysis = records.AnalysisRecord(**raw)
     try:
-        budget = records.RankBudget(**document["budget"])
+        budget = records.RankBudget(**{"criterion": "trace", **document["budget"]})
     except SettingsError as error:
         json_path = f"$.budget.{error.field}"
         raise FisherMapSchemaError(f"{_where(path)}: {json_path}: {error}", path=path, json_path=json_path) from None
@@ -229,15 +236,16 @@ def validate_document(document: Any, path: Optional[PathLike]) -> None:
     if not isinstance(document, Mapping):
         raise FisherMapSchemaError(f"{where}: $: expected a JSON object, got {type(document).__name__}", path=path)
     version = document.get("schema_version")
-    if isinstance(version, int) and not isinstance(version, bool) and version != SCHEMA_VERSION:
+    if isinstance(version, int) and not isinstance(version, bool) and version not in READABLE_VERSIONS:
         newer = version > SCHEMA_VERSION
         raise FisherMapVersionError(
-            f"{where}: $.schema_version is {version}, this lightning_fisher {__version__} reads version "
-            f"{SCHEMA_VERSION}. "
+            f"{where}: $.schema_version is {version}, this lightning_fisher {__version__} reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}. "
             + ("Upgrade lightning-fisher to read it." if newer else "Re-run the analysis to regenerate the map."),
             path=path,
         )
-    validator = jsonschema.Draft202012Validator(_schema(SCHEMA_VERSION))
+    readable = isinstance(version, int) and not isinstance(version, bool) and version in READABLE_VERSIONS
+    validator = jsonschema.Draft202012Validator(_schema(version if readable else SCHEMA_VERSION))
     error = jsonschema.exceptions.best_match(validator.iter_errors(document))
     if error is not None:
         raise FisherMapSchemaError(

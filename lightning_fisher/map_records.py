@@ -28,7 +28,14 @@ __all__ = [
 
 @dataclass(frozen=True)
 class ModuleRecord:
-    """One candidate module: its score and, unless excluded, its adapter rank and alpha."""
+    """One candidate module: its score and, unless excluded, its adapter rank and alpha.
+
+    Attributes:
+        sigma_sq: top squared singular values of the mean weight gradient, descending (maps
+            analysed with the ``spectrum`` criterion; ``None`` otherwise).
+        noise_floor: the squared singular value noise alone would reach (same units).
+        exclusion_reason: why an excluded module got no adapter, in words.
+    """
 
     name: str
     type: str
@@ -38,6 +45,9 @@ class ModuleRecord:
     score_stderr: Optional[float] = None
     rank: Optional[int] = None
     alpha: Optional[float] = None
+    sigma_sq: Optional[tuple[float, ...]] = None
+    noise_floor: Optional[float] = None
+    exclusion_reason: Optional[str] = None
 
     @property
     def excluded(self) -> bool:

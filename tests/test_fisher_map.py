@@ -85,10 +85,11 @@ def test_round_trip_is_equal_and_file_validates(fisher_map, tmp_path):
     loaded = FisherMap.load(tmp_path)
     assert loaded == fisher_map
     assert loaded.path == written
-    schema = json.loads(resources.files("lightning_fisher").joinpath("schema/fisher_map.v1.json").read_text())
+    schema = json.loads(resources.files("lightning_fisher").joinpath("schema/fisher_map.v2.json").read_text())
     document = json.loads(written.read_text())
     jsonschema.Draft202012Validator(schema).validate(document)
-    assert document["schema_version"] == 1
+    assert document["schema_version"] == 2
+    assert document["budget"]["criterion"] == "trace"
     assert document["analysis"]["timestep_focus"] == {
         "name": "texture", "range": [0.0, 0.4], "applied": True, "observed_range": [0.01, 0.39]
     }
@@ -174,7 +175,7 @@ def test_inconsistent_map_names_field(fisher_map, tmp_path, edit, json_path):
 
 def test_unsupported_version(fisher_map, tmp_path):
     document = fisher_map.to_dict()
-    document["schema_version"] = 2
+    document["schema_version"] = 3
     path = write_document(tmp_path, document)
     with pytest.raises(FisherMapVersionError, match="Upgrade lightning-fisher") as excinfo:
         FisherMap.load(path)

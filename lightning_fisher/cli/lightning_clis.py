@@ -53,7 +53,7 @@ class AnalyzeCLI(LightningCLI):
         _add_dataset_dir(parser, required=True)
         add = parser.add_argument
         add("--output", type=Optional[str], default=None, help="Map file or folder (default: the dataset folder).")
-        _add_settings_flags(parser, AllocationSettings, only=("rank", "rank_min", "rank_max", "mode"))
+        _add_settings_flags(parser, AllocationSettings, only=("rank", "rank_min", "rank_max", "mode", "criterion"))
         add(
             "--timestep_focus",
             type=str,
