@@ -49,7 +49,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from dataclasses import dataclass, field
-from typing import Iterator, Literal, Mapping, Optional
+from typing import Callable, Iterator, Literal, Mapping, Optional
 
 import torch
 from torch import nn
@@ -197,6 +197,10 @@ class FisherCollector:
             norms scaled by ``B**2``), ``"sum"`` if it is their sum.
         norm_strategy: ``"ghost"`` (Gram matrices), ``"materialize"`` (per-sample gradients) or
             ``"auto"`` (cheaper per layer and batch).
+        observer: called once per batch for each linear candidate (``Linear``, ``Conv1D``)
+            with ``(name, a, g)``: its input ``[B, T, d_in]`` and output gradient
+            ``[B, T, d_out]``, calls concatenated along ``T``, before both are dropped; e.g.
+            :meth:`lightning_fisher.spectrum.SpectrumSet.observe`.
 
     Raises:
         CandidateSelectionError: an unsupported, duplicated or foreign candidate module.
@@ -209,6 +213,7 @@ class FisherCollector:
         *,
         loss_reduction: LossReduction = "mean",
         norm_strategy: NormStrategy = "auto",
+        observer: Optional[Callable[[str, torch.Tensor, torch.Tensor], None]] = None,
     ) -> None:
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
@@ -219,6 +224,7 @@ class FisherCollector:
         self.names: tuple[str, ...] = tuple(self.candidates)
         self.loss_reduction = loss_reduction
         self.norm_strategy = norm_strategy
+        self.observer = observer
         self._modules = list(self.candidates.values())
         self._kinds = self._validate()
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -447,6 +453,8 @@ class FisherCollector:
                 strategy=self.norm_strategy,
             )
         a = _tokens([x.reshape(batch, -1, x.shape[-1]).to(dtype) for x in inputs])
+        if self.observer is not None:
+            self.observer(self.names[index], a, g)
         gram = None
         if len(inputs) == 1 and uses_ghost(self.norm_strategy, a.shape[1], a.shape[2], g.shape[2]):
             gram = state.input_gram(a, source=inputs[0])

@@ -65,13 +65,15 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import Literal, Optional, Union
+from typing import Literal, Mapping, Optional, Union
 
 import torch
+from torch import nn
 
-from lightning_fisher.errors import FisherAnalysisError
+from lightning_fisher.candidates import module_type_name
+from lightning_fisher.errors import CandidateSelectionError, FisherAnalysisError
 
-__all__ = ["EXACT_FACTOR", "NOISE_MARGIN", "ModuleSpectrum", "SpectrumAccumulator", "sketch_width"]
+__all__ = ["EXACT_FACTOR", "NOISE_MARGIN", "ModuleSpectrum", "SpectrumAccumulator", "SpectrumSet", "sketch_width"]
 
 SpectrumMethod = Literal["auto", "exact", "sketch"]
 
@@ -275,6 +277,69 @@ class SpectrumAccumulator:
         tail = (w.cpu() - pq @ x).square().sum() / (pq.shape[0] - pq.shape[1])
         leak = tail * torch.linalg.inv(pq.T @ pq)
         return torch.linalg.eigvalsh(x @ x.T - leak).flip(0).clamp_min(0.0)
+
+
+class SpectrumSet:
+    """One :class:`SpectrumAccumulator` per linear candidate, fed by the collector's observer.
+
+    Usage::
+
+        spectra = SpectrumSet(candidates, rank_max=32, seed=0)
+        collector = FisherCollector(model, candidates, observer=spectra.observe)
+        ...                                   # batches as usual
+        spectra.spectra()                     # {name: ModuleSpectrum}
+
+    Args:
+        candidates: ``{name: module}`` of ``Linear`` / ``Conv1D`` modules.
+        rank_max: the largest rank the allocation may give; sets the sketch width
+            (:func:`sketch_width`) and how many values :meth:`spectra` returns.
+        method: ``"auto"``, ``"exact"`` or ``"sketch"`` for every module.
+        seed: seeds the sketches' test matrices (the same on every process).
+        loss_reduction: as for the collector.
+
+    Raises:
+        CandidateSelectionError: a candidate is not a linear module (an ``Embedding`` has no
+            ``d_out x d_in`` weight gradient to take the spectrum of: exclude it, or use the
+            ``trace`` criterion).
+    """
+
+    def __init__(
+        self, candidates: Mapping[str, nn.Module], *, rank_max: int, method: SpectrumMethod = "auto", seed: int = 0,
+        loss_reduction: Literal["mean", "sum"] = "mean",
+    ) -> None:
+        self.rank_max = rank_max
+        self.accumulators: dict[str, SpectrumAccumulator] = {}
+        for name, module in candidates.items():
+            kind = module_type_name(module)
+            if kind not in ("Linear", "Conv1D"):
+                raise CandidateSelectionError(
+                    f"candidate {name!r} is an {kind}: the spectrum criterion scores Linear and Conv1D modules; "
+                    f"exclude it (exclude=[{name!r}]) or use criterion='trace'"
+                )
+            rows, cols = module.weight.shape
+            d_out, d_in = (cols, rows) if kind == "Conv1D" else (rows, cols)
+            self.accumulators[name] = SpectrumAccumulator(
+                name, d_in, d_out, width=sketch_width(rank_max), method=method, seed=seed,
+                loss_reduction=loss_reduction, device=module.weight.device,
+            )
+
+    def observe(self, name: str, a: torch.Tensor, g: torch.Tensor) -> None:
+        """The collector's observer: add one batch of module ``name``."""
+        self.accumulators[name].update(a, g)
+
+    def state_tensor(self, device: Union[torch.device, str, None] = None) -> torch.Tensor:
+        """Every accumulator's state, concatenated in candidate order (for one all-reduce)."""
+        return torch.cat([acc.state_tensor(device) for acc in self.accumulators.values()])
+
+    def load_state_tensor(self, state: torch.Tensor) -> None:
+        """Replace every accumulator's state from :meth:`state_tensor` (possibly summed over processes)."""
+        sizes = [acc.state_tensor().numel() for acc in self.accumulators.values()]
+        for acc, part in zip(self.accumulators.values(), torch.split(state.reshape(-1), sizes)):
+            acc.load_state_tensor(part)
+
+    def spectra(self, *, margin: float = NOISE_MARGIN) -> dict[str, ModuleSpectrum]:
+        """``{name: ModuleSpectrum}`` with up to ``rank_max`` values each."""
+        return {name: acc.spectrum(self.rank_max, margin=margin) for name, acc in self.accumulators.items()}
 
 
 def _module_seed(seed: int, name: str) -> int:

@@ -22,11 +22,14 @@ and costs ``cost_m = d_in + d_out`` parameters. The rule:
 
    - ``"budget"``: units are taken in order while they fit in the parameters of flat LoRA at
      ``rank`` on **all** candidates (``rank * sum(cost_m)``); the first unit that does not
-     fit ends the allocation, so the budget is never exceeded, and it is spent to within
-     that unit's cost unless every direction above the floor was taken (a direction below
-     it would only fit noise, so the rest stays unspent). Taking a prefix makes every
-     module's rank non-decreasing in the budget. A module with directions above its floor
-     that the budget did not reach gets reason :data:`OUT_OF_BUDGET`.
+     fit ends the allocation, so the budget is never exceeded and is spent to within that
+     unit's cost. Once every direction above a floor is taken, the order goes on into the
+     adapted modules' directions below their floors (``sigma_j^2 - f_m <= 0``, least negative
+     per parameter first), so a map compared with flat LoRA has its parameters; modules with
+     no direction above their floor still get nothing. The budget stays unspent only when
+     every adapted module is at ``rank_max`` or out of recorded directions. Taking a prefix
+     makes every module's rank non-decreasing in the budget. A module with directions above
+     its floor that the budget did not reach gets reason :data:`OUT_OF_BUDGET`.
    - ``"median"``: every module with a direction above its floor enters at ``rank_min``;
      further units are taken in order until at least half of the adapted modules have
      rank ``rank`` or more (the median adapted module gets ``rank``), or no unit is left.
@@ -130,7 +133,8 @@ def _units(
     units, excluded = [], {}
     lo, hi = settings.rank_min, settings.rank_max
     for i, name in enumerate(names):
-        gains = [max(0.0, s - floors[name]) for s in list(spectra[name])[:hi]]
+        margins = [s - floors[name] for s in list(spectra[name])[:hi]]
+        gains = [max(0.0, m) for m in margins]
         if not gains or gains[0] <= 0.0:
             excluded[name] = NO_DIRECTION
             continue
@@ -139,6 +143,10 @@ def _units(
         units.append(_Unit(entry, i, True, lo, lo * cost))
         # min(): the mean of equal gains can round below one of them; the entry must sort first.
         units.extend(_Unit(min(gain / cost, entry), i, False, 1, cost) for gain in gains[lo:] if gain > 0.0)
+        if settings.mode == "budget":
+            # Below the floor, an adapted module's next directions still come in the same order
+            # (least negative margin per parameter first): they spend what the signal left.
+            units.extend(_Unit(m / cost, i, False, 1, cost) for m in margins[lo:] if m <= 0.0)
     # sorted() is stable: equal gains keep input order, and a module's directions their order.
     return sorted(units, key=lambda u: -u.per_param), excluded
 

@@ -74,7 +74,12 @@ def test_spectrum_criterion_allocates_from_the_spectra_and_records_them(tmp_path
     spectra = _spectra(names, signal={"layers.0.q", "layers.5.dense", "head"})
     settings = AllocationSettings(rank=1, rank_min=1, rank_max=4, mode="budget", criterion="spectrum")
     fisher_map = FisherMap.from_scores({n: 1.0 for n in names}, model, allocation=settings, spectra=spectra)
-    assert fisher_map.ranks == {"layers.0.q": 2, "layers.5.dense": 2, "head": 2}
+    # budget mode: the two directions above the floor first, then (budget left) the recorded ones
+    # below it, on adapted modules only; the noise-only modules stay without an adapter
+    assert fisher_map.ranks == {"layers.0.q": 4, "layers.5.dense": 4, "head": 4}
+    median = fisher_map.reallocate(dataclasses.replace(settings, mode="median", rank=2))
+    # median mode stops once half the adapted modules reach rank 2; head (cheapest) goes first
+    assert median.ranks == {"layers.0.q": 2, "layers.5.dense": 1, "head": 2}
     noise = [m for m in fisher_map.modules if m.name not in fisher_map.ranks]
     assert {m.exclusion_reason for m in noise} == {NO_DIRECTION}
     assert fisher_map.budget.criterion == "spectrum"

@@ -134,11 +134,19 @@ def test_noise_gets_no_adapter_and_a_rank_2_signal_gets_rank_2(method):
     modules = {"noise": accumulate(method, stream((), seed=3), name="noise"),
                "signal": accumulate(method, stream((4.0, 3.0), seed=4), name="signal")}
     spectra = {name: acc.spectrum(8) for name, acc in modules.items()}
-    result = allocate_ranks_from_spectra(
-        {n: s.sigma_sq for n, s in spectra.items()}, {n: s.floor for n, s in spectra.items()},
-        {n: D_IN + D_OUT for n in spectra}, settings=AllocationSettings(rank=8, rank_min=1, rank_max=8, mode="budget"),
-    )
-    assert result.ranks == {"signal": 2}
+    # the floor finds exactly the signal's two directions, and none of the noise's
+    assert {n: sum(v > s.floor for v in s.sigma_sq) for n, s in spectra.items()} == {"noise": 0, "signal": 2}
+
+    def allocate(**settings):
+        return allocate_ranks_from_spectra(
+            {n: s.sigma_sq for n, s in spectra.items()}, {n: s.floor for n, s in spectra.items()},
+            {n: D_IN + D_OUT for n in spectra}, settings=AllocationSettings(rank_min=1, rank_max=8, **settings),
+        )
+
+    assert allocate(rank=2, mode="median").ranks == {"signal": 2}
+    # budget mode spends what is left on the adapted module's next directions, never on pure noise
+    result = allocate(rank=8, mode="budget")
+    assert list(result.ranks) == ["signal"] and result.ranks["signal"] >= 2
     assert result.excluded == {"noise": NO_DIRECTION}
 
 

@@ -38,11 +38,18 @@ def above(spectra, floors, name):
     return sum(1 for s in spectra[name] if s > floors[name])
 
 
+def usable(spectra, floors, cfg, name):
+    """Directions a module can get: those above its floor, and in budget mode, once adapted, every
+    recorded direction (the budget goes on below the floor rather than stay unspent)."""
+    count = above(spectra, floors, name)
+    return len(spectra[name]) if cfg.mode == "budget" and count else count
+
+
 def next_step(spectra, floors, costs, cfg, name, rank):
     """Parameters the module's next unit would add, or None when it has none left."""
     if rank == 0:
         return cfg.rank_min * costs[name] if above(spectra, floors, name) else None
-    return costs[name] if rank < min(cfg.rank_max, above(spectra, floors, name)) else None
+    return costs[name] if rank < min(cfg.rank_max, usable(spectra, floors, cfg, name)) else None
 
 
 @common
@@ -57,8 +64,11 @@ def test_bounds_floors_reasons_and_determinism(problem, mode):
     assert list(result.ranks) == [n for n in spectra if n in result.ranks]
     assert list(result.excluded) == [n for n in spectra if n in result.excluded]
     for name, rank in result.ranks.items():
-        # no unit past the entry for a direction below the floor
-        assert cfg.rank_min <= rank <= cfg.rank_max and rank <= max(cfg.rank_min, above(spectra, floors, name))
+        # no unit past the entry for a direction below the floor, except budget mode's fill
+        assert cfg.rank_min <= rank <= cfg.rank_max and rank <= max(cfg.rank_min, usable(spectra, floors, cfg, name))
+        if mode == "budget" and rank > max(cfg.rank_min, above(spectra, floors, name)):
+            # a module filled below its floor means every direction above every floor was taken
+            assert all(result.ranks.get(n, 0) >= min(cfg.rank_max, above(spectra, floors, n)) for n in spectra)
     for name, reason in result.excluded.items():
         assert reason == (NO_DIRECTION if above(spectra, floors, name) == 0 else OUT_OF_BUDGET)
     assert result.parameters == sum(r * costs[n] for n, r in result.ranks.items())
@@ -74,9 +84,10 @@ def test_budget_is_never_exceeded_and_spent_to_within_one_step(problem):
     assert result.budget == cfg.rank * sum(costs.values())
     left = result.budget - result.parameters
     assert left >= 0
+    cfg = dataclasses.replace(cfg, mode="budget")
     steps = [next_step(spectra, floors, costs, cfg, n, result.ranks.get(n, 0)) for n in spectra]
     steps = [s for s in steps if s is not None]
-    if steps:  # otherwise every direction above a floor is taken
+    if steps:  # otherwise every usable direction is taken
         assert left < max(steps)
 
 

@@ -44,6 +44,7 @@ from lightning_fisher.fisher_map import (
     StabilityRecord,
     TimestepFocusRecord,
 )
+from lightning_fisher.spectrum import SpectrumSet
 from lightning_fisher.stability import StopReason
 from lightning_fisher.timesteps import RecordingTimestepSampler, TimestepFocus, timestep_focus_applied
 
@@ -138,6 +139,8 @@ class FisherAnalysisModule(LightningModule):
         self.collector: Optional[FisherCollector] = None
         self.accumulator: Optional[FisherAccumulator] = None
         self.global_accumulator: Optional[FisherAccumulator] = None
+        #: The mean gradients' spectra (``criterion="spectrum"`` only); summed over processes at the end.
+        self.spectra: Optional[SpectrumSet] = None
         #: Why the analysis ended; set by :class:`~lightning_fisher.FisherStability` or at the end.
         self.stop_reason: Optional[StopReason] = None
         #: The stability rule's record, set by :class:`~lightning_fisher.FisherStability`.
@@ -155,8 +158,13 @@ class FisherAnalysisModule(LightningModule):
             raise FisherAnalysisError("FisherAnalysisModule runs under Trainer.fit only")
         self.task.setup(stage)  # the task may build layers or load weights here
         candidates = select_candidates(self.task, **self.candidate_selection)
+        if self.allocation.criterion == "spectrum":
+            self.spectra = SpectrumSet(
+                candidates, rank_max=self.allocation.rank_max, seed=self.seed or 0, loss_reduction=self.loss_reduction
+            )
         self.collector = FisherCollector(
-            self.task, candidates, loss_reduction=self.loss_reduction, norm_strategy=self.norm_strategy
+            self.task, candidates, loss_reduction=self.loss_reduction, norm_strategy=self.norm_strategy,
+            observer=None if self.spectra is None else self.spectra.observe,
         )
         self.accumulator = FisherAccumulator(self.collector.names)
         self.global_accumulator = FisherAccumulator(self.collector.names)
@@ -236,6 +244,10 @@ class FisherAnalysisModule(LightningModule):
     def on_train_end(self) -> None:
         if self.stop_reason is None:
             self.stop_reason = StopReason.DATA_EXHAUSTED
+        if self.spectra is not None and self.trainer.world_size > 1:
+            # Summed once, at the end: the stopping rule reads the (small) trace statistics per batch.
+            state = self.spectra.state_tensor(device=self.ddp_anchor.device)
+            self.spectra.load_state_tensor(self.trainer.strategy.reduce(state, reduce_op="sum"))
         self.fisher_map = self.build_map()
         self._log_scores(self.fisher_map)
         silent = [name for name, score in self.fisher_map.scores.items() if score == 0.0]
@@ -281,6 +293,7 @@ class FisherAnalysisModule(LightningModule):
             analysis=analysis,
             dataset=self.dataset,
             allocation=self.allocation,
+            spectra=None if self.spectra is None else self.spectra.spectra(),
             **self.alpha_policy,
         )
 
