@@ -50,6 +50,20 @@ def test_ddp_ranks_stop_at_the_same_batch(tmp_path):
     assert ddp[0]["history"] == ddp[1]["history"]
 
 
+@pytest.mark.slow
+def test_ddp_spectra_sum_over_processes_and_equal_one_process(tmp_path):
+    ddp = run("ddp", tmp_path / "ddp", "--spectrum")
+    single = run("single", tmp_path / "single", "--spectrum")
+    reference = single[0]
+    assert ddp[0]["sigma_sq"] == ddp[1]["sigma_sq"] and ddp[0]["floors"] == ddp[1]["floors"]
+    assert ddp[0]["ranks"] == ddp[1]["ranks"]
+    for name, values in reference["sigma_sq"].items():
+        # the mean gradient is the same sum over the same 96 samples, split over two processes
+        assert ddp[0]["sigma_sq"][name] == pytest.approx(values, rel=1e-6), name
+        # the floor compares two sample halves, which the processes split differently: same scale
+        assert 0.2 < ddp[0]["floors"][name] / reference["floors"][name] < 5.0, name
+
+
 FIT_SCRIPT = Path(__file__).parent / "scripts" / "ddp_fit.py"
 
 

@@ -5,6 +5,7 @@ Subcommands:
 - ``analyze``: Fisher analysis of a model on a dataset folder; writes ``fisher_map.json``.
 - ``fit`` / ``validate`` / ``test``: LightningCLI training with the map applied at fit start.
 - ``show``: a readable table (and optionally a heatmap) of a map.
+- ``reallocate``: a stored map with another rank budget or criterion, without a new analysis.
 - ``compare``: does the map pay off on your data? Flat vs map fits, side by side.
 - ``wizard``: the analysis choices as questions; saves a config ``analyze`` accepts.
 - ``demo``: the whole workflow on a real model and real data.
@@ -19,7 +20,7 @@ from typing import Callable, Optional
 
 __all__ = ["main"]
 
-USAGE = """usage: lightning-fisher {analyze,fit,validate,test,show,compare,wizard,demo} [options]
+USAGE = """usage: lightning-fisher {analyze,fit,validate,test,show,reallocate,compare,wizard,demo} [options]
 
 Fisher-guided LoRA placement and ranks for PyTorch Lightning and PEFT.
 
@@ -29,6 +30,7 @@ subcommands:
   validate   LightningCLI validate, with the same adapters
   test       LightningCLI test, with the same adapters
   show       print a map as a table (--plot writes a heatmap)
+  reallocate another rank budget or criterion for a stored map, without a new analysis
   compare    short fits of flat LoRA vs the map at equal (and smaller) budgets, on the same seeds
   wizard     answer questions instead of writing a config; saves the YAML and runs analyze
   demo       analyse and fine-tune the real all-MiniLM-L6-v2 on real drug reviews (CPU, minutes)
@@ -58,6 +60,12 @@ def _show(argv: list[str]) -> int:
     return run_show(argv)
 
 
+def _reallocate(argv: list[str]) -> int:
+    from lightning_fisher.cli.reallocate import run_reallocate
+
+    return run_reallocate(argv)
+
+
 def _compare(argv: list[str]) -> int:
     from lightning_fisher.cli.compare_command import run_compare
 
@@ -82,6 +90,7 @@ SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {
     "validate": _train("validate"),
     "test": _train("test"),
     "show": _show,
+    "reallocate": _reallocate,
     "demo": _demo,
     "wizard": _wizard,
     "compare": _compare,

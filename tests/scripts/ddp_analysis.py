@@ -1,6 +1,6 @@
 """Run an analysis under real DDP (gloo, CPU) or in one process; write what each rank saw.
 
-Usage: python ddp_analysis.py {ddp,single} OUT_DIR [--stability]
+Usage: python ddp_analysis.py {ddp,single} OUT_DIR [--stability] [--spectrum]
 Lightning's DDP strategy relaunches this script once per extra process.
 """
 
@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_fisher import analyze
+from lightning_fisher import AllocationSettings, analyze
 
 
 class Task(pl.LightningModule):
@@ -42,7 +42,9 @@ def main() -> None:
     stop = dict(convergence_patience=2, min_batches=2, stability_threshold=0.5) if stability else dict(
         convergence_patience=10_000, min_batches=0, max_batches=None
     )
-    fisher_map = analyze(task, data, output=out, rank=4, rank_min=1, rank_max=16, trainer_kwargs=trainer_kwargs, **stop)
+    criterion = "spectrum" if "--spectrum" in sys.argv else "trace"
+    allocation = AllocationSettings(rank=4, rank_min=1, rank_max=16, criterion=criterion)
+    fisher_map = analyze(task, data, output=out, allocation=allocation, trainer_kwargs=trainer_kwargs, **stop)
     rank = int(torch.distributed.get_rank()) if torch.distributed.is_initialized() else 0
     record = {
         "rank": rank,
@@ -53,6 +55,8 @@ def main() -> None:
         "stop_reason": fisher_map.analysis.stop_reason,
         "world_size": fisher_map.analysis.world_size,
         "history": list(fisher_map.analysis.stability.history),
+        "sigma_sq": {m.name: m.sigma_sq for m in fisher_map.modules},
+        "floors": {m.name: m.noise_floor for m in fisher_map.modules},
     }
     (out / f"rank{rank}.json").write_text(json.dumps(record))
 
