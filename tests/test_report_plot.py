@@ -56,3 +56,21 @@ def test_plot_without_matplotlib(colliding_map, tmp_path, monkeypatch):
 def test_plot_rejects_other_formats(colliding_map, tmp_path):
     with pytest.raises(ValueError, match=r"map\.svg.*\.png"):
         plot_map(colliding_map, tmp_path / "map.svg")
+
+
+def test_a_spectrum_map_gets_a_panel_of_singular_values_against_the_floor(tmp_path):
+    from matplotlib.image import imread
+
+    from lightning_fisher import AllocationSettings
+    from lightning_fisher.spectrum import ModuleSpectrum
+
+    model = nn.Sequential(*[nn.Linear(8, 8) for _ in range(6)])
+    names = [f"{i}" for i in range(6)]
+    spectra = {n: ModuleSpectrum(n, (9.0, 4.0, 0.5) if int(n) % 2 else (0.5, 0.4, 0.3), 1.0, 64) for n in names}
+    settings = AllocationSettings(rank=2, rank_min=1, rank_max=8, mode="budget", criterion="spectrum")
+    spectrum_map = FisherMap.from_scores({n: 1.0 for n in names}, model, allocation=settings, spectra=spectra)
+    trace_map = FisherMap.from_scores({n: 1.0 for n in names}, model, rank=2, rank_min=1, rank_max=8, mode="budget")
+    with_panel = imread(plot_map(spectrum_map, tmp_path / "spectrum.png", dpi=50))
+    without = imread(plot_map(trace_map, tmp_path / "trace.png", dpi=50))
+    assert with_panel.shape[0] >= without.shape[0]
+    assert with_panel.shape[1] > without.shape[1] + 3 * 50  # the third panel: at least 3 inches wider

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from lightning_fisher.atomic_io import atomic_writer
-from lightning_fisher.fisher_map import FisherMap
+from lightning_fisher.fisher_map import FisherMap, ModuleRecord
 from lightning_fisher.map_summary import plot_title
 from lightning_fisher.report.grid import ModuleGrid, column_labels, map_matrix, module_grid
 
@@ -99,12 +99,18 @@ def plot_map(
         ("LoRA rank (x = excluded)", rank_values, "viridis", rank_norm),
     ]
 
-    figure = Figure(figsize=figsize or _auto_figsize(grid, labels), dpi=dpi, layout="constrained")
+    spectra = [m for m in fisher_map.modules if m.sigma_sq and m.noise_floor]
+    size = figsize or _auto_figsize(grid, labels)
+    if spectra and figsize is None:
+        longest = max(len(m.sigma_sq) for m in spectra)
+        size = (min(60.0, size[0] + 3.0 + 0.12 * longest), min(60.0, max(size[1], 1.5 + 0.16 * len(spectra))))
+    figure = Figure(figsize=size, dpi=dpi, layout="constrained")
     FigureCanvasAgg(figure)
-    axes = figure.subplots(1, 2, sharey=True)
+    axes = figure.subplots(1, 3 if spectra else 2, width_ratios=[1, 1, 1.4] if spectra else None)
+    axes[1].sharey(axes[0])
     excluded = [(i, j) for (i, j), module in grid.cells.items() if module.excluded]
     annotate = len(blocks) * len(kinds) <= 400
-    for index, (ax, (name, values, cmap_name, norm)) in enumerate(zip(axes, panels)):
+    for index, (ax, (name, values, cmap_name, norm)) in enumerate(zip(axes[:2], panels)):
         cmap = matplotlib.colormaps[cmap_name].with_extremes(bad="white")
         image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
         for i, j in excluded:
@@ -123,6 +129,8 @@ def plot_map(
         ax.set_yticks(range(len(blocks)), blocks, fontsize=8)
         ax.tick_params(length=0)
         figure.colorbar(image, ax=ax, shrink=0.9, pad=0.02)
+    if spectra:
+        _spectrum_panel(figure, axes[2], spectra, np, matplotlib)
     figure.suptitle(plot_title(fisher_map), fontsize=10)
     if grid.outside:
         listed = ", ".join(f"{m.name} ({'excluded' if m.excluded else f'rank {m.rank}'})" for m in grid.outside[:6])
@@ -132,3 +140,35 @@ def plot_map(
     with atomic_writer(target, make_parents=True) as handle:
         figure.savefig(handle, format="png", dpi=dpi)
     return target
+
+
+def _spectrum_panel(figure, ax, modules: Sequence[ModuleRecord], np, matplotlib) -> None:
+    """Why each module got its rank: its squared singular values against its noise floor.
+
+    One row a module, one column a direction ``j``: ``log10(sigma_j^2 / floor)``, red above the
+    floor (signal an adapter can follow), blue below; the black tick after column ``rank``
+    marks where the module's adapter ends (none for an excluded module).
+    """
+    from matplotlib.colors import TwoSlopeNorm
+
+    longest = max(len(m.sigma_sq) for m in modules)
+    ratios = np.full((len(modules), longest), np.nan)
+    for i, module in enumerate(modules):
+        values = np.maximum(np.asarray(module.sigma_sq, dtype=float), 1e-300)
+        ratios[i, : len(values)] = np.log10(values / module.noise_floor)
+    finite = ratios[np.isfinite(ratios)]
+    # at most three decades each way: far below the floor is all the same (noise)
+    span = min(3.0, max(1.0, float(np.abs(finite).max()))) if finite.size else 1.0
+    cmap = matplotlib.colormaps["RdBu_r"].with_extremes(bad="white")
+    image = ax.imshow(np.ma.masked_invalid(ratios), cmap=cmap, norm=TwoSlopeNorm(0.0, -span, span), aspect="auto",
+                      interpolation="nearest")
+    for i, module in enumerate(modules):
+        if module.rank is not None:
+            ax.plot([module.rank - 0.5] * 2, [i - 0.5, i + 0.5], color="black", linewidth=1.6)
+    ax.set_title("log10(sigma_j^2 / noise floor); | = rank", fontsize=10)
+    ax.set_xlabel("direction j of the mean gradient", fontsize=8)
+    ax.set_xticks(range(0, longest, max(1, longest // 8)), [str(j + 1) for j in range(0, longest, max(1, longest // 8))],
+                  fontsize=7)
+    ax.set_yticks(range(len(modules)), [m.name for m in modules], fontsize=6)
+    ax.tick_params(length=0)
+    figure.colorbar(image, ax=ax, shrink=0.9, pad=0.02)
