@@ -13,6 +13,9 @@ divided by the plain step's time in the same round:
 - ``analysis_auto`` / ``analysis_ghost`` / ``analysis_materialize``: one analysis batch as
   ``FisherAnalysisModule`` runs it: frozen weights, collector hooks, exact per-sample norms for
   all 37 Linear modules, accumulator update.
+- ``analysis_spectrum``: ``analysis_auto`` plus the ``spectrum`` criterion's statistics (the
+  mean gradient's exact sums or sketches of width ``rank_max + 10`` = 42 for every module, as
+  ``--criterion spectrum --rank-max 32`` collects them).
 
 Peak memory: each variant runs again in a fresh subprocess in which every tensor above 64 KB
 gets its own memory mapping (``MALLOC_MMAP_THRESHOLD_``), so the resident size follows the
@@ -39,7 +42,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-VARIANTS = ("train_step", "frozen_floor", "analysis_auto", "analysis_ghost", "analysis_materialize")
+VARIANTS = ("train_step", "frozen_floor", "analysis_auto", "analysis_ghost", "analysis_materialize", "analysis_spectrum")
 
 
 def load_batch(batch_size: int = 16):
@@ -80,6 +83,10 @@ class Runner:
         }
         names = self.collectors["auto"].names
         self.accumulator = FisherAccumulator(names)
+        from lightning_fisher.spectrum import SpectrumSet
+
+        self.spectra = SpectrumSet(self.collectors["auto"].candidates, rank_max=32)
+        self.collectors["spectrum"] = FisherCollector(model, norm_strategy="auto", observer=self.spectra.observe)
         embeddings = model.encoder.embeddings
         self._leaf_hook = None
         self._embeddings = embeddings
@@ -118,6 +125,9 @@ class Runner:
 
     def analysis_materialize(self) -> None:
         self._analysis("materialize")
+
+    def analysis_spectrum(self) -> None:
+        self._analysis("spectrum")
 
     def run(self, variant: str) -> float:
         start = time.perf_counter()

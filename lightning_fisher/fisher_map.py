@@ -375,6 +375,12 @@ def _ranks_and_reasons(
             {m.name: m.sigma_sq for m in records}, {m.name: m.noise_floor for m in records}, costs,
             settings=settings,
         )
+        if not result.ranks:
+            raise ValueError(
+                "criterion 'spectrum': no module has a direction above its noise floor, so the data's mean gradient "
+                "cannot be told from noise on these samples; analyse more samples (raise min_batches / "
+                "--min-batches, or convergence_patience) or use criterion='trace'"
+            )
         return dict(result.ranks), dict(result.excluded)
     scores = {m.name: m.score for m in records}
     ranks = allocate_ranks(scores, rank_costs=costs, settings=settings)

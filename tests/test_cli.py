@@ -71,6 +71,20 @@ def test_analyze_then_fit_uses_the_map_and_ignore_gives_flat(dataset, tmp_path):
     assert set(adapter_shapes(tmp_path / "flat" / "adapter").values()) == {4}  # the map's base rank
 
 
+def test_analyze_with_the_spectrum_criterion_then_fit(dataset, tmp_path):
+    # 16 samples cannot tell any direction from noise: the analysis says so and writes nothing
+    assert main(analyze_args(dataset, "--criterion", "spectrum", "--rank-mode", "budget")) == 1
+    assert not (dataset / "fisher_map.json").exists()
+    assert main(analyze_args(dataset, "--criterion", "spectrum", "--rank-mode", "budget", "--min-batches", "8")) == 0
+    fisher_map = FisherMap.load(dataset)
+    assert fisher_map.budget.criterion == "spectrum"
+    assert all(m.sigma_sq and m.noise_floor > 0 for m in fisher_map.modules)
+    assert fisher_map.budget.lora_parameters <= fisher_map.budget.flat_lora_parameters
+    assert main(fit_args(dataset, tmp_path / "spectrum")) == 0
+    expected = {name[len("backbone."):]: r for name, r in fisher_map.ranks.items()}
+    assert adapter_shapes(tmp_path / "spectrum" / "adapter") == expected
+
+
 def test_checkpoint_dir_reaches_the_model(dataset, tmp_path):
     pretrained = tmp_path / "pretrained"
     pretrained.mkdir()

@@ -106,3 +106,11 @@ def test_a_hand_edited_version_1_map_is_still_checked(tmp_path):
     with pytest.raises(Exception, match=r"\$\.modules\[1\]\.rank"):
         FisherMap.load(path)
     shutil.rmtree(tmp_path)
+
+
+def test_spectra_all_below_their_floors_are_a_clear_error():
+    model = CollidingNet()
+    names = linear_names(model)
+    settings = AllocationSettings(rank=1, rank_min=1, rank_max=4, mode="budget", criterion="spectrum")
+    with pytest.raises(ValueError, match="no module has a direction above its noise floor.*analyse more samples"):
+        FisherMap.from_scores({n: 1.0 for n in names}, model, allocation=settings, spectra=_spectra(names, signal=()))
