@@ -290,7 +290,7 @@ class CompareResult:
 
         if not math.isfinite(summary[winner][0]):
             return [f"at each arm's own best learning rate: every arm diverged ({', '.join(map(describe, ranked))})"]
-        lines = [f"at each arm's own best learning rate: {describe(winner)} wins"]
+        lines = [f"at each arm's own best learning rate: {describe(winner)} is best"]
         for other in ranked[1:]:
             (mean, std, _), (other_mean, other_std, _) = summary[winner], summary[other]
             head = f"  {winner} vs {describe(other)}"

@@ -78,7 +78,7 @@ def test_each_arm_at_its_own_best_lr_against_the_seed_spread():
                         ("fisher", 1e-3): [0.50, 0.51, 0.49], ("fisher", 1e-2): [0.70, 0.70, 0.70]})
     assert result.chosen_lrs() == {"flat": 1e-2, "fisher": 1e-3}
     verdicts = result.verdicts()
-    assert verdicts[0] == "at each arm's own best learning rate: fisher (val_loss 0.5000 ± 0.0100 at lr 0.001) wins"
+    assert verdicts[0] == "at each arm's own best learning rate: fisher (val_loss 0.5000 ± 0.0100 at lr 0.001) is best"
     assert verdicts[1] == ("  fisher vs flat (val_loss 0.6000 ± 0.0200 at lr 0.01): -0.1000, more than the seed "
                            "spread 0.0200 (sample std): fisher better")
     assert verdicts[2].startswith("at lr 0.001, fisher vs flat: val_loss -0.4000") and verdicts[2].endswith("fisher better")
