@@ -249,3 +249,35 @@ def test_a_digits_run_records_first_epoch_loss_and_forgetting_without_changing_t
     unmeasured = run_one(ARM["flat"], two_epochs, 1e-2, 0, "", tiny_digits, tmp_path)
     assert measured["first_epoch_val_loss"] is not None and unmeasured["first_epoch_val_loss"] is None
     assert (measured["val_loss"], measured["test_loss"]) == (unmeasured["val_loss"], unmeasured["test_loss"])
+
+
+def test_reviews_held_out_loss_is_the_batch_weighted_cross_entropy_in_eval_mode():
+    import torch
+    from torch import nn
+
+    from quality_bench.measures import held_out_loss
+
+    class Classifier(nn.Module):
+        """MiniLMClassifier's call signature: logits from (input_ids, attention_mask)."""
+
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(50, 9)
+            self.dropout = nn.Dropout(0.9)
+            self.frozen = nn.Linear(1, 1)
+
+        def forward(self, input_ids, attention_mask):
+            return self.dropout((self.embed(input_ids) * attention_mask.unsqueeze(-1)).mean(1))
+
+    torch.manual_seed(0)
+    samples = [{"input_ids": torch.randint(0, 50, (6,)), "attention_mask": torch.ones(6, dtype=torch.long),
+                "label": torch.tensor(i % 9)} for i in range(40)]
+    model = Classifier().train()
+    model.frozen.eval()  # a submodule kept in eval mode during training stays so
+    task = replace(REVIEWS, limit_eval_batches=2)  # batches of 16: 16 + 16 of the 40 samples
+    loss = held_out_loss(task, model, samples)
+    with torch.no_grad():
+        logits = model.embed(torch.stack([s["input_ids"] for s in samples[:32]])).mean(1)
+        expected = nn.functional.cross_entropy(logits, torch.stack([s["label"] for s in samples[:32]]))
+    assert loss == pytest.approx(float(expected), rel=1e-6)  # dropout off, mean over the 32 samples
+    assert model.training and model.dropout.training and not model.frozen.training
