@@ -43,6 +43,18 @@ results are kept in ``benchmarks/results/quality_reviews_head_lr_0.003.json``. T
 states whether flat LoRA clearly beats the baselines. Digits: 10 epochs (90 steps), which
 bring the held-out loss on 5-9 from 0.641 (pretrained on 0-4) to about 0.59.
 
+Measured in every run besides the final metrics (``quality_bench/measures.py``): the validation
+loss after the first epoch (how fast an arm adapts), and on digits the held-out loss on the
+PRETRAINING half (digits 0-4, same fixed timesteps and noise) after adaptation, i.e. forgetting.
+The report tabulates both per arm, forgetting at every LR as well as at the chosen one (a lower
+LR forgets less by itself), and draws ``results/forgetting_digits.png`` (adaptation loss against
+forgetting per arm across LRs). The measures do not change the training (no random draw), so
+runs stored before they existed are re-measured in place with ``--remeasure``: each reruns and
+replaces its stored record, keeping the old numbers under ``previous``; the report counts how
+many reproduced them exactly. Runs not re-measured show "not measured". On 2 CPU cores a digits
+run takes about 4.5 s, so ``--task digits --remeasure`` (151 runs, 9 analyses, 3 EVA
+initialisations, pretraining when the work folder is new) takes about 12-15 minutes.
+
 Resumable: every finished run is appended to ``benchmarks/results/quality.json`` (written
 atomically); a rerun skips runs already there. Fisher maps and EVA initialisations are cached
 per seed (and focus) in the work folder, so an interrupted benchmark does not analyse twice.
@@ -51,6 +63,7 @@ Run (from the repository root):
     python benchmarks/quality.py                   # the default protocol, both tasks
     python benchmarks/quality.py --full            # every arm on the full grid (extends the same file)
     python benchmarks/quality.py --quick           # smoke test, ~2-3 minutes, separate result files
+    python benchmarks/quality.py --task digits --remeasure   # add forgetting + first-epoch loss to the stored runs
     python benchmarks/quality.py --report-only     # rewrite quality.md from quality.json
 """
 
@@ -101,6 +114,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                              "see REVIEWS / DIGITS)")
     parser.add_argument("--quick", action="store_true", help="smoke test (separate quality_quick.* files)")
     parser.add_argument("--report-only", action="store_true", help="only rewrite the report from the JSON")
+    parser.add_argument("--remeasure", action="store_true",
+                        help="rerun stored runs made before the first-epoch / forgetting measures and replace them "
+                             "(same protocol; the old numbers are kept under 'previous')")
     parser.add_argument("--results", type=Path, help="results JSON (default benchmarks/results/quality.json)")
     parser.add_argument("--workdir", type=Path, help="data, maps and feature cache (default ~/.cache/lightning_fisher/quality)")
     return parser.parse_args(argv)
@@ -154,7 +170,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                                           "cpu_count": os.cpu_count(), "threads": torch.get_num_threads()})
         store.save()
         for task in selected_tasks(args):
-            run_task(store, task, selected_arms(args, task), workdir)
+            run_task(store, task, selected_arms(args, task), workdir, remeasure=args.remeasure)
     text = write_report(store, report, command, None if args.report_only else time.perf_counter() - started)
     print("\n" + text)
 

@@ -26,7 +26,7 @@ from lightning_fisher.errors import CompareError
 from lightning_fisher.fisher_map import FisherMap
 from lightning_fisher.peft_factory.adapter_root import rebase_names
 
-__all__ = ["CompareArm", "check_budgets", "check_seeds", "plan_arms"]
+__all__ = ["CompareArm", "check_budgets", "check_lrs", "check_seeds", "plan_arms"]
 
 
 @dataclass(frozen=True)
@@ -120,6 +120,21 @@ def check_seeds(seeds: Sequence[int]) -> list[int]:
     if not seeds or any(isinstance(s, bool) or not isinstance(s, int) for s in seeds) or len(set(seeds)) != len(seeds):
         raise CompareError(f"seeds: need one or more distinct integers, got {seeds!r}")
     return seeds
+
+
+def check_lrs(lrs: Optional[Sequence[float]]) -> Optional[list[float]]:
+    """``lrs`` as a sorted list of floats, checked: distinct positive finite numbers; ``None`` stays ``None``.
+
+    Raises:
+        CompareError: naming the ``lrs`` option and the values given.
+    """
+    if lrs is None:
+        return None
+    lrs = list(lrs)
+    valid = all(not isinstance(lr, bool) and isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0 for lr in lrs)
+    if not lrs or not valid or len(set(lrs)) != len(lrs):
+        raise CompareError(f"lrs: need one or more distinct positive learning rates, got {lrs!r}")
+    return sorted(float(lr) for lr in lrs)
 
 
 def plan_arms(

@@ -5,6 +5,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from cli_models import TinyClassifier
@@ -118,3 +119,56 @@ def test_option_errors_name_the_option(dataset, tmp_path, extra, message):
     config = fit_config(tmp_path / "fit.yaml", dataset, tmp_path / "runs")
     with pytest.raises(CompareError, match=message.replace("(", r"\(")):
         run_compare(["--config", str(config), *extra])
+
+
+class FixedLrClassifier(TinyClassifier):
+    """Takes an ``lr`` argument but builds its optimizer at 0.5 whatever it is given."""
+
+    def configure_optimizers(self):
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.5)
+
+
+def test_compare_with_lrs_chooses_each_arms_lr_and_judges_at_the_best_and_at_equal_lrs(dataset, tmp_path, capsys):
+    from lightning_fisher.compare_results import choose_learning_rate
+
+    config = fit_config(tmp_path / "fit.yaml", dataset, tmp_path / "runs")
+    output = tmp_path / "results.json"
+    code = main(["compare", "--config", str(config), "--lrs", "1e-1,1e-4", "--seeds", "0,1", "--max-steps", "6",
+                 "--output", str(output)])
+    assert code == 0
+    results = json.loads(output.read_text())
+    assert results["lrs"] == [1e-4, 1e-1]
+    runs = results["runs"]
+    assert sorted((r["arm"], r["lr"], r["seed"]) for r in runs) == sorted(
+        (a, lr, s) for a in ("flat", "fisher") for lr in (1e-4, 1e-1) for s in (0, 1))
+    for arm in ("flat", "fisher"):
+        losses = {lr: {r["seed"]: r["val_loss"] for r in runs if r["arm"] == arm and r["lr"] == lr} for lr in (1e-4, 1e-1)}
+        ties = {lr: {r["seed"]: r["metrics"]["val_acc"] for r in runs if r["arm"] == arm and r["lr"] == lr}
+                for lr in (1e-4, 1e-1)}
+        assert results["chosen_lrs"][arm] == choose_learning_rate(losses, tie_scores=ties)
+        # 6 steps at 1e-4 barely move the adapters; at 1e-1 they do: the learning rate reached the optimizer
+        assert abs(losses[1e-1][0] - losses[1e-4][0]) > 1e-3
+
+    out = capsys.readouterr().out
+    assert "learning rates 0.0001, 0.1 (model.init_args.lr)" in out
+    best_table, equal_table = out.split("At equal learning rates:")
+    chosen = {row.split("|")[1].strip(): row.split("|")[6].strip() for row in best_table.splitlines()
+              if row.startswith("| f")}
+    assert chosen == {arm: f"{lr:g}" for arm, lr in results["chosen_lrs"].items()}
+    assert "val_loss at lr 0.0001" in equal_table and "val_loss at lr 0.1" in equal_table
+    winner = min(results["chosen_lrs"], key=lambda arm: sum(
+        r["val_loss"] for r in runs if r["arm"] == arm and r["lr"] == results["chosen_lrs"][arm]))
+    assert f"at each arm's own best learning rate: {winner} (val_loss" in out
+    assert "the seed spread" in out and "(sample std)" in out
+    assert "at lr 0.0001, fisher vs flat: val_loss" in out and "at lr 0.1, fisher vs flat: val_loss" in out
+
+
+def test_compare_lrs_that_do_not_reach_the_optimizer_is_a_clear_error(dataset, tmp_path):
+    config = fit_config(tmp_path / "fit.yaml", dataset, tmp_path / "runs", model="test_compare_command.FixedLrClassifier")
+    with pytest.raises(CompareError, match=r"lrs: the run was built for learning rate 0.001, but its optimizer's "
+                                           r"parameter groups start at 0.5"):
+        run_compare(["--config", str(config), "--lrs", "1e-3", "--seeds", "0", "--max-steps", "2"])
+    with pytest.raises(CompareError, match=r"--lr_key: 'model.init_args.rate' is not a key of the config"):
+        run_compare(["--config", str(config), "--lrs", "1e-3", "--lr-key", "model.init_args.rate"])
+    with pytest.raises(CompareError, match=r"--lrs: each must be a positive learning rate, got 0"):
+        run_compare(["--config", str(config), "--lrs", "1e-3,0"])

@@ -54,3 +54,13 @@ def test_seeds_are_distinct_integers():
     for bad in ([], [0, 0], [0.5], [True]):
         with pytest.raises(CompareError, match="seeds: need one or more distinct integers"):
             check_seeds(bad)
+
+
+def test_learning_rates_are_distinct_positive_numbers_sorted():
+    from lightning_fisher.compare_plan import check_lrs
+
+    assert check_lrs(None) is None
+    assert check_lrs([1e-3, 1e-4, 3e-4]) == [1e-4, 3e-4, 1e-3]
+    for bad in ([], [1e-3, 1e-3], [0.0], [-1e-3], [float("inf")], [True]):
+        with pytest.raises(CompareError, match="lrs: need one or more distinct positive learning rates"):
+            check_lrs(bad)

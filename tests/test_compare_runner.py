@@ -57,3 +57,18 @@ def test_bad_seeds_fail_before_any_run(dataset):
         compare_fisher_map(make_run, dataset, seeds=[1, 1])
     with pytest.raises(CompareError, match="budgets: each must be a positive fraction"):
         compare_fisher_map(make_run, dataset, budgets=[0], seeds=[0])
+
+
+def test_python_api_with_learning_rates(dataset, tmp_path):
+    """With lrs, make_run takes the learning rate; every arm runs at each and picks its own on validation."""
+    def make_run(lr):
+        trainer = pl.Trainer(max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False, default_root_dir=tmp_path,
+                             callbacks=[AdaptiveLoRA(adapter_root="backbone", lora_kwargs={"lora_dropout": 0.0})])
+        return TinyClassifier(lr=lr), TensorDirectoryDataModule(dataset, batch_size=8, val_fraction=0.25), trainer
+
+    result = compare_fisher_map(make_run, dataset, seeds=[0], lrs=[1e-1, 1e-5])
+    assert [(run.arm, run.lr) for run in result.runs] == [("flat", 1e-5), ("fisher", 1e-5), ("flat", 1e-1), ("fisher", 1e-1)]
+    by_lr = {run.lr: run.val_loss for run in result.runs if run.arm == "flat"}
+    assert result.chosen_lrs()["flat"] == min(by_lr, key=by_lr.get)
+    assert result.verdicts()[0].startswith("at each arm's own best learning rate: ")

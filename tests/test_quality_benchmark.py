@@ -15,17 +15,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import quality  # noqa: E402
 from quality_bench.plan import full_plan, staged_plan  # noqa: E402
 from quality_bench.protocol import ARMS, HEAD_ONLY, REVIEWS  # noqa: E402
-from quality_bench.report import choose_lr, write_report  # noqa: E402
+from quality_bench.report import write_report  # noqa: E402
+from quality_bench.selection import choose_lr  # noqa: E402
 from quality_bench.store import ResultStore  # noqa: E402
 
 ARM = {a.name: a for a in (HEAD_ONLY,) + ARMS}
 
 
-def record(arm, lr, seed, val_loss, *, test_loss=None, val_acc=0.5, test_acc=0.5, params=1000, task="reviews"):
+def record(arm, lr, seed, val_loss, *, test_loss=None, val_acc=0.5, test_acc=0.5, params=1000, task="reviews", **extra):
     return {"task": task, "arm": arm, "lr": lr, "seed": seed, "focus": "", "lora_parameters": params,
             "ranks": {"modules": 2, "min": 8, "median": 8, "max": 8}, "val_loss": val_loss,
             "test_loss": val_loss if test_loss is None else test_loss, "val_acc": val_acc, "test_acc": test_acc,
-            "seconds": 1.0}
+            "seconds": 1.0, **extra}
 
 
 def test_choose_lr_compares_lrs_on_the_seeds_they_share():
@@ -138,3 +139,145 @@ def test_refit_waits_for_flat_grid_then_trains_on_all_training_reviews_at_the_ch
     assert all(not any(k.startswith("val_") for k in r) for r in stored["runs"])
     refit.refit_flat(store, REVIEWS, folders, tmp_path)
     assert len(calls) == len(REVIEWS.seeds)  # resumable: nothing left to run
+
+
+def cells(line):
+    return [cell.strip() for cell in line.split("|")[1:-1]]
+
+
+def digits_store(path, *, measured=True):
+    """Digits runs of flat and the equal-budget map at two LRs x 3 seeds, and one EVA run from before the measures."""
+    store = ResultStore(path)
+    store.set_baseline("digits", "pretrained", {"val_loss": 0.68, "test_loss": 0.64})
+    if measured:
+        store.set_baseline("digits", "pretrained_low_half", {"test_loss": 0.60})
+    for seed in range(3):
+        for lr, (flat_forget, map_forget) in {1e-3: (0.02, 0.01), 1e-2: (0.06, 0.03)}.items():
+            for arm, forget, val in (("flat", flat_forget, 0.61 if lr == 1e-2 else 0.62), ("fisher_budget", map_forget, 0.615)):
+                extra = {"first_epoch_val_loss": val + 0.05 + 0.001 * seed,
+                         "pretrain_test_loss": 0.60 + forget + 0.001 * seed} if measured else {}
+                run = record(arm, lr, seed, val + 0.001 * seed, test_loss=val - 0.02, task="digits", **extra)
+                store.add_run({k: v for k, v in run.items() if k not in ("val_acc", "test_acc")})
+    store.add_run({k: v for k, v in record("eva", 1e-3, 0, 0.63, task="digits").items() if k not in ("val_acc", "test_acc")})
+    return store
+
+
+def test_report_tabulates_first_epoch_loss_and_forgetting_at_every_lr_and_draws_the_figure(tmp_path):
+    store = digits_store(tmp_path / "quality.json")
+    text = write_report(store, tmp_path / "quality.md", "python benchmarks/quality.py --task digits", None)
+    first = text[text.index("### How fast"):text.index("### Forgetting")]
+    flat_row = next(line for line in first.splitlines() if line.startswith("| flat LoRA"))
+    # flat chooses 1e-2 (val 0.61 < 0.62); epoch-1 losses 0.66, 0.661, 0.662 there
+    assert cells(flat_row)[1:3] == ["0.01", "0.6610 ± 0.0010 (n=3)"]
+    assert "| PEFT EVA (= flat total rank) | 0.001 | not measured |" in first
+
+    forgetting = text[text.index("### Forgetting"):]
+    assert "minus the pretrained model's 0.6000" in forgetting
+    header = next(line for line in forgetting.splitlines() if line.startswith("| arm"))
+    assert header.endswith("| forgetting at LR 0.001 | forgetting at LR 0.01 |")
+    flat_row = next(line for line in forgetting.splitlines() if line.startswith("| flat LoRA"))
+    assert cells(flat_row)[3:] == ["+0.0610 ± 0.0010 (n=3)", "+0.0210 ± 0.0010 (n=3)", "+0.0610 ± 0.0010 (n=3)"]
+    eva_row = next(line for line in forgetting.splitlines() if line.startswith("| PEFT EVA"))
+    assert cells(eva_row)[3:] == ["not measured", "not measured", "-"]
+    line = next(line for line in forgetting.splitlines() if line.startswith("- Fisher, budget (= flat params) vs"[:31]))
+    assert "forgets less at 2, more at 0, parity at 0 of 2 LRs" in line and "0.001: -0.0100 (less, spread 0.0010)" in line
+    assert "![adaptation loss against forgetting per arm across LRs](forgetting_digits.png)" in forgetting
+    assert (tmp_path / "forgetting_digits.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_runs_from_before_the_measures_are_reported_as_not_measured_and_get_no_figure(tmp_path):
+    store = digits_store(tmp_path / "old.json", measured=False)
+    text = write_report(store, tmp_path / "old.md", "python benchmarks/quality.py", None)
+    assert "Validation loss after the first epoch: not measured in the stored runs" in text
+    assert "Forgetting (loss on the pretraining half, digits 0-4): not measured in the stored runs" in text
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_remeasure_replaces_a_stored_run_and_keeps_its_numbers(tmp_path):
+    from quality_bench.measures import MEASURES
+    from quality_bench.measures_report import remeasured_lines
+
+    store = ResultStore(tmp_path / "q.json")
+    old = record("flat", 1e-3, 0, 0.70, task="digits")
+    store.add_run(old)
+    key = ("digits", "flat", 1e-3, 0, "")
+    assert store.lacks(key, MEASURES["digits"])
+    store.add_run({**old, "val_loss": 0.70000001, "first_epoch_val_loss": 0.8, "pretrain_test_loss": 0.61})
+    runs = ResultStore(tmp_path / "q.json").runs("digits")
+    assert len(runs) == 1 and runs[0]["previous"]["val_loss"] == 0.70 and runs[0]["first_epoch_val_loss"] == 0.8
+    assert not store.lacks(key, MEASURES["digits"])
+    assert remeasured_lines(runs) == ["- 1 runs re-measured (`--remeasure`, to add the measures below): 0 reproduced "
+                                      "the replaced run's stored numbers exactly; largest difference 1.00e-08"]
+    assert quality.parse_args(["--task", "digits", "--remeasure"]).remeasure
+
+
+@pytest.fixture(scope="module")
+def tiny_digits(tmp_path_factory):
+    """Digits folders as the benchmark lays them out, with a 1-epoch pretrained checkpoint (seconds, not minutes)."""
+    pytest.importorskip("sklearn")
+    from lightning_fisher.examples.digits_flow import CHECKPOINT_NAME, pretrain_digits_flow, write_digits_dataset
+    from quality_bench.data import split_folder
+
+    root = tmp_path_factory.mktemp("digits")
+    full = write_digits_dataset(root / "train", "high", "train")
+    test = write_digits_dataset(root / "test", "high", "test")
+    pretrain_digits_flow(root / "pretrained" / CHECKPOINT_NAME, epochs=1)
+    train, val = split_folder(full, root / "train_fit", root / "val", val_count=64)
+    return {"train": train, "val": val, "test": test, "checkpoint": root / "pretrained"}
+
+
+def test_a_digits_run_records_first_epoch_loss_and_forgetting_without_changing_the_training(tiny_digits, tmp_path,
+                                                                                           monkeypatch):
+    from lightning_fisher.examples.digits_flow import DigitsFlowMatching, digits_split, held_out_denoising_loss
+    from quality_bench import measures
+    from quality_bench.protocol import DIGITS
+    from quality_bench.runs import run_one
+
+    one_epoch = replace(DIGITS, epochs=1, limit_train_batches=2, limit_eval_batches=1)
+    run = run_one(ARM["flat"], one_epoch, 1e-2, 0, "", tiny_digits, tmp_path)
+    # after one epoch the measure is the final validation, computed the same way
+    assert run["first_epoch_val_loss"] == pytest.approx(run["val_loss"], abs=1e-6)
+    pretrained = DigitsFlowMatching(checkpoint_dir=str(tiny_digits["checkpoint"]))
+    low = digits_split("low").test_images[:64]
+    before = held_out_denoising_loss(pretrained, low, batch_size=64)
+    assert measures.pretraining_half_loss(one_epoch, pretrained) == pytest.approx(before)
+    assert run["pretrain_test_loss"] != pytest.approx(before, abs=1e-6)  # adaptation moved it
+
+    two_epochs = replace(one_epoch, epochs=2)
+    measured = run_one(ARM["flat"], two_epochs, 1e-2, 0, "", tiny_digits, tmp_path)
+    monkeypatch.setattr(measures.FirstEpochValidation, "on_train_epoch_end", lambda *args: None)
+    unmeasured = run_one(ARM["flat"], two_epochs, 1e-2, 0, "", tiny_digits, tmp_path)
+    assert measured["first_epoch_val_loss"] is not None and unmeasured["first_epoch_val_loss"] is None
+    assert (measured["val_loss"], measured["test_loss"]) == (unmeasured["val_loss"], unmeasured["test_loss"])
+
+
+def test_reviews_held_out_loss_is_the_batch_weighted_cross_entropy_in_eval_mode():
+    import torch
+    from torch import nn
+
+    from quality_bench.measures import held_out_loss
+
+    class Classifier(nn.Module):
+        """MiniLMClassifier's call signature: logits from (input_ids, attention_mask)."""
+
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(50, 9)
+            self.dropout = nn.Dropout(0.9)
+            self.frozen = nn.Linear(1, 1)
+
+        def forward(self, input_ids, attention_mask):
+            return self.dropout((self.embed(input_ids) * attention_mask.unsqueeze(-1)).mean(1))
+
+    torch.manual_seed(0)
+    samples = [{"input_ids": torch.randint(0, 50, (6,)), "attention_mask": torch.ones(6, dtype=torch.long),
+                "label": torch.tensor(i % 9)} for i in range(40)]
+    model = Classifier().train()
+    model.frozen.eval()  # a submodule kept in eval mode during training stays so
+    task = replace(REVIEWS, limit_eval_batches=2)  # batches of 16: 16 + 16 of the 40 samples
+    loss = held_out_loss(task, model, samples)
+    with torch.no_grad():
+        logits = model.embed(torch.stack([s["input_ids"] for s in samples[:32]])).mean(1)
+        expected = nn.functional.cross_entropy(logits, torch.stack([s["label"] for s in samples[:32]]))
+    assert loss == pytest.approx(float(expected), rel=1e-6)  # dropout off, mean over the 32 samples
+    assert model.training and model.dropout.training and not model.frozen.training

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from quality_bench.data import datamodule, folder_labels
+from quality_bench.measures import PRETRAINED_LOW_HALF, pretraining_half_loss
 from quality_bench.protocol import TIE_TOLERANCE, TaskSpec
 from quality_bench.runs import build_model, task_threads, trainer
 from quality_bench.store import ResultStore
@@ -111,7 +112,11 @@ def probe_on_train_and_val(folders: dict[str, Path], workdir: Path, c: float) ->
 
 
 def digits_baselines(store: ResultStore, task: TaskSpec, folders: dict[str, Path]) -> None:
-    """The pretrained (0-4) model's held-out denoising loss on digits 5-9, before any adaptation."""
+    """The pretrained (0-4) model's held-out denoising loss on digits 5-9, and on 0-4, before any adaptation."""
+    if store.baseline(task.name, PRETRAINED_LOW_HALF) is None:
+        with task_threads(task):
+            loss = pretraining_half_loss(task, build_model(task, 1e-3, 0, folders))
+        store.set_baseline(task.name, PRETRAINED_LOW_HALF, {"test_loss": loss})
     if store.baseline(task.name, "pretrained") is not None:
         return
     with task_threads(task):

@@ -7,9 +7,10 @@ from typing import Iterable, Optional
 
 from quality_bench.baselines import digits_baselines, reviews_baselines
 from quality_bench.data import prepare_digits, prepare_reviews
+from quality_bench.measures import MEASURES
 from quality_bench.protocol import Arm, TaskSpec
 from quality_bench.refit import refit_flat
-from quality_bench.report import choose_lr
+from quality_bench.selection import choose_lr
 from quality_bench.runs import run_one
 from quality_bench.store import ResultStore
 
@@ -63,22 +64,37 @@ def sweep_choice(task: TaskSpec, store: "ResultStore", arm: Arm, focus: str) -> 
     return choose_lr(runs)[0]
 
 
-def run_plan(store: ResultStore, task: TaskSpec, plan: Plan, folders: dict[str, Path], workdir: Path, phase: str) -> None:
-    """Run every planned run not yet in the store, saving each as it finishes."""
-    todo = [p for p in plan if not store.has((task.name, p[0].name, float(p[1]), p[2], p[3]))]
+def run_plan(store: ResultStore, task: TaskSpec, plan: Plan, folders: dict[str, Path], workdir: Path, phase: str,
+             remeasure: bool = False) -> None:
+    """Run every planned run not yet in the store, saving each as it finishes.
+
+    With ``remeasure``, stored runs made before this version's measurements (``MEASURES``) run
+    again and replace the stored ones (same protocol and seed; the old numbers are kept).
+    """
+    def missing(key: tuple) -> bool:
+        return not store.has(key) or (remeasure and store.lacks(key, MEASURES[task.name]))
+
+    todo = [p for p in plan if missing((task.name, p[0].name, float(p[1]), p[2], p[3]))]
     print(f"[{task.name} {phase}] {len(plan) - len(todo)} of {len(plan)} runs already done; {len(todo)} to go",
           flush=True)
     for index, (arm, lr, seed, focus) in enumerate(todo, 1):
         record = run_one(arm, task, lr, seed, focus, folders, workdir / task.name)
         store.add_run(record)
         metric = f", test acc {record['test_acc']:.4f}" if record.get("test_acc") is not None else ""
+        if record.get("first_epoch_val_loss") is not None:
+            metric += f", epoch-1 val loss {record['first_epoch_val_loss']:.4f}"
+        if record.get("pretrain_test_loss") is not None:
+            metric += f", loss on 0-4 {record['pretrain_test_loss']:.4f}"
         print(f"[{task.name} {phase} {index}/{len(todo)}] {arm.name}{'/' + focus if focus else ''} lr={lr:g} "
               f"seed={seed}: {record['lora_parameters']:,} params, val loss {record['val_loss']:.4f}, "
               f"test loss {record['test_loss']:.4f}{metric} ({record['seconds']:.0f} s)", flush=True)
 
 
-def run_task(store: ResultStore, task: TaskSpec, arms: tuple[Arm, ...], workdir: Path) -> None:
-    """Prepare data and baselines, run the main arms' grid and the other arms (full or staged), then the refit."""
+def run_task(store: ResultStore, task: TaskSpec, arms: tuple[Arm, ...], workdir: Path, remeasure: bool = False) -> None:
+    """Prepare data and baselines, run the main arms' grid and the other arms (full or staged), then the refit.
+
+    ``remeasure``: see :func:`run_plan` (the refit is not re-measured: it has no validation).
+    """
     store.check_protocol(task)
     folders = prepare_reviews(workdir / "reviews") if task.name == "reviews" else prepare_digits(workdir / "digits")
     if task.name == "reviews":
@@ -86,12 +102,12 @@ def run_task(store: ResultStore, task: TaskSpec, arms: tuple[Arm, ...], workdir:
     else:
         digits_baselines(store, task, folders)
     if not task.staged:
-        run_plan(store, task, full_plan(task, arms), folders, workdir, "all arms")
+        run_plan(store, task, full_plan(task, arms), folders, workdir, "all arms", remeasure)
     else:
-        run_plan(store, task, full_plan(task, tuple(a for a in arms if a.main)), folders, workdir, "main arms")
+        run_plan(store, task, full_plan(task, tuple(a for a in arms if a.main)), folders, workdir, "main arms", remeasure)
         sweep, _ = staged_plan(task, arms, store)
-        run_plan(store, task, sweep, folders, workdir, "LR sweep, first seed")
+        run_plan(store, task, sweep, folders, workdir, "LR sweep, first seed", remeasure)
         _, rest = staged_plan(task, arms, store)
-        run_plan(store, task, rest, folders, workdir, "other seeds at the chosen LR")
+        run_plan(store, task, rest, folders, workdir, "other seeds at the chosen LR", remeasure)
     if task.name == "reviews" and any(arm.name == "flat" for arm in arms):
         refit_flat(store, task, folders, workdir)

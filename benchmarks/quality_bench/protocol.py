@@ -6,9 +6,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from lightning_fisher.compare_results import LR_TIE_TOLERANCE
+
 RESULTS_DIR = Path(__file__).resolve().parent.parent / "results"
 SPLIT_SEED = 0  # the train/validation split; never a run seed
-TIE_TOLERANCE = 1e-4  # validation losses closer than this count as a tie
+TIE_TOLERANCE = LR_TIE_TOLERANCE  # validation losses closer than this count as a tie (the library's LR rule)
 EVA_RHO = 2.0  # PEFT's default: a module may get up to 2x the base rank
 
 
@@ -112,6 +114,9 @@ class Arm:
         rank_fraction: base rank of this arm as a fraction of the task's base rank.
         rank_min: overrides the task's ``rank_min`` (e.g. 1 for the 25 % budget).
         rslora: rsLoRA scaling (alpha / sqrt(r)) instead of alpha/r constant.
+        criterion: how a Fisher arm turns the analysis into ranks: ``"trace"`` (the score per
+            module, today's allocation) or another value of ``AllocationSettings.criterion``
+            (e.g. ``"spectrum"``), which the arm's allocation settings then carry.
         main: a main arm: always the full LR x seed grid. The others get it too with
             ``--full``; by default a task may stage them (see ``TaskSpec.staged``).
     """
@@ -123,6 +128,7 @@ class Arm:
     rank_fraction: float = 1.0
     rank_min: Optional[int] = None
     rslora: bool = False
+    criterion: str = "trace"
     main: bool = False
 
     def base_rank(self, task: TaskSpec) -> int:
@@ -130,6 +136,14 @@ class Arm:
 
     def min_rank(self, task: TaskSpec) -> int:
         return self.rank_min if self.rank_min is not None else min(task.rank_min, self.base_rank(task))
+
+    def criterion_setting(self) -> dict[str, str]:
+        """What the arm changes in the map's ``AllocationSettings`` besides ranks and mode.
+
+        Nothing for the trace criterion, so the arms run on settings without a ``criterion``
+        field too; ``{"criterion": ...}`` otherwise.
+        """
+        return {} if self.criterion == "trace" else {"criterion": self.criterion}
 
 
 ARMS = (

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from quality_bench.protocol import ARMS, TaskSpec
-from quality_bench.report import choose_lr
+from quality_bench.selection import choose_lr
 from quality_bench.runs import run_one
 from quality_bench.store import ResultStore
 

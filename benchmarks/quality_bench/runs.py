@@ -1,4 +1,8 @@
-"""One run: build the task's model, attach the arm's adapters (flat, Fisher map, EVA), fit, validate, test."""
+"""One run: build the task's model, attach the arm's adapters (flat, Fisher map, EVA), fit, validate, test.
+
+Besides the final validation and test, every run records its validation loss after the first
+epoch and, on digits, its loss on the pretraining half (``quality_bench/measures.py``).
+"""
 
 from __future__ import annotations
 
@@ -8,12 +12,14 @@ import math
 import statistics
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
 import torch
 
 from quality_bench.data import datamodule
+from quality_bench.measures import FirstEpochValidation, pretraining_half_loss
 from quality_bench.protocol import EVA_RHO, Arm, TaskSpec
 from quality_bench.store import finite_or_none
 
@@ -114,12 +120,14 @@ def base_fisher_map(task: TaskSpec, seed: int, focus: str, folders: dict[str, Pa
 
 
 def arm_fisher_map(arm: Arm, task: TaskSpec, base, model: torch.nn.Module):
-    """Re-allocate the seed's scores with the arm's rank rule (no second analysis)."""
+    """Re-allocate the seed's scores with the arm's rank rule and criterion (no second analysis)."""
     from lightning_fisher.fisher_map import FisherMap
 
     rank = arm.base_rank(task)
+    allocation = replace(base.allocation, rank=rank, rank_min=arm.min_rank(task), rank_max=task.rank_max,
+                         mode=arm.rank_mode, **arm.criterion_setting())
     return FisherMap.from_scores(
-        base.scores, model, rank=rank, rank_min=arm.min_rank(task), rank_max=task.rank_max, mode=arm.rank_mode,
+        base.scores, model, allocation=allocation,
         lora_alpha=2.0 * rank, score_stderr=base.score_stderrs, analysis=base.analysis, dataset=base.dataset,
     )
 
@@ -245,17 +253,21 @@ def run_one(arm: Arm, task: TaskSpec, lr: float, seed: int, focus: str, folders,
         # Re-seed: an analysis or EVA computed here (not read from the cache) has drawn from the
         # global generator, and training's dropout / timesteps / noise must not depend on that.
         pl.seed_everything(seed, verbose=False)
+        first_epoch = FirstEpochValidation(task)
         fit_started = time.perf_counter()
-        trainer(task, fit=True, callbacks=callbacks).fit(model, datamodule=data)
+        trainer(task, fit=True, callbacks=callbacks + [first_epoch]).fit(model, datamodule=data)
         fit_seconds = time.perf_counter() - fit_started
         evaluation = trainer(task, fit=False)
         val = evaluation.validate(model, datamodule=data, verbose=False)[0]
         test = evaluation.test(model, datamodule=data, verbose=False)[0]
+        if task.name == "digits":
+            facts["pretrain_test_loss"] = finite_or_none(pretraining_half_loss(task, model))
     record = {
         "task": task.name, "arm": arm.name, "lr": lr, "seed": seed, "focus": focus,
         "lora_parameters": lora_parameter_count(model),
         "ranks": adapter_rank_summary(model.encoder if task.name == "reviews" else model),
         "val_loss": finite_or_none(val["val_loss"]), "test_loss": finite_or_none(test["test_loss"]),
+        "first_epoch_val_loss": None if first_epoch.val_loss is None else finite_or_none(first_epoch.val_loss),
         "fit_seconds": round(fit_seconds, 2), "seconds": round(time.perf_counter() - started, 2),
         "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
         **facts,

@@ -12,6 +12,10 @@ from lightning_fisher.atomic_io import write_text_atomic
 from quality_bench.protocol import TaskSpec
 
 
+#: What a re-measured run keeps of the run it replaces, to show whether it reproduced it.
+PREVIOUS_FIELDS = ("val_loss", "test_loss", "val_acc", "test_acc", "lora_parameters", "finished")
+
+
 def run_key(record: dict[str, Any]) -> tuple:
     """Identity of a run: (task, arm, lr, seed, focus)."""
     return (record["task"], record["arm"], float(record["lr"]), int(record["seed"]), record.get("focus") or "")
@@ -42,9 +46,21 @@ class ResultStore:
         return key in self._keys
 
     def add_run(self, record: dict[str, Any]) -> None:
-        self.data["runs"].append(record)
-        self._keys.add(run_key(record))
+        """Store a finished run; a run with the same key (re-measured) is replaced, its numbers kept under ``previous``."""
+        key = run_key(record)
+        if key in self._keys:
+            index = next(i for i, r in enumerate(self.data["runs"]) if run_key(r) == key)
+            old = self.data["runs"][index]
+            record = {**record, "previous": {k: old[k] for k in PREVIOUS_FIELDS if k in old}}
+            self.data["runs"][index] = record
+        else:
+            self.data["runs"].append(record)
+            self._keys.add(key)
         self.save()
+
+    def lacks(self, key: tuple, fields: tuple[str, ...]) -> bool:
+        """The stored run ``key`` was made before ``fields`` were measured (a measured value may be ``None``)."""
+        return any(run_key(r) == key and not all(f in r for f in fields) for r in self.data["runs"])
 
     def set_baseline(self, task: str, name: str, value: Any) -> None:
         self.data["baselines"].setdefault(task, {})[name] = value

@@ -2,8 +2,9 @@
 
 Takes exactly the ``--config fit.yaml`` and flags of ``lightning-fisher fit`` (it is the same
 :class:`~lightning_fisher.cli.lightning_clis.TrainCLI` parser), plus ``--budgets``, ``--seeds``,
-``--max_steps`` and ``--output``. The config is parsed once and instantiated anew for every
-run; :mod:`lightning_fisher.training.compare_runner` does the rest. What compare changes so that the
+``--lrs``, ``--lr_key``, ``--max_steps`` and ``--output``. The config is parsed once and
+instantiated anew for every run (with ``--lrs``, with the run's learning rate written to the
+config key that holds it: ``--lr_key``, or found as described in :func:`learning_rate_key`); :mod:`lightning_fisher.training.compare_runner` does the rest. What compare changes so that the
 runs are short probes that leave no files behind (no checkpoints, logger or export; validation
 data where there is none) is printed under the table.
 """
@@ -52,6 +53,21 @@ class CompareCLI(TrainCLI):
             "(e.g. 1.0,0.5); 1.0 always runs.",
         )
         add("--seeds", type=Union[list[int], int, str], default="0,1,2", help="Seeds, comma-separated; every arm runs once per seed.")
+        add(
+            "--lrs",
+            type=Optional[Union[list[float], float, str]],
+            default=None,
+            help="Learning rates, comma-separated (e.g. 1e-4,3e-4,1e-3): every arm trains at each with every seed, "
+            "chooses its own on validation, and the arms are compared at their best and at equal learning rates. "
+            "Default: the config's one learning rate.",
+        )
+        add(
+            "--lr_key",
+            type=Optional[str],
+            default=None,
+            help="Config key the --lrs values go to (default: optimizer.init_args.lr with --optimizer, else the "
+            "model's learning_rate or lr argument).",
+        )
         add("--max_steps", type=Optional[int], default=None, help="Train every run for this many steps (default: the config's epochs).")
         add("--output", type=Optional[str], default=None, help="Write the raw per-run results to this JSON file.")
 
@@ -61,6 +77,10 @@ class CompareCLI(TrainCLI):
         self.seeds = parse_list(self.config.seeds, int, "--seeds")
         if len(set(self.seeds)) != len(self.seeds):
             raise CompareError(f"--seeds: each seed once, got {self.seeds}")
+        self.lrs = None if self.config.lrs is None else parse_list(self.config.lrs, float, "--lrs", noun="learning rate")
+        if self.lrs is not None and len(set(self.lrs)) != len(self.lrs):
+            raise CompareError(f"--lrs: each learning rate once, got {self.lrs}")
+        self.lr_key = None if self.lrs is None else learning_rate_key(self.config, self.config.lr_key)
         max_steps = self.config.max_steps
         if max_steps is not None and max_steps < 1:
             raise CompareError(f"--max_steps: must be a positive number of steps, got {max_steps}")
@@ -68,14 +88,23 @@ class CompareCLI(TrainCLI):
     def instantiate_classes(self) -> None:
         """Nothing yet: every run instantiates its own model, datamodule and trainer (:meth:`new_run`)."""
 
-    def new_run(self) -> tuple[LightningModule, Optional[LightningDataModule], Any]:
-        """Fresh model, datamodule and trainer from the parsed config."""
+    def new_run(self, learning_rate: Optional[float] = None) -> tuple[LightningModule, Optional[LightningDataModule], Any]:
+        """Fresh model, datamodule and trainer from the parsed config, at ``learning_rate`` when given."""
+        if learning_rate is not None:
+            self.config[self.lr_key] = learning_rate
+            # LightningCLI hands the model's save_hyperparameters a YAML dump of the config made
+            # once and cached; without a fresh dump, hparams (read by configure_optimizers in
+            # most models) would keep the first run's learning rate.
+            self.__dict__.pop("config_dump", None)
         LightningCLI.instantiate_classes(self)
         return self.model, self.datamodule, self.trainer
 
 
-def parse_list(value: Any, cast: type, option: str) -> list:
-    """``"1.0,0.5"``, ``0.5`` or ``[1.0, 0.5]`` -> ``[1.0, 0.5]``; a message naming ``option`` otherwise."""
+def parse_list(value: Any, cast: type, option: str, noun: str = "fraction") -> list:
+    """``"1.0,0.5"``, ``0.5`` or ``[1.0, 0.5]`` -> ``[1.0, 0.5]``; a message naming ``option`` otherwise.
+
+    Floats must be positive and finite (``noun`` names what they are in that message).
+    """
     items = value.split(",") if isinstance(value, str) else value if isinstance(value, (list, tuple)) else [value]
     parsed = []
     for item in items:
@@ -88,11 +117,38 @@ def parse_list(value: Any, cast: type, option: str) -> list:
             kind = "integers" if cast is int else "numbers"
             raise CompareError(f"{option}: expected comma-separated {kind}, got {value!r}") from None
         if cast is float and not (math.isfinite(number) and number > 0):
-            raise CompareError(f"{option}: each must be a positive fraction, got {text}")
+            raise CompareError(f"{option}: each must be a positive {noun}, got {text}")
         parsed.append(number)
     if not parsed:
         raise CompareError(f"{option}: give at least one value")
     return parsed
+
+
+def learning_rate_key(config, lr_key: Optional[str]) -> str:
+    """The config key that ``--lrs`` sets for each run.
+
+    ``lr_key`` when given (it must exist in the config); otherwise ``optimizer.init_args.lr``
+    when the config has an ``--optimizer``, else the model's ``learning_rate`` or ``lr`` argument.
+
+    Raises:
+        CompareError: ``lr_key`` is not in the config, or none of the defaults is.
+    """
+    if lr_key is not None:
+        if lr_key not in config:
+            raise CompareError(f"--lr_key: {lr_key!r} is not a key of the config; give a dotted key such as "
+                               "model.init_args.learning_rate")
+        return lr_key
+    if config.get("optimizer") is not None:
+        return "optimizer.init_args.lr"
+    init_args = config.get("model.init_args")
+    for name in ("learning_rate", "lr"):
+        if init_args is not None and name in init_args:
+            return f"model.init_args.{name}"
+    arguments = ", ".join(sorted(init_args.keys())) if init_args is not None else "none"
+    raise CompareError(
+        f"--lrs: the model has no learning_rate or lr argument (its arguments: {arguments}); name the one that sets "
+        "the learning rate with --lr_key model.init_args.NAME, or give an --optimizer"
+    )
 
 
 def build_compare_cli(argv: list[str]) -> CompareCLI:
@@ -210,7 +266,7 @@ def prepare_config(config, scratch_dir: str) -> list[str]:
 
 
 def run_compare(argv: list[str]) -> int:
-    """``lightning-fisher compare [fit options] [--budgets 1.0,0.5] [--seeds 0,1,2] [--max_steps N] [--output F]``."""
+    """``lightning-fisher compare [fit options] [--budgets 1.0,0.5] [--seeds 0,1,2] [--lrs 1e-4,3e-4] [--max_steps N] [--output F]``."""
     cli = build_compare_cli(argv)
     config = cli.config
     fisher_map = map_to_compare(config)
@@ -222,6 +278,7 @@ def run_compare(argv: list[str]) -> int:
             fisher_map,
             budgets=cli.budgets,
             seeds=cli.seeds,
+            lrs=cli.lrs,
             output=config.output,
             notes=notes,
         )
@@ -229,9 +286,10 @@ def run_compare(argv: list[str]) -> int:
         shutil.rmtree(scratch, ignore_errors=True)
     where = f" {result.fisher_map_path}" if result.fisher_map_path else ""
     steps = sorted({run.steps for run in result.runs})
+    rates = "" if cli.lrs is None else f", learning rates {', '.join(f'{lr:g}' for lr in result.lrs)} ({cli.lr_key})"
     print(
-        f"\nfisher map{where} vs flat LoRA at rank {fisher_map.budget.rank}: {len(result.seeds)} seed(s), "
-        f"{'/'.join(map(str, steps))} steps per run\n"
+        f"\nfisher map{where} vs flat LoRA at rank {fisher_map.budget.rank}: {len(result.seeds)} seed(s)"
+        f"{rates}, {'/'.join(map(str, steps))} steps per run\n"
     )
     print(result)
     if result.notes:

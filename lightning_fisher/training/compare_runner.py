@@ -3,7 +3,9 @@
 :func:`compare_fisher_map` plans the arms (``flat``, ``fisher``, ``fisher@F``: see
 :mod:`lightning_fisher.compare_plan`), runs every (arm, seed) pair as a fresh fit followed by a
 validation, and returns a :class:`~lightning_fisher.compare_results.CompareResult` (a table, a
-verdict, the raw runs).
+verdict, the raw runs). With ``lrs`` every arm runs at every learning rate with every seed and
+is compared at the learning rate it chose on validation
+(:func:`~lightning_fisher.compare_results.choose_learning_rate`) and at equal ones.
 
 Every arm uses the same alpha scaling (the map's alpha policy, or your ``lora_alpha`` read as
 the alpha at rank ``r``), so the arms differ only in where the adapters go and how large they
@@ -14,6 +16,7 @@ seed are re-seeded after construction, so the seed still reaches the adapters.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -23,7 +26,7 @@ from typing import Any, Optional, Union
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_fisher.compare_plan import CompareArm, check_budgets, check_seeds, plan_arms
+from lightning_fisher.compare_plan import CompareArm, check_budgets, check_lrs, check_seeds, plan_arms
 from lightning_fisher.compare_results import MONITOR, CompareResult, RunResult
 from lightning_fisher.errors import CompareError
 from lightning_fisher.fisher_map import FisherMap
@@ -43,7 +46,27 @@ __all__ = ["RunFactory", "compare_fisher_map"]
 
 #: Builds one fresh run: ``(model, datamodule or None, trainer)``. The trainer must carry an
 #: :class:`AdaptiveLoRA` callback; its adapter options are kept, compare sets which map it applies.
-RunFactory = Callable[[], tuple[pl.LightningModule, Optional[pl.LightningDataModule], pl.Trainer]]
+#: Called with no argument, or, when compare is given ``lrs``, with the learning rate of the run.
+RunFactory = Callable[..., tuple[pl.LightningModule, Optional[pl.LightningDataModule], pl.Trainer]]
+Built = tuple[pl.LightningModule, Optional[pl.LightningDataModule], pl.Trainer]
+
+
+class _LearningRateCheck(pl.Callback):
+    """Fails a run, before its first step, whose optimizer did not get the learning rate it was built for."""
+
+    def __init__(self, lr: float) -> None:
+        self.lr = lr
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A scheduler may already have scaled "lr"; "initial_lr" is what the group started from.
+        starts = [group.get("initial_lr", group["lr"]) for optimizer in trainer.optimizers for group in optimizer.param_groups]
+        if not any(math.isclose(start, self.lr, rel_tol=1e-9) for start in starts):
+            raise CompareError(
+                f"lrs: the run was built for learning rate {self.lr:g}, but its optimizer's parameter groups start at "
+                f"{', '.join(f'{start:g}' for start in starts) or 'none'}: the model must take the learning rate it is "
+                "given (make_run(lr) in Python; on the command line --lr_key names the config key, e.g. "
+                "model.init_args.learning_rate)"
+            )
 
 
 def _adaptive_lora(trainer: pl.Trainer) -> AdaptiveLoRA:
@@ -98,18 +121,27 @@ def _validation_metrics(trainer: pl.Trainer) -> dict[str, float]:
     return metrics
 
 
+def _build(make_run: RunFactory, lr: Optional[float]) -> Built:
+    if lr is None:
+        return make_run()
+    model, datamodule, trainer = make_run(lr)
+    trainer.callbacks.append(_LearningRateCheck(lr))
+    return model, datamodule, trainer
+
+
 def _run(
     make_run: RunFactory,
     arm: CompareArm,
     seed: int,
+    lr: Optional[float],
     fisher_map: FisherMap,
     options: _AdapterOptions,
-    built: Optional[tuple[pl.LightningModule, Optional[pl.LightningDataModule], pl.Trainer]] = None,
+    built: Optional[Built] = None,
 ) -> tuple[RunResult, list[str]]:
     notes: list[str] = []
     if built is None:
         pl.seed_everything(seed, verbose=False)
-        built = make_run()
+        built = _build(make_run, lr)
     model, datamodule, trainer = built
     if trainer.world_size > 1:
         raise CompareError(
@@ -153,6 +185,7 @@ def _run(
         metrics=metrics,
         seconds=seconds,
         steps=trainer.global_step,
+        lr=lr,
     )
     return result, notes
 
@@ -163,6 +196,7 @@ def compare_fisher_map(
     *,
     budgets: Sequence[float] = (1.0,),
     seeds: Sequence[int] = (0, 1, 2),
+    lrs: Optional[Sequence[float]] = None,
     output: Union[str, os.PathLike, None] = None,
     notes: Sequence[str] = (),
 ) -> CompareResult:
@@ -170,10 +204,13 @@ def compare_fisher_map(
 
     Every run calls ``make_run`` after seeding, fits, validates, and reads the final ``val_*``
     metrics from ``trainer.callback_metrics``. Runs go seed by seed (all arms of seed 0, then
-    seed 1, ...), so an interrupted comparison still holds paired results.
+    seed 1, ...; with ``lrs``, every learning rate of seed 0 first), so an interrupted
+    comparison still holds paired results.
 
     Args:
-        make_run: returns a fresh ``(model, datamodule, trainer)`` on every call. The trainer
+        make_run: returns a fresh ``(model, datamodule, trainer)`` on every call (called as
+            ``make_run(lr)`` when ``lrs`` is given: build the optimizer with that learning rate,
+            which is checked before the first step). The trainer
             carries one :class:`AdaptiveLoRA` callback; its ``adapter``, ``adapter_root``,
             ``adapter_name`` and ``lora_kwargs`` (``lora_alpha`` read as the alpha at the map's base
             rank) hold for every arm, and compare sets which adapters it injects. Give the trainer
@@ -181,7 +218,10 @@ def compare_fisher_map(
             ``enable_checkpointing=False, logger=False``.
         fisher_map: the map, or its file or folder.
         budgets: rank budgets as fractions of the map's base rank; ``1.0`` always runs.
-        seeds: every arm runs once per seed.
+        seeds: every arm runs once per seed (and learning rate).
+        lrs: learning rates; every arm runs at each of them and is compared at the one it
+            chooses on validation (mean ``val_loss`` over seeds) as well as at equal ones.
+            ``None``: one learning rate, whatever ``make_run`` builds.
         output: if set, the raw results are written there as JSON after every run.
         notes: lines to carry into the result (what the caller changed in the setup).
 
@@ -189,16 +229,18 @@ def compare_fisher_map(
         The :class:`CompareResult`; ``print(result)`` shows the table and the verdicts.
 
     Raises:
-        CompareError: bad budgets or seeds, no validation data, ``val_loss`` not logged, or a
-            trainer without exactly one :class:`AdaptiveLoRA`.
+        CompareError: bad budgets, seeds or learning rates, no validation data, ``val_loss``
+            not logged, a trainer without exactly one :class:`AdaptiveLoRA`, or (with ``lrs``)
+            an optimizer that did not get the learning rate.
     """
     fisher_map = load_map(fisher_map)
     seeds = check_seeds(seeds)
+    lrs = check_lrs(lrs)
     check_budgets(fisher_map, budgets)  # fail before building anything
 
     # The first run's fresh model and callback also plan the arms (shapes, adapter_root).
     pl.seed_everything(seeds[0], verbose=False)
-    first = make_run()
+    first = _build(make_run, None if lrs is None else lrs[0])
     callback = _adaptive_lora(first[2])
     options = _AdapterOptions(
         adapter=callback.adapter,
@@ -212,6 +254,7 @@ def compare_fisher_map(
         seeds=seeds,
         fisher_map_path=None if fisher_map.path is None else str(fisher_map.path),
         notes=list(notes),
+        lrs=lrs,
     )
     replaced = sorted(k for k in options.lora_kwargs if k in MAP_OWNED_OPTIONS)
     if replaced:
@@ -227,20 +270,21 @@ def compare_fisher_map(
             f"{arm.name} rank {arm.rank} on {len(arm.modules)} modules ({arm.expected_parameters:,} LoRA parameters)"
             for arm in arms
         ) + f"; seeds {', '.join(map(str, seeds))}"
+        + ("" if lrs is None else f"; learning rates {', '.join(f'{lr:g}' for lr in lrs)}")
     )
-    total = len(arms) * len(seeds)
-    for seed in seeds:
-        for arm in arms:
-            run, run_notes = _run(make_run, arm, seed, fisher_map, options, built=first)
-            first = None
-            for note in run_notes:
-                if note not in result.notes:
-                    result.notes.append(note)
-            result.runs.append(run)
-            rank_zero_info(
-                f"compare [{len(result.runs)}/{total}] {arm.name} seed {seed}: {MONITOR} {run.val_loss:.4f}, "
-                f"{run.lora_parameters:,} adapter parameters, {run.steps} steps, {run.seconds:.1f} s"
-            )
-            if output is not None:
-                result.save(output)
+    grid = [(seed, lr, arm) for seed in seeds for lr in (lrs or [None]) for arm in arms]
+    for seed, lr, arm in grid:
+        run, run_notes = _run(make_run, arm, seed, lr, fisher_map, options, built=first)
+        first = None
+        for note in run_notes:
+            if note not in result.notes:
+                result.notes.append(note)
+        result.runs.append(run)
+        at = "" if lr is None else f" lr {lr:g}"
+        rank_zero_info(
+            f"compare [{len(result.runs)}/{len(grid)}] {arm.name} seed {seed}{at}: {MONITOR} {run.val_loss:.4f}, "
+            f"{run.lora_parameters:,} adapter parameters, {run.steps} steps, {run.seconds:.1f} s"
+        )
+        if output is not None:
+            result.save(output)
     return result
