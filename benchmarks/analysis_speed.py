@@ -24,6 +24,10 @@ live tensors; after a warm-up step the kernel's high-water mark is reset
 peak above the resident size before it.
 
 Run:  python benchmarks/analysis_speed.py [--rounds 11] [--json benchmarks/results/analysis_speed.json]
+      python benchmarks/analysis_speed.py --model bert:768:4:512:4 --json benchmarks/results/analysis_speed_bert_768_512.json
+
+``--model bert:HIDDEN:LAYERS:TOKENS:BATCH`` times a random-initialised BERT encoder (no weights
+needed) instead, for the cost at longer sequences.
 """
 
 from __future__ import annotations
@@ -45,22 +49,69 @@ import torch.nn.functional as F
 VARIANTS = ("train_step", "frozen_floor", "analysis_auto", "analysis_ghost", "analysis_materialize", "analysis_spectrum")
 
 
-def load_batch(batch_size: int = 16):
-    from lightning_fisher.examples.drug_reviews import write_condition_dataset
-    from lightning_fisher.examples.drug_reviews import default_cache_dir
+MINILM = "minilm"
+
+
+def parse_model(spec: str) -> dict:
+    """``minilm`` (the real model on real reviews) or ``bert:HIDDEN:LAYERS:TOKENS:BATCH``.
+
+    The second is a random-initialised ``transformers`` BERT encoder (no weights needed;
+    ``HIDDEN / 64`` heads, feed-forward ``4 * HIDDEN``) with the same 9-class head on random
+    tokens: for the cost at longer sequences and larger widths.
+    """
+    if spec == MINILM:
+        return {"name": MINILM, "tokens": 128, "batch": 16}
+    kind, *numbers = spec.split(":")
+    if kind != "bert" or len(numbers) != 4:
+        raise SystemExit(f"--model {spec!r}: expected 'minilm' or 'bert:HIDDEN:LAYERS:TOKENS:BATCH'")
+    hidden, layers, tokens, batch = (int(n) for n in numbers)
+    return {"name": spec, "hidden": hidden, "layers": layers, "tokens": tokens, "batch": batch}
+
+
+def load_batch(spec: dict):
+    if spec["name"] != MINILM:
+        generator = torch.Generator().manual_seed(0)
+        size = (spec["batch"], spec["tokens"])
+        return {
+            "input_ids": torch.randint(1000, 30000, size, generator=generator),
+            "attention_mask": torch.ones(size, dtype=torch.long),
+            "label": torch.randint(0, 9, (spec["batch"],), generator=generator),
+        }
+    from lightning_fisher.examples.drug_reviews import default_cache_dir, write_condition_dataset
     from lightning_fisher.tensor_folder import TensorFolderDataset
 
     folder = write_condition_dataset(default_cache_dir() / "condition_train_128", split="train", max_length=128)
     dataset = TensorFolderDataset(folder)
-    samples = [dataset[i] for i in range(batch_size)]
+    samples = [dataset[i] for i in range(spec["batch"])]
     return {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
 
 
-def load_model():
-    from lightning_fisher.examples.text_classifier import MiniLMClassifier
+class RandomBertClassifier(torch.nn.Module):
+    """A random-initialised BERT encoder with a linear head on the first token."""
 
+    def __init__(self, hidden: int, layers: int, tokens: int) -> None:
+        super().__init__()
+        from transformers import BertConfig, BertModel
+
+        config = BertConfig(
+            hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64),
+            intermediate_size=4 * hidden, max_position_embeddings=max(512, tokens),
+        )
+        self.encoder = BertModel(config, add_pooling_layer=False)
+        self.head = torch.nn.Linear(hidden, 9)
+
+    def forward(self, input_ids, attention_mask):
+        return self.head(self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, 0])
+
+
+def load_model(spec: dict):
     torch.manual_seed(0)
-    model = MiniLMClassifier(num_classes=9)
+    if spec["name"] == MINILM:
+        from lightning_fisher.examples.text_classifier import MiniLMClassifier
+
+        model = MiniLMClassifier(num_classes=9)
+    else:
+        model = RandomBertClassifier(spec["hidden"], spec["layers"], spec["tokens"])
     model.eval()
     return model
 
@@ -142,11 +193,11 @@ def _status_kb(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def measure_memory(variant: str) -> dict:
+def measure_memory(variant: str, spec: dict) -> dict:
     """Run in a fresh process: peak resident memory of one step above the level before it."""
     torch.set_num_threads(torch.get_num_threads())
-    model = load_model()
-    batch = load_batch()
+    model = load_model(spec)
+    batch = load_batch(spec)
     runner = Runner(model, batch)
     getattr(runner, variant)()  # warm-up: lazy initialisations
     # The parent runs this with MALLOC_MMAP_THRESHOLD_ set, so tensors live in their own
@@ -160,9 +211,9 @@ def measure_memory(variant: str) -> dict:
     return {"variant": variant, "before_mb": before / 1024, "peak_above_before_mb": (peak - before) / 1024}
 
 
-def timings(rounds: int) -> dict:
-    model = load_model()
-    batch = load_batch()
+def timings(rounds: int, spec: dict) -> dict:
+    model = load_model(spec)
+    batch = load_batch(spec)
     runner = Runner(model, batch)
     for variant in VARIANTS:  # warm-up
         runner.run(variant)
@@ -190,18 +241,20 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=11)
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "analysis_speed.json")
     parser.add_argument("--memory-repeats", type=int, default=3)
+    parser.add_argument("--model", default=MINILM, help="minilm (default) or bert:HIDDEN:LAYERS:TOKENS:BATCH")
     parser.add_argument("--measure-memory", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    spec = parse_model(args.model)
     if args.measure_memory:
-        print(json.dumps(measure_memory(args.measure_memory)))
+        print(json.dumps(measure_memory(args.measure_memory, spec)))
         return
 
-    results = {"timing": timings(args.rounds), "memory": {}}
+    results = {"timing": timings(args.rounds, spec), "memory": {}}
     for variant in VARIANTS:
         peaks = []
         for _ in range(args.memory_repeats):
             out = subprocess.run(
-                [sys.executable, __file__, "--measure-memory", variant],
+                [sys.executable, __file__, "--measure-memory", variant, "--model", args.model],
                 capture_output=True,
                 text=True,
                 check=True,
@@ -210,9 +263,11 @@ def main() -> None:
             peaks.append(json.loads(out.stdout.strip().splitlines()[-1])["peak_above_before_mb"])
         results["memory"][variant] = statistics.median(peaks)
     reference_memory = results["memory"]["train_step"]
+    real = spec["name"] == MINILM
     results["setup"] = {
-        "model": "all-MiniLM-L6-v2 + 9-class head (MiniLMClassifier), eval mode",
-        "batch": "16 x 128 tokens, real drug reviews",
+        "model": "all-MiniLM-L6-v2 + 9-class head (MiniLMClassifier), eval mode" if real else (
+            f"random-initialised BERT, hidden {spec['hidden']}, {spec['layers']} layers, + 9-class head, eval mode"),
+        "batch": f"{spec['batch']} x {spec['tokens']} tokens, " + ("real drug reviews" if real else "random tokens"),
         "rounds": args.rounds,
         "torch": str(torch.__version__),
         "threads": torch.get_num_threads(),
@@ -222,7 +277,8 @@ def main() -> None:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2) + "\n")
 
-    print(f"MiniLM, batch 16 x 128 tokens, {args.rounds} interleaved rounds, {os.cpu_count()} cores, torch {torch.__version__}")
+    print(f"{results['setup']['model']}, batch {results['setup']['batch']}, {args.rounds} interleaved rounds, "
+          f"{os.cpu_count()} cores, torch {torch.__version__}")
     print("| variant | median time | time / train step (median, min-max) | step peak memory | memory / train step |")
     print("|---|---|---|---|---|")
     for variant in VARIANTS:
