@@ -94,7 +94,8 @@ REVIEWS = TaskSpec(
              ("eva", (1e-4, 3e-4, 1e-3, 3e-3)),
              ("fisher_budget_50", (3e-4, 1e-3, 3e-3, 1e-2)), ("fisher_budget_25", (3e-4, 1e-3, 3e-3, 1e-2))),
     staged=True,
-    default_arms=("head_only", "flat", "fisher_budget", "eva", "fisher_median", "fisher_budget_50", "fisher_budget_25"),
+    default_arms=("head_only", "flat", "fisher_budget", "eva", "fisher_median", "fisher_budget_50", "fisher_budget_25",
+                  "fisher_spectrum", "fisher_spectrum_50", "fisher_spectrum_25"),
 )
 DIGITS = TaskSpec(
     name="digits", rank=4, rank_min=1, rank_max=16, epochs=10, batch_size=64, analysis_max_batches=40,
@@ -154,5 +155,9 @@ ARMS = (
     Arm("fisher_budget_50", "Fisher, budget 50 %", "fisher", rank_fraction=0.5),
     Arm("fisher_budget_25", "Fisher, budget 25 %", "fisher", rank_fraction=0.25, rank_min=1),
     Arm("fisher_budget_rslora", "Fisher, budget, rsLoRA", "fisher", rslora=True),
+    Arm("fisher_spectrum", "Fisher spectrum, budget (= flat params)", "fisher", criterion="spectrum", main=True),
+    Arm("fisher_spectrum_50", "Fisher spectrum, budget 50 %", "fisher", rank_fraction=0.5, criterion="spectrum"),
+    Arm("fisher_spectrum_25", "Fisher spectrum, budget 25 %", "fisher", rank_fraction=0.25, rank_min=1,
+        criterion="spectrum"),
 )
 HEAD_ONLY = Arm("head_only", "head only (frozen encoder)", "head_only", main=True)

@@ -92,12 +92,21 @@ def task_threads(task: TaskSpec):
 
 
 
-def base_fisher_map(task: TaskSpec, seed: int, focus: str, folders: dict[str, Path], workdir: Path):
-    """The seed's Fisher analysis on the training folder only (cached as a map file in ``workdir``)."""
+def base_fisher_map(
+    task: TaskSpec, seed: int, focus: str, folders: dict[str, Path], workdir: Path, criterion: str = "trace"
+):
+    """The seed's Fisher analysis on the training folder only (cached as a map file in ``workdir``).
+
+    The ``spectrum`` criterion's analysis also records each module's mean-gradient spectrum (the
+    same samples, so the same scores); it is cached under its own name.
+    """
+    from lightning_fisher import AllocationSettings
     from lightning_fisher.fisher_map import FisherMap
     from lightning_fisher.training.analyze import analyze
 
     tag = f"{task.name}_b{task.analysis_max_batches}_seed{seed}" + (f"_{focus}" if focus else "")
+    if criterion != "trace":
+        tag += f"_{criterion}"
     if task.limit_train_batches is not None:
         tag += f"_limit{task.limit_train_batches}"
     path = workdir / "maps" / f"{tag}.json"
@@ -112,7 +121,8 @@ def base_fisher_map(task: TaskSpec, seed: int, focus: str, folders: dict[str, Pa
         datamodule(task, folders, seed, with_eval=False),
         output=path,
         exclude=["head"] if task.name == "reviews" else [],
-        rank=task.rank, rank_min=task.rank_min, rank_max=task.rank_max, rank_mode="budget",
+        allocation=AllocationSettings(rank=task.rank, rank_min=task.rank_min, rank_max=task.rank_max, mode="budget",
+                                      criterion=criterion),
         max_batches=max_batches, min_batches=min(5, max_batches), seed=seed,
         trainer_kwargs=dict(accelerator="cpu", devices=1, enable_progress_bar=False),
         **options,
@@ -126,6 +136,8 @@ def arm_fisher_map(arm: Arm, task: TaskSpec, base, model: torch.nn.Module):
     rank = arm.base_rank(task)
     allocation = replace(base.allocation, rank=rank, rank_min=arm.min_rank(task), rank_max=task.rank_max,
                          mode=arm.rank_mode, **arm.criterion_setting())
+    if arm.criterion != "trace":  # needs the spectra the base map recorded
+        return base.reallocate(allocation, lora_alpha=2.0 * rank)
     return FisherMap.from_scores(
         base.scores, model, allocation=allocation,
         lora_alpha=2.0 * rank, score_stderr=base.score_stderrs, analysis=base.analysis, dataset=base.dataset,
@@ -153,7 +165,7 @@ def attach_adapters(arm: Arm, task: TaskSpec, model, seed: int, focus: str, fold
 
         total_rank = sum(adapter_ranks(model.encoder if task.name == "reviews" else model).values())
         return [], {"eva_seconds": round(time.perf_counter() - started, 2), "eva_total_rank": total_rank}
-    base = base_fisher_map(task, seed, focus, folders, workdir)
+    base = base_fisher_map(task, seed, focus, folders, workdir, criterion=arm.criterion)
     fisher_map = arm_fisher_map(arm, task, base, model)
     lora_kwargs = {"use_rslora": True, "lora_alpha": 2.0 * math.sqrt(rank)} if arm.rslora else {}
     facts = {
