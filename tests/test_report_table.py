@@ -146,3 +146,22 @@ def test_loaded_map_names_its_file(colliding_map, tmp_path):
     path = colliding_map.save(tmp_path)
     text = format_map_table(FisherMap.load(path))
     assert text.splitlines()[0] == f"map       {path}"
+
+
+def test_spectrum_maps_show_directions_above_the_floor_and_every_exclusion_reason():
+    from torch import nn
+
+    from lightning_fisher import AllocationSettings, FisherMap
+    from lightning_fisher.spectrum import ModuleSpectrum
+
+    model = nn.Sequential(*[nn.Linear(8, 8) for _ in range(6)])
+    names = [str(i) for i in range(6)]
+    spectra = {n: ModuleSpectrum(n, (9.0, 4.0, 0.5) if int(n) % 2 else (0.5, 0.4, 0.3), 1.0, 64) for n in names}
+    settings = AllocationSettings(rank=2, rank_min=1, rank_max=8, mode="median", criterion="spectrum")
+    fisher_map = FisherMap.from_scores({n: 1.0 for n in names}, model, allocation=settings, spectra=spectra)
+    text = format_map_table(fisher_map)
+    header = next(line for line in text.splitlines() if line.split()[:1] == ["module"])
+    assert "above floor" in header
+    row = next(line for line in text.splitlines() if line.split()[:1] == ["1"])
+    assert row.split()[-3:] == ["2", "2", "4"]  # 2 directions above the floor, rank 2, alpha 4 (2 x rank)
+    assert "excluded (3):\n  no direction above the noise floor: 0, 2, 4" in text

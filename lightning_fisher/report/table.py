@@ -99,19 +99,24 @@ def _table_lines(
     indent = "  " if grouped else ""
     headers = ["module", "type", "shape", "score ± stderr", "x median", "rank", "alpha"]
     right = [False, False, True, False, True, True, True]
+    spectra = any(m.sigma_sq is not None for m in modules)
+    if spectra:  # how many of the mean gradient's directions clear the module's noise floor
+        headers.insert(5, "above floor")
+        right.insert(5, True)
     rows = []
     for m in shown:
-        rows.append(
-            [
-                split_module_name(m.name)[1] if grouped else m.name,
-                m.type,
-                _shape(m.shape),
-                _score_cell(m),
-                _relative(m.score, reference),
-                "excluded" if m.excluded else str(m.rank),
-                "-" if m.alpha is None else f"{m.alpha:g}",
-            ]
-        )
+        cells = [
+            split_module_name(m.name)[1] if grouped else m.name,
+            m.type,
+            _shape(m.shape),
+            _score_cell(m),
+            _relative(m.score, reference),
+            "excluded" if m.excluded else str(m.rank),
+            "-" if m.alpha is None else f"{m.alpha:g}",
+        ]
+        if spectra:
+            cells.insert(5, "-" if m.sigma_sq is None else str(sum(v > m.noise_floor for v in m.sigma_sq)))
+        rows.append(cells)
     widths = [max([len(headers[c])] + [len(r[c]) for r in rows]) for c in range(len(headers))]
     if width is not None:
         rest = sum(widths[1:]) + 2 * (len(headers) - 1) + len(indent)
@@ -131,6 +136,19 @@ def _table_lines(
             block = split_module_name(m.name)[0]
             lines.append(block)
         lines.append(line(cells))
+    return lines
+
+
+def _reason_lines(fisher_map: FisherMap) -> list[str]:
+    """Why modules got no adapter: one line a reason, with the count and the first names."""
+    by_reason: dict[str, list[str]] = {}
+    for m in fisher_map.modules:
+        if m.excluded:
+            by_reason.setdefault(m.exclusion_reason or "reason not recorded", []).append(m.name)
+    lines = [f"excluded ({sum(len(v) for v in by_reason.values())}):"] if by_reason else []
+    for reason, names in by_reason.items():
+        listed = ", ".join(names[:4]) + (f", and {len(names) - 4} more" if len(names) > 4 else "")
+        lines.append(f"  {reason}: {listed}")
     return lines
 
 
@@ -187,7 +205,9 @@ def format_map_table(
     candidate module (kind, type, weight shape, score with its standard error, score relative
     to the median positive score, which the exclusion threshold refers to, rank or
     ``excluded``, alpha); and, when the names have blocks (layers), a block x kind matrix of
-    ranks, ``-`` marking excluded modules.
+    ranks, ``-`` marking excluded modules. Maps with spectra get an ``above floor`` column (how
+    many directions of the module's mean gradient clear its noise floor); last, the excluded
+    modules with the reason they got no adapter.
 
     Args:
         fisher_map: the map to describe.
@@ -213,6 +233,7 @@ def format_map_table(
     if width is not None and (isinstance(width, bool) or not isinstance(width, int) or width < 20):
         raise ValueError(f"width: expected a line width of at least 20 characters or None, got {width!r}")
     header = [wrapped for line in _header_lines(fisher_map) for wrapped in _wrap(line, width, _LABEL_WIDTH)]
-    sections = [header, _table_lines(fisher_map, sort, top, width), _matrix_lines(fisher_map, width)]
+    table = _table_lines(fisher_map, sort, top, width)
+    sections = [header, table, _matrix_lines(fisher_map, width), _reason_lines(fisher_map)]
     # table and matrix lines fit by construction unless the width is very small: cut those
     return "\n\n".join("\n".join(_clip(line, width) for line in section) for section in sections if section)
