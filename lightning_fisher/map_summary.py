@@ -2,7 +2,9 @@
 
 One set of phrases, laid out for four places:
 
-* :func:`summary_line`: one line (``FisherMap.summary()``, the demo, the notebook);
+* :func:`summary_line`: one line (``FisherMap.summary()``, the demo, the notebook), which
+  also says when the analysis did not converge or skipped non-finite samples;
+* :func:`stop_line`: why the analysis ended (the analysis' closing line);
 * :func:`header_fields`: labelled fields, the header of ``lightning-fisher show``;
 * :func:`plot_title`: the two-line title of the heatmap;
 * :func:`fit_summary`: what :class:`~lightning_fisher.AdaptiveLoRA` logs at fit start, about
@@ -25,7 +27,7 @@ if TYPE_CHECKING:  # fisher_map imports this module for FisherMap.summary()
     from lightning_fisher.fisher_map import FisherMap, TimestepFocusRecord
     from lightning_fisher.peft_factory import MapApplication
 
-__all__ = ["fit_summary", "header_fields", "plot_title", "summary_line", "times_flat"]
+__all__ = ["fit_summary", "header_fields", "plot_title", "stop_line", "summary_line", "times_flat"]
 
 
 def times_flat(parameters: int, flat_parameters: int) -> str:
@@ -60,10 +62,46 @@ def summary_line(fisher_map: FisherMap) -> str:
     budget = fisher_map.budget
     spread = _spread(fisher_map.ranks.values())
     ranks = f", ranks {spread[0]} (median {spread[1]})" if spread else ""
-    return (
+    line = (
         f"{_adapted(fisher_map, 'modules adapted')}{ranks}, {budget.lora_parameters:,} LoRA parameters = "
         f"{times_flat(budget.lora_parameters, budget.flat_lora_parameters)} flat rank {budget.rank} "
         f"({budget.flat_lora_parameters:,})"
+    )
+    analysis = fisher_map.analysis
+    if analysis is not None and not analysis.converged:
+        line += f"; NOT converged ({analysis.stop_reason.replace('_', ' ')} after {analysis.batches} batches)"
+    if analysis is not None and analysis.skipped_samples:
+        line += f"; {analysis.skipped_samples:,} non-finite samples skipped"
+    return line
+
+
+def stop_line(fisher_map: FisherMap) -> str:
+    """Why the analysis ended, in one sentence, and what to do when it did not converge.
+
+    ``analysis converged after 7 batches (112 samples): split-half Spearman 0.95, at least 0.9
+    for 5 batches`` or ``analysis did NOT converge: data exhausted after 3 batches (48
+    samples), split-half Spearman 0.62 (needs 0.9 for 5 batches); ...``.
+
+    Args:
+        fisher_map: a map with an analysis record.
+    """
+    analysis = fisher_map.analysis
+    if analysis is None:
+        return "no analysis record: the map was built from given scores"
+    seen = f"{analysis.batches:,} batches ({analysis.samples:,} samples)"
+    skipped = f"; {analysis.skipped_samples:,} non-finite samples skipped" if analysis.skipped_samples else ""
+    rule = analysis.stability
+    last = "n/a" if rule is None or rule.last_correlation is None else f"{rule.last_correlation:.3f}"
+    if analysis.converged:
+        needs = "" if rule is None else f", at least {rule.threshold:g} for {rule.patience} batches"
+        return f"analysis converged after {seen}: split-half Spearman {last}{needs}{skipped}"
+    why = {"data_exhausted": "the data ran out", "max_batches": "max_batches was reached",
+           "interrupted": "the run was interrupted"}.get(analysis.stop_reason, analysis.stop_reason)
+    needs = "" if rule is None else f" (needs {rule.threshold:g} for {rule.patience} batches)"
+    return (
+        f"analysis did NOT converge: {why} after {seen}, split-half Spearman {last}{needs}{skipped}. "
+        "The module ranking may not be reproducible: analyse more samples (more data, max_epochs > 1 for "
+        "random losses, a higher max_batches) or accept it knowingly"
     )
 
 

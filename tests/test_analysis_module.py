@@ -272,3 +272,42 @@ def test_scores_and_ranks_reach_the_lightning_logger(tmp_path):
         assert logged[f"fisher_rank/{name}"] == rank
     assert any(row.get("fisher/split_half_spearman") for row in rows)  # the stability callback logs too
     assert any(row.get("train_loss") for row in rows)  # and so does the task's own training_step
+
+
+def test_a_csv_logger_gets_one_analysis_row_per_batch(tmp_path):
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    logger = CSVLogger(tmp_path, name="analysis", version=0)
+    fmap = analyze(Task(), loader(n=96, batch_size=8), rank=4, rank_min=1, rank_max=16, convergence_patience=10_000,
+                   min_batches=0, max_batches=7, trainer_kwargs=dict(QUIET, logger=logger))
+    rows = [row for row in csv.DictReader(open(tmp_path / "analysis" / "version_0" / "metrics.csv"))
+            if row.get("fisher/samples")]
+    assert fmap.analysis.batches == 7
+    assert [float(row["fisher/samples"]) for row in rows] == [8.0 * (i + 1) for i in range(7)]
+    assert [float(row["fisher/stable_batches"]) for row in rows][-1] >= 0
+    last = rows[-1]
+    assert float(last["fisher/modules_with_gradient"]) == len(fmap.scores)
+    assert float(last["fisher/score_max"]) == pytest.approx(max(fmap.scores.values()), rel=1e-6)
+    positive = sorted(v for v in fmap.scores.values() if v > 0)
+    assert float(last["fisher/score_median"]) == pytest.approx(float(torch.tensor(positive).median()), rel=1e-5)
+
+
+def test_a_run_that_did_not_converge_says_so_in_the_summary_and_a_warning():
+    x = torch.randn(4000, 12, 4, generator=torch.Generator().manual_seed(1))
+    data = DataLoader(TensorDataset(x), batch_size=8)
+    with pytest.warns(UserWarning, match=r"^analysis did NOT converge: max_batches was reached after 6 batches "
+                                         r"\(48 samples\), split-half Spearman"):
+        fmap = analyze(Exchangeable(), data, rank=4, rank_min=1, rank_max=16, convergence_patience=3, max_batches=6,
+                       trainer_kwargs=QUIET)
+    assert fmap.summary().endswith("; NOT converged (max batches after 6 batches)")
+
+
+def test_a_first_batch_of_non_finite_samples_is_skipped_and_the_analysis_goes_on():
+    x = torch.randn(32, 6, generator=torch.Generator().manual_seed(0))
+    x[:8] = float("nan")  # the whole first batch
+    data = DataLoader(TensorDataset(x, torch.zeros(32, dtype=torch.long)), batch_size=8)
+    fmap = analyze(Task(), data, trainer_kwargs=QUIET, **no_early_stop())
+    assert fmap.analysis.skipped_samples == 8 and fmap.analysis.samples == 24
+    assert fmap.summary().endswith("; 8 non-finite samples skipped")

@@ -48,9 +48,15 @@ def test_summary_line(fisher_map):
     assert summary_line(fisher_map) == (
         f"27/28 modules adapted, ranks {low}-{high} (median {median:g}), {budget.lora_parameters:,} LoRA "
         f"parameters = {budget.lora_parameters / budget.flat_lora_parameters:.2f}x flat rank 8 "
-        f"({budget.flat_lora_parameters:,})"
+        f"({budget.flat_lora_parameters:,}); NOT converged (max batches after 12 batches)"
     )
     assert summary_line(fisher_map) == fisher_map.summary()  # FisherMap.summary() prints the same line
+    converged = dataclasses.replace(
+        fisher_map, analysis=dataclasses.replace(fisher_map.analysis, converged=True, stop_reason="converged")
+    )
+    assert summary_line(converged).endswith(f"flat rank 8 ({budget.flat_lora_parameters:,})")
+    skipped = dataclasses.replace(converged, analysis=dataclasses.replace(converged.analysis, skipped_samples=3))
+    assert summary_line(skipped).endswith("; 3 non-finite samples skipped")
 
 
 def test_summary_line_of_a_map_with_odd_and_even_rank_counts():

@@ -140,7 +140,10 @@ def build_analyze_cli(args: list[str], *, exit_on_error: bool = True) -> Analyze
             auto_configure_optimizers=False,
             save_config_callback=None,
             trainer_defaults=dict(
-                logger=False,
+                # Lightning's default logger, as for fit (CSV under lightning_logs/, or TensorBoard
+                # when installed), one row a batch; --trainer.logger false turns it off.
+                logger=True,
+                log_every_n_steps=1,
                 enable_checkpointing=False,
                 enable_model_summary=False,
                 max_epochs=1,

@@ -227,7 +227,26 @@ class FisherAnalysisModule(LightningModule):
         if self.trainer.world_size > 1:
             state = self.trainer.strategy.reduce(state, reduce_op="sum")
         self.global_accumulator.load_state_tensor(state)
-        self.log("fisher/samples", float(self.global_accumulator.num_samples), prog_bar=True, reduce_fx="max")
+        self._log_batch()
+
+    def _log_batch(self) -> None:
+        """Per batch, to the Trainer's logger: samples seen and a few figures of the running scores."""
+        acc = self.global_accumulator
+        self.log("fisher/samples", float(acc.num_samples), prog_bar=True, reduce_fx="max")
+        if not acc.num_samples:  # every sample so far was non-finite: no score yet (later batches may have some)
+            return
+        scores = torch.tensor(list(acc.scores().values()), dtype=torch.float64)
+        positive = scores[scores > 0]
+        self.log_dict(
+            {
+                "fisher/skipped_samples": float(acc.num_skipped),
+                "fisher/modules_with_gradient": float(positive.numel()),
+                "fisher/score_median": float(positive.median()) if positive.numel() else 0.0,
+                "fisher/score_max": float(scores.max()) if scores.numel() else 0.0,
+                "fisher/score_max_over_median": float(positive.max() / positive.median()) if positive.numel() else 0.0,
+            },
+            reduce_fx="max",
+        )
 
     @contextlib.contextmanager
     def _as_training_step_of_task(self):

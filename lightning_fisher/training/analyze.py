@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import random
 import warnings
@@ -216,6 +217,7 @@ def _run_analysis(
         kwargs = dict(
             max_epochs=max_epochs,
             logger=False,
+            log_every_n_steps=1,  # one row a batch when a logger is given
             enable_checkpointing=False,
             enable_model_summary=False,
             num_sanity_val_steps=0,
@@ -228,7 +230,7 @@ def _run_analysis(
         raise ValueError("analyze(): pass either trainer or trainer_kwargs, not both")
     else:
         trainer.callbacks.insert(0, stability)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _without_fit_stopped_line():
         for message in _QUIET:
             warnings.filterwarnings("ignore", message=message)
         if isinstance(data, pl.LightningDataModule):
@@ -270,3 +272,21 @@ def _random_state_kept() -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+class _FitStoppedFilter(logging.Filter):
+    """Drops Lightning's "`Trainer.fit` stopped: `max_epochs=1` reached.": the analysis says why it ended."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "`Trainer.fit` stopped" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _without_fit_stopped_line() -> Iterator[None]:
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    quiet = _FitStoppedFilter()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)

@@ -6,10 +6,11 @@ from typing import Any, Optional
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_fisher.allocation_settings import resolve_settings
 from lightning_fisher.fisher_map import StabilityRecord
+from lightning_fisher.map_summary import stop_line
 from lightning_fisher.stability import METHOD, StabilityRule, StabilityTracker, StopReason, split_half_correlation
 
 __all__ = ["FisherStability"]
@@ -31,7 +32,8 @@ class FisherStability(Callback):
         threshold: split-half Spearman correlation counted as stable.
         min_batches: never stop before this many batches.
         max_batches: stop after this many batches regardless; ``None`` for no limit.
-        verbose: announce the stop on rank zero.
+        verbose: say why the analysis ended, on rank zero, once the run is over (a warning when it
+            did not converge).
         rule: the four settings above as one :class:`~lightning_fisher.StabilityRule` (then
             leave them at their defaults).
 
@@ -75,17 +77,24 @@ class FisherStability(Callback):
         reason = self.tracker.update(correlation)
         if correlation is not None:
             pl_module.log("fisher/split_half_spearman", correlation, prog_bar=True)
+        # what the user waits for: "stable k of patience"
+        pl_module.log("fisher/stable_batches", float(self.tracker.stable_batches), prog_bar=True)
         pl_module.stability = self._record()
         should_stop = trainer.strategy.reduce_boolean_decision(reason is not None, all=False)
         if should_stop:
             pl_module.stop_reason = reason or StopReason.CONVERGED
             trainer.should_stop = True
-            if self.verbose:
-                rank_zero_info(
-                    f"FisherStability: stopping after {self.tracker.batches} batches "
-                    f"({pl_module.global_accumulator.num_samples} samples): {pl_module.stop_reason.value}, "
-                    f"split-half Spearman {_fmt(correlation)}"
-                )
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After the progress bar has closed, so the line stands alone: why the analysis ended.
+        # A run that did not converge warns, so it is seen from Python as well as on the command line.
+        fisher_map = getattr(pl_module, "fisher_map", None)
+        if not self.verbose or fisher_map is None or fisher_map.analysis is None:
+            return
+        if fisher_map.analysis.converged:
+            rank_zero_info(stop_line(fisher_map))
+        else:
+            rank_zero_warn(stop_line(fisher_map))
 
     def _record(self) -> StabilityRecord:
         return StabilityRecord(
@@ -99,5 +108,3 @@ class FisherStability(Callback):
         )
 
 
-def _fmt(value: Optional[float]) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
