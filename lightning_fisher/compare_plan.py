@@ -22,6 +22,7 @@ from typing import Any, Optional
 
 from torch import nn
 
+from lightning_fisher.allocation_settings import CRITERIA
 from lightning_fisher.errors import CompareError
 from lightning_fisher.fisher_map import FisherMap
 from lightning_fisher.peft_factory.adapter_root import rebase_names
@@ -143,6 +144,7 @@ def plan_arms(
     *,
     budgets: Sequence[float] = (1.0,),
     adapter_root: Optional[str] = None,
+    criteria: Optional[Sequence[str]] = None,
 ) -> list[CompareArm]:
     """The arms of a comparison: ``flat``, ``fisher`` and one ``fisher@F`` per extra budget fraction.
 
@@ -152,12 +154,25 @@ def plan_arms(
         budgets: rank budgets as fractions of the map's base rank; ``1.0`` (the ``fisher`` arm)
             is always included.
         adapter_root: as in :class:`~lightning_fisher.AdaptiveLoRA`; only candidates under it take part.
+        criteria: allocation criteria of the fisher arms (``trace``, ``spectrum``); default the
+            map's own. The map's criterion keeps the names ``fisher`` / ``fisher@F``; another
+            criterion's arms are ``fisher-CRITERION`` / ``fisher-CRITERION@F``. ``spectrum``
+            needs a map analysed with it.
 
     Raises:
         CompareError: a budget fraction is not positive, exceeds ``rank_max``, or duplicates
             another's rank; or no candidate of the map lies under ``adapter_root``.
     """
     planned = check_budgets(fisher_map, budgets)
+    own = fisher_map.budget.criterion
+    criteria = list(dict.fromkeys(criteria or (own,)))
+    for criterion in criteria:
+        if criterion not in CRITERIA:
+            raise CompareError(f"--criteria: {criterion!r} is not one of {', '.join(CRITERIA)}")
+        if criterion == "spectrum" and not fisher_map.spectra:
+            raise CompareError(
+                "--criteria spectrum: the map records no spectra; analyse with --criterion spectrum to compare it"
+            )
     candidates, _ = rebase_names(fisher_map.scores, adapter_root)
     if not candidates:
         raise CompareError(
@@ -181,15 +196,18 @@ def plan_arms(
     # the ones inside it: the fisher arm then spends what flat spends.
     scores = {full: fisher_map.scores[full] for full in candidates.values()}
     stderr = {full: fisher_map.score_stderrs[full] for full in candidates.values()}
-    for fraction, arm_rank in planned:
-        reuse = fraction == 1.0 and budget.mode == "budget" and len(scores) == len(fisher_map.modules)
+    spectra = {full: spectrum for full, spectrum in fisher_map.spectra.items() if full in scores}
+    for criterion, (fraction, arm_rank) in ((c, p) for c in criteria for p in planned):
+        reuse = (fraction == 1.0 and budget.mode == "budget" and len(scores) == len(fisher_map.modules)
+                 and criterion == own)
         if reuse:
             arm_map = fisher_map
         else:
             arm_map = FisherMap.from_scores(
                 scores,
                 model,
-                allocation=dataclasses.replace(fisher_map.allocation, rank=arm_rank, mode="budget"),
+                allocation=dataclasses.replace(fisher_map.allocation, rank=arm_rank, mode="budget", criterion=criterion),
+                spectra=spectra,
                 # alpha / rank stays what the map prescribes, whatever the budget
                 lora_alpha=fisher_map.alpha.alpha_for(arm_rank, rank),
                 use_rslora=fisher_map.alpha.use_rslora,
@@ -202,7 +220,7 @@ def plan_arms(
         ranks, _ = rebase_names(arm_map.ranks, adapter_root)
         arms.append(
             CompareArm(
-                name="fisher" if fraction == 1.0 else f"fisher@{fraction:g}",
+                name=("fisher" if criterion == own else f"fisher-{criterion}") + ("" if fraction == 1.0 else f"@{fraction:g}"),
                 rank=arm_rank,
                 budget_fraction=fraction,
                 fisher_map=arm_map,

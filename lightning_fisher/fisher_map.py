@@ -256,6 +256,15 @@ class FisherMap:
         return cls(allocated, budget, policy, model, analysis=analysis, dataset=dataset)
 
     @property
+    def spectra(self) -> dict[str, ModuleSpectrum]:
+        """``{module: its recorded spectrum and noise floor}`` (maps analysed with ``criterion="spectrum"``)."""
+        samples = 0 if self.analysis is None else self.analysis.samples
+        return {
+            m.name: ModuleSpectrum(m.name, m.sigma_sq, m.noise_floor, samples)
+            for m in self.modules if m.sigma_sq is not None and m.noise_floor is not None
+        }
+
+    @property
     def allocation(self) -> AllocationSettings:
         """The allocation settings this map was made with."""
         return self.budget.settings()

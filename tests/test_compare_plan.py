@@ -64,3 +64,31 @@ def test_learning_rates_are_distinct_positive_numbers_sorted():
     for bad in ([], [1e-3, 1e-3], [0.0], [-1e-3], [float("inf")], [True]):
         with pytest.raises(CompareError, match="lrs: need one or more distinct positive learning rates"):
             check_lrs(bad)
+
+
+def test_arms_for_each_criterion_and_budget():
+    import dataclasses
+
+    from lightning_fisher import AllocationSettings
+    from lightning_fisher.spectrum import ModuleSpectrum
+
+    model = TinyClassifier()
+    names = ["backbone.0", "backbone.2", "backbone.4", "backbone.6", "head"]
+    spectra = {n: ModuleSpectrum(n, (9.0, 4.0, 1.5, 0.5) if n != "backbone.2" else (0.5, 0.4), 1.0, 64) for n in names}
+    settings = AllocationSettings(rank=4, rank_min=1, rank_max=16, mode="budget", criterion="spectrum")
+    spectrum_map = FisherMap.from_scores({n: float(i + 1) for i, n in enumerate(names)}, model, allocation=settings,
+                                         spectra=spectra)
+    arms = plan_arms(spectrum_map, model, budgets=[1.0, 0.5], criteria=["spectrum", "trace"])
+    assert [a.name for a in arms] == ["flat", "fisher", "fisher@0.5", "fisher-trace", "fisher-trace@0.5"]
+    assert arms[1].fisher_map is spectrum_map
+    assert "backbone.2" not in arms[2].modules  # no direction above its floor at any budget
+    assert arms[3].fisher_map.budget.criterion == "trace" and "backbone.2" in arms[3].modules
+    for arm in arms[1:]:
+        assert arm.expected_parameters <= arms[0].expected_parameters * arm.budget_fraction
+    trace_map = spectrum_map.reallocate(dataclasses.replace(settings, criterion="trace"))
+    trace_map = dataclasses.replace(trace_map, modules=tuple(dataclasses.replace(m, sigma_sq=None, noise_floor=None)
+                                                             for m in trace_map.modules))
+    with pytest.raises(CompareError, match="the map records no spectra; analyse with --criterion spectrum"):
+        plan_arms(trace_map, model, criteria=["spectrum"])
+    with pytest.raises(CompareError, match="'variance' is not one of trace, spectrum"):
+        plan_arms(trace_map, model, criteria=["variance"])

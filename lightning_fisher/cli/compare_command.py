@@ -52,6 +52,13 @@ class CompareCLI(TrainCLI):
             help="Rank budgets of the fisher arms as fractions of the map's rank, comma-separated "
             "(e.g. 1.0,0.5); 1.0 always runs.",
         )
+        add(
+            "--criteria",
+            type=Optional[Union[list[str], str]],
+            default=None,
+            help="Allocation criteria of the fisher arms, comma-separated (trace, spectrum); default the map's own. "
+            "Each criterion gets its arm at every budget; spectrum needs a map analysed with --criterion spectrum.",
+        )
         add("--seeds", type=Union[list[int], int, str], default="0,1,2", help="Seeds, comma-separated; every arm runs once per seed.")
         add(
             "--lrs",
@@ -75,6 +82,10 @@ class CompareCLI(TrainCLI):
         # Fail on bad options before any model is built.
         self.budgets = parse_list(self.config.budgets, float, "--budgets")
         self.seeds = parse_list(self.config.seeds, int, "--seeds")
+        criteria = self.config.criteria
+        if isinstance(criteria, str):
+            criteria = criteria.split(",")
+        self.criteria = None if criteria is None else [c.strip() for c in criteria if c.strip()] or None
         if len(set(self.seeds)) != len(self.seeds):
             raise CompareError(f"--seeds: each seed once, got {self.seeds}")
         self.lrs = None if self.config.lrs is None else parse_list(self.config.lrs, float, "--lrs", noun="learning rate")
@@ -266,7 +277,7 @@ def prepare_config(config, scratch_dir: str) -> list[str]:
 
 
 def run_compare(argv: list[str]) -> int:
-    """``lightning-fisher compare [fit options] [--budgets 1.0,0.5] [--seeds 0,1,2] [--lrs 1e-4,3e-4] [--max_steps N] [--output F]``."""
+    """``lightning-fisher compare [fit options] [--budgets 1.0,0.5] [--criteria trace,spectrum] [--seeds 0,1,2] [--lrs ...]``."""
     cli = build_compare_cli(argv)
     config = cli.config
     fisher_map = map_to_compare(config)
@@ -279,6 +290,7 @@ def run_compare(argv: list[str]) -> int:
             budgets=cli.budgets,
             seeds=cli.seeds,
             lrs=cli.lrs,
+            criteria=cli.criteria,
             output=config.output,
             notes=notes,
         )

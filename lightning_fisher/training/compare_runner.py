@@ -199,6 +199,7 @@ def compare_fisher_map(
     lrs: Optional[Sequence[float]] = None,
     output: Union[str, os.PathLike, None] = None,
     notes: Sequence[str] = (),
+    criteria: Optional[Sequence[str]] = None,
 ) -> CompareResult:
     """Fit flat LoRA and the map's allocation (and smaller budgets) on the same seeds; compare validation.
 
@@ -224,6 +225,8 @@ def compare_fisher_map(
             ``None``: one learning rate, whatever ``make_run`` builds.
         output: if set, the raw results are written there as JSON after every run.
         notes: lines to carry into the result (what the caller changed in the setup).
+        criteria: allocation criteria of the fisher arms (default the map's own); see
+            :func:`~lightning_fisher.compare_plan.plan_arms`.
 
     Returns:
         The :class:`CompareResult`; ``print(result)`` shows the table and the verdicts.
@@ -248,7 +251,7 @@ def compare_fisher_map(
         adapter_name=callback.adapter_name,
         lora_kwargs=dict(callback.lora_kwargs),
     )
-    arms = plan_arms(fisher_map, first[0], budgets=budgets, adapter_root=options.adapter_root)
+    arms = plan_arms(fisher_map, first[0], budgets=budgets, adapter_root=options.adapter_root, criteria=criteria)
     result = CompareResult(
         arms=arms,
         seeds=seeds,
