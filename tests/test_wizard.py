@@ -430,7 +430,9 @@ def test_wizard_reports_a_failed_estimate_as_unknown(dataset, tmp_path):
     with pytest.raises(EOFError):  # the script ends at the save question
         Wizard(script.prompter(), estimate=failing).collect()
     out = "\n".join(script.lines)
-    assert "  ! could not time a batch: CUDA out of memory" in out
+    # the reason, then where in the failing code (here the test's stand-in for the model)
+    assert "  ! could not time a batch: test_wizard.py raised: RuntimeError: CUDA out of memory (" in out
+    assert re.search(r"test_wizard\.py, line \d+, in failing\)", out)
     assert "estimated run time  unknown" in out
     assert f"checkpoint          {checkpoint.resolve()}" in out
     assert script.prompts[-1] == f"Save the config to [{dataset / 'fisher_analyze.yaml'}]: "

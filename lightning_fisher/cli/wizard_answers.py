@@ -23,6 +23,7 @@ import yaml
 import lightning_fisher
 from lightning_fisher.allocation_settings import AllocationSettings
 from lightning_fisher.atomic_io import write_text_atomic
+from lightning_fisher.cli.error_reason import user_frame
 from lightning_fisher.errors import DatasetFolderError
 from lightning_fisher.tensor_folder import list_sample_files
 from lightning_fisher.timesteps import TimestepFocus
@@ -77,7 +78,9 @@ def _import_class(class_path: str) -> Any:
     try:
         module = importlib.import_module(module_name)
     except Exception as error:  # any error in the user's module: report it, do not crash the wizard
-        raise ValueError(f"cannot import module {module_name!r}: {type(error).__name__}: {error}") from None
+        frame = user_frame(error)
+        where = f" ({frame.filename}, line {frame.lineno}, in {frame.name})" if frame else ""
+        raise ValueError(f"cannot import module {module_name!r}: {type(error).__name__}: {error}{where}") from None
     try:
         return getattr(module, name)
     except AttributeError:
