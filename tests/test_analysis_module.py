@@ -272,3 +272,18 @@ def test_scores_and_ranks_reach_the_lightning_logger(tmp_path):
         assert logged[f"fisher_rank/{name}"] == rank
     assert any(row.get("fisher/split_half_spearman") for row in rows)  # the stability callback logs too
     assert any(row.get("train_loss") for row in rows)  # and so does the task's own training_step
+
+
+def test_reentrant_checkpointing_around_the_forward_is_named(tmp_path):
+    class Checkpointed(Task):
+        def forward(self, x):
+            # the input needs no grad, so reentrant checkpointing returns an output that needs none either
+            return torch.utils.checkpoint.checkpoint(super().forward, x, use_reentrant=True)
+
+    with pytest.raises(FisherAnalysisError) as excinfo:
+        analyze(Checkpointed(), loader(), trainer_kwargs=QUIET)
+    assert str(excinfo.value).startswith(
+        "the loss of Checkpointed.training_step does not depend on any candidate module (it does not require grad). "
+        "Likely cause: reentrant gradient checkpointing (torch.utils.checkpoint with use_reentrant=True"
+    )
+    assert "use_reentrant=False" in str(excinfo.value)
