@@ -7,7 +7,8 @@ One set of phrases, laid out for four places:
 * :func:`plot_title`: the two-line title of the heatmap;
 * :func:`fit_summary`: what :class:`~lightning_fisher.AdaptiveLoRA` logs at fit start, about
   the adapters it actually injected (their ranks and parameters are read from the model, so
-  they are passed in; the map's own are the default everywhere else).
+  they are passed in; the map's own are the default everywhere else);
+* :func:`replaced_map_note`: what ``analyze`` says when a new map replaces an older one.
 
 Parameters are compared with flat LoRA at the map's base rank on every candidate
 (``budget.flat_lora_parameters``); the ratio reads ``n/a`` when that is 0. Rank spreads are
@@ -25,7 +26,10 @@ if TYPE_CHECKING:  # fisher_map imports this module for FisherMap.summary()
     from lightning_fisher.fisher_map import FisherMap, TimestepFocusRecord
     from lightning_fisher.peft_factory import MapApplication
 
-__all__ = ["fit_summary", "header_fields", "plot_title", "summary_line", "times_flat"]
+__all__ = ["fit_summary", "header_fields", "plot_title", "rank_changes", "replaced_map_note", "summary_line", "times_flat"]
+
+# Changed modules listed by name before the rest are only counted.
+_MAX_CHANGES = 6
 
 
 def times_flat(parameters: int, flat_parameters: int) -> str:
@@ -229,3 +233,56 @@ def fit_summary(
             "  settings replaced by the map: " + ", ".join(f"{k}={v!r}" for k, v in application.overridden.items())
         )
     return "\n".join(lines)
+
+
+def _rank_text(fisher_map: FisherMap, name: str, names: set[str]) -> str:
+    if name not in names:
+        return "absent"
+    rank = fisher_map.ranks.get(name)
+    return "excluded" if rank is None else str(rank)
+
+
+def rank_changes(old: FisherMap, new: FisherMap) -> list[str]:
+    """``"name OLD->NEW"`` for every module whose rank differs between two maps, in ``new``'s order.
+
+    A rank reads ``excluded`` for a candidate without adapter and ``absent`` for a module that
+    is not a candidate of that map.
+
+    Args:
+        old: the earlier map.
+        new: the later one.
+    """
+    old_names = {m.name for m in old.modules}
+    new_names = [m.name for m in new.modules]
+    names = new_names + [m.name for m in old.modules if m.name not in set(new_names)]
+    changes = []
+    for name in names:
+        before = _rank_text(old, name, old_names)
+        after = _rank_text(new, name, set(new_names))
+        if before != after:
+            changes.append(f"{name} {before}->{after}")
+    return changes
+
+
+def replaced_map_note(old: Optional[FisherMap], new: FisherMap, backup: str, problem: str = "") -> str:
+    """One line when ``new`` replaced an earlier map, which was kept as ``backup``.
+
+    ``fisher map replaced: the previous one (created 2026-01-01T10:00:00Z) is kept as
+    data/fisher_map.json.bak; ranks changed in 2 of 36 modules: a 4->6, b excluded->2``
+
+    Args:
+        old: the earlier map, or ``None`` when the file was not a readable map.
+        new: the map written now.
+        backup: where the earlier file was kept.
+        problem: why the earlier file could not be read (with ``old=None``).
+    """
+    if old is None:
+        return f"fisher map replaced: the previous file is kept as {backup} (not a readable fisher map: {problem})"
+    head = f"fisher map replaced: the previous one (created {old.created}) is kept as {backup}"
+    changes = rank_changes(old, new)
+    total = len({m.name for m in old.modules} | {m.name for m in new.modules})
+    if not changes:
+        return f"{head}; ranks unchanged in all {total} modules"
+    listed = ", ".join(changes[:_MAX_CHANGES])
+    more = f", ... ({len(changes) - _MAX_CHANGES} more)" if len(changes) > _MAX_CHANGES else ""
+    return f"{head}; ranks changed in {len(changes)} of {total} modules: {listed}{more}"

@@ -147,7 +147,7 @@ def test_invalid_answers_are_explained_and_asked_again(dataset, tmp_path):
         ("Dataset folder", str(tmp_path / "missing")),
         ("missing does not exist", str(tmp_path / "empty")),
         ("holds no sample files", str(dataset)),
-        ("fisher_map.json already exists; the analysis will overwrite it", None),
+        ("fisher_map.json already exists; the analysis will replace it and keep it as fisher_map.json.bak", None),
         ("Batch size [16]:", "0"),
         ("0 is not positive", "many"),
         ("'many' is not a whole number", "8"),

@@ -37,7 +37,8 @@ DEFAULT_DATA = {"class_path": "lightning_fisher.TensorDirectoryDataModule"}
 # The descriptions `--help` starts with.
 DESCRIPTIONS = {
     "analyze": "Fisher analysis: run your model's training_step on the dataset folder, score every candidate "
-    "module, and write fisher_map.json (per-module LoRA ranks) into the folder, or to --output.",
+    "module, and write fisher_map.json (per-module LoRA ranks) into the folder, or to --output. A map already "
+    "there is kept as fisher_map.json.bak.",
     "fit": "Train with LoRA adapters: a fisher_map.json in the dataset folder sets the ranks (AdaptiveLoRA); "
     "without one, or with --ignore-fisher-map, every candidate module gets flat LoRA.",
     "validate": "Validate with the same adapters as fit (from the map, or flat); --ckpt_path loads a fit checkpoint.",

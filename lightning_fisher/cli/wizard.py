@@ -303,7 +303,7 @@ class Wizard:
         p.say(f"  found {dataset.describe()}")
         existing_map = Path(dataset.path) / FISHER_MAP_FILENAME
         if existing_map.exists():
-            p.warn(f"{existing_map} already exists; the analysis will overwrite it")
+            p.warn(f"{existing_map} already exists; the analysis will replace it and keep it as {existing_map.name}.bak")
         batch_size = p.ask("Batch size", default=str(DEFAULT_BATCH_SIZE), parse=parse_positive_int)
         return dataset, batch_size
 
