@@ -177,6 +177,7 @@ def fit_summary(
     adapter_root: Optional[str] = None,
     adapter_label: str = "LoRA",
     map_ignored: bool = False,
+    flat: Optional[tuple[int, int]] = None,
 ) -> str:
     """What a fit injected: the map it followed (or flat ranks) and the adapters in the model.
 
@@ -195,6 +196,10 @@ def fit_summary(
             modules outside it.
         adapter_label: the adapter type in words (``LoRA``, ``LoHa``, ``LoKr``), for flat adapters.
         map_ignored: a map was found but not applied (``ignore_fisher_map=True``).
+        flat: ``(candidates, parameters)`` of flat LoRA at the map's base rank on the model
+            being trained (``peft_factory.flat_lora_on``); default the map's own count, made on
+            the analysed model, which differs when the map is applied to another model
+            (``strict=False``) or only under ``adapter_root``.
     """
     values = sorted(ranks.values())
     if fisher_map is None:
@@ -210,6 +215,13 @@ def fit_summary(
     candidates = len(application.ranks) + len(excluded)
     listed = ", ".join(excluded[:4]) + (", ..." if len(excluded) > 4 else "")
     spread = _spread(values) or ("-", "-")
+    flat_count, flat_parameters = flat if flat is not None else (len(fisher_map.modules), budget.flat_lora_parameters)
+    if flat_count == len(fisher_map.modules):
+        flat_on = f"all {flat_count} candidates"
+    elif adapter_root:
+        flat_on = f"the {flat_count} candidates under adapter_root {adapter_root!r}"
+    else:
+        flat_on = f"{flat_count} of the map's {len(fisher_map.modules)} candidates"
     lines = [
         f"Fisher map detected: {fisher_map.path or '(in memory)'}",
         f"  modules adapted: {len(ranks)} / {candidates} candidates"
@@ -217,8 +229,8 @@ def fit_summary(
         f"  ranks: {spread[0]}, median {spread[1]} "
         f"(map: rank {budget.rank}, min {budget.rank_min}, max {budget.rank_max}, mode {budget.mode})",
         f"  trainable adapter parameters: {trainable_parameters:,} = "
-        f"{times_flat(trainable_parameters, budget.flat_lora_parameters)} flat rank {budget.rank} on all "
-        f"{len(fisher_map.modules)} candidates ({budget.flat_lora_parameters:,})",
+        f"{times_flat(trainable_parameters, flat_parameters)} flat rank {budget.rank} on {flat_on} "
+        f"({flat_parameters:,})",
     ]
     analysis = fisher_map.analysis
     if analysis is not None:
