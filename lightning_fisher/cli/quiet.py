@@ -6,8 +6,9 @@ own script sees Lightning exactly as Lightning prints it.
 - the "💡 Tip: ... litlogger / litmodels" advertisements Lightning logs when a Trainer starts;
 - the ``torch.utils._pytree`` deprecation warning Lightning's own code triggers with recent
   torch (``isinstance(treespec, LeafSpec)``), which no user can act on;
-- "Total length of `list` across ranks is zero": the empty list is how
-  :class:`~lightning_fisher.TensorDirectoryDataModule` says "no validation data" on purpose.
+- "Total length of `list` across ranks is zero" and "You passed in a `val_dataloader` but have
+  no `validation_step`": the empty list is how :class:`~lightning_fisher.TensorDirectoryDataModule`
+  says "no validation data" on purpose, and it defines ``val_dataloader`` for every model.
 
 (Lightning's "No seed found" warning is not filtered: the commands pass their seed instead.)
 Nothing here imports Lightning: the filters attach to its loggers by name.
@@ -28,6 +29,7 @@ _TIP_PREFIX = "💡 Tip:"
 _WARNINGS = (
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",
     r"Total length of `list` across ranks is zero",
+    r"You passed in a `val_dataloader` but have no `validation_step`",
 )
 
 
