@@ -14,6 +14,7 @@ selects everything under ``encoder``.
 from __future__ import annotations
 
 import re
+import warnings
 from typing import Iterable, Optional, Sequence, Union
 
 from torch import nn
@@ -179,6 +180,9 @@ def select_candidates(
             name or a dot-separated suffix). ``None`` selects every module of ``module_types``.
             A single string is one pattern.
         exclude: name patterns removed from the selection, same semantics.
+
+        A pattern of ``include`` or ``exclude`` that matches none of the modules of
+        ``module_types`` is most likely a typo: each one gets a ``UserWarning``.
         module_types: module classes to consider; default ``(nn.Linear,)``. Supported:
             ``nn.Linear``, ``nn.Embedding`` (and subclasses) and transformers' ``Conv1D``.
 
@@ -198,7 +202,25 @@ def select_candidates(
     }
     if not selected:
         raise CandidateSelectionError(_empty_selection_message(include, exclude, types, named, of_type))
+    names = [n for n, _ in of_type]
+    for what, raw, compiled in (("include", include, includes), ("exclude", exclude, excludes)):
+        for pattern in _unmatched(raw, compiled or [], names):
+            warnings.warn(
+                f"{what} pattern {pattern!r} matches no candidate module, so it has no effect (candidates: "
+                f"{_describe(of_type)}); patterns match a full name or a dot-separated suffix of it "
+                "(PEFT target_modules semantics)",
+                UserWarning,
+                stacklevel=2,
+            )
     return selected
+
+
+def _unmatched(
+    raw: Union[str, Sequence[str], None], compiled: list[re.Pattern[str]], names: list[str]
+) -> list[str]:
+    """The patterns of ``raw`` (compiled in the same order) that match none of ``names``."""
+    patterns = [raw] if isinstance(raw, str) else list(raw or [])
+    return [text for text, pattern in zip(patterns, compiled) if not any(pattern.fullmatch(n) for n in names)]
 
 
 def _empty_selection_message(

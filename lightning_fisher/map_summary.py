@@ -9,7 +9,8 @@ One set of phrases, laid out for four places:
 * :func:`plot_title`: the two-line title of the heatmap;
 * :func:`fit_summary`: what :class:`~lightning_fisher.AdaptiveLoRA` logs at fit start, about
   the adapters it actually injected (their ranks and parameters are read from the model, so
-  they are passed in; the map's own are the default everywhere else).
+  they are passed in; the map's own are the default everywhere else);
+* :func:`replaced_map_note`: what ``analyze`` says when a new map replaces an older one.
 
 Parameters are compared with flat LoRA at the map's base rank on every candidate
 (``budget.flat_lora_parameters``); the ratio reads ``n/a`` when that is 0. Rank spreads are
@@ -27,7 +28,13 @@ if TYPE_CHECKING:  # fisher_map imports this module for FisherMap.summary()
     from lightning_fisher.fisher_map import FisherMap, TimestepFocusRecord
     from lightning_fisher.peft_factory import MapApplication
 
-__all__ = ["fit_summary", "header_fields", "plot_title", "stop_line", "summary_line", "times_flat"]
+__all__ = [
+    "fit_summary", "header_fields", "plot_title", "rank_changes", "replaced_map_note", "stop_line", "summary_line",
+    "times_flat",
+]
+
+# Changed modules listed by name before the rest are only counted.
+_MAX_CHANGES = 6
 
 
 def times_flat(parameters: int, flat_parameters: int) -> str:
@@ -211,6 +218,7 @@ def fit_summary(
     adapter_root: Optional[str] = None,
     adapter_label: str = "LoRA",
     map_ignored: bool = False,
+    flat: Optional[tuple[int, int]] = None,
 ) -> str:
     """What a fit injected: the map it followed (or flat ranks) and the adapters in the model.
 
@@ -229,6 +237,10 @@ def fit_summary(
             modules outside it.
         adapter_label: the adapter type in words (``LoRA``, ``LoHa``, ``LoKr``), for flat adapters.
         map_ignored: a map was found but not applied (``ignore_fisher_map=True``).
+        flat: ``(candidates, parameters)`` of flat LoRA at the map's base rank on the model
+            being trained (``peft_factory.flat_lora_on``); default the map's own count, made on
+            the analysed model, which differs when the map is applied to another model
+            (``strict=False``) or only under ``adapter_root``.
     """
     values = sorted(ranks.values())
     if fisher_map is None:
@@ -244,6 +256,13 @@ def fit_summary(
     candidates = len(application.ranks) + len(excluded)
     listed = ", ".join(excluded[:4]) + (", ..." if len(excluded) > 4 else "")
     spread = _spread(values) or ("-", "-")
+    flat_count, flat_parameters = flat if flat is not None else (len(fisher_map.modules), budget.flat_lora_parameters)
+    if flat_count == len(fisher_map.modules):
+        flat_on = f"all {flat_count} candidates"
+    elif adapter_root:
+        flat_on = f"the {flat_count} candidates under adapter_root {adapter_root!r}"
+    else:
+        flat_on = f"{flat_count} of the map's {len(fisher_map.modules)} candidates"
     lines = [
         f"Fisher map detected: {fisher_map.path or '(in memory)'}",
         f"  modules adapted: {len(ranks)} / {candidates} candidates"
@@ -251,8 +270,8 @@ def fit_summary(
         f"  ranks: {spread[0]}, median {spread[1]} "
         f"(map: rank {budget.rank}, min {budget.rank_min}, max {budget.rank_max}, mode {budget.mode})",
         f"  trainable adapter parameters: {trainable_parameters:,} = "
-        f"{times_flat(trainable_parameters, budget.flat_lora_parameters)} flat rank {budget.rank} on all "
-        f"{len(fisher_map.modules)} candidates ({budget.flat_lora_parameters:,})",
+        f"{times_flat(trainable_parameters, flat_parameters)} flat rank {budget.rank} on {flat_on} "
+        f"({flat_parameters:,})",
     ]
     analysis = fisher_map.analysis
     if analysis is not None:
@@ -267,3 +286,56 @@ def fit_summary(
             "  settings replaced by the map: " + ", ".join(f"{k}={v!r}" for k, v in application.overridden.items())
         )
     return "\n".join(lines)
+
+
+def _rank_text(fisher_map: FisherMap, name: str, names: set[str]) -> str:
+    if name not in names:
+        return "absent"
+    rank = fisher_map.ranks.get(name)
+    return "excluded" if rank is None else str(rank)
+
+
+def rank_changes(old: FisherMap, new: FisherMap) -> list[str]:
+    """``"name OLD->NEW"`` for every module whose rank differs between two maps, in ``new``'s order.
+
+    A rank reads ``excluded`` for a candidate without adapter and ``absent`` for a module that
+    is not a candidate of that map.
+
+    Args:
+        old: the earlier map.
+        new: the later one.
+    """
+    old_names = {m.name for m in old.modules}
+    new_names = [m.name for m in new.modules]
+    names = new_names + [m.name for m in old.modules if m.name not in set(new_names)]
+    changes = []
+    for name in names:
+        before = _rank_text(old, name, old_names)
+        after = _rank_text(new, name, set(new_names))
+        if before != after:
+            changes.append(f"{name} {before}->{after}")
+    return changes
+
+
+def replaced_map_note(old: Optional[FisherMap], new: FisherMap, backup: str, problem: str = "") -> str:
+    """One line when ``new`` replaced an earlier map, which was kept as ``backup``.
+
+    ``fisher map replaced: the previous one (created 2026-01-01T10:00:00Z) is kept as
+    data/fisher_map.json.bak; ranks changed in 2 of 36 modules: a 4->6, b excluded->2``
+
+    Args:
+        old: the earlier map, or ``None`` when the file was not a readable map.
+        new: the map written now.
+        backup: where the earlier file was kept.
+        problem: why the earlier file could not be read (with ``old=None``).
+    """
+    if old is None:
+        return f"fisher map replaced: the previous file is kept as {backup} (not a readable fisher map: {problem})"
+    head = f"fisher map replaced: the previous one (created {old.created}) is kept as {backup}"
+    changes = rank_changes(old, new)
+    total = len({m.name for m in old.modules} | {m.name for m in new.modules})
+    if not changes:
+        return f"{head}; ranks unchanged in all {total} modules"
+    listed = ", ".join(changes[:_MAX_CHANGES])
+    more = f", ... ({len(changes) - _MAX_CHANGES} more)" if len(changes) > _MAX_CHANGES else ""
+    return f"{head}; ranks changed in {len(changes)} of {total} modules: {listed}{more}"

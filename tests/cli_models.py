@@ -1,10 +1,12 @@
-"""A small LightningModule for command-line tests, importable as ``cli_models.TinyClassifier``."""
+"""Small LightningModules for command-line tests, importable as ``cli_models.TinyClassifier`` / ``cli_models.TinyFlow``."""
 
-from typing import Optional
+from typing import Literal, Optional
 
 import lightning.pytorch as pl
 import torch
 from torch import nn
+
+from lightning_fisher.timesteps import UniformTimestepSampler
 
 
 class TinyClassifier(pl.LightningModule):
@@ -39,6 +41,32 @@ class TinyClassifier(pl.LightningModule):
     def test_step(self, batch, batch_idx):
         logits = self(batch["x"])
         self.log("test_acc", (logits.argmax(-1) == batch["label"]).float().mean())
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.hparams.lr)
+
+
+class TinyFlow(pl.LightningModule):
+    """A flow-matching denoiser on ``{"x": float[8]}`` samples, for the wizard: it has a
+    ``timestep_sampler`` (so the timestep focus applies) and ``__init__`` arguments without
+    defaults (so the wizard has to ask for them)."""
+
+    def __init__(self, width: int, noise_scale: float, schedule: Literal["linear", "cosine"], lr: float = 1e-2):
+        super().__init__()
+        self.save_hyperparameters()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(9, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 8))
+        self.timestep_sampler = UniformTimestepSampler()
+
+    def training_step(self, batch, batch_idx):
+        x = batch["x"]
+        t = self.timestep_sampler(x.shape[0], x.device)
+        if self.hparams.schedule == "cosine":
+            t = 1 - torch.cos(t * torch.pi / 2)
+        noise = torch.randn_like(x) * self.hparams.noise_scale
+        noisy = (1 - t[:, None]) * x + t[:, None] * noise
+        prediction = self.net(torch.cat([noisy, t[:, None]], dim=-1))
+        return ((prediction - (noise - x)) ** 2).mean()
 
     def configure_optimizers(self):
         return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.hparams.lr)

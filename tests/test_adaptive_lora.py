@@ -141,12 +141,43 @@ def test_overridden_settings_reported(fisher_map):
     assert task.model.out.lora_dropout["default"].p == 0.1
 
 
-def test_learning_rate_warning(fisher_map, caplog):
-    with pytest.warns(UserWarning, match=r"learning rate 0.01 is above 0.0001; consider about 0.005"):
-        fit(Task(lr=1e-2), AdaptiveLoRA(fisher_map=fisher_map, adapter_root="model"))
-    with pytest.warns(UserWarning) as record:
-        fit(Task(lr=1e-2), AdaptiveLoRA(fisher_map=fisher_map, adapter_root="model", lr_warning_threshold=0.1))
-    assert not any("learning rate" in str(w.message) for w in record)
+def lr_warnings(record):
+    return [str(w.message) for w in record if "learning rate" in str(w.message)]
+
+
+def test_learning_rate_warning_is_relative_to_flat_lora(fisher_map, recwarn):
+    # alpha/r constant: every module has flat LoRA's scaling, so no learning rate is "too high"
+    fit(Task(lr=1e-2), AdaptiveLoRA(fisher_map=fisher_map, adapter_root="model"))
+    assert lr_warnings(recwarn) == []
+
+    # rsLoRA: alpha constant, scaling alpha/sqrt(r), largest at the smallest rank
+    fit(Task(lr=1e-2), AdaptiveLoRA(fisher_map=fisher_map, adapter_root="model", lora_kwargs={"use_rslora": True}))
+    name, rank = min(fisher_map.ranks.items(), key=lambda item: item[1])
+    ratio = (4 / rank) ** 0.5  # flat LoRA: alpha 8 at rank 4, scaling 8/sqrt(4)
+    assert rank < 4 and lr_warnings(recwarn) == [
+        f"the fisher map raises the largest adapter scaling to {ratio:.2f}x flat LoRA's at rank 4 "
+        f"({name[len('model.'):]}: rank {rank}, alpha 8, scaling {8 / rank ** 0.5:.3g} vs 4), so at learning rate "
+        f"0.01 its largest step is {ratio:.2f}x flat LoRA's; for the same largest step use about {0.01 / ratio:.2g} "
+        "and watch validation closely"
+    ]
+
+
+def test_learning_rate_ceiling_when_set_and_for_fragile_models(fisher_map, recwarn):
+    fit(Task(lr=1e-2), AdaptiveLoRA(fisher_map=fisher_map, adapter_root="model", lr_warning_threshold=1e-3))
+    assert lr_warnings(recwarn) == [
+        "adapter learning rate 0.01 is above 0.001 (lr_warning_threshold): a fisher map concentrates adapter "
+        "capacity where the data pulls hardest, so it adapts faster and can overfit sooner than flat ranks; "
+        "consider at most 0.001 and watch validation closely"
+    ]
+    recwarn.clear()
+    fit(Task(lr=1e-2), AdaptiveLoRA(fisher_map=fisher_map, adapter_root="model", fragile=True, allow_fragile=True))
+    assert lr_warnings(recwarn)[0].startswith(
+        "adapter learning rate 0.01 is above 0.0001 (the ceiling for models marked fragile; set "
+        "lr_warning_threshold to change it)"
+    )
+    recwarn.clear()
+    fit(Task(lr=1e-5), AdaptiveLoRA(fisher_map=fisher_map, adapter_root="model", fragile=True, allow_fragile=True))
+    assert lr_warnings(recwarn) == []
 
 
 def test_fragile_model_needs_opt_in(fisher_map):
@@ -200,8 +231,47 @@ def test_tampered_map_fails_rank_verification(fisher_map, monkeypatch):
         return dataclasses.replace(plan, config=dataclasses.replace(plan.config, rank_pattern=pattern))
 
     monkeypatch.setattr(adaptive_lora, "plan_from_fisher_map", plan_with_a_wrong_rank)
+    task = Task()
     with pytest.raises(AdapterRankMismatchError, match="adapter rank"):
-        fit(Task(), AdaptiveLoRA(fisher_map=fisher_map, adapter_root="model"))
+        fit(task, AdaptiveLoRA(fisher_map=fisher_map, adapter_root="model"))
+    assert_as_built(task)
+
+
+def assert_as_built(task):
+    """The model is as its constructor left it: no adapter layer, every weight trainable, no PEFT config."""
+    fresh = type(task)()
+    assert [type(m) for m in task.modules()] == [type(m) for m in fresh.modules()]
+    assert task.state_dict().keys() == fresh.state_dict().keys()
+    assert all(p.requires_grad for p in task.parameters())
+    assert not hasattr(task.model, "peft_config")
+
+
+def test_an_injection_peft_refuses_leaves_the_model_as_it_was(fisher_map):
+    class Replaced(Task):
+        def __init__(self):
+            super().__init__()
+            self.model.layers[3] = nn.Identity()  # after layers 0-2, which PEFT wraps first
+
+    task = Replaced()
+    assert "model.layers.3" in fisher_map.ranks
+    with pytest.warns(UserWarning, match="shape differs: model.layers.3"), pytest.raises(ValueError, match="Identity"):
+        fit(task, AdaptiveLoRA(fisher_map=fisher_map, adapter_root="model", strict=False))
+    assert_as_built(task)
+
+
+def test_summary_counts_flat_lora_on_the_model_trained(fisher_map):
+    class MoreClasses(Task):
+        def __init__(self):
+            super().__init__(classes=7)  # model.out: [7, 16] here, [4, 16] in the map
+
+    callback = AdaptiveLoRA(fisher_map=fisher_map, adapter_root="model", strict=False)
+    task = MoreClasses()
+    task.lr = 1e-5
+    with pytest.warns(UserWarning, match="shape differs: model.out"):
+        fit(task, callback)
+    flat = fisher_map.budget.flat_lora_parameters + 4 * 3  # out's rank cost is 16 + 7, not 16 + 4
+    line = next(line for line in callback.summary.splitlines() if "trainable adapter parameters" in line)
+    assert line.endswith(f"flat rank 4 on all {len(fisher_map.modules)} candidates ({flat:,})")
 
 
 def test_resume_restores_adapter_shapes_and_weights(fisher_map, tmp_path):

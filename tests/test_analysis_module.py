@@ -311,3 +311,18 @@ def test_a_first_batch_of_non_finite_samples_is_skipped_and_the_analysis_goes_on
     fmap = analyze(Task(), data, trainer_kwargs=QUIET, **no_early_stop())
     assert fmap.analysis.skipped_samples == 8 and fmap.analysis.samples == 24
     assert fmap.summary().endswith("; 8 non-finite samples skipped")
+
+
+def test_reentrant_checkpointing_around_the_forward_is_named(tmp_path):
+    class Checkpointed(Task):
+        def forward(self, x):
+            # the input needs no grad, so reentrant checkpointing returns an output that needs none either
+            return torch.utils.checkpoint.checkpoint(super().forward, x, use_reentrant=True)
+
+    with pytest.raises(FisherAnalysisError) as excinfo:
+        analyze(Checkpointed(), loader(), trainer_kwargs=QUIET)
+    assert str(excinfo.value).startswith(
+        "the loss of Checkpointed.training_step does not depend on any candidate module (it does not require grad). "
+        "Likely cause: reentrant gradient checkpointing (torch.utils.checkpoint with use_reentrant=True"
+    )
+    assert "use_reentrant=False" in str(excinfo.value)

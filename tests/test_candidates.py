@@ -123,3 +123,23 @@ def test_peft_adapter_internals_are_skipped() -> None:
     names = list(select_candidates(injected))
     assert not any("lora_" in n or "base_layer" in n for n in names)
     assert "encoder.0.value" in names and "encoder.0.query" not in names  # query is now a LoRA layer
+
+
+def test_patterns_that_match_no_candidate_warn() -> None:
+    model = Model()
+    with pytest.warns(UserWarning) as record:
+        selected = select_candidates(model, include=["query", "qurey"], exclude=["fcX", "encoder.0.query"])
+    assert list(selected) == ["encoder.1.query"]
+    messages = [str(w.message) for w in record]
+    assert [m.split(",")[0] for m in messages] == [
+        "include pattern 'qurey' matches no candidate module",
+        "exclude pattern 'fcX' matches no candidate module",
+    ]
+    assert messages[1].startswith(
+        "exclude pattern 'fcX' matches no candidate module, so it has no effect (candidates: encoder.0.query (Linear), "
+    )
+
+
+def test_patterns_that_match_warn_nothing(recwarn) -> None:
+    select_candidates(Model(), include=r"encoder\..*", exclude="head.classifier")
+    assert not [w for w in recwarn if "matches no candidate" in str(w.message)]

@@ -123,6 +123,74 @@ def test_dataset_folder_errors(tmp_path, capsys):
     assert "holds no sample files" in capsys.readouterr().err
 
 
+def cli_error(capsys):
+    """The line the command printed for an error (Lightning's own start-up lines may precede it)."""
+    lines = [line for line in capsys.readouterr().err.splitlines() if ": error: " in line]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "argv, line",
+    [
+        (["analyze", "--dataset-dir", "data"],
+         "lightning-fisher analyze: error: the following arguments are required: model "
+         "(--model my_pkg.MyModule, or model: in a --config file)"),
+        (["fit", "--dataset-dir", "data"],
+         "lightning-fisher fit: error: the following arguments are required: model "
+         "(--model my_pkg.MyModule, or model: in a --config file)"),
+        (["analyze", "--config", "/no/such.yaml"],
+         "lightning-fisher analyze: error: config: File does not exist: '/no/such.yaml'"),
+        (["analyze", *MODEL, "--dataset-dir", "data", "--no-such-flag", "1"],
+         "lightning-fisher analyze: error: unrecognized arguments: --no_such_flag 1"),
+        (["analyze", *MODEL, "--dataset-dir", "data", "--model", "no_such_module.Model"],
+         "lightning-fisher analyze: error: model: Problem with given class_path 'no_such_module.Model': "
+         "No module named 'no_such_module'"),
+    ],
+)
+def test_parse_errors_are_one_line_and_exit_2(argv, line, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [line]
+
+
+def test_missing_dataset_folder_is_one_line(tmp_path, capsys):
+    assert main(analyze_args(tmp_path / "missing")) == 1
+    assert cli_error(capsys) == (
+        f"lightning-fisher analyze: error: dataset_dir {tmp_path / 'missing'} does not exist; it should be a dataset "
+        "folder with one .pt or .safetensors file per sample (run your preprocessing first)"
+    )
+
+
+def test_errors_in_the_users_model_file_show_file_and_line(dataset, tmp_path, monkeypatch, capsys):
+    code = "import lightning.pytorch as pl\n\ndef helper():\n    raise RuntimeError('boom at import')\n\nhelper()\n"
+    (tmp_path / "broken_model.py").write_text(code + "\nclass Model(pl.LightningModule):\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["analyze", "--model", "broken_model.Model", "--dataset-dir", str(dataset)]) == 2
+    assert cli_error(capsys) == (
+        "lightning-fisher analyze: error: importing broken_model.Model failed: RuntimeError: boom at import "
+        f"({tmp_path / 'broken_model.py'}, line 4, in helper)"
+    )
+    # building the model: the line in its __init__
+    assert main(analyze_args(dataset, "--model.init_args.width", "-3")) == 1
+    line = cli_error(capsys)
+    assert line.startswith(
+        "lightning-fisher analyze: error: cli_models.TinyClassifier raised: RuntimeError: Trying to create tensor "
+        "with negative dimension -3"
+    )
+    source = (TESTS / "cli_models.py").read_text().splitlines()
+    number = next(i for i, text in enumerate(source, 1) if "self.backbone = nn.Sequential" in text)
+    assert line.endswith(f"({TESTS / 'cli_models.py'}, line {number}, in <listcomp>)")
+
+
+def test_shortcut_flags_in_a_config_file_are_refused(dataset, capsys):
+    assert main(analyze_args(dataset, "--config", "checkpoint_dir: ckpt")) == 1
+    assert cli_error(capsys) == (
+        "lightning-fisher analyze: error: checkpoint_dir: in a config file write model.init_args.checkpoint_dir "
+        "(the flag --checkpoint-dir is a command-line shortcut)"
+    )
+
+
 def test_corrupt_sample_is_named(dataset, capsys):
     (dataset / "sample_000000.pt").write_bytes(b"not a tensor file")  # read when the data is set up
     assert main(analyze_args(dataset)) == 1
@@ -150,14 +218,57 @@ def test_fragile_model_needs_opt_in(dataset, tmp_path, capsys):
 
 def test_console_script_end_to_end(dataset, tmp_path):
     """The installed entry point, as a user runs it."""
-    env = dict(os.environ, PYTHONPATH=str(TESTS))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")])))
     script = Path(sys.executable).parent / "lightning-fisher"
     run = subprocess.run([str(script), *analyze_args(dataset)], capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert "fisher map written to" in run.stdout + run.stderr
+    output = run.stdout + run.stderr
+    assert "fisher map written to" in output
+    # the seed is passed through once, and Lightning's noise stays out of the command's output
+    assert output.count("Seed set to 0") == 1 and "No seed found" not in output
+    assert "Tip:" not in output and "LeafSpec" not in output
     help_text = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120).stdout
     assert "analyze" in help_text and "demo" in help_text
     json.loads((dataset / "fisher_map.json").read_text())
+
+
+def test_help_lists_the_shortcuts_and_describes_the_subcommands():
+    script = Path(sys.executable).parent / "lightning-fisher"
+    analyze = subprocess.run([str(script), "analyze", "--help"], capture_output=True, text=True, timeout=120).stdout
+    fit = subprocess.run([str(script), "fit", "--help"], capture_output=True, text=True, timeout=120).stdout
+    assert "--checkpoint-dir DIR" in analyze and "--checkpoint-dir DIR" in fit and "--ignore-fisher-map" in fit
+    assert "FisherAnalysisModule" not in analyze + fit  # the wrapper is not a model to pass
+    assert "Train with LoRA adapters: a fisher_map.json in the dataset folder sets the ranks" in " ".join(fit.split())
+    assert "Fisher analysis: run your model's training_step" in " ".join(analyze.split())
+
+
+def test_demo_help_lists_the_tasks(capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "reviews: all-MiniLM-L6-v2 classifying drug-review conditions" in text
+    assert "digits: a flow-matching model" in text and "(epochs 10, rank 4, rank-min 1" in text
+
+
+def test_lightning_tips_are_filtered_only_inside_the_command():
+    import logging
+
+    from lightning_fisher.cli.quiet import lightning_noise_filtered
+
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger.addHandler(handler)
+    try:
+        with lightning_noise_filtered():
+            logger.warning("💡 Tip: For seamless cloud logging, try installing litlogger")
+            logger.warning("fisher map written to x")
+        logger.warning("💡 Tip: after the command, a library user sees it")
+    finally:
+        logger.removeHandler(handler)
+    assert [r.getMessage() for r in records] == [
+        "fisher map written to x", "💡 Tip: after the command, a library user sees it"]
 
 
 def test_show_prints_table_and_writes_plot(dataset, tmp_path, capsys):

@@ -144,3 +144,10 @@ def test_fit_summary_with_a_map(fisher_map):
     assert len(text.splitlines()) == 5
     with pytest.raises(ValueError, match="MapApplication"):
         fit_summary(fisher_map, None, ranks={}, trainable_parameters=0)
+    # flat LoRA counted on the model trained: under adapter_root, or with other shapes
+    text = fit_summary(fisher_map, plain, ranks=plain.ranks, trainable_parameters=1000, adapter_root="encoder",
+                       flat=(2, 500))
+    assert text.splitlines()[3] == (
+        "  trainable adapter parameters: 1,000 = 2.00x flat rank 8 on the 2 candidates under adapter_root 'encoder' (500)")
+    text = fit_summary(fisher_map, plain, ranks=plain.ranks, trainable_parameters=1000, flat=(28, 4000))
+    assert text.splitlines()[3].endswith("= 0.25x flat rank 8 on all 28 candidates (4,000)")

@@ -1,7 +1,7 @@
 """The report package (``lightning-fisher show``): its public names and what it imports.
 
 Each concern has its own test file: test_report_grid.py, test_report_table.py,
-test_report_plot.py; the header and title text is tested in test_map_summary.py.
+test_report_plot.py, test_report_export.py; the header and title text is tested in test_map_summary.py.
 """
 
 import ast
@@ -11,8 +11,8 @@ import sys
 
 from lightning_fisher import report
 
-REPORT_MODULES = ["lightning_fisher.report", "lightning_fisher.report.grid", "lightning_fisher.report.plot",
-                  "lightning_fisher.report.table"]
+REPORT_MODULES = ["lightning_fisher.report", "lightning_fisher.report.export", "lightning_fisher.report.grid",
+                  "lightning_fisher.report.plot", "lightning_fisher.report.table"]
 #: What the report may import from the library at module level: the map and stdlib-only helpers.
 LIBRARY_IMPORTS = {
     "lightning_fisher.atomic_io",
@@ -39,7 +39,8 @@ def _not_stdlib(names: set[str]) -> set[str]:
 
 def test_public_names():
     assert set(report.__all__) == {
-        "PLOT_INSTALL_HINT", "TOP_BLOCK", "format_map_table", "map_matrix", "plot_map", "split_module_name"
+        "PLOT_INSTALL_HINT", "TOP_BLOCK", "format_map_table", "map_csv", "map_json", "map_matrix", "module_rows",
+        "plot_map", "split_module_name",
     }
     for name in report.__all__:
         assert getattr(report, name) is not None, name

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
+from argparse import ArgumentError
 from collections.abc import Sequence
 from typing import Callable, Optional
 
@@ -99,6 +100,8 @@ SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``lightning-fisher`` console script."""
+    from lightning_fisher.cli.error_reason import error_reason
+    from lightning_fisher.cli.quiet import lightning_noise_filtered
     from lightning_fisher.errors import LightningFisherError
 
     args = list(sys.argv[1:] if argv is None else argv)
@@ -115,13 +118,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"lightning-fisher: unknown subcommand {args[0]!r}\n\n{USAGE}", end="", file=sys.stderr)
         return 2
     try:
-        return command(args[1:])
-    except (LightningFisherError, ValueError, ImportError) as error:
+        with lightning_noise_filtered():
+            return command(args[1:])
+    except (ArgumentError, LightningFisherError, ValueError, ImportError) as error:
         if os.environ.get("LIGHTNING_FISHER_DEBUG"):
             raise
-        # Problems with the user's input: the message says what to do, a traceback would not.
-        print(f"lightning-fisher {args[0]}: error: {error}", file=sys.stderr)
-        return 1
+        # Problems with the user's input: the reason says what to do, a traceback or the
+        # parser's usage (60 lines for a LightningCLI) would bury it. Parse errors exit 2, as
+        # argparse's do; everything else 1.
+        print(f"lightning-fisher {args[0]}: error: {error_reason(error)}", file=sys.stderr)
+        return 2 if isinstance(error, ArgumentError) else 1
 
 
 if __name__ == "__main__":  # pragma: no cover

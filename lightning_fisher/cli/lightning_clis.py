@@ -11,6 +11,7 @@ therefore take a ``dataset_dir`` argument. ``fit`` always carries an
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import sys
@@ -23,7 +24,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_fisher.allocation_settings import AllocationSettings
-from lightning_fisher.cli.arguments import normalize_flags
+from lightning_fisher.cli.arguments import ALIASES, normalize_flags
 from lightning_fisher.stability import StabilityRule
 from lightning_fisher.timesteps import FOCUS_HELP, TimestepFocus
 from lightning_fisher.training.adaptive_lora import AdaptiveLoRA
@@ -31,6 +32,45 @@ from lightning_fisher.training.adaptive_lora import AdaptiveLoRA
 __all__ = ["AnalyzeCLI", "TrainCLI", "build_analyze_cli", "run_analyze", "run_trainer_subcommand"]
 
 DEFAULT_DATA = {"class_path": "lightning_fisher.TensorDirectoryDataModule"}
+
+
+# The descriptions `--help` starts with.
+DESCRIPTIONS = {
+    "analyze": "Fisher analysis: run your model's training_step on the dataset folder, score every candidate "
+    "module, and write fisher_map.json (per-module LoRA ranks) into the folder, or to --output. A map already "
+    "there is kept as fisher_map.json.bak.",
+    "fit": "Train with LoRA adapters: a fisher_map.json in the dataset folder sets the ranks (AdaptiveLoRA); "
+    "without one, or with --ignore-fisher-map, every candidate module gets flat LoRA.",
+    "validate": "Validate with the same adapters as fit (from the map, or flat); --ckpt_path loads a fit checkpoint.",
+    "test": "Test with the same adapters as fit (from the map, or flat); --ckpt_path loads a fit checkpoint.",
+}
+
+# Command-line shortcuts (rewritten by normalize_flags before parsing): listed in --help, and
+# refused in a config file, where the full key is the one place the value goes.
+SHORTCUT_HELP = {
+    "--checkpoint-dir": ("DIR", "Passed to your model as checkpoint_dir (where its pretrained weights are); "
+                         "same as --model.init_args.checkpoint_dir DIR."),
+    "--ignore-fisher-map": (None, "Train flat LoRA at the map's base rank even when a map exists; "
+                            "same as --adaptive_lora.ignore_fisher_map true."),
+}
+
+
+def _add_shortcuts(parser, flags: tuple[str, ...]) -> None:
+    group = parser.add_argument_group("Shortcuts")
+    for flag in flags:
+        metavar, help_text = SHORTCUT_HELP[flag]
+        if metavar is None:
+            group.add_argument(flag, nargs="?", metavar="true|false", default=argparse.SUPPRESS, help=help_text)
+        else:
+            group.add_argument(flag, metavar=metavar, default=argparse.SUPPRESS, help=help_text)
+
+
+def _refuse_shortcuts_in_config(config) -> None:
+    for flag in SHORTCUT_HELP:
+        key = flag[2:].replace("-", "_")
+        if key in config:
+            full = ALIASES["--" + key].lstrip("-")
+            raise ValueError(f"{key}: in a config file write {full} (the flag {flag} is a command-line shortcut)")
 
 
 def _add_dataset_dir(parser, *, required: bool) -> None:
@@ -49,8 +89,18 @@ def _add_dataset_dir(parser, *, required: bool) -> None:
 class AnalyzeCLI(LightningCLI):
     """Parses ``lightning-fisher analyze``; :func:`run_analyze` runs it."""
 
+    def add_default_arguments_to_parser(self, parser) -> None:
+        # Lightning's own option, here only as the target of --seed (linked below): analyze has one seed.
+        parser.add_argument(
+            "--seed_everything",
+            type=Union[bool, int],
+            default=False,
+            help="Set from --seed: seed_everything(seed) runs before the model is built (no seed: not run).",
+        )
+
     def add_arguments_to_parser(self, parser) -> None:
         _add_dataset_dir(parser, required=True)
+        _add_shortcuts(parser, ("--checkpoint-dir",))
         add = parser.add_argument
         add("--output", type=Optional[str], default=None, help="Map file or folder (default: the dataset folder).")
         _add_settings_flags(parser, AllocationSettings, only=("rank", "rank_min", "rank_max", "mode", "criterion"))
@@ -61,7 +111,9 @@ class AnalyzeCLI(LightningCLI):
             help="Diffusion / flow models: " + "; ".join(f"{k}: {v}" for k, v in FOCUS_HELP.items()) + ".",
         )
         _add_settings_flags(parser, StabilityRule)
-        add("--seed", type=Optional[int], default=0, help="Seeds sample order, noise and timesteps.")
+        add("--seed", type=Optional[int], default=0, help="Seeds building the model, sample order, noise and timesteps.")
+        # One seed option: --seed also seeds building the model (Lightning's seed_everything).
+        parser.link_arguments("seed", "seed_everything", compute_fn=_seed_or_false, apply_on="parse")
         add(
             "--include",
             type=Optional[Union[list[str], str]],
@@ -83,9 +135,14 @@ class AnalyzeCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         # Parsed and checked once, before the model is built; run_analyze passes the objects on.
         config = self.config
+        _refuse_shortcuts_in_config(config)
         self.timestep_focus = TimestepFocus.parse(config.timestep_focus)
         self.allocation = _settings_from(config, AllocationSettings)
         self.stopping = _settings_from(config, StabilityRule)
+
+
+def _seed_or_false(seed: Optional[int]) -> Union[bool, int]:
+    return False if seed is None else seed
 
 
 def _add_settings_flags(parser, settings: type, *, only: Optional[tuple[str, ...]] = None) -> None:
@@ -106,7 +163,11 @@ class TrainCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         _add_dataset_dir(parser, required=False)
+        _add_shortcuts(parser, ("--checkpoint-dir", "--ignore-fisher-map"))
         parser.add_lightning_class_args(AdaptiveLoRA, "adaptive_lora")
+
+    def before_instantiate_classes(self) -> None:
+        _refuse_shortcuts_in_config(self.config[self.subcommand])
 
 
 def _patterns(value: Union[list[str], str, None]) -> Optional[list[str]]:
@@ -126,8 +187,14 @@ def _args_from_caller():
 
 
 def build_analyze_cli(args: list[str], *, exit_on_error: bool = True) -> AnalyzeCLI:
-    """Parse ``analyze`` arguments and instantiate model, datamodule and trainer (nothing runs)."""
-    parser_kwargs = {"prog": "lightning-fisher analyze", "description": "Fisher analysis: write fisher_map.json."}
+    """Parse ``analyze`` arguments and instantiate model, datamodule and trainer (nothing runs).
+
+    Args:
+        args: the command line after ``analyze``.
+        exit_on_error: print the usage and exit on a parse error (jsonargparse's way); ``False``
+            raises ``argparse.ArgumentError`` instead (the console script prints one line).
+    """
+    parser_kwargs = {"prog": "lightning-fisher analyze", "description": DESCRIPTIONS["analyze"]}
     if not exit_on_error:
         parser_kwargs["exit_on_error"] = False
     with _args_from_caller():
@@ -156,9 +223,11 @@ def build_analyze_cli(args: list[str], *, exit_on_error: bool = True) -> Analyze
 
 
 def run_analyze(argv: list[str]) -> int:
+    cli = build_analyze_cli(argv, exit_on_error=False)
+    # Imported after parsing: --help would otherwise list the analysis wrapper among the
+    # known LightningModule subclasses, as if it were a model to pass.
     from lightning_fisher.training.analyze import analyze
 
-    cli = build_analyze_cli(argv)
     c = cli.config
     fisher_map = analyze(
         cli.model,
@@ -197,8 +266,17 @@ def _run_train_cli(subcommand: str, argv: list[str]) -> None:
         LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
+        # 0 is the seed Lightning would pick anyway, without its "No seed found" warning.
+        seed_everything_default=0,
         args=[subcommand, *normalize_flags(argv)],
-        parser_kwargs={subcommand: {"prog": f"lightning-fisher {subcommand}"}},
+        parser_kwargs={
+            "exit_on_error": False,
+            subcommand: {
+                "prog": f"lightning-fisher {subcommand}",
+                "description": DESCRIPTIONS[subcommand],
+                "exit_on_error": False,
+            },
+        },
     )
 
 

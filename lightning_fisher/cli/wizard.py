@@ -1,11 +1,17 @@
 """``lightning-fisher wizard``: an interactive front end that writes an ``analyze`` config.
 
-The wizard asks, step by step, for what ``lightning-fisher analyze`` needs (model, dataset
-folder, timestep focus, rank budget), checks each answer where it is given, shows a summary
-with an estimated run time, and saves a YAML config in exactly the format
-``lightning-fisher analyze --config FILE`` reads. Running the analysis from the wizard calls
-that same command on that file, so the wizard is a way to *write* a config, never a second
-way to run the analysis.
+The wizard asks, step by step, for what ``lightning-fisher analyze`` needs (model and its
+required ``__init__`` arguments, dataset folder, timestep focus, rank budget), checks each
+answer where it is given, shows a summary with an estimated run time, and saves a YAML config
+in exactly the format ``lightning-fisher analyze --config FILE`` reads. Running the analysis
+from the wizard calls that same command on that file, so the wizard is a way to *write* a
+config, never a second way to run the analysis. At the end it prints the exact ``analyze``
+and ``fit`` commands (``fit`` takes flags, not the analysis config).
+
+``back`` at any question returns to the previous one. The timestep focus is asked only for a
+model with a ``timestep_sampler`` (read from its class, see
+:func:`~lightning_fisher.cli.wizard_answers.has_timestep_sampler`), the checkpoint folder only
+for one that takes ``checkpoint_dir``.
 
 Nothing is written before the last question is answered: Ctrl-C (exit status 130) or end of
 input (exit status 1) at any prompt leaves no config and no map behind. The saved config goes
@@ -30,7 +36,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, TypeVar
+from typing import Any, Callable, Optional, TypeVar
 
 from lightning_fisher.allocation import ALLOCATION_MODES
 from lightning_fisher.cli.wizard_answers import (
@@ -42,7 +48,10 @@ from lightning_fisher.cli.wizard_answers import (
     RankSettings,
     WizardAnswers,
     accepts_checkpoint_dir,
+    analyze_command,
     answers_to_config,
+    fit_command,
+    has_timestep_sampler,
     default_presets_dir,
     load_presets,
     parse_config_path,
@@ -53,6 +62,8 @@ from lightning_fisher.cli.wizard_answers import (
     parse_patterns,
     parse_positive_int,
     render_config,
+    required_init_arguments,
+    requires_checkpoint_dir,
     write_config,
 )
 from lightning_fisher.cli.wizard_estimate import RunTimeEstimate, analysis_batches, estimate_run_time, short_reason
@@ -60,6 +71,8 @@ from lightning_fisher.fisher_map import FISHER_MAP_FILENAME
 from lightning_fisher.timesteps import FOCUS_HELP, TimestepFocus
 
 __all__ = [
+    "BACK",
+    "GoBack",
     "Prompter",
     "RankSettings",
     "RunTimeEstimate",
@@ -108,8 +121,18 @@ FRAGILE_WARNING = """\
 # Asking
 
 
+#: Typed at any question, returns to the previous one.
+BACK = "back"
+
+
+class GoBack(Exception):
+    """The user typed ``back``: the previous question is asked again."""
+
+
 class Prompter:
     """Asks questions through ``input_fn`` and ``output_fn``; re-asks until an answer is valid.
+
+    The answer ``back`` (any case) raises :class:`GoBack` from every kind of question.
 
     Args:
         input_fn: shows a prompt and returns the line typed (``input``). ``EOFError`` and
@@ -154,7 +177,7 @@ class Prompter:
         else:
             prompt = f"{question}: "
         while True:
-            answer = self.input_fn(prompt).strip()
+            answer = self._read(prompt)
             if not answer:
                 if default is not None:
                     answer = default
@@ -166,11 +189,17 @@ class Prompter:
             except ValueError as error:
                 self.warn(str(error))
 
+    def _read(self, prompt: str) -> str:
+        answer = self.input_fn(prompt).strip()
+        if answer.lower() == BACK:
+            raise GoBack
+        return answer
+
     def yes_no(self, question: str, *, default: bool) -> bool:
         """Ask a y/n question; Enter gives ``default``."""
         prompt = f"{question} [{'Y/n' if default else 'y/N'}]: "
         while True:
-            answer = self.input_fn(prompt).strip().lower()
+            answer = self._read(prompt).lower()
             if not answer:
                 return default
             if answer in ("y", "yes"):
@@ -210,8 +239,47 @@ class WizardPlan:
     run_now: bool
 
 
+# What a question handler returns besides its normal ``None`` (answered).
+SKIPPED = "skipped"  # nothing asked: ``back`` from the next question goes further back
+STOPPED = "stopped"  # the user stopped the wizard (the fragile-model warning)
+
+
+@dataclass(frozen=True)
+class Redo:
+    """Ask again from the earlier question ``question`` (an invalid rank budget, a refused overwrite)."""
+
+    question: str
+
+
+#: Step of each question (the ``[n/7]`` headers); ``arg:NAME`` questions belong to the model step.
+STEP_TITLES = {
+    1: "Model",
+    2: "Dataset",
+    3: "Timestep focus (diffusion / flow models)",
+    4: "Rank budget",
+    5: "Fragile model",
+    6: "Summary",
+    7: "Save and run",
+}
+QUESTION_STEPS = {
+    "model": 1, "checkpoint_dir": 1, "exclude": 1,
+    "dataset": 2, "batch_size": 2,
+    "focus": 3, "focus_range": 3,
+    "preset": 4, "rank": 4, "rank_min": 4, "rank_max": 4, "rank_mode": 4,
+    "fragile": 5, "fragile_confirm": 5,
+    "summary": 6,
+    "config_path": 7, "overwrite": 7, "run_now": 7,
+}
+_ARG = "arg:"
+
+
 class Wizard:
     """The questions, in order. :meth:`collect` returns the plan, or ``None`` when the user stops.
+
+    Each question is a method ``ask_<name>`` that reads and writes :attr:`state`. ``back`` at
+    any question asks the previous *asked* question again (those skipped, e.g. the timestep
+    focus of a model without a ``timestep_sampler``, are passed over); answers already given
+    further on are kept and offered again where they are defaults.
 
     Args:
         prompter: asks the questions.
@@ -221,7 +289,7 @@ class Wizard:
             :func:`estimate_run_time`).
     """
 
-    STEPS = 7
+    STEPS = len(STEP_TITLES)
 
     def __init__(
         self,
@@ -235,113 +303,225 @@ class Wizard:
         self.presets = dict(presets or {})
         self.save_config = save_config
         self.estimate = estimate
+        self.state: dict[str, Any] = {}
 
     def _step(self, number: int, title: str) -> None:
         self.prompter.say(f"\n[{number}/{self.STEPS}] {title}")
 
+    def _questions(self) -> list[str]:
+        arguments = [_ARG + argument.name for argument in self.state.get("required", [])]
+        return [
+            "model", *arguments, "checkpoint_dir", "exclude", "dataset", "batch_size", "focus", "focus_range",
+            "preset", "rank", "rank_min", "rank_max", "rank_mode", "fragile", "fragile_confirm", "summary",
+            "config_path", "overwrite", "run_now",
+        ]
+
     def collect(self) -> Optional[WizardPlan]:
         p = self.prompter
         p.say("lightning-fisher wizard: set up a Fisher analysis, which writes fisher_map.json (per-module")
-        p.say("LoRA ranks) into your dataset folder. Enter takes the [default]; Ctrl-C cancels.")
-        p.say("Nothing is written until the last question.")
+        p.say(f"LoRA ranks) into your dataset folder. Enter takes the [default]; '{BACK}' returns to the")
+        p.say("previous question; Ctrl-C cancels. Nothing is written until the last question.")
+        self.state = {"ranks": RankSettings(), "preset": None, "init_args": {}}
+        asked: list[str] = []
+        question: Optional[str] = "model"
+        shown_step = 0
+        while question is not None:
+            step = QUESTION_STEPS.get(question, 1)
+            if step != shown_step:
+                self._step(step, STEP_TITLES[step])
+                shown_step = step
+            try:
+                outcome = self._ask(question)
+            except GoBack:
+                if not asked:
+                    p.warn("this is the first question")
+                    continue
+                question = asked.pop()
+                shown_step = 0  # show where we are again
+                continue
+            if outcome == STOPPED:
+                return None
+            if isinstance(outcome, Redo):
+                while asked and asked[-1] != outcome.question:
+                    asked.pop()
+                if asked:
+                    asked.pop()
+                question = outcome.question
+                continue
+            if outcome != SKIPPED:
+                asked.append(question)
+            questions = self._questions()
+            position = questions.index(question) + 1
+            question = questions[position] if position < len(questions) else None
+        return WizardPlan(self._answers(), self.state["config_path"], self.state["run_now"])
 
-        self._step(1, "Model")
-        model, checkpoint_dir, exclude = self.ask_model()
-        self._step(2, "Dataset")
-        dataset, batch_size = self.ask_dataset()
-        self._step(3, "Timestep focus (diffusion / flow models; other models: keep balanced)")
-        focus = self.ask_focus()
-        self._step(4, "Rank budget")
-        ranks, preset = self.ask_ranks()
-        self._step(5, "Fragile model")
-        fragile = p.yes_no("Is this a distilled / few-step ('turbo') model?", default=False)
-        if fragile and not self.confirm_fragile():
-            p.say("stopped: nothing written. Prefer the base model, or train flat-rank LoRA without a map.")
-            return None
-        answers = WizardAnswers(
-            model=model,
+    def _ask(self, question: str) -> Any:
+        if question.startswith(_ARG):
+            return self.ask_init_argument(question[len(_ARG):])
+        return getattr(self, f"ask_{question}")()
+
+    def _answers(self) -> WizardAnswers:
+        state = self.state
+        dataset: DatasetFolder = state["dataset"]
+        required = [argument.name for argument in state.get("required", [])]
+        return WizardAnswers(
+            model=state["model"],
             dataset_dir=dataset.path,
-            checkpoint_dir=checkpoint_dir,
-            exclude=exclude,
+            checkpoint_dir=state.get("checkpoint_dir"),
+            init_args={name: state["init_args"][name] for name in required},
+            exclude=state["exclude"],
             num_samples=len(dataset.files),
-            batch_size=batch_size,
-            timestep_focus=focus,
-            ranks=ranks,
-            preset=preset,
-            fragile=fragile,
+            batch_size=state["batch_size"],
+            timestep_focus=state.get("focus", "balanced"),
+            ranks=state["ranks"],
+            preset=state["preset"],
+            fragile=state["fragile"],
         )
-        self._step(6, "Summary")
-        self.show_summary(answers, dataset)
-        self._step(7, "Save and run")
-        config_path = self.ask_config_path(answers)
-        run_now = p.yes_no("Run the analysis now?", default=True)
-        return WizardPlan(answers, config_path, run_now)
 
-    # -- steps -------------------------------------------------------------------------------
+    # -- step 1: model -----------------------------------------------------------------------
 
-    def ask_model(self) -> tuple[str, Optional[str], list[str]]:
+    def ask_model(self) -> None:
+        model = self.prompter.ask(
+            "LightningModule class path", default=self.state.get("model", DEMO_MODEL), parse=parse_model_class
+        )
+        if model != self.state.get("model"):
+            self.state["init_args"] = {}
+        self.state["model"] = model
+        self.state["required"] = required_init_arguments(model)
+        if self.state["required"]:
+            names = ", ".join(argument.name for argument in self.state["required"])
+            self.prompter.say(f"  {model.rpartition('.')[2]} needs: {names}")
+
+    def ask_init_argument(self, name: str) -> None:
+        argument = next(a for a in self.state["required"] if a.name == name)
+        previous = self.state["init_args"].get(name)
+        self.state["init_args"][name] = self.prompter.ask(
+            f"{name} ({argument.describe()})",
+            default=None if previous is None else str(previous),
+            parse=argument.parse,
+        )
+
+    def ask_checkpoint_dir(self) -> Any:
+        model = self.state["model"]
+        if not accepts_checkpoint_dir(model):
+            self.prompter.say(f"  ({model.rpartition('.')[2]} takes no checkpoint_dir argument: no checkpoint folder to ask for)")
+            self.state["checkpoint_dir"] = None
+            return SKIPPED
+        empty = None if requires_checkpoint_dir(model) else "the model's own default"
+        self.state["checkpoint_dir"] = self.prompter.ask("Checkpoint folder", parse=parse_folder, empty=empty)
+        return None
+
+    def ask_exclude(self) -> None:
         p = self.prompter
-        model = p.ask("LightningModule class path", default=DEMO_MODEL, parse=parse_model_class)
-        checkpoint_dir = None
-        if accepts_checkpoint_dir(model):
-            checkpoint_dir = p.ask("Checkpoint folder", parse=parse_folder, empty="the model's own default")
-        else:
-            p.say(f"  ({model.rpartition('.')[2]} takes no checkpoint_dir argument: no checkpoint folder to ask for)")
         p.say("  Modules to leave out of the analysis, e.g. a freshly initialised head")
         p.say("  (comma-separated name patterns; 'none' for none).")
-        exclude = p.ask(
+        self.state["exclude"] = p.ask(
             "Exclude",
-            default=",".join(DEMO_EXCLUDE) if model == DEMO_MODEL else None,
+            default=",".join(DEMO_EXCLUDE) if self.state["model"] == DEMO_MODEL else None,
             parse=parse_patterns,
             empty="none",
         )
-        return model, checkpoint_dir, exclude
 
-    def ask_dataset(self) -> tuple[DatasetFolder, int]:
+    # -- step 2: dataset ---------------------------------------------------------------------
+
+    def ask_dataset(self) -> None:
         p = self.prompter
         dataset = p.ask("Dataset folder (one .pt / .safetensors sample per file)", parse=parse_dataset_folder)
         p.say(f"  found {dataset.describe()}")
         existing_map = Path(dataset.path) / FISHER_MAP_FILENAME
         if existing_map.exists():
-            p.warn(f"{existing_map} already exists; the analysis will overwrite it")
-        batch_size = p.ask("Batch size", default=str(DEFAULT_BATCH_SIZE), parse=parse_positive_int)
-        return dataset, batch_size
+            p.warn(f"{existing_map} already exists; the analysis will replace it and keep it as {existing_map.name}.bak")
+        self.state["dataset"] = dataset
 
-    def ask_focus(self) -> str:
+    def ask_batch_size(self) -> None:
+        default = str(self.state.get("batch_size", DEFAULT_BATCH_SIZE))
+        self.state["batch_size"] = self.prompter.ask("Batch size", default=default, parse=parse_positive_int)
+
+    # -- step 3: timestep focus --------------------------------------------------------------
+
+    def ask_focus(self) -> Any:
         p = self.prompter
+        model = self.state["model"]
+        if not has_timestep_sampler(model):
+            p.say(f"  ({model.rpartition('.')[2]} has no timestep_sampler: the analysis draws what its training_step")
+            p.say("  draws, so there is no timestep focus to choose)")
+            self.state["focus"] = "balanced"
+            return SKIPPED
         for name, text in FOCUS_HELP.items():
             p.say(f"  {name:<10} {text}")
-        name = p.choice("Timestep focus", list(FOCUS_HELP), default="balanced")
-        if name != "custom":
-            return name
-        return p.ask("Range LO,HI", default="0.2,0.5", parse=parse_focus_range)
+        self.state["focus"] = p.choice("Timestep focus", list(FOCUS_HELP), default="balanced")
+        return None
 
-    def ask_ranks(self) -> tuple[RankSettings, Optional[str]]:
+    def ask_focus_range(self) -> Any:
+        if self.state["focus"] != "custom":
+            return SKIPPED
+        self.state["focus"] = self.prompter.ask("Range LO,HI", default="0.2,0.5", parse=parse_focus_range)
+        return None
+
+    # -- step 4: rank budget -----------------------------------------------------------------
+
+    def ask_preset(self) -> Any:
         p = self.prompter
-        settings, preset = RankSettings(), None
-        if self.presets:
-            for name, values in self.presets.items():
-                p.say(f"  {name:<10} {values.describe()}")
-            answer = p.choice("Start from a preset?", ["none", *self.presets], default="none")
-            if answer != "none":
-                settings, preset = self.presets[answer], answer
-        for mode, text in MODE_HELP.items():
-            p.say(f"  {mode:<10} {text}")
-        while True:
-            rank = p.ask("Base rank", default=str(settings.rank), parse=parse_positive_int)
-            rank_min = p.ask("Minimum rank", default=str(settings.rank_min), parse=parse_positive_int)
-            rank_max = p.ask("Maximum rank", default=str(settings.rank_max), parse=parse_positive_int)
-            mode = p.choice("Rank mode", list(ALLOCATION_MODES), default=settings.mode)
-            try:
-                return RankSettings(rank, rank_min, rank_max, mode), preset
-            except ValueError as error:
-                p.warn(f"{error}; enter the rank budget again")
+        if not self.presets:
+            return SKIPPED
+        for name, values in self.presets.items():
+            p.say(f"  {name:<10} {values.describe()}")
+        answer = p.choice("Start from a preset?", ["none", *self.presets], default="none")
+        self.state["ranks"], self.state["preset"] = (
+            (RankSettings(), None) if answer == "none" else (self.presets[answer], answer)
+        )
+        return None
 
-    def confirm_fragile(self) -> bool:
+    def ask_rank(self) -> None:
+        for mode, text in MODE_HELP.items():
+            self.prompter.say(f"  {mode:<10} {text}")
+        self.state["rank"] = self.prompter.ask(
+            "Base rank", default=str(self.state["ranks"].rank), parse=parse_positive_int
+        )
+
+    def ask_rank_min(self) -> None:
+        self.state["rank_min"] = self.prompter.ask(
+            "Minimum rank", default=str(self.state["ranks"].rank_min), parse=parse_positive_int
+        )
+
+    def ask_rank_max(self) -> None:
+        self.state["rank_max"] = self.prompter.ask(
+            "Maximum rank", default=str(self.state["ranks"].rank_max), parse=parse_positive_int
+        )
+
+    def ask_rank_mode(self) -> Any:
+        mode = self.prompter.choice("Rank mode", list(ALLOCATION_MODES), default=self.state["ranks"].mode)
+        try:
+            # the defaults offered next time are the last valid budget, so Enter cannot loop
+            self.state["ranks"] = RankSettings(
+                self.state["rank"], self.state["rank_min"], self.state["rank_max"], mode
+            )
+        except ValueError as error:
+            self.prompter.warn(f"{error}; enter the rank budget again")
+            return Redo("rank")
+        return None
+
+    # -- step 5: fragile model ---------------------------------------------------------------
+
+    def ask_fragile(self) -> None:
+        self.state["fragile"] = self.prompter.yes_no("Is this a distilled / few-step ('turbo') model?", default=False)
+
+    def ask_fragile_confirm(self) -> Any:
+        if not self.state["fragile"]:
+            return SKIPPED
         self.prompter.say(FRAGILE_WARNING)
         self.prompter.say("  Any answer but 'yes' stops here without writing anything.")
         answer = self.prompter.ask("Type 'yes' to continue with this model anyway", empty="stop")
-        return answer.lower() == "yes"
+        if answer.lower() != "yes":
+            self.prompter.say("stopped: nothing written. Prefer the base model, or train flat-rank LoRA without a map.")
+            return STOPPED
+        return None
+
+    # -- step 6: summary ---------------------------------------------------------------------
+
+    def ask_summary(self) -> str:
+        self.show_summary(self._answers(), self.state["dataset"])
+        return SKIPPED
 
     def show_summary(self, answers: WizardAnswers, dataset: DatasetFolder) -> None:
         p = self.prompter
@@ -357,8 +537,10 @@ class Wizard:
         focus_text = focus.describe()
         ranks = answers.ranks.describe() + (f" (from preset {answers.preset})" if answers.preset else "")
         batches = max(1, math.ceil(answers.num_samples / answers.batch_size))
-        rows = [
-            ("model", answers.model),
+        rows = [("model", answers.model)]
+        if answers.init_args:
+            rows.append(("model arguments", ", ".join(f"{k}={v!r}" for k, v in answers.init_args.items())))
+        rows += [
             ("checkpoint", answers.checkpoint_dir or "(the model's own default)"),
             ("exclude", ", ".join(answers.exclude) or "(nothing)"),
             ("dataset folder", answers.dataset_dir),
@@ -374,12 +556,20 @@ class Wizard:
         if answers.fragile:
             p.warn(f"fragile model: train on the map with `lightning-fisher fit ... {FRAGILE_FIT_FLAGS}`")
 
-    def ask_config_path(self, answers: WizardAnswers) -> Path:
-        default = self.save_config or str(Path(answers.dataset_dir) / CONFIG_FILENAME)
-        while True:
-            path = self.prompter.ask("Save the config to", default=default, parse=parse_config_path)
-            if not path.exists() or self.prompter.yes_no(f"{path} exists. Overwrite it?", default=False):
-                return path
+    # -- step 7: save and run ----------------------------------------------------------------
+
+    def ask_config_path(self) -> None:
+        default = self.save_config or str(Path(self.state["dataset"].path) / CONFIG_FILENAME)
+        self.state["config_path"] = self.prompter.ask("Save the config to", default=default, parse=parse_config_path)
+
+    def ask_overwrite(self) -> Any:
+        path = self.state["config_path"]
+        if not path.exists():
+            return SKIPPED
+        return None if self.prompter.yes_no(f"{path} exists. Overwrite it?", default=False) else Redo("config_path")
+
+    def ask_run_now(self) -> None:
+        self.state["run_now"] = self.prompter.yes_no("Run the analysis now?", default=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -441,11 +631,15 @@ def run_wizard(argv: list[str]) -> int:
     except OSError as error:
         print(f"lightning-fisher wizard: error: cannot write {plan.config_path}: {error}", file=sys.stderr)
         return 1
-    command = f"lightning-fisher analyze --config {plan.config_path}"
+    command = analyze_command(plan.config_path)
     prompter.say(f"config saved to {plan.config_path}")
-    fit_hint = f"then train: lightning-fisher fit ... --dataset-dir {plan.answers.dataset_dir}"
-    if plan.answers.fragile:
-        fit_hint += f" {FRAGILE_FIT_FLAGS}"
+    fit_hint = "then train with the map (fit takes these flags, not the analysis config):\n  " + fit_command(plan.answers)
+    if plan.answers.exclude and plan.answers.model != DEMO_MODEL:
+        fit_hint += (
+            "\n  (modules you left out get no adapter; PEFT freezes every other weight under the adapter root, "
+            "so to train a new head fully add --adaptive_lora.adapter_root NAME of the submodule that holds the "
+            "adapted layers)"
+        )
     if not plan.run_now:
         prompter.say(f"run the analysis later with:\n  {command}\n{fit_hint}")
         return 0

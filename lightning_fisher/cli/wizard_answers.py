@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import json
 import os
 import re
+import shlex
+import typing
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -23,6 +26,7 @@ import yaml
 import lightning_fisher
 from lightning_fisher.allocation_settings import AllocationSettings
 from lightning_fisher.atomic_io import write_text_atomic
+from lightning_fisher.cli.error_reason import user_frame
 from lightning_fisher.errors import DatasetFolderError
 from lightning_fisher.tensor_folder import list_sample_files
 from lightning_fisher.timesteps import TimestepFocus
@@ -31,8 +35,12 @@ __all__ = [
     "DatasetFolder",
     "RankSettings",
     "WizardAnswers",
+    "InitArgument",
     "accepts_checkpoint_dir",
+    "analyze_command",
     "answers_to_config",
+    "fit_command",
+    "has_timestep_sampler",
     "default_presets_dir",
     "load_preset",
     "load_presets",
@@ -43,7 +51,10 @@ __all__ = [
     "parse_model_class",
     "parse_patterns",
     "parse_positive_int",
+    "parse_typed",
     "render_config",
+    "required_init_arguments",
+    "requires_checkpoint_dir",
     "write_config",
 ]
 
@@ -77,7 +88,9 @@ def _import_class(class_path: str) -> Any:
     try:
         module = importlib.import_module(module_name)
     except Exception as error:  # any error in the user's module: report it, do not crash the wizard
-        raise ValueError(f"cannot import module {module_name!r}: {type(error).__name__}: {error}") from None
+        frame = user_frame(error)
+        where = f" ({frame.filename}, line {frame.lineno}, in {frame.name})" if frame else ""
+        raise ValueError(f"cannot import module {module_name!r}: {type(error).__name__}: {error}{where}") from None
     try:
         return getattr(module, name)
     except AttributeError:
@@ -86,11 +99,128 @@ def _import_class(class_path: str) -> Any:
 
 def accepts_checkpoint_dir(class_path: str) -> bool:
     """Whether the model's ``__init__`` takes ``checkpoint_dir`` (the ``--checkpoint-dir`` convention)."""
+    return "checkpoint_dir" in _init_parameters(class_path)
+
+
+def _init_parameters(class_path: str) -> dict[str, inspect.Parameter]:
     try:
-        parameters = inspect.signature(_import_class(class_path).__init__).parameters
+        return dict(inspect.signature(_import_class(class_path).__init__).parameters)
     except (TypeError, ValueError):
-        return False
-    return "checkpoint_dir" in parameters
+        return {}
+
+
+@dataclass(frozen=True)
+class InitArgument:
+    """A required argument of the model's ``__init__``: its name and annotation (``None``: none)."""
+
+    name: str
+    annotation: Any = None
+
+    def describe(self) -> str:
+        """The annotation as the question shows it, e.g. ``int``, ``Optional[int]`` or ``linear/cosine``."""
+        if self.annotation is None:
+            return "any YAML value"
+        if typing.get_origin(self.annotation) is typing.Literal:
+            return "/".join(str(value) for value in typing.get_args(self.annotation))
+        text = getattr(self.annotation, "__name__", None) if not typing.get_args(self.annotation) else None
+        return text or str(self.annotation).replace("typing.", "")
+
+    def parse(self, text: str) -> Any:
+        """The answer as a value of the annotation (see :func:`parse_typed`)."""
+        return parse_typed(text, self.annotation)
+
+
+def required_init_arguments(class_path: str) -> list[InitArgument]:
+    """The model's ``__init__`` arguments without a default (``checkpoint_dir`` has its own question).
+
+    Annotations are resolved (``from __future__ import annotations`` leaves strings); one that
+    cannot be resolved is taken as absent, so the answer is read as YAML.
+    """
+    model_class = _import_class(class_path)
+    try:
+        hints = typing.get_type_hints(model_class.__init__)
+    except Exception:  # a name only the type checker sees; the annotation is then unusable
+        hints = {}
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [
+        InitArgument(name, hints.get(name))
+        for name, parameter in _init_parameters(class_path).items()
+        if name not in ("self", "checkpoint_dir") and parameter.kind in kinds
+        and parameter.default is inspect.Parameter.empty
+    ]
+
+
+def requires_checkpoint_dir(class_path: str) -> bool:
+    """Whether ``checkpoint_dir`` is an argument of the model's ``__init__`` without a default."""
+    parameter = _init_parameters(class_path).get("checkpoint_dir")
+    return parameter is not None and parameter.default is inspect.Parameter.empty
+
+
+def has_timestep_sampler(class_path: str) -> bool:
+    """Whether the model has a ``timestep_sampler`` (the timestep focus applies only then).
+
+    Read from the class, without building the model: a class attribute, or the name in the
+    source of the class or a base class of the user's (where ``__init__`` or ``setup`` sets
+    ``self.timestep_sampler``). When no source can be read, the answer is yes: asking the
+    question then is harmless, skipping it wrongly is not.
+    """
+    from lightning.pytorch import LightningModule
+
+    model_class = _import_class(class_path)
+    if hasattr(model_class, "timestep_sampler"):
+        return True
+    readable = False
+    for klass in model_class.__mro__:
+        if klass is LightningModule:
+            break
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        readable = True
+        if "timestep_sampler" in source:
+            return True
+    return not readable
+
+
+_TRUE = ("true", "yes", "y")
+_FALSE = ("false", "no", "n")
+_NONE = ("none", "null", "~")
+
+
+def parse_typed(text: str, annotation: Any) -> Any:
+    """An answer as a value of ``annotation``, or ``ValueError`` saying what was expected.
+
+    ``int``, ``float``, ``bool`` (true/false, yes/no), ``str`` and paths (kept as text),
+    ``Literal[...]`` (one of its values), ``Optional[X]`` (``none`` or an X); anything else,
+    or no annotation, is read as a YAML value (``[1, 2]``, ``{a: 1}``).
+    """
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Union and type(None) in args:
+        if text.lower() in _NONE:
+            return None
+        rest = [a for a in args if a is not type(None)]
+        return parse_typed(text, rest[0] if len(rest) == 1 else typing.Union[tuple(rest)])
+    if origin is typing.Literal:
+        for value in args:
+            if text == str(value):
+                return value
+        raise ValueError(f"{text!r} is not one of: {', '.join(str(v) for v in args)}")
+    if annotation is bool:
+        if text.lower() in _TRUE + _FALSE:
+            return text.lower() in _TRUE
+        raise ValueError(f"{text!r}: answer true or false")
+    if annotation in (int, float):
+        try:
+            return annotation(text)
+        except ValueError:
+            raise ValueError(f"{text!r} is not {'a whole number' if annotation is int else 'a number'}") from None
+    if annotation is str or (isinstance(annotation, type) and issubclass(annotation, os.PathLike)):
+        return text
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ValueError(f"{text!r} is not a YAML value: {error}") from None
 
 
 def parse_folder(text: str) -> Optional[str]:
@@ -243,6 +373,7 @@ class WizardAnswers:
         model: class path of the LightningModule.
         dataset_dir: absolute path of the dataset folder.
         checkpoint_dir: ``model.init_args.checkpoint_dir``; ``None`` keeps the model's default.
+        init_args: the model's other required ``__init__`` arguments (``model.init_args``).
         exclude: module name patterns to leave out of the analysis.
         num_samples: sample files in the dataset folder (shown, not saved).
         batch_size: ``data.init_args.batch_size``.
@@ -255,6 +386,7 @@ class WizardAnswers:
     model: str
     dataset_dir: str
     checkpoint_dir: Optional[str] = None
+    init_args: dict[str, Any] = field(default_factory=dict)
     exclude: list[str] = field(default_factory=list)
     num_samples: int = 0
     batch_size: int = DEFAULT_BATCH_SIZE
@@ -267,8 +399,11 @@ class WizardAnswers:
 def answers_to_config(answers: WizardAnswers) -> dict[str, Any]:
     """The ``lightning-fisher analyze --config`` content for ``answers`` (a plain dict)."""
     model: dict[str, Any] = {"class_path": answers.model}
+    init_args = dict(answers.init_args)
     if answers.checkpoint_dir is not None:
-        model["init_args"] = {"checkpoint_dir": answers.checkpoint_dir}
+        init_args["checkpoint_dir"] = answers.checkpoint_dir
+    if init_args:
+        model["init_args"] = init_args
     return {
         "model": model,
         "dataset_dir": answers.dataset_dir,
@@ -295,6 +430,45 @@ def render_config(answers: WizardAnswers) -> str:
             "# and a lower learning rate. The base model is the recommended target.",
         ]
     return "\n".join(lines) + "\n" + yaml.safe_dump(answers_to_config(answers), sort_keys=False)
+
+
+#: Where the demo model's adapters go, so its new head trains fully (as in configs/reviews_fit.yaml).
+DEMO_ADAPTER_ROOT = "encoder"
+#: Epochs in the fit command the wizard prints (Lightning's own default is 1000); edit as needed.
+FIT_EPOCHS = 3
+
+
+def _flag_value(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)  # true / false / null
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def analyze_command(config_path: Path) -> str:
+    """The command that runs the analysis a saved config describes."""
+    return shlex.join(["lightning-fisher", "analyze", "--config", str(config_path)])
+
+
+def fit_command(answers: WizardAnswers) -> str:
+    """The ``lightning-fisher fit`` command that trains on the map these answers produce.
+
+    ``fit`` takes no analyze config (the rank settings are not its options), so the command
+    carries what the analysis config says about the model and the data: the model with its
+    arguments, the dataset folder (where ``fit`` finds the map) and the batch size; the
+    fragile-model opt-in when the user gave it; and the demo model's adapter root.
+    """
+    parts = ["lightning-fisher", "fit", "--model", answers.model]
+    for name, value in answers.init_args.items():
+        parts += [f"--model.init_args.{name}", _flag_value(value)]
+    if answers.checkpoint_dir is not None:
+        parts += ["--checkpoint-dir", answers.checkpoint_dir]
+    parts += ["--dataset-dir", answers.dataset_dir, "--data.batch_size", str(answers.batch_size)]
+    if answers.model == DEMO_MODEL:
+        parts += ["--adaptive_lora.adapter_root", DEMO_ADAPTER_ROOT]
+    if answers.fragile:
+        parts += FRAGILE_FIT_FLAGS.split()
+    parts += ["--trainer.max_epochs", str(FIT_EPOCHS)]
+    return shlex.join(parts)
 
 
 def write_config(path: Path, text: str) -> Path:

@@ -174,9 +174,8 @@ def estimate_run_time(config_text: str, num_samples: int) -> RunTimeEstimate:
 
 
 def short_reason(error: BaseException) -> str:
-    """The informative lines of an error (jsonargparse repeats the Union alternatives)."""
-    noise = ("Does not validate against any", "Subtypes:", "Errors:", "Expected a <class 'NoneType'>", "Given value")
-    lines = [line.strip(" -") for line in str(error).splitlines()]
-    kept = [line for line in lines if line and not any(marker in line for marker in noise)]
-    reason = "; ".join(kept) or type(error).__name__
+    """The reason of an error on one line (:func:`~lightning_fisher.cli.error_reason.error_reason`), at most 400 characters."""
+    from lightning_fisher.cli.error_reason import error_reason
+
+    reason = "; ".join(line.strip() for line in error_reason(error).splitlines() if line.strip())
     return reason if len(reason) <= 400 else reason[:397] + "..."

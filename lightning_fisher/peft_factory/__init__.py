@@ -13,6 +13,8 @@ One concept per module:
 - :mod:`~.flat`: the flat LoRA config a map is compared with (default rank :data:`FLAT_RANK`).
 - :mod:`~.injected`: ranks and parameters of the adapters in a model.
 - :mod:`~.verify`: every module has the rank the map (or a checkpoint) says.
+- :mod:`~.rollback`: a failed injection or verification leaves the model as it was.
+- :mod:`~.step_size`: adapter scaling, and the learning-rate check of a map's adapters.
 - :mod:`~.export`: a standard PEFT adapter folder (:func:`save_adapter`).
 
 Names are loaded on first use, so reading a map (:func:`find_fisher_map`) does not import PEFT.
@@ -46,11 +48,15 @@ _NAMES = {
     "plan_from_fisher_map": "plan",
     "FLAT_RANK": "flat",
     "flat_config": "flat",
+    "flat_lora_on": "flat",
     "adapter_parameters": "injected",
     "adapter_ranks": "injected",
     "count_adapter_parameters": "injected",
     "changed_modules": "verify",
     "verify_adapter_ranks": "verify",
+    "injection_undone_on_error": "rollback",
+    "adapter_scaling": "step_size",
+    "learning_rate_warnings": "step_size",
     "save_adapter": "export",
 }
 

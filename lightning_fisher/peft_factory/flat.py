@@ -8,16 +8,18 @@ with like.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, Optional
 
 from torch import nn
 
-from lightning_fisher.candidates import select_candidates
+from lightning_fisher.allocation import flat_lora_parameters
+from lightning_fisher.candidates import is_supported, rank_cost, select_candidates
 from lightning_fisher.fisher_map import FisherMap
 from lightning_fisher.patterns import exact_target_regex
 from lightning_fisher.peft_factory.adapters import AdapterType, alpha_option, config_class
 
-__all__ = ["FLAT_RANK", "flat_config"]
+__all__ = ["FLAT_RANK", "flat_config", "flat_lora_on"]
 
 #: Flat LoRA's rank when neither your options nor a replaced map give one.
 FLAT_RANK = 8
@@ -43,3 +45,20 @@ def flat_config(root: nn.Module, *, adapter: AdapterType = "lora", like: Optiona
     default_alpha = like.alpha.alpha_for(base_rank, base_rank) if like is not None else 2.0 * options["r"]
     options.setdefault(alpha_option(adapter), default_alpha)
     return config_type(**options)
+
+
+def flat_lora_on(root: nn.Module, names: Iterable[str], rank: int) -> tuple[int, int]:
+    """``(modules, parameters)`` of flat LoRA at ``rank`` on the modules ``names`` of ``root``, as they are now.
+
+    Counted on the model about to be trained, before injection wraps its modules: a map
+    applied with ``strict=False`` may have recorded other shapes. Names that are missing or no
+    longer a supported layer are not counted.
+
+    Args:
+        root: the module adapters go into.
+        names: module names relative to ``root`` (e.g. the map's candidates under it).
+        rank: flat LoRA's rank.
+    """
+    modules = dict(root.named_modules())
+    costs = {name: rank_cost(modules[name]) for name in names if name in modules and is_supported(modules[name])}
+    return len(costs), flat_lora_parameters(rank, costs)

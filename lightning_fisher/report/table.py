@@ -18,7 +18,7 @@ from lightning_fisher.map_summary import header_fields
 from lightning_fisher.natural_sort import natural_key
 from lightning_fisher.report.grid import column_labels, is_number, map_matrix, module_grid, split_module_name
 
-__all__ = ["format_map_table"]
+__all__ = ["format_map_table", "sorted_modules"]
 
 _LABEL_WIDTH = 10  # header field names ("analysis", "LoRA", ...)
 _MISSING = ""  # a grid cell with no module
@@ -81,19 +81,31 @@ def _header_lines(fisher_map: FisherMap) -> list[str]:
     return [f"{label:<{_LABEL_WIDTH}}{value}" for label, value in header_fields(fisher_map)]
 
 
-def _table_lines(
-    fisher_map: FisherMap, sort: str, top: Optional[int], width: Optional[int]
-) -> list[str]:
+def sorted_modules(fisher_map: FisherMap, sort: Literal["name", "score", "rank"] = "name") -> list[ModuleRecord]:
+    """The map's modules in the order of ``show --sort`` (see :func:`format_map_table`).
+
+    Args:
+        fisher_map: the map.
+        sort: ``"name"`` (by block, in natural order; map order within a block), ``"score"`` or
+            ``"rank"`` (highest first; excluded modules last by rank).
+    """
     modules = list(fisher_map.modules)
-    reference = _median([m.score for m in modules if m.score > 0])
-    grouped = sort == "name"
-    if grouped:
+    if sort == "name":
         order = {m.name: index for index, m in enumerate(modules)}
         modules.sort(key=lambda m: (natural_key(split_module_name(m.name)[0]), order[m.name]))
     elif sort == "score":
         modules.sort(key=lambda m: (-m.score, natural_key(m.name)))
     else:
         modules.sort(key=lambda m: (-(m.rank if m.rank is not None else -1), -m.score, natural_key(m.name)))
+    return modules
+
+
+def _table_lines(
+    fisher_map: FisherMap, sort: str, top: Optional[int], width: Optional[int]
+) -> list[str]:
+    modules = sorted_modules(fisher_map, sort)
+    reference = _median([m.score for m in modules if m.score > 0])
+    grouped = sort == "name"
     shown = modules if top is None else modules[:top]
 
     indent = "  " if grouped else ""

@@ -6,7 +6,17 @@ untouched); without one, or with ``ignore_fisher_map=True``, it applies flat LoR
 (:func:`~lightning_fisher.peft_factory.flat_config`). Injection happens in ``setup`` because
 that is the last hook before Lightning builds the optimizer from the trainable parameters;
 ``on_fit_start`` is too late. After injection :func:`~lightning_fisher.verify_adapter_ranks`
-checks every module's rank.
+checks every module's rank; when injection or that check fails, the model is put back as it was
+(:func:`~lightning_fisher.peft_factory.injection_undone_on_error`) before the error propagates.
+
+The learning-rate check at fit start is relative: with Adam-style optimizers an adapter's step
+in weight space is about its scaling (``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA) times
+the learning rate, so a map that gives some module a larger scaling than flat LoRA's at the
+map's base rank takes larger steps there at the same learning rate. The warning names that
+module and the learning rate that keeps the largest step equal to flat LoRA's. The default
+alpha policy (alpha/r constant) never raises a scaling, so it never warns; rsLoRA, or your own
+alphas, can. An absolute ceiling (``lr_warning_threshold``) is checked as well when you set
+one, and by default for models marked fragile.
 
 Where the map comes from is :func:`~lightning_fisher.peft_factory.find_fisher_map`'s rule:
 ``fisher_map`` (a file, a folder or a :class:`~lightning_fisher.FisherMap`), else
@@ -42,6 +52,9 @@ from lightning_fisher.peft_factory import (
     count_adapter_parameters,
     find_fisher_map,
     flat_config,
+    flat_lora_on,
+    injection_undone_on_error,
+    learning_rate_warnings,
     plan_from_fisher_map,
     root_module,
     save_adapter,
@@ -49,9 +62,13 @@ from lightning_fisher.peft_factory import (
 )
 from lightning_fisher.training.adapter_checkpoint import CHECKPOINT_KEY, checkpoint_entry, guard_checkpoint_loading
 
-__all__ = ["AdaptiveLoRA", "CHECKPOINT_KEY", "save_adapter"]
+__all__ = ["AdaptiveLoRA", "CHECKPOINT_KEY", "FRAGILE_LR_CEILING", "save_adapter"]
 
 _ADAPTER_NAMES = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr"}
+
+#: The learning-rate ceiling for a model marked fragile, when ``lr_warning_threshold`` is not
+#: given (the seed tool's advice for distilled / few-step models).
+FRAGILE_LR_CEILING = 1e-4
 
 
 class AdaptiveLoRA(Callback):
@@ -72,7 +89,10 @@ class AdaptiveLoRA(Callback):
             candidate module under ``adapter_root`` and ``r`` to
             :data:`~lightning_fisher.peft_factory.FLAT_RANK` (8).
         strict: a map made for a different model is an error; ``False`` makes it a warning.
-        lr_warning_threshold: with a map, warn when an optimizer's learning rate exceeds this.
+        lr_warning_threshold: with a map, also warn when the adapters' learning rate exceeds
+            this absolute ceiling. Default ``None``: no ceiling, except
+            :data:`FRAGILE_LR_CEILING` for a model marked ``fragile``. The relative check (see
+            the module docstring) runs either way.
         fragile: mark the model as fragile (distilled / few-step "turbo" models); applying a
             map to it then needs ``allow_fragile=True``.
         allow_fragile: explicit opt-in for applying a map to a fragile model.
@@ -91,7 +111,7 @@ class AdaptiveLoRA(Callback):
         adapter: Literal["lora", "loha", "lokr"] = "lora",
         lora_kwargs: Optional[dict[str, Any]] = None,
         strict: bool = True,
-        lr_warning_threshold: float = 1e-4,
+        lr_warning_threshold: Optional[float] = None,
         fragile: bool = False,
         allow_fragile: bool = False,
         adapter_name: str = "default",
@@ -118,6 +138,7 @@ class AdaptiveLoRA(Callback):
         self.plan: Optional[MapApplication] = None
         self.config: Any = None
         self.summary: Optional[str] = None
+        self._flat: Optional[tuple[int, int]] = None  # (candidates, parameters) of flat LoRA on this model
 
     # ------------------------------------------------------------------ finding the map
     def find_map(self, trainer: Optional[pl.Trainer] = None) -> Optional[FisherMap]:
@@ -148,13 +169,17 @@ class AdaptiveLoRA(Callback):
                 fisher_map, adapter=self.adapter, adapter_root=self.adapter_root, **self.lora_kwargs
             )
             self.config = self.plan.config
+            # Before injection wraps the modules: flat LoRA on the candidates of the model trained
+            # (the map's own count comes from the analysed model, whose shapes may differ).
+            self._flat = flat_lora_on(root, [*self.plan.ranks, *self.plan.excluded], fisher_map.budget.rank)
         else:
             # Flat instead of an existing map: like with like, at its base rank and alpha.
             replaced = self._find_ignored_map(trainer) if self.ignore_fisher_map else None
             self.config = flat_config(root, adapter=self.adapter, like=replaced, **self.lora_kwargs)
-        peft.inject_adapter_in_model(self.config, root, adapter_name=self.adapter_name)
-        if fisher_map is not None:
-            verify_adapter_ranks(root, fisher_map, adapter_name=self.adapter_name, adapter_root=self.adapter_root)
+        with injection_undone_on_error(root, self.adapter_name):
+            peft.inject_adapter_in_model(self.config, root, adapter_name=self.adapter_name)
+            if fisher_map is not None:
+                verify_adapter_ranks(root, fisher_map, adapter_name=self.adapter_name, adapter_root=self.adapter_root)
         self.applied_map = fisher_map
         guard_checkpoint_loading(pl_module, lambda: adapter_ranks(root, self.adapter_name))
         self.summary = self._describe(root, fisher_map)
@@ -186,10 +211,11 @@ class AdaptiveLoRA(Callback):
             adapter_root=self.adapter_root,
             adapter_label=_ADAPTER_NAMES[self.adapter],
             map_ignored=self.ignore_fisher_map,
+            flat=self._flat,
         )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.applied_map is None:
+        if self.applied_map is None or self.plan is None:
             return
         # Only the groups that train adapters (a head may rightly use a larger rate). A
         # scheduler's warm-up lowers "lr" at the start; "initial_lr" is the rate it ramps to.
@@ -200,13 +226,19 @@ class AdaptiveLoRA(Callback):
             for group in optimizer.param_groups
             if any(id(p) in adapter_ids for p in group["params"])
         ]
-        high = [lr for lr in rates if lr > self.lr_warning_threshold]
-        if high:
-            rank_zero_warn(
-                f"a fisher map concentrates adapter capacity where the data pulls hardest, so it adapts faster "
-                f"and can overfit sooner than flat ranks: learning rate {max(high):g} is above "
-                f"{self.lr_warning_threshold:g}; consider about {max(high) / 2:g} and watch validation closely"
-            )
+        if not rates:
+            return
+        for warning in learning_rate_warnings(
+            max(rates), self.plan, self.config, self.adapter, self.applied_map.budget.rank, self._lr_ceiling()
+        ):
+            rank_zero_warn(warning)
+
+    def _lr_ceiling(self) -> tuple[Optional[float], str]:
+        if self.lr_warning_threshold is not None:
+            return self.lr_warning_threshold, "lr_warning_threshold"
+        if self.fragile:
+            return FRAGILE_LR_CEILING, "the ceiling for models marked fragile; set lr_warning_threshold to change it"
+        return None, ""
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         ranks = adapter_ranks(root_module(pl_module, self.adapter_root), self.adapter_name)

@@ -219,7 +219,10 @@ class FisherAnalysisModule(LightningModule):
             if not loss.requires_grad:
                 raise FisherAnalysisError(
                     f"the loss of {type(self.task).__name__}.training_step does not depend on any candidate "
-                    "module (it does not require grad); check include/exclude and that the loss uses the model"
+                    "module (it does not require grad). Likely cause: reentrant gradient checkpointing "
+                    "(torch.utils.checkpoint with use_reentrant=True, or gradient_checkpointing_enable() with "
+                    "it) around the forward, whose output needs no grad when its input needs none: use "
+                    "use_reentrant=False. Otherwise check include/exclude and that the loss uses the model"
                 )
             (loss + 0.0 * self.ddp_anchor).backward()
         self.accumulator.update(record.values, record.finite)

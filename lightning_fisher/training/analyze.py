@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import random
@@ -13,12 +14,16 @@ from typing import Any, Literal, Optional, Union
 
 import lightning.pytorch as pl
 import numpy as np
+from lightning.pytorch.utilities import rank_zero_info
 import torch
 from torch.utils.data import DataLoader
 
 from lightning_fisher.allocation_settings import AllocationSettings, allocation_from_options, resolve_settings
-from lightning_fisher.errors import DatasetFolderError, FisherAnalysisError, FisherMapWriteError
+from lightning_fisher.atomic_io import write_bytes_atomic
+from lightning_fisher.errors import DatasetFolderError, FisherAnalysisError, FisherMapError, FisherMapWriteError
 from lightning_fisher.fisher_map import DatasetRecord, FisherMap
+from lightning_fisher.map_codec import resolve_map_path
+from lightning_fisher.map_summary import replaced_map_note
 from lightning_fisher.peft_factory.locate import fisher_map_path
 from lightning_fisher.stability import StabilityRule
 from lightning_fisher.tensor_folder import dataset_fingerprint, list_sample_files
@@ -26,7 +31,10 @@ from lightning_fisher.timesteps import TimestepFocus
 from lightning_fisher.training.analysis_module import FisherAnalysisModule
 from lightning_fisher.training.stability_callback import FisherStability
 
-__all__ = ["analyze", "map_destination"]
+__all__ = ["BACKUP_SUFFIX", "analyze", "map_destination"]
+
+#: A map that a new analysis replaces is kept next to it under its name plus this suffix.
+BACKUP_SUFFIX = ".bak"
 
 # Lightning's advice that does not apply to a run that trains nothing.
 _QUIET = (
@@ -46,6 +54,32 @@ def map_destination(
     The same rule every reader of the map follows (:func:`~lightning_fisher.peft_factory.fisher_map_path`).
     """
     return fisher_map_path(output, dataset_dir, data)
+
+
+def _save_keeping_previous(fisher_map: FisherMap, destination: Path) -> Path:
+    """Write the map; a file already there is first copied, atomically, to ``<name>.bak`` and reported.
+
+    One backup, the latest previous map: re-running an analysis is routine, but the map it
+    replaces may be the one a finished training run used, so it is never silently lost.
+    """
+    file = resolve_map_path(destination)
+    if not file.is_file():
+        return fisher_map.save(file)
+    backup = file.with_name(file.name + BACKUP_SUFFIX)
+    content = file.read_bytes()
+    try:
+        write_bytes_atomic(backup, content)
+    except OSError as error:
+        raise FisherMapWriteError(
+            f"{backup}: cannot keep the previous fisher map there ({error}); nothing was replaced", path=backup
+        ) from error
+    try:
+        previous, problem = FisherMap.from_dict(json.loads(content), path=file), ""
+    except (FisherMapError, ValueError) as error:  # an unreadable file is kept all the same
+        previous, problem = None, str(error).splitlines()[0]
+    written = fisher_map.save(file)
+    rank_zero_info(replaced_map_note(previous, fisher_map, str(backup), problem))
+    return written
 
 
 def _check_writable(destination: Path) -> None:
@@ -117,6 +151,8 @@ def analyze(
             datamodule's ``dataset_dir`` attribute when it has one. With neither (and no
             ``output``) nothing is written.
         output: explicit map file or folder, overriding the dataset folder as destination.
+            A map already at the destination is kept as ``fisher_map.json.bak`` (see
+            :data:`BACKUP_SUFFIX`) and the ranks that changed are logged.
         rank: base rank (median, or flat-equivalent with ``rank_mode="budget"``).
         rank_min: smallest rank of an adapted module.
         rank_max: largest rank of an adapted module.
@@ -195,7 +231,7 @@ def analyze(
         )
     if destination is not None:
         if trainer.is_global_zero:
-            fisher_map = fisher_map.with_path(fisher_map.save(destination))
+            fisher_map = fisher_map.with_path(_save_keeping_previous(fisher_map, destination))
         else:
             fisher_map = fisher_map.with_path(destination)
         if trainer.world_size > 1:

@@ -1,0 +1,55 @@
+"""Lightning's output that says nothing about the user's run, filtered while a command runs.
+
+Only the ``lightning-fisher`` command filters these, and only while it runs: a library user's
+own script sees Lightning exactly as Lightning prints it.
+
+- the "💡 Tip: ... litlogger / litmodels" advertisements Lightning logs when a Trainer starts;
+- the ``torch.utils._pytree`` deprecation warning Lightning's own code triggers with recent
+  torch (``isinstance(treespec, LeafSpec)``), which no user can act on;
+- "Total length of `list` across ranks is zero" and "You passed in a `val_dataloader` but have
+  no `validation_step`": the empty list is how :class:`~lightning_fisher.TensorDirectoryDataModule`
+  says "no validation data" on purpose, and it defines ``val_dataloader`` for every model.
+
+(Lightning's "No seed found" warning is not filtered: the commands pass their seed instead.)
+Nothing here imports Lightning: the filters attach to its loggers by name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterator
+
+__all__ = ["lightning_noise_filtered"]
+
+#: Loggers Lightning's ``rank_zero_info`` writes to (whichever of the two set it up last).
+_RANK_ZERO_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+_TIP_PREFIX = "💡 Tip:"
+_WARNINGS = (
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    r"Total length of `list` across ranks is zero",
+    r"You passed in a `val_dataloader` but have no `validation_step`",
+)
+
+
+class _DropTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_TIP_PREFIX)
+
+
+@contextlib.contextmanager
+def lightning_noise_filtered() -> Iterator[None]:
+    """Drop Lightning's tips and the listed warnings inside the block; everything else passes."""
+    tips = _DropTips()
+    loggers = [logging.getLogger(name) for name in _RANK_ZERO_LOGGERS]
+    for logger in loggers:
+        logger.addFilter(tips)
+    try:
+        with warnings.catch_warnings():
+            for message in _WARNINGS:
+                warnings.filterwarnings("ignore", message=message)
+            yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(tips)
