@@ -124,7 +124,9 @@ def forgetting_figure(rows: list[dict], baselines: dict, path: Path) -> Optional
 
     One line per arm (and focus) through its LRs in order, each point the mean over the seeds
     measured at that LR with sample-std error bars on both axes; a ring marks the LR the arm
-    chose on validation. Returns ``None`` (and writes nothing) when no run has the measure.
+    chose on validation. Only arms measured on at least three LRs with several seeds each (the
+    full-grid arms) are drawn; the staged arms are in the tables. Returns ``None`` (and writes
+    nothing) when no run has the measure.
     """
     reference = (baselines.get(PRETRAINED_LOW_HALF) or {}).get("test_loss")
     value = lambda r: forgetting(r, reference)  # noqa: E731
@@ -133,10 +135,10 @@ def forgetting_figure(rows: list[dict], baselines: dict, path: Path) -> Optional
         points = []
         for lr in sorted(row["by_lr"]):
             runs = [r for r in row["by_lr"][lr] if value(r) is not None and r.get("test_loss") is not None]
-            if runs:
+            if len(runs) >= 2:  # a point needs a spread; staged arms have one seed off their chosen LR
                 xs, ys = [r["test_loss"] for r in runs], [value(r) for r in runs]
                 points.append((lr, mean(xs), spread(xs), mean(ys), spread(ys)))
-        if points:
+        if len(points) >= 2:  # a curve across LRs: the arms on the full LR x seed grid
             series.append((row, points))
     if reference is None or not series:
         return None
@@ -161,7 +163,7 @@ def forgetting_figure(rows: list[dict], baselines: dict, path: Path) -> Optional
     axes.axhline(0.0, color="grey", linewidth=0.5)
     axes.set_xlabel("test loss on digits 5-9 after adaptation (lower: better adapted)")
     axes.set_ylabel(f"forgetting: loss on digits 0-4 minus the pretrained model's {reference:.4f}")
-    axes.set_title("digits: adaptation against forgetting across learning rates\n"
+    axes.set_title("digits: adaptation against forgetting across learning rates (arms on the full LR x seed grid)\n"
                    "(mean ± sample std over seeds; ring: the LR the arm chose on validation)", fontsize=10)
     axes.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     figure.tight_layout()
