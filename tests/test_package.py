@@ -1,7 +1,6 @@
 """The package's shape: public names, and a core that does not load Lightning."""
 
-import subprocess
-import sys
+from _fresh_python import assert_runs_in_fresh_python
 
 import lightning_fisher
 
@@ -50,8 +49,7 @@ def test_core_does_not_import_lightning():
         "from lightning_fisher import AdaptiveLoRA\n"
         "assert 'lightning.pytorch' in sys.modules\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
+    assert_runs_in_fresh_python(code)
 
 
 def test_reading_and_showing_a_map_imports_no_peft_lightning_or_torchmetrics():
@@ -68,5 +66,4 @@ def test_reading_and_showing_a_map_imports_no_peft_lightning_or_torchmetrics():
         "from lightning_fisher import lora_config_from_fisher_map\n"
         "assert 'peft' in sys.modules\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
+    assert_runs_in_fresh_python(code)

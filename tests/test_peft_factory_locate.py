@@ -1,11 +1,10 @@
 """Where the map is (peft_factory/locate.py), and the map-reading parts of the package importing no PEFT."""
 
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from _fresh_python import assert_runs_in_fresh_python
 from _nets import CollidingNet, linear_names
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -53,18 +52,11 @@ def test_find_loads_from_a_folder_and_forgives_only_a_folder_without_a_map(saved
 
 
 def test_reading_a_map_imports_no_peft():
-    """locate, adapter_root and model_check import no PEFT (the top-level package is stubbed, as it loads the factory)."""
-    package = Path(__file__).resolve().parents[1] / "lightning_fisher"
-    code = (
-        "import sys, types\n"
-        f"stub = types.ModuleType('lightning_fisher'); stub.__path__ = [{str(package)!r}]\n"
-        "sys.modules['lightning_fisher'] = stub\n"
-        "import lightning_fisher.peft_factory.locate, lightning_fisher.peft_factory.adapter_root\n"
-        "import lightning_fisher.peft_factory.model_check\n"
+    """locate, adapter_root and model_check import no PEFT; the first name that needs it loads it."""
+    assert_runs_in_fresh_python(
+        "import sys\n"
         "from lightning_fisher.peft_factory import find_fisher_map, rebase_names, check_model\n"
         "assert 'peft' not in sys.modules, sorted(m for m in sys.modules if m.startswith('peft'))\n"
         "from lightning_fisher.peft_factory import adapter_ranks\n"
         "assert 'peft' in sys.modules\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
