@@ -110,6 +110,32 @@ def test_map_found_in_dataset_dir(fisher_map):
     assert callback.applied_map == fisher_map
 
 
+def test_the_run_folder_records_which_map_was_applied(fisher_map, tmp_path):
+    import yaml
+    from lightning.pytorch.loggers import CSVLogger
+
+    task = Task(lr=1e-5)
+    callback = AdaptiveLoRA(dataset_dir=fisher_map.path.parent, adapter_root="model")
+    trainer = pl.Trainer(max_epochs=1, logger=CSVLogger(tmp_path, name="run", version=0), callbacks=[callback],
+                         enable_checkpointing=False, **QUIET)
+    trainer.fit(task, train_dataloaders=data())
+    record = yaml.safe_load((tmp_path / "run" / "version_0" / "hparams.yaml").read_text())["fisher_map"]
+    assert record["applied"] == str(fisher_map.path)
+    assert record["model_fingerprint"] == fisher_map.model.fingerprint
+    assert (record["criterion"], record["mode"], record["rank"]) == ("trace", fisher_map.budget.mode, 4)
+    assert record["ranks"] == {name[len("model."):]: r for name, r in fisher_map.ranks.items()}
+    assert record["trainable_adapter_parameters"] == fisher_map.budget.lora_parameters
+    assert record["parameters_vs_flat"] == pytest.approx(
+        fisher_map.budget.lora_parameters / record["flat_lora_parameters"], abs=1e-4)
+
+    flat = AdaptiveLoRA(dataset_dir=fisher_map.path.parent, adapter_root="model", ignore_fisher_map=True)
+    trainer = pl.Trainer(max_epochs=1, logger=CSVLogger(tmp_path, name="flat", version=0), callbacks=[flat],
+                         enable_checkpointing=False, **QUIET)
+    trainer.fit(Task(lr=1e-5), train_dataloaders=data())
+    record = yaml.safe_load((tmp_path / "flat" / "version_0" / "hparams.yaml").read_text())["fisher_map"]
+    assert record["applied"] == "flat LoRA (map ignored)" and set(record["ranks"].values()) == {4}
+
+
 def test_ignore_fisher_map_gives_flat_ranks(fisher_map):
     task = Task()
     callback = AdaptiveLoRA(

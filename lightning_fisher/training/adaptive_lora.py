@@ -43,6 +43,7 @@ from torch import nn
 from lightning_fisher.errors import FragileModelError, LightningFisherError
 from lightning_fisher.fisher_map import FisherMap
 from lightning_fisher.map_summary import fit_summary
+from lightning_fisher.peft_factory.record import applied_map_record
 from lightning_fisher.peft_factory import (
     MapApplication,
     adapter_parameters,
@@ -185,6 +186,19 @@ class AdaptiveLoRA(Callback):
         self.summary = self._describe(root, fisher_map)
         if self.verbose:
             rank_zero_info(self.summary)
+        self._log_applied_map(trainer, root, fisher_map)
+
+    def _log_applied_map(self, trainer: pl.Trainer, root: nn.Module, fisher_map: Optional[FisherMap]) -> None:
+        # The run folder should say which map shaped the adapters (or that none did).
+        record = applied_map_record(
+            fisher_map,
+            adapter_ranks(root, self.adapter_name),
+            count_adapter_parameters(root),
+            None if self._flat is None else self._flat[1],
+            ignored=self.ignore_fisher_map,
+        )
+        for logger in trainer.loggers:
+            logger.log_hyperparams(record)
 
     def _find_ignored_map(self, trainer: pl.Trainer) -> Optional[FisherMap]:
         try:

@@ -14,8 +14,8 @@ from typing import Any, Literal, Optional, Union
 
 import lightning.pytorch as pl
 import numpy as np
-from lightning.pytorch.utilities import rank_zero_info
 import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
 from lightning_fisher.allocation_settings import AllocationSettings, allocation_from_options, resolve_settings
@@ -23,12 +23,13 @@ from lightning_fisher.atomic_io import write_bytes_atomic
 from lightning_fisher.errors import DatasetFolderError, FisherAnalysisError, FisherMapError, FisherMapWriteError
 from lightning_fisher.fisher_map import DatasetRecord, FisherMap
 from lightning_fisher.map_codec import resolve_map_path
-from lightning_fisher.map_summary import replaced_map_note
+from lightning_fisher.map_summary import replaced_map_note, stop_line
 from lightning_fisher.peft_factory.locate import fisher_map_path
 from lightning_fisher.stability import StabilityRule
 from lightning_fisher.tensor_folder import dataset_fingerprint, list_sample_files
 from lightning_fisher.timesteps import TimestepFocus
 from lightning_fisher.training.analysis_module import FisherAnalysisModule
+from lightning_fisher.training.analysis_progress import use_analysis_progress_bar
 from lightning_fisher.training.stability_callback import FisherStability
 
 __all__ = ["BACKUP_SUFFIX", "analyze", "map_destination"]
@@ -213,7 +214,8 @@ def analyze(
             pl.seed_everything(seed, workers=True, verbose=False)
         fisher_map, trainer = _run_analysis(
             task, data, trainer=trainer, trainer_kwargs=trainer_kwargs, max_epochs=max_epochs,
-            stability=FisherStability(rule=stopping),
+            # analyze says why it stopped itself, once the progress bar is gone
+            stability=FisherStability(rule=stopping, verbose=False),
             module=FisherAnalysisModule(
                 task,
                 include=include,
@@ -229,6 +231,7 @@ def analyze(
                 dataset=_dataset_record(dataset_dir if dataset_dir is not None else getattr(data, "dataset_dir", None)),
             ),
         )
+    _say_why_it_stopped(fisher_map)
     if destination is not None:
         if trainer.is_global_zero:
             fisher_map = fisher_map.with_path(_save_keeping_previous(fisher_map, destination))
@@ -266,6 +269,7 @@ def _run_analysis(
         raise ValueError("analyze(): pass either trainer or trainer_kwargs, not both")
     else:
         trainer.callbacks.insert(0, stability)
+    use_analysis_progress_bar(trainer)
     with warnings.catch_warnings(), _without_fit_stopped_line():
         for message in _QUIET:
             warnings.filterwarnings("ignore", message=message)
@@ -326,3 +330,11 @@ def _without_fit_stopped_line() -> Iterator[None]:
         yield
     finally:
         logger.removeFilter(quiet)
+
+
+def _say_why_it_stopped(fisher_map: FisherMap) -> None:
+    """One line after the run (and its progress bar) ended; a warning when it did not converge."""
+    if fisher_map.analysis is not None and fisher_map.analysis.converged:
+        rank_zero_info(stop_line(fisher_map))
+    else:
+        rank_zero_warn(stop_line(fisher_map), category=UserWarning)
