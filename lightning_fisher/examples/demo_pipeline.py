@@ -51,7 +51,7 @@ CITATION = (
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """Knobs of the demo; the defaults are the full run (about 3.5 minutes on 2 CPU cores).
+    """Knobs of the demo; the defaults are the full run (about 3 min 20 s on 2 CPU cores).
 
     Args:
         workdir: where the dataset folders (and the map) go.
