@@ -86,13 +86,15 @@ class TaskSpec:
 # bottom of their grid, so the review grid is now 3e-4 / 1e-3 / 3e-3 (flat LoRA and the
 # equal-budget map keep their 1e-2 runs; EVA keeps its reach down to 1e-4). The 50 % and 25 %
 # maps then chose 3e-3, the top of that grid (smaller adapters take a larger step), so theirs
-# reaches 1e-2 again.
+# reaches 1e-2 again. The spectrum maps at 50 % and 25 % get the same grids as their trace
+# counterparts (the 25 % one also chose 3e-3, the top of the first grid, on its first seed).
 REVIEWS = TaskSpec(
     name="reviews", rank=8, rank_min=2, rank_max=32, epochs=3, batch_size=16, analysis_max_batches=40,
     lrs=(3e-4, 1e-3, 3e-3), seeds=(0, 1, 2), head_lr=1e-2,
     arm_lrs=(("flat", (3e-4, 1e-3, 3e-3, 1e-2)), ("fisher_budget", (3e-4, 1e-3, 3e-3, 1e-2)),
              ("eva", (1e-4, 3e-4, 1e-3, 3e-3)),
-             ("fisher_budget_50", (3e-4, 1e-3, 3e-3, 1e-2)), ("fisher_budget_25", (3e-4, 1e-3, 3e-3, 1e-2))),
+             ("fisher_budget_50", (3e-4, 1e-3, 3e-3, 1e-2)), ("fisher_budget_25", (3e-4, 1e-3, 3e-3, 1e-2)),
+             ("fisher_spectrum_50", (3e-4, 1e-3, 3e-3, 1e-2)), ("fisher_spectrum_25", (3e-4, 1e-3, 3e-3, 1e-2))),
     staged=True,
     default_arms=("head_only", "flat", "fisher_budget", "eva", "fisher_median", "fisher_budget_50", "fisher_budget_25",
                   "fisher_spectrum", "fisher_spectrum_50", "fisher_spectrum_25"),
