@@ -20,9 +20,11 @@ for type checking), so the map, the report and the training callback can all use
 
 from __future__ import annotations
 
+import os
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Optional
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional, Union
 
 if TYPE_CHECKING:  # fisher_map imports this module for FisherMap.summary()
     from lightning_fisher.fisher_map import FisherMap, TimestepFocusRecord
@@ -125,13 +127,13 @@ def header_fields(fisher_map: FisherMap) -> list[tuple[str, str]]:
     """
     fields: list[tuple[str, str]] = []
     if fisher_map.path is not None:
-        fields.append(("map", str(fisher_map.path)))
+        fields.append(("map", _shown_path(fisher_map.path)))
     model = fisher_map.model
     fields.append(("model", f"{model.class_name}, {model.num_parameters:,} parameters ({model.fingerprint[:19]}…)"))
     version = fisher_map.versions.get("lightning_fisher")
     fields.append(("created", fisher_map.created + (f" by lightning_fisher {version}" if version else "")))
     if fisher_map.dataset is not None:
-        fields.append(("dataset", f"{fisher_map.dataset.path} ({fisher_map.dataset.num_files:,} sample files)"))
+        fields.append(("dataset", f"{_shown_path(fisher_map.dataset.path)} ({fisher_map.dataset.num_files:,} sample files)"))
     analysis = fisher_map.analysis
     if analysis is not None:
         processes = f", {analysis.world_size} processes" if analysis.world_size > 1 else ""
@@ -180,6 +182,14 @@ def header_fields(fisher_map: FisherMap) -> list[tuple[str, str]]:
         adapted += f", ranks {spread[0]}, median {spread[1]}"
     fields.append(("adapted", adapted))
     return fields
+
+
+def _shown_path(path: Union[str, "os.PathLike[str]"]) -> str:
+    """A path under the current folder relative to it (a report pasted elsewhere names no machine's folders)."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except (ValueError, OSError):
+        return str(path)
 
 
 def _focus_field(focus: TimestepFocusRecord) -> str:

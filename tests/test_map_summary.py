@@ -151,3 +151,14 @@ def test_fit_summary_with_a_map(fisher_map):
         "  trainable adapter parameters: 1,000 = 2.00x flat rank 8 on the 2 candidates under adapter_root 'encoder' (500)")
     text = fit_summary(fisher_map, plain, ranks=plain.ranks, trainable_parameters=1000, flat=(28, 4000))
     assert text.splitlines()[3].endswith("= 0.25x flat rank 8 on all 28 candidates (4,000)")
+
+
+def test_paths_under_the_current_folder_are_shown_relative(fisher_map, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    inside = dataclasses.replace(
+        fisher_map, path=tmp_path / "data" / "fisher_map.json",
+        dataset=dataclasses.replace(fisher_map.dataset, path=str(tmp_path / "data" / "train")),
+    )
+    fields = dict(header_fields(inside))
+    assert fields["map"] == "data/fisher_map.json"
+    assert fields["dataset"].startswith("data/train (")
