@@ -43,7 +43,7 @@ class AllocationSettings:
         score_power: exponent of the score-to-rank rule (``0.5``: 4x the score, 2x the rank).
         exclude_threshold: modules scoring below this fraction of the median positive score get
             no adapter; ``0`` keeps every module with a positive score.
-        criterion: ``"trace"`` (score-to-rank rule above; the seed tool's behaviour) or
+        criterion: ``"trace"`` (score-to-rank rule above; the original feature's behaviour) or
             ``"spectrum"`` (greedy by gain per parameter from the mean gradient's singular
             values above their noise floor; see :mod:`lightning_fisher.spectrum_allocation`).
             ``score_power`` and ``exclude_threshold`` apply to ``"trace"`` only.
