@@ -135,6 +135,9 @@ def test_quick_run_fits_tests_and_reloads_the_adapter(executed):
     accuracy = re.search(r"test accuracy (\d\.\d{3}) on 32 of the 379 test reviews", _text(_cell_printing(nb, r"test accuracy")))
     assert accuracy is not None and 0.0 <= float(accuracy.group(1)) <= 1.0
 
+    side_by_side = _text(_cell_printing(nb, r"fisher map +\d\.\d{3}"))
+    assert "Flat LoRA: 36 modules at rank 8" in side_by_side and "fisher map ignored" in side_by_side
+    assert re.search(r"flat LoRA +\d\.\d{3} +\d\.\d{3}", side_by_side)
     assert f"{adapted} adapters match the map" in _text(_cell_printing(nb, r"adapters match the map"))
     reload = _text(_cell_printing(nb, r"reloaded:"))
     assert f"reloaded: {adapted} adapters, ranks equal to the map: True" in reload
