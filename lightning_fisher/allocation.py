@@ -44,7 +44,6 @@ __all__ = [
     "ALLOCATION_MODES",
     "AllocationSettings",
     "allocate_ranks",
-    "check_rank_settings",
     "flat_lora_parameters",
     "lora_parameters",
 ]
@@ -120,28 +119,6 @@ def lora_parameters(ranks: Mapping[str, int], rank_costs: Mapping[str, int]) -> 
 def flat_lora_parameters(rank: int, rank_costs: Mapping[str, int]) -> int:
     """Trainable parameters of flat LoRA at ``rank`` on every module in ``rank_costs``."""
     return int(rank) * sum(int(c) for c in rank_costs.values())
-
-
-def check_rank_settings(
-    *,
-    rank: int,
-    rank_min: int,
-    rank_max: int,
-    mode: str = _D.mode,
-    score_power: float = _D.score_power,
-    exclude_threshold: float = _D.exclude_threshold,
-) -> None:
-    """Validate allocation settings alone (kept for callers of earlier releases).
-
-    Equivalent to building an :class:`AllocationSettings`, which is what the library does.
-
-    Raises:
-        ValueError: naming the offending argument.
-    """
-    AllocationSettings(
-        rank=rank, rank_min=rank_min, rank_max=rank_max, mode=mode, score_power=score_power,
-        exclude_threshold=exclude_threshold,
-    )
 
 
 def _check_inputs(scores: Mapping[str, float], mode: str, rank_costs: Optional[Mapping[str, int]]) -> None:

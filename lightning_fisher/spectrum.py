@@ -217,6 +217,11 @@ class SpectrumAccumulator:
         flat = torch.cat(sums + [tail])
         return flat if device is None else flat.to(device)
 
+    @property
+    def state_size(self) -> int:
+        """Entries of :meth:`state_tensor`: the sums, two half counts and the skipped count."""
+        return sum(s.numel() for s in self._sums) + 3
+
     def load_state_tensor(self, state: torch.Tensor) -> None:
         """Replace all state with a tensor from :meth:`state_tensor` (possibly summed over processes).
 
@@ -224,7 +229,7 @@ class SpectrumAccumulator:
             state: flat tensor, from an accumulator with the same name, shape, width and method.
         """
         sizes = [s.numel() for s in self._sums]
-        expected = sum(sizes) + 3
+        expected = self.state_size
         state = state.detach().reshape(-1).to(self._sums[0].device, torch.float64)
         if state.numel() != expected:
             raise FisherAnalysisError(
@@ -333,7 +338,7 @@ class SpectrumSet:
 
     def load_state_tensor(self, state: torch.Tensor) -> None:
         """Replace every accumulator's state from :meth:`state_tensor` (possibly summed over processes)."""
-        sizes = [acc.state_tensor().numel() for acc in self.accumulators.values()]
+        sizes = [acc.state_size for acc in self.accumulators.values()]
         for acc, part in zip(self.accumulators.values(), torch.split(state.reshape(-1), sizes)):
             acc.load_state_tensor(part)
 

@@ -286,7 +286,12 @@ def test_a_csv_logger_gets_one_analysis_row_per_batch(tmp_path):
             if row.get("fisher/samples")]
     assert fmap.analysis.batches == 7
     assert [float(row["fisher/samples"]) for row in rows] == [8.0 * (i + 1) for i in range(7)]
-    assert [float(row["fisher/stable_batches"]) for row in rows][-1] >= 0
+    # "stable k of patience": consecutive batches at or above the threshold, reset by any below it
+    expected, run = [], 0
+    for correlation in fmap.analysis.stability.history:
+        run = run + 1 if correlation is not None and correlation >= fmap.analysis.stability.threshold else 0
+        expected.append(float(run))
+    assert [float(row["fisher/stable_batches"]) for row in rows] == expected
     last = rows[-1]
     assert float(last["fisher/modules_with_gradient"]) == len(fmap.scores)
     assert float(last["fisher/score_max"]) == pytest.approx(max(fmap.scores.values()), rel=1e-6)

@@ -15,7 +15,7 @@ from typing import Any, Literal, Optional, Union
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
 from lightning_fisher.allocation_settings import AllocationSettings, allocation_from_options, resolve_settings
@@ -23,14 +23,14 @@ from lightning_fisher.atomic_io import write_bytes_atomic
 from lightning_fisher.errors import DatasetFolderError, FisherAnalysisError, FisherMapError, FisherMapWriteError
 from lightning_fisher.fisher_map import DatasetRecord, FisherMap
 from lightning_fisher.map_codec import resolve_map_path
-from lightning_fisher.map_summary import replaced_map_note, stop_line
+from lightning_fisher.map_summary import replaced_map_note
 from lightning_fisher.peft_factory.locate import fisher_map_path
 from lightning_fisher.stability import StabilityRule
 from lightning_fisher.tensor_folder import dataset_fingerprint, list_sample_files
 from lightning_fisher.timesteps import TimestepFocus
 from lightning_fisher.training.analysis_module import FisherAnalysisModule
 from lightning_fisher.training.analysis_progress import use_analysis_progress_bar
-from lightning_fisher.training.stability_callback import FisherStability
+from lightning_fisher.training.stability_callback import FisherStability, say_why_it_stopped
 
 __all__ = ["BACKUP_SUFFIX", "analyze", "map_destination"]
 
@@ -231,7 +231,7 @@ def analyze(
                 dataset=_dataset_record(dataset_dir if dataset_dir is not None else getattr(data, "dataset_dir", None)),
             ),
         )
-    _say_why_it_stopped(fisher_map)
+    say_why_it_stopped(fisher_map)  # after the run: a rich bar still draws during on_fit_end
     if destination is not None:
         if trainer.is_global_zero:
             fisher_map = fisher_map.with_path(_save_keeping_previous(fisher_map, destination))
@@ -331,10 +331,3 @@ def _without_fit_stopped_line() -> Iterator[None]:
     finally:
         logger.removeFilter(quiet)
 
-
-def _say_why_it_stopped(fisher_map: FisherMap) -> None:
-    """One line after the run (and its progress bar) ended; a warning when it did not converge."""
-    if fisher_map.analysis is not None and fisher_map.analysis.converged:
-        rank_zero_info(stop_line(fisher_map))
-    else:
-        rank_zero_warn(stop_line(fisher_map), category=UserWarning)

@@ -9,11 +9,11 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_fisher.allocation_settings import resolve_settings
-from lightning_fisher.fisher_map import StabilityRecord
+from lightning_fisher.fisher_map import FisherMap, StabilityRecord
 from lightning_fisher.map_summary import stop_line
 from lightning_fisher.stability import METHOD, StabilityRule, StabilityTracker, StopReason, split_half_correlation
 
-__all__ = ["FisherStability"]
+__all__ = ["FisherStability", "say_why_it_stopped"]
 
 
 class FisherStability(Callback):
@@ -86,15 +86,9 @@ class FisherStability(Callback):
             trainer.should_stop = True
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # After the progress bar has closed, so the line stands alone: why the analysis ended.
-        # A run that did not converge warns, so it is seen from Python as well as on the command line.
         fisher_map = getattr(pl_module, "fisher_map", None)
-        if not self.verbose or fisher_map is None or fisher_map.analysis is None:
-            return
-        if fisher_map.analysis.converged:
-            rank_zero_info(stop_line(fisher_map))
-        else:
-            rank_zero_warn(stop_line(fisher_map))
+        if self.verbose and fisher_map is not None:
+            say_why_it_stopped(fisher_map)
 
     def _record(self) -> StabilityRecord:
         return StabilityRecord(
@@ -108,3 +102,14 @@ class FisherStability(Callback):
         )
 
 
+def say_why_it_stopped(fisher_map: FisherMap) -> None:
+    """Why the analysis ended, on rank zero: one line, or a warning when it did not converge.
+
+    A warning, so a script sees it as well as the command line. :func:`~lightning_fisher.analyze`
+    calls this after the run, once a rich progress bar has stopped drawing (it still draws during
+    ``on_fit_end``); a ``FisherStability`` under your own Trainer calls it at ``on_fit_end``.
+    """
+    if fisher_map.analysis is not None and fisher_map.analysis.converged:
+        rank_zero_info(stop_line(fisher_map))
+    else:
+        rank_zero_warn(stop_line(fisher_map), category=UserWarning)
