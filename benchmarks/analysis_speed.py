@@ -16,6 +16,9 @@ divided by the plain step's time in the same round:
 - ``analysis_spectrum``: ``analysis_auto`` plus the ``spectrum`` criterion's statistics (the
   mean gradient's exact sums or sketches of width ``rank_max + 10`` = 42 for every module, as
   ``--criterion spectrum --rank-max 32`` collects them).
+- ``analysis_spectrum_stop``: ``analysis_spectrum`` plus the spectrum criterion's stopping check
+  after the batch (each half's sketch, spectra, floor and allocation, and their rank
+  correlation, as ``FisherStability`` runs it; rank 8, ranks 2 to 32, median mode).
 
 Peak memory: each variant runs again in a fresh subprocess in which every tensor above 64 KB
 gets its own memory mapping (``MALLOC_MMAP_THRESHOLD_``), so the resident size follows the
@@ -46,7 +49,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-VARIANTS = ("train_step", "frozen_floor", "analysis_auto", "analysis_ghost", "analysis_materialize", "analysis_spectrum")
+VARIANTS = (
+    "train_step", "frozen_floor", "analysis_auto", "analysis_ghost", "analysis_materialize", "analysis_spectrum",
+    "analysis_spectrum_stop",
+)
 
 
 MINILM = "minilm"
@@ -179,6 +185,14 @@ class Runner:
 
     def analysis_spectrum(self) -> None:
         self._analysis("spectrum")
+
+    def analysis_spectrum_stop(self) -> None:
+        from lightning_fisher import AllocationSettings, spectrum_split_half_correlation
+
+        self._analysis("spectrum")
+        settings = AllocationSettings(rank=8, rank_min=2, rank_max=32, criterion="spectrum")
+        halves = self.spectra.half_spectra(self.spectra.half_sketch())
+        spectrum_split_half_correlation(halves, self.spectra.rank_costs, settings)
 
     def run(self, variant: str) -> float:
         start = time.perf_counter()

@@ -35,7 +35,13 @@ from lightning_fisher.errors import (
     SettingsError,
 )
 from lightning_fisher.fisher_map import FisherMap
-from lightning_fisher.stability import StabilityRule, StabilityTracker, StopReason, split_half_correlation
+from lightning_fisher.stability import (
+    StabilityRule,
+    StabilityTracker,
+    StopReason,
+    spectrum_split_half_correlation,
+    split_half_correlation,
+)
 from lightning_fisher.tensor_folder import TensorFolderDataset, write_sample_folder
 from lightning_fisher.timesteps import TimestepFocus, UniformTimestepSampler
 
@@ -91,6 +97,7 @@ __all__ = [
     "peft_config_from_fisher_map",
     "save_adapter",
     "select_candidates",
+    "spectrum_split_half_correlation",
     "split_half_correlation",
     "verify_adapter_ranks",
     "write_sample_folder",

@@ -115,6 +115,13 @@ class TimestepFocusRecord:
         return TimestepFocus(self.name, self.range)
 
 
+#: The stopping rule's ``method`` as recorded in the map, per allocation criterion.
+STOPPING_METHODS = {
+    "trace": "split-half spearman over all modules",
+    "spectrum": "split-half spearman of the spectrum allocation's ranks over all modules",
+}
+
+
 @dataclass(frozen=True)
 class StabilityRecord:
     """The stopping rule's settings and its last readings."""

@@ -139,15 +139,34 @@ class SpectrumAccumulator:
             method = "exact" if d_out * d_in <= EXACT_FACTOR * (width * d_out + wide * d_in) else "sketch"
         self.method: Literal["exact", "sketch"] = method
         f64 = dict(dtype=torch.float64, device=device)
+        self._seed, self._device = seed, device
+        self._omega: Optional[torch.Tensor] = None
+        self._psi: Optional[torch.Tensor] = None
         if method == "exact":
             self._sums = [torch.zeros(2, d_out, d_in, **f64)]
         else:
-            gen = torch.Generator().manual_seed(_module_seed(seed, name))
-            self.omega = torch.randn(d_in, width, generator=gen, dtype=torch.float64).to(device)
-            self.psi = torch.randn(wide, d_out, generator=gen, dtype=torch.float64).to(device)
             self._sums = [torch.zeros(2, d_out, width, **f64), torch.zeros(2, wide, d_in, **f64)]
         self._count = torch.zeros(2, dtype=torch.float64)
         self._skipped = 0.0
+
+    @property
+    def omega(self) -> torch.Tensor:
+        """``[d_in, k]`` Gaussian test matrix, drawn on first use from ``(seed, name)``."""
+        if self._omega is None:
+            self._draw_test_matrices()
+        return self._omega
+
+    @property
+    def psi(self) -> torch.Tensor:
+        """``[2k + 1, d_out]`` Gaussian test matrix, drawn with :attr:`omega`."""
+        if self._psi is None:
+            self._draw_test_matrices()
+        return self._psi
+
+    def _draw_test_matrices(self) -> None:
+        gen = torch.Generator().manual_seed(_module_seed(self._seed, self.name))
+        self._omega = torch.randn(self.d_in, self.width, generator=gen, dtype=torch.float64).to(self._device)
+        self._psi = torch.randn(2 * self.width + 1, self.d_out, generator=gen, dtype=torch.float64).to(self._device)
 
     @property
     def samples_seen(self) -> int:
@@ -258,7 +277,6 @@ class SpectrumAccumulator:
                 "run the analysis on at least two finite samples"
             )
         total = n1 + n2
-        c = n1 * n2 / total**2
         mean = [(s[0] + s[1]) / total for s in self._sums]
         diff = [s[0] / n1 - s[1] / n2 for s in self._sums]
         top = min(top, self.d_out, self.d_in, self.width if self.method == "sketch" else top)
@@ -269,10 +287,76 @@ class SpectrumAccumulator:
         else:
             sigma_sq = self._sketch_sigma_sq(*mean)[:top]
             diff_top = float(self._sketch_sigma_sq(*diff)[0])
-            diff_frob = float(diff[0].square().sum() + diff[1].square().sum()) / (self.width + self.psi.shape[0])
-        edge = diff_frob * (math.sqrt(self.d_out) + math.sqrt(self.d_in)) ** 2 / (self.d_out * self.d_in)
-        floor = margin * c * max(diff_top, edge)
+            diff_frob = self._sketch_frobenius_sq(*diff)
+        floor = margin * (n1 * n2 / total**2) * max(diff_top, self._edge(diff_frob))
         return ModuleSpectrum(self.name, tuple(sigma_sq.tolist()), floor, total)
+
+    # ------------------------------------------------------------------ the halves, for the stopping rule
+    @property
+    def half_sketch_size(self) -> int:
+        """Entries of :meth:`half_sketch`."""
+        return 2 * self.width * self.d_out + 2 * (2 * self.width + 1) * self.d_in + 2
+
+    def half_sketch(self, device: Union[torch.device, str, None] = None) -> torch.Tensor:
+        """Each half's sums, sketched, as one flat float64 tensor: ``Y[2, d_out, k]``, ``W[2, l, d_in]``, ``count[2]``.
+
+        The sketches of the sketch method are its state; the exact method's sums are sketched here
+        with the same kind of test matrices (``O(d_out d_in k)`` per half, no decomposition). A
+        sketch is linear in the sums, so ``all_reduce(SUM)`` of these tensors is the sketch of the
+        summed state: the stopping rule's per-batch traffic under DDP is the size of a rank-``k``
+        adapter per module, not that of the exact sums.
+        """
+        if self.method == "sketch":
+            y, w = self._sums
+        else:
+            y = self._sums[0] @ self.omega
+            w = self.psi @ self._sums[0]
+        flat = torch.cat([y.reshape(-1), w.reshape(-1), self._count.to(y.device)])
+        return flat if device is None else flat.to(device)
+
+    def half_spectra(
+        self, sketch: torch.Tensor, top: int, *, margin: float = NOISE_MARGIN
+    ) -> Optional[tuple[ModuleSpectrum, ModuleSpectrum]]:
+        """Each half's own spectrum and floor, from a :meth:`half_sketch` (possibly summed over processes).
+
+        Half ``h``'s mean gradient ``G_h = S_h / n_h`` carries noise of covariance ``Sigma / n_h``,
+        distributed like ``sqrt(c_h) D`` with ``c_h = n_other / N`` (the module docstring's ``c``
+        for the whole), so its floor is the whole's with ``c_h`` in place of ``c``: about twice as
+        high for equal halves. Values come from the sketch estimator whatever the method (cheap
+        enough to run after every batch); the map's values come from :meth:`spectrum`.
+
+        Returns:
+            ``(half_1, half_2)``, or ``None`` while a half holds no sample.
+        """
+        sketch = sketch.detach().reshape(-1).to(torch.float64).cpu()
+        if sketch.numel() != self.half_sketch_size:
+            raise FisherAnalysisError(
+                f"module {self.name!r}: half sketch has {sketch.numel()} entries, {self.half_sketch_size} expected"
+            )
+        wide = 2 * self.width + 1
+        y, w, count = torch.split(sketch, [2 * self.d_out * self.width, 2 * wide * self.d_in, 2])
+        y, w = y.reshape(2, self.d_out, self.width), w.reshape(2, wide, self.d_in)
+        n1, n2 = int(count[0]), int(count[1])
+        if min(n1, n2) == 0:
+            return None
+        total = n1 + n2
+        diff = (y[0] / n1 - y[1] / n2, w[0] / n1 - w[1] / n2)
+        noise = max(float(self._sketch_sigma_sq(*diff)[0]), self._edge(self._sketch_frobenius_sq(*diff)))
+        top = min(top, self.d_out, self.d_in, self.width)
+        halves = []
+        for h, (n, other) in enumerate(((n1, n2), (n2, n1))):
+            sigma_sq = self._sketch_sigma_sq(y[h] / n, w[h] / n)[:top]
+            halves.append(ModuleSpectrum(self.name, tuple(sigma_sq.tolist()), margin * other / total * noise, n))
+        return halves[0], halves[1]
+
+    # ------------------------------------------------------------------ estimators
+    def _edge(self, frobenius_sq: float) -> float:
+        """Marchenko-Pastur edge of iid noise with this squared Frobenius norm."""
+        return frobenius_sq * (math.sqrt(self.d_out) + math.sqrt(self.d_in)) ** 2 / (self.d_out * self.d_in)
+
+    def _sketch_frobenius_sq(self, y: torch.Tensor, w: torch.Tensor) -> float:
+        """``||A||_F^2`` from ``A Omega`` and ``Psi A``: ``E||A Omega||_F^2 = k ||A||_F^2``, likewise for ``Psi``."""
+        return float(y.square().sum() + w.square().sum()) / (self.width + 2 * self.width + 1)
 
     def _sketch_sigma_sq(self, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         psi = self.psi.cpu()
@@ -345,6 +429,28 @@ class SpectrumSet:
     def spectra(self, *, margin: float = NOISE_MARGIN) -> dict[str, ModuleSpectrum]:
         """``{name: ModuleSpectrum}`` with up to ``rank_max`` values each."""
         return {name: acc.spectrum(self.rank_max, margin=margin) for name, acc in self.accumulators.items()}
+
+    @property
+    def rank_costs(self) -> dict[str, int]:
+        """``{name: d_in + d_out}``: adapter parameters per unit of rank."""
+        return {name: acc.d_in + acc.d_out for name, acc in self.accumulators.items()}
+
+    def half_sketch(self, device: Union[torch.device, str, None] = None) -> torch.Tensor:
+        """Every accumulator's :meth:`~SpectrumAccumulator.half_sketch`, concatenated (for one all-reduce)."""
+        return torch.cat([acc.half_sketch(device) for acc in self.accumulators.values()])
+
+    def half_spectra(
+        self, sketch: torch.Tensor, *, margin: float = NOISE_MARGIN
+    ) -> Optional[dict[str, tuple[ModuleSpectrum, ModuleSpectrum]]]:
+        """``{name: (half_1, half_2)}`` from :meth:`half_sketch`; ``None`` while a half holds no sample."""
+        sizes = [acc.half_sketch_size for acc in self.accumulators.values()]
+        halves = {}
+        for (name, acc), part in zip(self.accumulators.items(), torch.split(sketch.reshape(-1), sizes)):
+            pair = acc.half_spectra(part, self.rank_max, margin=margin)
+            if pair is None:
+                return None
+            halves[name] = pair
+        return halves
 
 
 def _module_seed(seed: int, name: str) -> int:

@@ -12,6 +12,12 @@ Spearman-Brown relation, a split-half reliability ``r`` means about ``2r / (1 + 
 whole). The correlation is Spearman's over **all** candidate modules, not a match of a top-k
 list: it counts the order of every module, which is what rank allocation uses.
 
+**The spectrum criterion** allocates from spectra, not from scores, so its rule compares what
+it produces: each half's spectra (and its own noise floor, about twice the whole's) go through
+the same allocation, and the two halves' ranks (``0`` for a module left out) are
+rank-correlated over all candidates. It starts counting once at least one half gives some module
+an adapter (see :func:`spectrum_split_half_correlation`).
+
 The rule stops when that correlation has been at least ``threshold`` for ``patience``
 consecutive batches, once at least ``min_batches`` batches are in; it stops at ``max_batches``
 regardless. Pure functions and a small state machine, so a plain PyTorch loop can use them;
@@ -23,17 +29,33 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Mapping, Optional
 
 import torch
 
 from lightning_fisher.accumulator import FisherAccumulator
+from lightning_fisher.allocation_settings import AllocationSettings
 from lightning_fisher.errors import SettingsError
+from lightning_fisher.map_records import STOPPING_METHODS
+from lightning_fisher.spectrum_allocation import allocate_ranks_from_spectra
 
-__all__ = ["StabilityRule", "StabilityTracker", "StopReason", "split_half_correlation"]
+if TYPE_CHECKING:
+    from lightning_fisher.spectrum import ModuleSpectrum
+
+__all__ = [
+    "StabilityRule", "StabilityTracker", "StopReason", "method_for", "spectrum_split_half_correlation",
+    "split_half_correlation",
+]
 
 #: Name of the method, as recorded in the map.
-METHOD = "split-half spearman over all modules"
+METHOD = STOPPING_METHODS["trace"]
+#: Name of the method under the spectrum criterion.
+METHOD_SPECTRUM = STOPPING_METHODS["spectrum"]
+
+
+def method_for(criterion: str) -> str:
+    """The stopping method's name for an allocation criterion, as recorded in the map."""
+    return STOPPING_METHODS[criterion]
 
 
 class StopReason(str, enum.Enum):
@@ -68,6 +90,48 @@ def split_half_correlation(accumulator: FisherAccumulator) -> Optional[float]:
     from torchmetrics.functional import spearman_corrcoef
 
     rho = float(spearman_corrcoef(halves[0].to(torch.float64), halves[1].to(torch.float64)))
+    return rho if math.isfinite(rho) else None
+
+
+def spectrum_split_half_correlation(
+    halves: Optional[Mapping[str, tuple[ModuleSpectrum, ModuleSpectrum]]],
+    rank_costs: Mapping[str, int],
+    settings: AllocationSettings,
+) -> Optional[float]:
+    """Spearman correlation between the ranks the spectrum allocation gives each half.
+
+    Args:
+        halves: ``{module: (half_1, half_2)}`` spectra with each half's own floor, as
+            :meth:`~lightning_fisher.spectrum.SpectrumSet.half_spectra` gives them (``None``
+            while a half holds no sample).
+        rank_costs: ``{module: d_in + d_out}``.
+        settings: the allocation settings the map will use (rank, bounds, mode).
+
+    Returns:
+        The correlation of the two rank vectors (``0`` for a module without adapter); ``1.0``
+        when the two allocations are identical and give some module an adapter, or when there
+        are fewer than three modules; ``0.0`` when one half's ranks are all equal and the
+        other's are not (no agreement to measure). ``None`` while no half gives any module an
+        adapter (nothing clears the noise yet) or a half holds no sample.
+    """
+    if halves is None:
+        return None
+    names = list(halves)
+    ranks = []
+    for h in (0, 1):
+        spectra = {name: halves[name][h].sigma_sq for name in names}
+        floors = {name: halves[name][h].floor for name in names}
+        allocation = allocate_ranks_from_spectra(spectra, floors, rank_costs, settings=settings)
+        ranks.append(torch.tensor([float(allocation.ranks.get(name, 0)) for name in names], dtype=torch.float64))
+    if not bool(ranks[0].any()) and not bool(ranks[1].any()):
+        return None
+    if len(names) < 3 or bool((ranks[0] == ranks[1]).all()):
+        return 1.0
+    if bool((ranks[0] == ranks[0][0]).all()) or bool((ranks[1] == ranks[1][0]).all()):
+        return 0.0
+    from torchmetrics.functional import spearman_corrcoef
+
+    rho = float(spearman_corrcoef(ranks[0], ranks[1]))
     return rho if math.isfinite(rho) else None
 
 

@@ -51,6 +51,16 @@ def test_ddp_ranks_stop_at_the_same_batch(tmp_path):
 
 
 @pytest.mark.slow
+def test_ddp_ranks_stop_at_the_same_batch_on_the_spectrum_allocation(tmp_path):
+    # the halves' sketches are summed over processes after every batch: one verdict for all ranks
+    ddp = run("ddp", tmp_path / "ddp", "--stability", "--spectrum")
+    assert ddp[0]["stop_reason"] == ddp[1]["stop_reason"] == "converged"
+    assert ddp[0]["batches"] == ddp[1]["batches"] < 6
+    assert ddp[0]["history"] == ddp[1]["history"]
+    assert ddp[0]["method"] == "split-half spearman of the spectrum allocation's ranks over all modules"
+
+
+@pytest.mark.slow
 def test_ddp_spectra_sum_over_processes_and_equal_one_process(tmp_path):
     ddp = run("ddp", tmp_path / "ddp", "--spectrum")
     single = run("single", tmp_path / "single", "--spectrum")

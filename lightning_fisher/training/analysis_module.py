@@ -45,7 +45,7 @@ from lightning_fisher.fisher_map import (
     TimestepFocusRecord,
 )
 from lightning_fisher.spectrum import SpectrumSet
-from lightning_fisher.stability import StopReason
+from lightning_fisher.stability import StopReason, spectrum_split_half_correlation, split_half_correlation
 from lightning_fisher.timesteps import RecordingTimestepSampler, TimestepFocus, timestep_focus_applied
 
 __all__ = ["FisherAnalysisModule", "SCORE_DESCRIPTION"]
@@ -231,6 +231,23 @@ class FisherAnalysisModule(LightningModule):
             state = self.trainer.strategy.reduce(state, reduce_op="sum")
         self.global_accumulator.load_state_tensor(state)
         self._log_batch()
+
+    def split_half_correlation(self) -> Optional[float]:
+        """The stopping rule's agreement between the two sample halves after the latest batch.
+
+        Under ``criterion="trace"`` the Spearman correlation of the halves' module scores; under
+        ``"spectrum"`` that of the ranks the spectrum allocation gives each half (see
+        :mod:`lightning_fisher.stability`). A collective under DDP (the spectrum's half sketches
+        are summed over processes: a rank-``k`` adapter's size per module), so every process
+        must call it.
+        """
+        if self.spectra is None:
+            return split_half_correlation(self.global_accumulator)
+        sketch = self.spectra.half_sketch(device=self.ddp_anchor.device)
+        if self.trainer.world_size > 1:
+            sketch = self.trainer.strategy.reduce(sketch, reduce_op="sum")
+        halves = self.spectra.half_spectra(sketch)
+        return spectrum_split_half_correlation(halves, self.spectra.rank_costs, self.allocation)
 
     def _log_batch(self) -> None:
         """Per batch, to the Trainer's logger: samples seen and a few figures of the running scores."""

@@ -11,7 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning_fisher.allocation_settings import resolve_settings
 from lightning_fisher.fisher_map import FisherMap, StabilityRecord
 from lightning_fisher.map_summary import stop_line
-from lightning_fisher.stability import METHOD, StabilityRule, StabilityTracker, StopReason, split_half_correlation
+from lightning_fisher.stability import StabilityRule, StabilityTracker, StopReason, method_for
 
 __all__ = ["FisherStability", "say_why_it_stopped"]
 
@@ -21,7 +21,8 @@ class FisherStability(Callback):
 
     After every batch the scores of the two independent sample halves are rank-correlated
     over all candidate modules (Spearman, see :mod:`lightning_fisher.stability` for why halves
-    and not consecutive running means); the run stops when the correlation has stayed at or
+    and not consecutive running means); under ``criterion="spectrum"`` it is the ranks the
+    spectrum allocation gives each half that are correlated. The run stops when the correlation has stayed at or
     above ``threshold`` for ``patience`` consecutive batches, and at ``max_batches`` in any
     case. The statistics are all-reduced before the check, so under DDP every process takes
     the same decision at the same batch. The reason lands in the map's
@@ -68,18 +69,18 @@ class FisherStability(Callback):
         if not isinstance(pl_module, FisherAnalysisModule):
             raise TypeError(f"FisherStability watches a FisherAnalysisModule, not {type(pl_module).__name__}")
         self.tracker = StabilityTracker(self.rule)
-        pl_module.stability = self._record()
+        pl_module.stability = self._record(pl_module)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        correlation = split_half_correlation(pl_module.global_accumulator)
+        correlation = pl_module.split_half_correlation()
         reason = self.tracker.update(correlation)
         if correlation is not None:
             pl_module.log("fisher/split_half_spearman", correlation, prog_bar=True)
         # what the user waits for: "stable k of patience"
         pl_module.log("fisher/stable_batches", float(self.tracker.stable_batches), prog_bar=True)
-        pl_module.stability = self._record()
+        pl_module.stability = self._record(pl_module)
         should_stop = trainer.strategy.reduce_boolean_decision(reason is not None, all=False)
         if should_stop:
             pl_module.stop_reason = reason or StopReason.CONVERGED
@@ -90,9 +91,9 @@ class FisherStability(Callback):
         if self.verbose and fisher_map is not None:
             say_why_it_stopped(fisher_map)
 
-    def _record(self) -> StabilityRecord:
+    def _record(self, pl_module: pl.LightningModule) -> StabilityRecord:
         return StabilityRecord(
-            method=METHOD,
+            method=method_for(pl_module.allocation.criterion),
             threshold=float(self.rule.threshold),
             patience=self.rule.patience,
             last_correlation=self.tracker.last_correlation,

@@ -55,6 +55,7 @@ def main() -> None:
         "stop_reason": fisher_map.analysis.stop_reason,
         "world_size": fisher_map.analysis.world_size,
         "history": list(fisher_map.analysis.stability.history),
+        "method": fisher_map.analysis.stability.method,
         "sigma_sq": {m.name: m.sigma_sq for m in fisher_map.modules},
         "floors": {m.name: m.noise_floor for m in fisher_map.modules},
     }

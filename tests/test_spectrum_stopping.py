@@ -1,0 +1,130 @@
+"""The stopping rule under the spectrum criterion: each half's spectra, their allocations, their agreement."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import lightning.pytorch as pl
+from torch import nn
+
+from lightning_fisher import AllocationSettings, analyze
+from lightning_fisher.map_summary import stop_line
+from lightning_fisher.spectrum import ModuleSpectrum, SpectrumAccumulator
+from lightning_fisher.stability import METHOD_SPECTRUM, spectrum_split_half_correlation
+from tests.test_spectrum import D_IN, D_OUT, WIDTH, accumulate, stream
+
+SETTINGS = AllocationSettings(rank=2, rank_min=1, rank_max=8, mode="median", criterion="spectrum")
+
+
+def test_an_exact_accumulators_half_sketch_is_the_sketch_methods_state():
+    data = list(stream((3.0, 2.0), batches=4))
+    exact, sketch = accumulate("exact", data), accumulate("sketch", data)
+    torch.testing.assert_close(exact.half_sketch(), sketch.half_sketch())
+    # so both give the same half spectra, whatever the method the map uses
+    for got, expected in zip(exact.half_spectra(exact.half_sketch(), 4), sketch.half_spectra(sketch.half_sketch(), 4)):
+        assert got.sigma_sq == pytest.approx(expected.sigma_sq) and got.floor == pytest.approx(expected.floor)
+
+
+def test_summed_half_sketches_are_the_half_sketch_of_all_batches():
+    # what all_reduce(SUM) of the per-batch stopping state does under DDP
+    data = list(stream((3.0, 2.0), batches=6))
+    whole, first, second = accumulate("exact", data), accumulate("exact", data[:3]), accumulate("exact", data[3:])
+    torch.testing.assert_close(first.half_sketch() + second.half_sketch(), whole.half_sketch())
+
+
+def test_each_halfs_floor_is_twice_the_wholes_and_its_values_are_its_own():
+    acc = accumulate("sketch", stream((4.0, 3.0), batches=8))
+    whole = acc.spectrum(4)
+    one, two = acc.half_spectra(acc.half_sketch(), 4)
+    # equal halves: the noise in a half's mean is twice the whole's (covariance Sigma / n_h)
+    assert one.floor == pytest.approx(2 * whole.floor) and two.floor == pytest.approx(2 * whole.floor)
+    assert one.samples == two.samples == whole.samples // 2
+    # the signal is the same in both halves: their top values bracket the whole's
+    assert min(one.sigma_sq[0], two.sigma_sq[0]) < whole.sigma_sq[0] * 1.2
+    assert max(one.sigma_sq[0], two.sigma_sq[0]) > whole.sigma_sq[0] * 0.8
+
+
+def test_no_half_spectra_before_both_halves_hold_a_sample():
+    acc = SpectrumAccumulator("layer", D_IN, D_OUT, width=WIDTH)
+    a, g = next(stream((1.0,), batch=1))
+    acc.update(a, g)
+    assert acc.half_spectra(acc.half_sketch(), 4) is None
+    with pytest.raises(Exception, match="'layer'.*half sketch"):
+        acc.half_spectra(acc.half_sketch()[:-1], 4)
+
+
+def pair(name, one, two, floor=1.0):
+    return ModuleSpectrum(name, tuple(one), floor, 8), ModuleSpectrum(name, tuple(two), floor, 8)
+
+
+COSTS = {name: 10 for name in "abcd"}
+
+
+def test_identical_allocations_agree_fully():
+    # the values differ a little between halves, the allocations (a: 3, b: 1, c: none, d: 2) not
+    halves = {"a": pair("a", [9, 8, 7], [9.5, 8.2, 6.8]), "b": pair("b", [4, 0.5], [4.2, 0.4]),
+              "c": pair("c", [0.5], [0.1]), "d": pair("d", [6, 5], [6.2, 4.9])}
+    assert spectrum_split_half_correlation(halves, COSTS, SETTINGS) == 1.0
+
+
+def test_halves_that_adapt_different_modules_disagree():
+    halves = {"a": pair("a", [9, 5, 3], [0.5]), "b": pair("b", [0.5], [9, 5, 3]),
+              "c": pair("c", [3, 0.5], [0.5]), "d": pair("d", [0.5], [3, 0.5])}
+    assert spectrum_split_half_correlation(halves, COSTS, SETTINGS) < 0
+
+
+def test_nothing_above_the_floor_in_either_half_is_no_verdict_yet():
+    halves = {name: pair(name, [0.5, 0.1], [0.9]) for name in "abc"}
+    assert spectrum_split_half_correlation(halves, COSTS, SETTINGS) is None
+    assert spectrum_split_half_correlation(None, COSTS, SETTINGS) is None
+
+
+def test_one_half_uniform_and_the_other_not_is_no_agreement():
+    halves = {"a": pair("a", [9, 5], [9, 5]), "b": pair("b", [9, 5], [0.5]), "c": pair("c", [9, 5], [9, 5])}
+    assert spectrum_split_half_correlation(halves, COSTS, SETTINGS) == 0.0
+
+
+def test_a_module_set_from_noise_and_signal_settles():
+    modules = {
+        "strong": accumulate("exact", stream((6.0, 5.0, 4.0), seed=1, batches=12), name="strong"),
+        "weak": accumulate("exact", stream((3.0,), seed=2, batches=12), name="weak"),
+        "noise": accumulate("exact", stream((), seed=3, batches=12), name="noise"),
+        "noise2": accumulate("exact", stream((), seed=4, batches=12), name="noise2"),
+    }
+    halves = {name: acc.half_spectra(acc.half_sketch(), 8) for name, acc in modules.items()}
+    costs = {name: D_IN + D_OUT for name in modules}
+    assert spectrum_split_half_correlation(halves, costs, SETTINGS) > 0.9
+
+
+class LowRankTask(pl.LightningModule):
+    """Regression whose targets depend on the inputs through a rank-4 map, plus noise."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Linear(16, 16)
+        self.second = nn.Linear(16, 16)
+        self.third = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 4)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        out = self.head(torch.tanh(self.third(torch.tanh(self.second(torch.tanh(self.first(x)))))))
+        return nn.functional.mse_loss(out, y)
+
+
+def test_analyze_with_the_spectrum_criterion_stops_on_its_own_allocation(tmp_path):
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(512, 16, generator=gen)
+    y = torch.randn(512, 4, generator=gen) + 3 * x[:, :4]
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+    fisher_map = analyze(
+        LowRankTask(), data, output=tmp_path, allocation=SETTINGS, convergence_patience=3, min_batches=3,
+        max_batches=32, trainer_kwargs=dict(enable_progress_bar=False, logger=False),
+    )
+    analysis = fisher_map.analysis
+    assert analysis.stability.method == METHOD_SPECTRUM
+    assert analysis.stop_reason == "converged" and analysis.batches < 32
+    # the rule's last verdicts were the halves' allocations agreeing
+    assert all(c is not None and c >= 0.9 for c in analysis.stability.history[-3:])
+    assert "of the halves' spectrum ranks" in stop_line(fisher_map)
