@@ -211,6 +211,40 @@ def test_remeasure_replaces_a_stored_run_and_keeps_its_numbers(tmp_path):
     assert quality.parse_args(["--task", "digits", "--remeasure"]).remeasure
 
 
+def test_remeasure_reruns_fisher_runs_whose_map_stopped_by_an_older_rule(tmp_path, monkeypatch):
+    from lightning_fisher.map_records import STOPPING_METHODS
+    from quality_bench import plan as plan_module
+    from quality_bench.measures_report import remeasured_lines
+
+    measured = dict(first_epoch_val_loss=0.8, pretrain_test_loss=0.6)
+    store = ResultStore(tmp_path / "q.json")
+    # recorded before the method was: the spectrum arm's map stopped by the trace ranking's rule
+    store.add_run(record("fisher_spectrum", 1e-3, 0, 0.70, task="digits", **measured))
+    store.add_run(record("fisher_budget", 1e-3, 0, 0.71, task="digits", **measured))
+    store.add_run(record("flat", 1e-3, 0, 0.72, task="digits", **measured))
+    assert store.stopped_by_another_rule(("digits", "fisher_spectrum", 1e-3, 0, ""), STOPPING_METHODS["spectrum"])
+    assert not store.stopped_by_another_rule(("digits", "fisher_budget", 1e-3, 0, ""), STOPPING_METHODS["trace"])
+    ran = []
+
+    def fake_run(arm, task, lr, seed, focus, folders, workdir):
+        ran.append(arm.name)
+        return record(arm.name, lr, seed, 0.69, task="digits", analysis_stop_method=STOPPING_METHODS[arm.criterion],
+                      **measured)
+
+    monkeypatch.setattr(plan_module, "run_one", fake_run)
+    plan = [(ARM[name], 1e-3, 0, "") for name in ("fisher_spectrum", "fisher_budget", "flat")]
+    digits = replace(REVIEWS, name="digits")
+    plan_module.run_plan(store, digits, plan, {}, tmp_path, "test")
+    assert ran == []  # without --remeasure, stored runs stay
+    plan_module.run_plan(store, digits, plan, {}, tmp_path, "test", remeasure=True)
+    assert ran == ["fisher_spectrum"]
+    runs = store.runs("digits")
+    assert remeasured_lines(runs) == [
+        "- 1 Fisher runs re-run (`--remeasure`) because their map's analysis now stops by another rule "
+        f"({STOPPING_METHODS['spectrum']}); the replaced runs' numbers are kept in the JSON under `previous`"
+    ]
+
+
 @pytest.fixture(scope="module")
 def tiny_digits(tmp_path_factory):
     """Digits folders as the benchmark lays them out, with a 1-epoch pretrained checkpoint (seconds, not minutes)."""

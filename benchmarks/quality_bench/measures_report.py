@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from lightning_fisher.atomic_io import write_bytes_atomic
+from lightning_fisher.map_records import STOPPING_METHODS
 
 from quality_bench.measures import PRETRAINED_LOW_HALF, forgetting
 from quality_bench.protocol import ARMS, HEAD_ONLY
@@ -175,13 +176,34 @@ def forgetting_figure(rows: list[dict], baselines: dict, path: Path) -> Optional
 
 
 def remeasured_lines(runs: list[dict]) -> list[str]:
-    """Did the runs re-measured with ``--remeasure`` reproduce the stored ones they replaced?"""
+    """Did the runs re-measured with ``--remeasure`` reproduce the stored ones they replaced?
+
+    Runs replaced because their map's analysis now stops by another rule are counted apart:
+    their map changed, so they are not expected to reproduce the old numbers.
+    """
     again = [r for r in runs if r.get("previous")]
     if not again:
         return []
-    keys = ("val_loss", "test_loss", "val_acc", "test_acc", "lora_parameters")
-    differences = [abs(r[k] - r["previous"][k]) for r in again for k in keys
-                   if r.get(k) is not None and r["previous"].get(k) is not None]
-    same = sum(all(r.get(k) == r["previous"].get(k) for k in keys if k in r["previous"]) for r in again)
-    return [f"- {len(again)} runs re-measured (`--remeasure`, to add the measures below): {same} reproduced the "
-            f"replaced run's stored numbers exactly; largest difference {max(differences, default=0.0):.2e}"]
+    new_rule = [r for r in again if _previous_stop_method(r) != r.get("analysis_stop_method")]
+    same_rule = [r for r in again if r not in new_rule]
+    lines = []
+    if same_rule:
+        keys = ("val_loss", "test_loss", "val_acc", "test_acc", "lora_parameters")
+        differences = [abs(r[k] - r["previous"][k]) for r in same_rule for k in keys
+                       if r.get(k) is not None and r["previous"].get(k) is not None]
+        same = sum(all(r.get(k) == r["previous"].get(k) for k in keys if k in r["previous"]) for r in same_rule)
+        lines.append(f"- {len(same_rule)} runs re-measured (`--remeasure`, to add the measures below): {same} "
+                     f"reproduced the replaced run's stored numbers exactly; largest difference "
+                     f"{max(differences, default=0.0):.2e}")
+    if new_rule:
+        methods = sorted({r["analysis_stop_method"] for r in new_rule})
+        lines.append(f"- {len(new_rule)} Fisher runs re-run (`--remeasure`) because their map's analysis now stops "
+                     f"by another rule ({'; '.join(methods)}); the replaced runs' numbers are kept in the JSON "
+                     "under `previous`")
+    return lines
+
+
+def _previous_stop_method(run: dict) -> Optional[str]:
+    # A Fisher run recorded before the method was used the trace ranking's rule, the only one there was.
+    default = STOPPING_METHODS["trace"] if "analysis_stop_method" in run else None
+    return run["previous"].get("analysis_stop_method", default)

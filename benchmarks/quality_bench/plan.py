@@ -13,6 +13,7 @@ from quality_bench.refit import refit_flat
 from quality_bench.selection import choose_lr
 from quality_bench.runs import run_one
 from quality_bench.store import ResultStore
+from lightning_fisher.map_records import STOPPING_METHODS
 
 Plan = list[tuple[Arm, float, int, str]]
 
@@ -68,13 +69,18 @@ def run_plan(store: ResultStore, task: TaskSpec, plan: Plan, folders: dict[str, 
              remeasure: bool = False) -> None:
     """Run every planned run not yet in the store, saving each as it finishes.
 
-    With ``remeasure``, stored runs made before this version's measurements (``MEASURES``) run
-    again and replace the stored ones (same protocol and seed; the old numbers are kept).
+    With ``remeasure``, stored runs made before this version's measurements (``MEASURES``), and
+    Fisher runs whose map's analysis stopped by another rule than this version's for their
+    criterion, run again and replace the stored ones (same protocol and seed; the old numbers
+    are kept).
     """
-    def missing(key: tuple) -> bool:
-        return not store.has(key) or (remeasure and store.lacks(key, MEASURES[task.name]))
+    def missing(arm: Arm, key: tuple) -> bool:
+        if not store.has(key):
+            return True
+        stale_map = arm.kind == "fisher" and store.stopped_by_another_rule(key, STOPPING_METHODS[arm.criterion])
+        return remeasure and (store.lacks(key, MEASURES[task.name]) or stale_map)
 
-    todo = [p for p in plan if missing((task.name, p[0].name, float(p[1]), p[2], p[3]))]
+    todo = [p for p in plan if missing(p[0], (task.name, p[0].name, float(p[1]), p[2], p[3]))]
     print(f"[{task.name} {phase}] {len(plan) - len(todo)} of {len(plan)} runs already done; {len(todo)} to go",
           flush=True)
     for index, (arm, lr, seed, focus) in enumerate(todo, 1):

@@ -102,6 +102,7 @@ def base_fisher_map(
     """
     from lightning_fisher import AllocationSettings
     from lightning_fisher.fisher_map import FisherMap
+    from lightning_fisher.map_records import STOPPING_METHODS
     from lightning_fisher.training.analyze import analyze
 
     tag = f"{task.name}_b{task.analysis_max_batches}_seed{seed}" + (f"_{focus}" if focus else "")
@@ -111,7 +112,10 @@ def base_fisher_map(
         tag += f"_limit{task.limit_train_batches}"
     path = workdir / "maps" / f"{tag}.json"
     if path.is_file():
-        return FisherMap.load(path)
+        cached = FisherMap.load(path)
+        stability = cached.analysis.stability if cached.analysis else None
+        if stability is not None and stability.method == STOPPING_METHODS[criterion]:
+            return cached  # else made by an older stopping rule: analyse again (the file is replaced)
     model = build_model(task, 1e-3, seed, folders)
     max_batches = task.analysis_max_batches if task.limit_train_batches is None else min(
         task.analysis_max_batches, task.limit_train_batches)
@@ -173,6 +177,7 @@ def attach_adapters(arm: Arm, task: TaskSpec, model, seed: int, focus: str, fold
         "map_flat_parameters": fisher_map.budget.flat_lora_parameters,
         "analysis_batches": base.analysis.batches,
         "analysis_stop": base.analysis.stop_reason,
+        "analysis_stop_method": base.analysis.stability.method if base.analysis.stability else None,
         "analysis_seconds": base.analysis.seconds,
         "excluded": len(fisher_map.excluded),
     }

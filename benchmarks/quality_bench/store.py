@@ -8,12 +8,14 @@ from pathlib import Path
 from typing import Any, Optional
 
 from lightning_fisher.atomic_io import write_text_atomic
+from lightning_fisher.map_records import STOPPING_METHODS
 
 from quality_bench.protocol import TaskSpec
 
 
 #: What a re-measured run keeps of the run it replaces, to show whether it reproduced it.
-PREVIOUS_FIELDS = ("val_loss", "test_loss", "val_acc", "test_acc", "lora_parameters", "finished")
+PREVIOUS_FIELDS = ("val_loss", "test_loss", "val_acc", "test_acc", "lora_parameters", "finished", "ranks",
+                   "analysis_batches", "analysis_stop", "analysis_stop_method")
 
 
 def run_key(record: dict[str, Any]) -> tuple:
@@ -61,6 +63,15 @@ class ResultStore:
     def lacks(self, key: tuple, fields: tuple[str, ...]) -> bool:
         """The stored run ``key`` was made before ``fields`` were measured (a measured value may be ``None``)."""
         return any(run_key(r) == key and not all(f in r for f in fields) for r in self.data["runs"])
+
+    def stopped_by_another_rule(self, key: tuple, method: str) -> bool:
+        """The stored Fisher run ``key`` used a map whose analysis stopped by another rule than ``method``.
+
+        Runs recorded before the method was (``analysis_stop_method`` absent) used the trace
+        ranking's split-half rule, the only one there was.
+        """
+        return any(run_key(r) == key and r.get("analysis_stop_method", STOPPING_METHODS["trace"]) != method
+                   for r in self.data["runs"])
 
     def set_baseline(self, task: str, name: str, value: Any) -> None:
         self.data["baselines"].setdefault(task, {})[name] = value
