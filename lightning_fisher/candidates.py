@@ -5,6 +5,13 @@ gradient the collector can score exactly: ``nn.Linear``, ``nn.Embedding`` and th
 Hugging Face ``Conv1D`` (GPT-2 style, weight ``[in, out]``, ``y = x @ W + b``). ``Conv1D`` is
 recognised by its class name and its ``nf`` attribute, so ``transformers`` is never required.
 
+Quantized layers are candidates too: bitsandbytes' ``Linear4bit`` and ``Linear8bitLt`` are
+``nn.Linear`` subclasses (``Embedding4bit`` / ``Embedding8bit`` are ``nn.Embedding`` ones), and
+the collector reads only a layer's input and output gradient, never its weight. A packed
+weight's ``.shape`` is not the layer's (4-bit: ``[out * in / 2, 1]`` bytes, repacked again on
+CPU), so every size here comes from ``in_features`` / ``out_features`` (``num_embeddings`` /
+``embedding_dim``): a layer has the same shape, rank cost and parameter count quantized or not.
+
 Name patterns follow PEFT's ``target_modules`` convention: a pattern is a regular expression
 that must match the module's full name or a dot-separated suffix of it. ``"classifier"``
 selects ``classifier`` and ``head.classifier`` but not ``my_classifier``; ``r"encoder\\..*"``
@@ -17,6 +24,7 @@ import re
 import warnings
 from typing import Iterable, Optional, Sequence, Union
 
+import torch
 from torch import nn
 
 from lightning_fisher.errors import CandidateSelectionError
@@ -25,6 +33,7 @@ __all__ = [
     "SUPPORTED_TYPE_NAMES",
     "is_supported",
     "module_type_name",
+    "num_parameters",
     "rank_cost",
     "select_candidates",
     "weight_shape",
@@ -87,13 +96,38 @@ def module_type_name(module: nn.Module) -> str:
 
 
 def weight_shape(module: nn.Module) -> tuple[int, ...]:
-    """Shape of the module's weight as stored (``Conv1D`` is ``[in, out]``, Linear ``[out, in]``).
+    """Shape of the module's weight as the unquantized layer stores it.
+
+    Linear ``[out_features, in_features]``, Embedding ``[num_embeddings, embedding_dim]``,
+    ``Conv1D`` ``[in, out]``. A quantized layer's packed weight has another ``.shape``; this is
+    the logical one, read from the layer's sizes.
 
     Args:
         module: a supported module.
+
+    Raises:
+        CandidateSelectionError: ``module`` is of an unsupported type.
     """
-    module_type_name(module)
-    return tuple(module.weight.shape)
+    kind = module_type_name(module)
+    if kind == "Linear":
+        return (int(module.out_features), int(module.in_features))
+    if kind == "Embedding":
+        return (int(module.num_embeddings), int(module.embedding_dim))
+    return tuple(module.weight.shape)  # Conv1D: no quantized form keeps this class
+
+
+def num_parameters(module: nn.Module) -> int:
+    """Weight and bias entries of the module as unquantized: the per-parameter normaliser of its score.
+
+    Args:
+        module: a supported module.
+
+    Raises:
+        CandidateSelectionError: ``module`` is of an unsupported type.
+    """
+    rows, cols = weight_shape(module)
+    bias = getattr(module, "bias", None)
+    return rows * cols + (bias.numel() if isinstance(bias, torch.Tensor) else 0)
 
 
 def rank_cost(module: nn.Module) -> int:
@@ -105,10 +139,7 @@ def rank_cost(module: nn.Module) -> int:
     Raises:
         CandidateSelectionError: ``module`` is of an unsupported type.
     """
-    kind = module_type_name(module)
-    if kind == "Embedding":
-        return int(module.num_embeddings + module.embedding_dim)
-    rows, cols = module.weight.shape
+    rows, cols = weight_shape(module)
     return int(rows + cols)
 
 

@@ -11,7 +11,9 @@ hook keeps each call's input ``a`` and a hook on the call's output receives its 
 :mod:`lightning_fisher.per_sample_norms` (which states the formulas and the ``ghost`` /
 ``materialize`` / ``auto`` strategies). The norm is computed as soon as a call's gradient
 arrives and the kept input is dropped, so memory stays at a training step's level. Values
-are returned as float64.
+are returned as float64. ``numel(W)`` is the unquantized weight's (``out_features *
+in_features``), also for a quantized layer whose packed weight holds fewer entries
+(:func:`~lightning_fisher.candidates.num_parameters`).
 
 Loss convention (``loss_reduction``):
 
@@ -54,7 +56,7 @@ from typing import Callable, Iterator, Literal, Mapping, Optional
 import torch
 from torch import nn
 
-from lightning_fisher.candidates import SUPPORTED_TYPE_NAMES, module_type_name, select_candidates
+from lightning_fisher.candidates import SUPPORTED_TYPE_NAMES, module_type_name, num_parameters, select_candidates
 from lightning_fisher.errors import CandidateSelectionError, FisherAnalysisError
 from lightning_fisher.per_sample_norms import (
     CHUNK_ELEMENTS,
@@ -353,7 +355,7 @@ class FisherCollector:
         scale = float(batch) ** 2 if self.loss_reduction == "mean" else 1.0
         for index, (row, module) in enumerate(zip(rows, self._modules)):
             if row is not None:
-                values[index] = row.to(torch.float64) * (scale / _num_params(module))
+                values[index] = row.to(torch.float64) * (scale / num_parameters(module))
         return values
 
     # ------------------------------------------------------------------ callbacks
@@ -469,8 +471,3 @@ def _tokens(parts: list[torch.Tensor]) -> torch.Tensor:
 def _inside_backward() -> bool:
     # -1 means no autograd graph task is running on this thread, i.e. we are not in backward.
     return torch._C._current_graph_task_id() != -1
-
-
-def _num_params(module: nn.Module) -> int:
-    bias = getattr(module, "bias", None)
-    return module.weight.numel() + (bias.numel() if isinstance(bias, torch.Tensor) else 0)

@@ -1,18 +1,39 @@
-"""Model identity: a hash of parameter names and shapes, and a diff for when two models differ."""
+"""Model identity: a hash of parameter names and shapes, and a diff for when two models differ.
+
+A quantized layer's weight counts at its logical shape (see
+:func:`~lightning_fisher.candidates.weight_shape`), not its packed one: a model quantized to
+4 bits has the fingerprint and parameter count of the model it was quantized from, so a map
+made on either applies to both. (bitsandbytes even repacks a 4-bit weight on CPU at its first
+inference forward; the packed shape is not a stable identity.)
+"""
 
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Mapping
 
+import torch
 from torch import nn
 
-__all__ = ["model_fingerprint", "parameter_shapes", "shape_differences"]
+from lightning_fisher.candidates import is_supported, weight_shape
+
+__all__ = ["model_fingerprint", "parameter_count", "parameter_shapes", "shape_differences"]
 
 
 def parameter_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
-    """``{parameter name: shape}`` of a model, in registration order."""
-    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+    """``{parameter name: shape}`` of a model, in registration order; quantized weights at their logical shape."""
+    logical = {
+        id(module.weight): weight_shape(module)
+        for module in model.modules()
+        if is_supported(module) and isinstance(getattr(module, "weight", None), torch.Tensor)
+    }
+    return {name: logical.get(id(p), tuple(p.shape)) for name, p in model.named_parameters()}
+
+
+def parameter_count(model: nn.Module) -> int:
+    """Number of parameters of a model, a quantized weight counted as the unquantized one."""
+    return sum(math.prod(shape) for shape in parameter_shapes(model).values())
 
 
 def model_fingerprint(model: nn.Module) -> str:

@@ -34,7 +34,7 @@ from lightning_fisher.allocation_settings import AllocationSettings, allocation_
 from lightning_fisher.spectrum import ModuleSpectrum
 from lightning_fisher.spectrum_allocation import allocate_ranks_from_spectra
 from lightning_fisher.candidates import module_type_name, rank_cost, weight_shape
-from lightning_fisher.fingerprint import model_fingerprint
+from lightning_fisher.fingerprint import model_fingerprint, parameter_count
 from lightning_fisher.map_codec import (
     FISHER_MAP_FILENAME,
     SCHEMA_VERSION,
@@ -183,7 +183,7 @@ class FisherMap:
         model_record = ModelRecord(
             fingerprint=model_fingerprint(model),
             class_name=type(model).__name__,
-            num_parameters=sum(p.numel() for p in model.parameters()),
+            num_parameters=parameter_count(model),
         )
         alpha = float(2 * settings.rank if lora_alpha is None else lora_alpha)
         return cls._allocated(

@@ -70,7 +70,7 @@ from typing import Literal, Mapping, Optional, Union
 import torch
 from torch import nn
 
-from lightning_fisher.candidates import module_type_name
+from lightning_fisher.candidates import module_type_name, weight_shape
 from lightning_fisher.errors import CandidateSelectionError, FisherAnalysisError
 
 __all__ = ["EXACT_FACTOR", "NOISE_MARGIN", "ModuleSpectrum", "SpectrumAccumulator", "SpectrumSet", "sketch_width"]
@@ -405,7 +405,7 @@ class SpectrumSet:
                     f"candidate {name!r} is an {kind}: the spectrum criterion scores Linear and Conv1D modules; "
                     f"exclude it (exclude=[{name!r}]) or use criterion='trace'"
                 )
-            rows, cols = module.weight.shape
+            rows, cols = weight_shape(module)  # not weight.shape: a quantized weight is packed
             d_out, d_in = (cols, rows) if kind == "Conv1D" else (rows, cols)
             self.accumulators[name] = SpectrumAccumulator(
                 name, d_in, d_out, width=sketch_width(rank_max), method=method, seed=seed,

@@ -21,6 +21,7 @@ CORE_MODULES = [
     "lightning_fisher.peft_factory",
     "lightning_fisher.peft_factory.export",
     "lightning_fisher.peft_factory.flat",
+    "lightning_fisher.peft_factory.quantized",
     "lightning_fisher.peft_factory.verify",
     "lightning_fisher.report",
     "lightning_fisher.report.grid",

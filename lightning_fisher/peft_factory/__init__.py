@@ -14,6 +14,7 @@ One concept per module:
 - :mod:`~.injected`: ranks and parameters of the adapters in a model.
 - :mod:`~.verify`: every module has the rank the map (or a checkpoint) says.
 - :mod:`~.rollback`: a failed injection or verification leaves the model as it was.
+- :mod:`~.quantized`: PEFT's bitsandbytes LoRA layers for a base quantized by hand.
 - :mod:`~.step_size`: adapter scaling, and the learning-rate check of a map's adapters.
 - :mod:`~.export`: a standard PEFT adapter folder (:func:`save_adapter`).
 
@@ -55,6 +56,8 @@ _NAMES = {
     "changed_modules": "verify",
     "verify_adapter_ranks": "verify",
     "injection_undone_on_error": "rollback",
+    "quantization_declared": "quantized",
+    "quantization_flags": "quantized",
     "adapter_scaling": "step_size",
     "learning_rate_warnings": "step_size",
     "save_adapter": "export",

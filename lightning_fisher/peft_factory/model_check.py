@@ -16,7 +16,7 @@ from torch import nn
 
 from lightning_fisher.candidates import weight_shape
 from lightning_fisher.errors import CandidateSelectionError, ModelMismatchError
-from lightning_fisher.fingerprint import model_fingerprint, shape_differences
+from lightning_fisher.fingerprint import model_fingerprint, parameter_count, shape_differences
 from lightning_fisher.fisher_map import FisherMap
 
 __all__ = ["check_model", "model_differences"]
@@ -48,7 +48,7 @@ def model_differences(fisher_map: FisherMap, model: nn.Module) -> list[str]:
         lines.append(
             f"every candidate module matches, but other parameters differ (map made on a "
             f"{fisher_map.model.class_name} with {fisher_map.model.num_parameters:,} parameters, this "
-            f"{type(model).__name__} has {sum(p.numel() for p in model.parameters()):,})"
+            f"{type(model).__name__} has {parameter_count(model):,})"
         )
     return lines
 

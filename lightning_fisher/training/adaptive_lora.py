@@ -8,6 +8,8 @@ that is the last hook before Lightning builds the optimizer from the trainable p
 ``on_fit_start`` is too late. After injection :func:`~lightning_fisher.verify_adapter_ranks`
 checks every module's rank; when injection or that check fails, the model is put back as it was
 (:func:`~lightning_fisher.peft_factory.injection_undone_on_error`) before the error propagates.
+A base quantized with bitsandbytes gets PEFT's bnb LoRA layers even when quantized by hand
+(:mod:`lightning_fisher.peft_factory.quantized`).
 
 The learning-rate check at fit start is relative: with Adam-style optimizers an adapter's step
 in weight space is about its scaling (``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA) times
@@ -57,6 +59,7 @@ from lightning_fisher.peft_factory import (
     injection_undone_on_error,
     learning_rate_warnings,
     plan_from_fisher_map,
+    quantization_declared,
     root_module,
     save_adapter,
     verify_adapter_ranks,
@@ -178,7 +181,8 @@ class AdaptiveLoRA(Callback):
             replaced = self._find_ignored_map(trainer) if self.ignore_fisher_map else None
             self.config = flat_config(root, adapter=self.adapter, like=replaced, **self.lora_kwargs)
         with injection_undone_on_error(root, self.adapter_name):
-            peft.inject_adapter_in_model(self.config, root, adapter_name=self.adapter_name)
+            with quantization_declared(root):  # bitsandbytes layers get PEFT's bnb LoRA layers
+                peft.inject_adapter_in_model(self.config, root, adapter_name=self.adapter_name)
             if fisher_map is not None:
                 verify_adapter_ranks(root, fisher_map, adapter_name=self.adapter_name, adapter_root=self.adapter_root)
         self.applied_map = fisher_map
