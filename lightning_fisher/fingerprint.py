@@ -7,12 +7,19 @@ from collections.abc import Mapping
 
 from torch import nn
 
+from lightning_fisher.module_names import named_parameters
+
 __all__ = ["model_fingerprint", "parameter_shapes", "shape_differences"]
 
 
 def parameter_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
-    """``{parameter name: shape}`` of a model, in registration order."""
-    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+    """``{parameter name: shape}`` of a model, in registration order.
+
+    Names are the user's (no wrapper components, :mod:`lightning_fisher.module_names`) and
+    shapes are global: a sharded ``DTensor`` parameter reports its full shape, so a model has
+    the same fingerprint wrapped, sharded or not.
+    """
+    return {name: tuple(p.shape) for name, p in named_parameters(model)}
 
 
 def model_fingerprint(model: nn.Module) -> str:
