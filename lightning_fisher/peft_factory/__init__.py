@@ -15,7 +15,7 @@ One concept per module:
 - :mod:`~.verify`: every module has the rank the map (or a checkpoint) says.
 - :mod:`~.rollback`: a failed injection or verification leaves the model as it was.
 - :mod:`~.step_size`: adapter scaling, and the learning-rate check of a map's adapters.
-- :mod:`~.export`: a standard PEFT adapter folder (:func:`save_adapter`).
+- :mod:`~.export`: a standard PEFT adapter folder (:func:`save_adapter`), sharded weights gathered.
 
 Names are loaded on first use, so reading a map (:func:`find_fisher_map`) does not import PEFT.
 None of these modules imports Lightning.
@@ -57,6 +57,7 @@ _NAMES = {
     "injection_undone_on_error": "rollback",
     "adapter_scaling": "step_size",
     "learning_rate_warnings": "step_size",
+    "adapter_state_dict": "export",
     "save_adapter": "export",
 }
 
