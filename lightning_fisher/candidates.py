@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from lightning_fisher.errors import CandidateSelectionError
+from lightning_fisher.module_names import named_modules
 
 __all__ = [
     "SUPPORTED_TYPE_NAMES",
@@ -203,7 +204,9 @@ def select_candidates(
 
     The root module itself is never a candidate (it has no name to put in a map), and
     neither is any module inside an already-injected PEFT adapter: a module whose name has a
-    component starting with ``lora_`` or equal to ``base_layer``.
+    component starting with ``lora_`` or equal to ``base_layer``. Names are the user's: the
+    components torch's wrappers add (activation checkpointing, ``torch.compile``, FSDP1, DDP)
+    are left out (:mod:`lightning_fisher.module_names`).
 
     Args:
         model: the model to search.
@@ -224,7 +227,7 @@ def select_candidates(
     includes = None if include is None else _compile_patterns(include, "include")
     excludes = _compile_patterns(exclude, "exclude")
 
-    named = [(n, m) for n, m in model.named_modules() if n and not _inside_adapter(n)]
+    named = [(n, m) for n, m in named_modules(model) if not _inside_adapter(n)]
     of_type = [(n, m) for n, m in named if _is_of_types(m, types)]
     selected = {
         n: m

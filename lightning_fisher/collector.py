@@ -44,6 +44,21 @@ Requirements and behaviour:
 * Dropout in train mode makes the Fisher that of the sampled mask; the analysis usually runs
   in eval mode.
 * Only one backward per block: a second gradient for the same forward call raises.
+
+Under sharding (FSDP2's ``fully_shard``, Lightning's ``ModelParallelStrategy``) nothing changes
+for the hooks. Each process runs forward and backward on its own local batch; FSDP2 gathers a
+layer's whole weight just before its forward (and again in backward) and frees it after, but
+the hooks never read a weight: the forward hook keeps the call's input ``a`` (the local
+batch's activations, ``[B_local, ..., d_in]``, an ordinary tensor) and the gradient hook gets
+``g = dl/d(output)`` (``[B_local, ..., d_out]``, ordinary too). A sample's weight gradient is
+``sum_t g_t a_t^T``, built only from its own ``a`` and ``g``, so its squared norm needs
+neither the weight nor another process's samples; only the normalising ``numel(W)`` comes
+from the weight, and a ``DTensor`` reports the global count. Each process therefore scores
+its own samples exactly, and the per-module sums are added across processes (the analysis
+module's all-reduce), as under DDP. What a process never sees is a *sharded* activation
+(tensor/sequence parallelism splitting ``d_in``, ``d_out`` or tokens): there ``a`` and ``g``
+would hold part of each sample's gradient and the norms would be partial; that case is not
+supported.
 """
 
 from __future__ import annotations

@@ -17,18 +17,25 @@ import torch
 from torch import nn
 
 from lightning_fisher.candidates import is_supported, weight_shape
+from lightning_fisher.module_names import named_parameters
 
 __all__ = ["model_fingerprint", "parameter_count", "parameter_shapes", "shape_differences"]
 
 
 def parameter_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
-    """``{parameter name: shape}`` of a model, in registration order; quantized weights at their logical shape."""
+    """``{parameter name: shape}`` of a model, in registration order.
+
+    Names are the user's (no wrapper components, :mod:`lightning_fisher.module_names`) and
+    shapes are logical and global: a quantized weight reports its unpacked shape and a sharded
+    ``DTensor`` parameter its full shape, so a model has the same fingerprint quantized,
+    wrapped, sharded or not.
+    """
     logical = {
         id(module.weight): weight_shape(module)
         for module in model.modules()
         if is_supported(module) and isinstance(getattr(module, "weight", None), torch.Tensor)
     }
-    return {name: logical.get(id(p), tuple(p.shape)) for name, p in model.named_parameters()}
+    return {name: logical.get(id(p), tuple(p.shape)) for name, p in named_parameters(model)}
 
 
 def parameter_count(model: nn.Module) -> int:

@@ -35,6 +35,7 @@ from lightning_fisher.spectrum import ModuleSpectrum
 from lightning_fisher.spectrum_allocation import allocate_ranks_from_spectra
 from lightning_fisher.candidates import module_type_name, rank_cost, weight_shape
 from lightning_fisher.fingerprint import model_fingerprint, parameter_count
+from lightning_fisher.module_names import named_modules, unwrapped_model
 from lightning_fisher.map_codec import (
     FISHER_MAP_FILENAME,
     SCHEMA_VERSION,
@@ -159,7 +160,7 @@ class FisherMap:
         settings = allocation_from_options(
             allocation, "FisherMap.from_scores", rank, rank_min, rank_max, mode, score_power, exclude_threshold
         )
-        named = dict(model.named_modules())
+        named = dict(named_modules(model))
         unknown = [name for name in scores if name not in named]
         if unknown:
             raise ValueError(
@@ -182,7 +183,7 @@ class FisherMap:
         )
         model_record = ModelRecord(
             fingerprint=model_fingerprint(model),
-            class_name=type(model).__name__,
+            class_name=type(unwrapped_model(model)).__name__,
             num_parameters=parameter_count(model),
         )
         alpha = float(2 * settings.rank if lora_alpha is None else lora_alpha)

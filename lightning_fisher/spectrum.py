@@ -115,7 +115,9 @@ class SpectrumAccumulator:
         seed: seed shared by every process.
         loss_reduction: ``"mean"`` if the batch loss is the mean of per-sample losses, ``"sum"``
             if their sum (as for :class:`~lightning_fisher.collector.FisherCollector`).
-        device: where the sums live (that of the hooks' tensors).
+        device: where the sums start. They move to the device of the batches given to
+            :meth:`update` on the first one: the accumulator may be built before a strategy
+            moves (or materialises, or shards) the model.
 
     Attributes:
         method: ``"exact"`` or ``"sketch"``, as ``"auto"`` resolved it.
@@ -189,6 +191,8 @@ class SpectrumAccumulator:
             g: ``[B, ..., d_out]`` gradients of the outputs.
             finite: optional ``[B]`` boolean mask of samples to use.
         """
+        if a.device != self._sums[0].device:
+            self._move_to(a.device)
         batch = a.shape[0]
         if g.shape[0] != batch or a.shape[-1] != self.d_in or g.shape[-1] != self.d_out:
             raise FisherAnalysisError(
@@ -213,6 +217,12 @@ class SpectrumAccumulator:
             if rows.numel():
                 self._add(h, a[rows].reshape(-1, self.d_in), g[rows].reshape(-1, self.d_out), scale)
         self._skipped += float(batch - int(use.sum()))
+
+    def _move_to(self, device: torch.device) -> None:
+        self._device = device
+        self._sums = [s.to(device) for s in self._sums]
+        if self._omega is not None:
+            self._omega, self._psi = self._omega.to(device), self._psi.to(device)
 
     def _add(self, h: int, a: torch.Tensor, g: torch.Tensor, scale: float) -> None:
         if self.method == "exact":
@@ -405,11 +415,12 @@ class SpectrumSet:
                     f"candidate {name!r} is an {kind}: the spectrum criterion scores Linear and Conv1D modules; "
                     f"exclude it (exclude=[{name!r}]) or use criterion='trace'"
                 )
-            rows, cols = weight_shape(module)  # not weight.shape: a quantized weight is packed
+            # not weight.shape: a quantized weight is packed (a sharded DTensor's shape is global)
+            rows, cols = weight_shape(module)
             d_out, d_in = (cols, rows) if kind == "Conv1D" else (rows, cols)
             self.accumulators[name] = SpectrumAccumulator(
                 name, d_in, d_out, width=sketch_width(rank_max), method=method, seed=seed,
-                loss_reduction=loss_reduction, device=module.weight.device,
+                loss_reduction=loss_reduction,
             )
 
     def observe(self, name: str, a: torch.Tensor, g: torch.Tensor) -> None:

@@ -158,3 +158,23 @@ def test_errors_name_the_module():
         acc.update(torch.zeros(2, D_OUT), torch.zeros(2, D_OUT))
     with pytest.raises(ValueError, match="method"):
         SpectrumAccumulator("layer.q", D_IN, D_OUT, width=4, method="svd")
+
+
+@pytest.mark.parametrize("method", ["exact", "sketch"])
+def test_a_set_built_before_the_model_is_materialised_sums_where_the_batches_are(method):
+    # Lightning builds the set in setup, before a strategy moves, materialises or shards the
+    # model: the weights may still be on the meta device. The sums follow the batches.
+    from torch import nn
+
+    from lightning_fisher.spectrum import SpectrumSet
+
+    with torch.device("meta"):
+        meta = nn.Linear(12, 10)
+    built_late = SpectrumSet({"layer": meta}, rank_max=2, method=method)
+    reference = SpectrumSet({"layer": nn.Linear(12, 10)}, rank_max=2, method=method)
+    generator = torch.Generator().manual_seed(3)
+    a, g = torch.randn(6, 4, 12, generator=generator), torch.randn(6, 4, 10, generator=generator)
+    for spectra in (built_late, reference):
+        spectra.observe("layer", a, g)
+    assert built_late.state_tensor().device.type == "cpu"
+    assert torch.equal(built_late.state_tensor(), reference.state_tensor())

@@ -16,7 +16,7 @@ One concept per module:
 - :mod:`~.rollback`: a failed injection or verification leaves the model as it was.
 - :mod:`~.quantized`: PEFT's bitsandbytes LoRA layers for a base quantized by hand.
 - :mod:`~.step_size`: adapter scaling, and the learning-rate check of a map's adapters.
-- :mod:`~.export`: a standard PEFT adapter folder (:func:`save_adapter`).
+- :mod:`~.export`: a standard PEFT adapter folder (:func:`save_adapter`), sharded weights gathered.
 
 Names are loaded on first use, so reading a map (:func:`find_fisher_map`) does not import PEFT.
 None of these modules imports Lightning.
@@ -60,6 +60,7 @@ _NAMES = {
     "quantization_flags": "quantized",
     "adapter_scaling": "step_size",
     "learning_rate_warnings": "step_size",
+    "adapter_state_dict": "export",
     "save_adapter": "export",
 }
 

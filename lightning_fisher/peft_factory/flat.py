@@ -16,6 +16,7 @@ from torch import nn
 from lightning_fisher.allocation import flat_lora_parameters
 from lightning_fisher.candidates import is_supported, rank_cost, select_candidates
 from lightning_fisher.fisher_map import FisherMap
+from lightning_fisher.module_names import named_modules
 from lightning_fisher.patterns import exact_target_regex
 from lightning_fisher.peft_factory.adapters import AdapterType, alpha_option, config_class
 
@@ -59,6 +60,6 @@ def flat_lora_on(root: nn.Module, names: Iterable[str], rank: int) -> tuple[int,
         names: module names relative to ``root`` (e.g. the map's candidates under it).
         rank: flat LoRA's rank.
     """
-    modules = dict(root.named_modules())
+    modules = dict(named_modules(root))
     costs = {name: rank_cost(modules[name]) for name in names if name in modules and is_supported(modules[name])}
     return len(costs), flat_lora_parameters(rank, costs)

@@ -6,6 +6,8 @@ import peft
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
+from lightning_fisher.module_names import unwrapped_model, user_name
+
 __all__ = ["adapter_parameters", "adapter_ranks", "count_adapter_parameters"]
 
 
@@ -20,7 +22,9 @@ def _tuned_root(model: nn.Module) -> nn.Module:
 def adapter_ranks(model: nn.Module, adapter_name: str = "default") -> dict[str, int]:
     """``{module name: rank}`` of the adapters named ``adapter_name`` injected in ``model``.
 
-    Names are relative to the model PEFT injected into (a ``PeftModel`` is unwrapped). The
+    Names are relative to the model PEFT injected into (a ``PeftModel`` is unwrapped), in the
+    user's words: without the components torch's wrappers add (:mod:`lightning_fisher.module_names`),
+    so a model wrapped for activation checkpointing after injection still reads as the map. The
     rank is read from the adapter's weights where they show it (LoRA's ``lora_A``), else from
     the layer's ``r``.
 
@@ -29,17 +33,17 @@ def adapter_ranks(model: nn.Module, adapter_name: str = "default") -> dict[str, 
         adapter_name: the PEFT adapter to read.
     """
     ranks = {}
-    for name, module in _tuned_root(model).named_modules():
+    for name, module in unwrapped_model(_tuned_root(model)).named_modules():
         if not isinstance(module, BaseTunerLayer) or adapter_name not in getattr(module, "r", {}):
             continue
         rank = int(module.r[adapter_name])
         lora_a = getattr(module, "lora_A", None)
         if lora_a is not None and adapter_name in lora_a:
-            rank = int(lora_a[adapter_name].weight.shape[0])
+            rank = int(lora_a[adapter_name].weight.shape[0])  # a sharded DTensor's shape is global
         embedding_a = getattr(module, "lora_embedding_A", None)
         if embedding_a is not None and adapter_name in embedding_a:
             rank = int(embedding_a[adapter_name].shape[0])
-        ranks[name] = rank
+        ranks[user_name(name)] = rank
     return ranks
 
 

@@ -18,6 +18,7 @@ from lightning_fisher.candidates import weight_shape
 from lightning_fisher.errors import CandidateSelectionError, ModelMismatchError
 from lightning_fisher.fingerprint import model_fingerprint, parameter_count, shape_differences
 from lightning_fisher.fisher_map import FisherMap
+from lightning_fisher.module_names import named_modules
 
 __all__ = ["check_model", "model_differences"]
 
@@ -34,7 +35,7 @@ def model_differences(fisher_map: FisherMap, model: nn.Module) -> list[str]:
     """
     if fisher_map.model.fingerprint == model_fingerprint(model):
         return []
-    modules = dict(model.named_modules())
+    modules = dict(named_modules(model))
     expected = {record.name: tuple(record.shape) for record in fisher_map.modules}
     actual = {}
     for name in expected:

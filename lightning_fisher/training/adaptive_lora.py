@@ -49,6 +49,7 @@ from lightning_fisher.peft_factory.record import applied_map_record
 from lightning_fisher.peft_factory import (
     MapApplication,
     adapter_parameters,
+    adapter_state_dict,
     adapter_ranks,
     check_model,
     config_class,
@@ -263,7 +264,11 @@ class AdaptiveLoRA(Callback):
         checkpoint[CHECKPOINT_KEY] = checkpoint_entry(self.applied_map, ranks)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.export_dir is not None and trainer.is_global_zero:
-            root = root_module(pl_module, self.adapter_root)
-            path = save_adapter(root, self.export_dir, adapter_name=self.adapter_name)
+        if self.export_dir is None:
+            return
+        root = root_module(pl_module, self.adapter_root)
+        # Every process: gathering sharded (FSDP2) adapter weights is a collective.
+        state = adapter_state_dict(root, adapter_name=self.adapter_name)
+        if trainer.is_global_zero:
+            path = save_adapter(root, self.export_dir, adapter_name=self.adapter_name, state=state)
             rank_zero_info(f"adapter written to {path}")

@@ -176,6 +176,9 @@ class FisherAnalysisModule(LightningModule):
         self._restore.callback(self.task.train, self.task.training)
 
     def configure_model(self) -> None:
+        # The strategy gives its device mesh (ModelParallelStrategy: FSDP2 / tensor parallel) to
+        # the module it runs, this one; the task shards itself with it in its configure_model.
+        self.task._device_mesh = self._device_mesh
         self.task.configure_model()
 
     def _unfreeze(self, flags: Mapping[str, bool]) -> None:
