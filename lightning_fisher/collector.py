@@ -42,6 +42,11 @@ Requirements and behaviour:
 * Dropout in train mode makes the Fisher that of the sampled mask; the analysis usually runs
   in eval mode.
 * Only one backward per block: a second gradient for the same forward call raises.
+* Precision: inputs and gradients of any float dtype are accepted; the norms (and what the
+  ``observer`` receives) are in :func:`~lightning_fisher.per_sample_norms.compute_dtype`,
+  float32 for bf16/fp16 models, with autocast switched off while they are computed (a
+  backward inside an autocast region, as under Lightning's ``bf16-mixed``, would otherwise
+  run them in bf16).
 """
 
 from __future__ import annotations
@@ -431,7 +436,8 @@ class FisherCollector:
                 f"per-sample norm cannot be computed; remove the in-place op or exclude it (exclude=[{name!r}])"
             )
         if grads:
-            sq = self._sq_norms(state, index, inputs, grads)
+            with _without_autocast(grads[0].device):
+                sq = self._sq_norms(state, index, inputs, grads)
             mod.sq = sq if mod.sq is None else mod.sq + sq
 
     def _sq_norms(
@@ -464,6 +470,15 @@ class FisherCollector:
 def _tokens(parts: list[torch.Tensor]) -> torch.Tensor:
     # torch.cat copies even a single tensor; most modules are called once per forward.
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def _without_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    # The backward usually runs inside the training step, so inside its autocast region under a
+    # mixed precision ("bf16-mixed"), which would run the kernels' matrix products in bf16: the
+    # norms are float32 (or float64) whatever the model's precision.
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _inside_backward() -> bool:
