@@ -172,7 +172,8 @@ def test_accumulators_stay_float64_and_norms_float32_whatever_the_weights(precis
         ("weights", "task", weights, False),
         ("norms", "output", torch.float32, False),
         ("SpectrumAccumulator", "input", torch.float32, False),
-        ("FisherAccumulator", "input", torch.float64, precision == "bf16-mixed"),  # after the step: autocast's
+        # called in the analysis' training step, inside bf16-mixed's autocast: float64 sums, no matrix product
+        ("FisherAccumulator", "input", torch.float64, precision == "bf16-mixed"),
         ("sums", "state", torch.float64, False),
     }
     assert module.fisher_map.analysis.samples == 16
