@@ -44,6 +44,11 @@ Requirements and behaviour:
 * Dropout in train mode makes the Fisher that of the sampled mask; the analysis usually runs
   in eval mode.
 * Only one backward per block: a second gradient for the same forward call raises.
+* Precision: inputs and gradients of any float dtype are accepted; the norms (and what the
+  ``observer`` receives) are in :func:`~lightning_fisher.per_sample_norms.compute_dtype`,
+  float32 for bf16/fp16 models, with autocast switched off while they are computed (a
+  backward inside an autocast region, as under Lightning's ``bf16-mixed``, would otherwise
+  run them in bf16).
 
 Under sharding (FSDP2's ``fully_shard``, Lightning's ``ModelParallelStrategy``) nothing changes
 for the hooks. Each process runs forward and backward on its own local batch; FSDP2 gathers a
@@ -52,8 +57,8 @@ the hooks never read a weight: the forward hook keeps the call's input ``a`` (th
 batch's activations, ``[B_local, ..., d_in]``, an ordinary tensor) and the gradient hook gets
 ``g = dl/d(output)`` (``[B_local, ..., d_out]``, ordinary too). A sample's weight gradient is
 ``sum_t g_t a_t^T``, built only from its own ``a`` and ``g``, so its squared norm needs
-neither the weight nor another process's samples; only the normalising ``numel(W)`` comes
-from the weight, and a ``DTensor`` reports the global count. Each process therefore scores
+neither the weight nor another process's samples; only the normalising parameter count
+comes from the module (its logical sizes: a ``DTensor`` reports the global shape). Each process therefore scores
 its own samples exactly, and the per-module sums are added across processes (the analysis
 module's all-reduce), as under DDP. What a process never sees is a *sharded* activation
 (tensor/sequence parallelism splitting ``d_in``, ``d_out`` or tokens): there ``a`` and ``g``
@@ -448,7 +453,8 @@ class FisherCollector:
                 f"per-sample norm cannot be computed; remove the in-place op or exclude it (exclude=[{name!r}])"
             )
         if grads:
-            sq = self._sq_norms(state, index, inputs, grads)
+            with _without_autocast(grads[0].device):
+                sq = self._sq_norms(state, index, inputs, grads)
             mod.sq = sq if mod.sq is None else mod.sq + sq
 
     def _sq_norms(
@@ -481,6 +487,15 @@ class FisherCollector:
 def _tokens(parts: list[torch.Tensor]) -> torch.Tensor:
     # torch.cat copies even a single tensor; most modules are called once per forward.
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def _without_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    # The backward usually runs inside the training step, so inside its autocast region under a
+    # mixed precision ("bf16-mixed"), which would run the kernels' matrix products in bf16: the
+    # norms are float32 (or float64) whatever the model's precision.
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _inside_backward() -> bool:

@@ -6,7 +6,10 @@ never writes a weight: for the duration of the run it freezes every parameter of
 module (exact per-sample Fisher needs no weight gradients, which makes a batch cheaper than a
 training step), installs the :class:`~lightning_fisher.collector.FisherCollector` hooks, and
 swaps in the timestep focus; on teardown it restores all three, so the wrapped module comes
-back bit-identical and trainable as before.
+back bit-identical and trainable as before. That holds under every ``Trainer(precision=...)``:
+a "true" precision (``bf16-true``, ``16-true``, ``64-true``) converts the whole module to that
+dtype, so the task's own tensors are kept for the run and put back at the end (not copied:
+they keep the memory they took before the run, beside the converted ones).
 
 Per batch: your ``training_step(batch, batch_idx)`` gives the loss, one ``backward()`` gives
 every candidate's per-sample Fisher values, and the running sums are all-reduced across
@@ -180,6 +183,9 @@ class FisherAnalysisModule(LightningModule):
         # the module it runs, this one; the task shards itself with it in its configure_model.
         self.task._device_mesh = self._device_mesh
         self.task.configure_model()
+        # The last hook before the precision plugin converts the module (bf16-true and the like
+        # cast every tensor): the task's own tensors are kept, to be put back at restore.
+        self._restore.callback(_put_back, _tensors_of(self.task))
 
     def _unfreeze(self, flags: Mapping[str, bool]) -> None:
         for name, p in self.task.named_parameters():
@@ -200,7 +206,7 @@ class FisherAnalysisModule(LightningModule):
         self.task.teardown(stage)
 
     def restore_task(self) -> None:
-        """Undo everything the analysis did to the task: hooks, sampler, frozen weights, mode.
+        """Undo everything the analysis did to the task: hooks, sampler, frozen weights, mode, dtype.
 
         Runs at teardown and, through :meth:`configure_callbacks`, when the run fails; safe to
         call more than once.
@@ -351,6 +357,34 @@ class _RestoreTaskOnException(Callback):
     def on_exception(self, trainer: Any, pl_module: LightningModule, exception: BaseException) -> None:
         if isinstance(pl_module, FisherAnalysisModule):
             pl_module.restore_task()
+
+
+_Kept = list[tuple[nn.Module, str, bool, torch.Tensor]]
+
+
+def _tensors_of(module: nn.Module) -> _Kept:
+    """Every parameter's and buffer's tensor, with the module and key that hold it."""
+    kept: _Kept = []
+    for owner in module.modules():
+        kept += [(owner, key, True, p.data) for key, p in owner._parameters.items() if p is not None]
+        kept += [(owner, key, False, b) for key, b in owner._buffers.items() if b is not None]
+    return kept
+
+
+def _put_back(kept: _Kept) -> None:
+    # Module.to() swaps a parameter's .data (the Parameter object, its requires_grad and any
+    # optimizer reference stay) and replaces a buffer; undo exactly that.
+    for owner, key, is_parameter, tensor in kept:
+        if is_parameter:
+            param = owner._parameters.get(key)
+            if param is not None and not _same_tensor(param.data, tensor):
+                param.data = tensor
+        elif owner._buffers.get(key) is not None and not _same_tensor(owner._buffers[key], tensor):
+            owner._buffers[key] = tensor
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.device == b.device and a.data_ptr() == b.data_ptr() and a.shape == b.shape
 
 
 def _loss_from(output: Any, task_name: str) -> torch.Tensor:
