@@ -150,6 +150,9 @@ class SpectrumAccumulator:
             self._sums = [torch.zeros(2, d_out, width, **f64), torch.zeros(2, wide, d_in, **f64)]
         self._count = torch.zeros(2, dtype=torch.float64)
         self._skipped = 0.0
+        # The exact method's sums, sketched for the stopping rule: made on the first
+        # half_sketch() call, then kept up to date per batch (about a tenth of the exact update).
+        self._exact_sketch: Optional[list[torch.Tensor]] = None
 
     @property
     def omega(self) -> torch.Tensor:
@@ -221,14 +224,21 @@ class SpectrumAccumulator:
     def _move_to(self, device: torch.device) -> None:
         self._device = device
         self._sums = [s.to(device) for s in self._sums]
+        if self._exact_sketch is not None:
+            self._exact_sketch = [s.to(device) for s in self._exact_sketch]
         if self._omega is not None:
             self._omega, self._psi = self._omega.to(device), self._psi.to(device)
 
     def _add(self, h: int, a: torch.Tensor, g: torch.Tensor, scale: float) -> None:
         if self.method == "exact":
             self._sums[0][h] += (g.T @ a).to(torch.float64) * scale
+            if self._exact_sketch is not None:
+                self._add_sketch(self._exact_sketch, h, a, g, scale)
             return
-        y, w = self._sums
+        self._add_sketch(self._sums, h, a, g, scale)
+
+    def _add_sketch(self, sketch: list[torch.Tensor], h: int, a: torch.Tensor, g: torch.Tensor, scale: float) -> None:
+        y, w = sketch
         y[h] += (g.T @ (a @ self.omega.to(a.dtype))).to(torch.float64) * scale
         w[h] += ((g @ self.psi.T.to(g.dtype)).T @ a).to(torch.float64) * scale
 
@@ -267,6 +277,7 @@ class SpectrumAccumulator:
             )
         parts = torch.split(state, sizes + [2, 1])
         self._sums = [p.reshape(s.shape).clone() for p, s in zip(parts, self._sums)]
+        self._exact_sketch = None  # sketched again from the new sums when next asked for
         self._count = parts[-2].cpu().clone()
         self._skipped = float(parts[-1])
 
@@ -310,17 +321,18 @@ class SpectrumAccumulator:
     def half_sketch(self, device: Union[torch.device, str, None] = None) -> torch.Tensor:
         """Each half's sums, sketched, as one flat float64 tensor: ``Y[2, d_out, k]``, ``W[2, l, d_in]``, ``count[2]``.
 
-        The sketches of the sketch method are its state; the exact method's sums are sketched here
-        with the same kind of test matrices (``O(d_out d_in k)`` per half, no decomposition). A
-        sketch is linear in the sums, so ``all_reduce(SUM)`` of these tensors is the sketch of the
+        The sketches of the sketch method are its state; the exact method's sums are sketched with
+        the same kind of test matrices on the first call (``O(d_out d_in k)`` per half) and the
+        sketch is then updated with every batch, as the sketch method's is. A sketch is linear in the sums, so ``all_reduce(SUM)`` of these tensors is the sketch of the
         summed state: the stopping rule's per-batch traffic under DDP is the size of a rank-``k``
         adapter per module, not that of the exact sums.
         """
         if self.method == "sketch":
             y, w = self._sums
         else:
-            y = self._sums[0] @ self.omega
-            w = self.psi @ self._sums[0]
+            if self._exact_sketch is None:
+                self._exact_sketch = [self._sums[0] @ self.omega, self.psi @ self._sums[0]]
+            y, w = self._exact_sketch
         flat = torch.cat([y.reshape(-1), w.reshape(-1), self._count.to(y.device)])
         return flat if device is None else flat.to(device)
 
@@ -369,13 +381,23 @@ class SpectrumAccumulator:
         return float(y.square().sum() + w.square().sum()) / (self.width + 2 * self.width + 1)
 
     def _sketch_sigma_sq(self, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        psi = self.psi.cpu()
+        """Eigenvalues of ``X X^T - ||r||^2 / (l - k) ((Psi Q)^T Psi Q)^{-1}`` (module docstring), descending.
+
+        With ``Psi Q = U R`` (thin QR), ``X = R^{-1} U^T W`` and ``||r||^2 = ||W||^2 - ||U^T W||^2``,
+        so the matrix is ``R^{-1} (Z Z^T - ||r||^2 / (l - k) I) R^{-T}`` with ``Z = U^T W``: one
+        matrix product with ``W`` instead of a least-squares solve (the stopping rule runs this
+        for every module after every batch).
+        """
+        psi, w = self.psi.cpu(), w.cpu()
         q = torch.linalg.qr(y.cpu()).Q
-        pq = psi @ q
-        x = torch.linalg.lstsq(pq, w.cpu()).solution
-        tail = (w.cpu() - pq @ x).square().sum() / (pq.shape[0] - pq.shape[1])
-        leak = tail * torch.linalg.inv(pq.T @ pq)
-        return torch.linalg.eigvalsh(x @ x.T - leak).flip(0).clamp_min(0.0)
+        u, r = torch.linalg.qr(psi @ q)
+        z = u.T @ w
+        zz = z @ z.T
+        tail = (w.square().sum() - zz.trace()).clamp_min(0.0) / (u.shape[0] - u.shape[1])
+        inner = zz - tail * torch.eye(zz.shape[0], dtype=zz.dtype)
+        left = torch.linalg.solve_triangular(r, inner, upper=True)  # R^{-1} inner
+        both = torch.linalg.solve_triangular(r, left.T, upper=True)  # R^{-1} (R^{-1} inner)^T
+        return torch.linalg.eigvalsh((both + both.T) / 2).flip(0).clamp_min(0.0)
 
 
 class SpectrumSet:

@@ -128,3 +128,15 @@ def test_analyze_with_the_spectrum_criterion_stops_on_its_own_allocation(tmp_pat
     # the rule's last verdicts were the halves' allocations agreeing
     assert all(c is not None and c >= 0.9 for c in analysis.stability.history[-3:])
     assert "of the halves' spectrum ranks" in stop_line(fisher_map)
+
+
+def test_an_exact_accumulators_sketch_follows_later_batches_and_a_loaded_state():
+    data = list(stream((3.0, 2.0), batches=6))
+    acc = accumulate("exact", data[:2])
+    acc.half_sketch()  # from here on the sketch is updated per batch
+    for a, g in data[2:]:
+        acc.update(a, g)
+    torch.testing.assert_close(acc.half_sketch(), accumulate("sketch", data).half_sketch())
+    other = accumulate("exact", data[:4])
+    acc.load_state_tensor(other.state_tensor())
+    torch.testing.assert_close(acc.half_sketch(), other.half_sketch())
