@@ -271,6 +271,29 @@ def test_lightning_tips_are_filtered_only_inside_the_command():
         "fisher map written to x", "💡 Tip: after the command, a library user sees it"]
 
 
+def test_bitsandbytes_kernel_note_is_filtered_only_inside_the_command():
+    import logging
+
+    from lightning_fisher.cli.quiet import lightning_noise_filtered
+
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger.addHandler(handler)
+    note = "Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure ..."
+    try:
+        with lightning_noise_filtered():
+            logger.warning(note, "No module named 'kernels'")
+            logger.warning("a real bitsandbytes warning")
+        logger.warning(note, "after the command")
+    finally:
+        logger.removeHandler(handler)
+    assert [r.getMessage() for r in records] == [
+        "a real bitsandbytes warning",
+        "Failed to load CPU gemm_4bit_forward from kernels-community: after the command. Please make sure ..."]
+
+
 def test_show_prints_table_and_writes_plot(dataset, tmp_path, capsys):
     assert main(analyze_args(dataset)) == 0
     capsys.readouterr()

@@ -8,10 +8,13 @@ own script sees Lightning exactly as Lightning prints it.
   torch (``isinstance(treespec, LeafSpec)``), which no user can act on;
 - "Total length of `list` across ranks is zero" and "You passed in a `val_dataloader` but have
   no `validation_step`": the empty list is how :class:`~lightning_fisher.TensorDirectoryDataModule`
-  says "no validation data" on purpose, and it defines ``val_dataloader`` for every model.
+  says "no validation data" on purpose, and it defines ``val_dataloader`` for every model;
+- bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community" note, logged on
+  CPUs with AVX512-BF16 whenever ``peft`` imports bitsandbytes (installed with the ``quant``
+  extra), whether or not the run has a quantized layer; it names an optional faster kernel.
 
 (Lightning's "No seed found" warning is not filtered: the commands pass their seed instead.)
-Nothing here imports Lightning: the filters attach to its loggers by name.
+Nothing here imports Lightning or bitsandbytes: the filters attach to their loggers by name.
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ __all__ = ["lightning_noise_filtered"]
 #: Loggers Lightning's ``rank_zero_info`` writes to (whichever of the two set it up last).
 _RANK_ZERO_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
 _TIP_PREFIX = "💡 Tip:"
+#: The logger bitsandbytes' CPU backend notes its optional kernel on, and the note's start.
+_BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
+_BNB_KERNEL_NOTE = "Failed to load CPU gemm_4bit_forward from kernels-community"
 _WARNINGS = (
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",
     r"Total length of `list` across ranks is zero",
@@ -33,23 +39,27 @@ _WARNINGS = (
 )
 
 
-class _DropTips(logging.Filter):
+class _DropPrefix(logging.Filter):
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(_TIP_PREFIX)
+        return not str(record.msg).startswith(self.prefix)
 
 
 @contextlib.contextmanager
 def lightning_noise_filtered() -> Iterator[None]:
     """Drop Lightning's tips and the listed warnings inside the block; everything else passes."""
-    tips = _DropTips()
-    loggers = [logging.getLogger(name) for name in _RANK_ZERO_LOGGERS]
-    for logger in loggers:
-        logger.addFilter(tips)
+    filters = [(logging.getLogger(name), _DropPrefix(_TIP_PREFIX)) for name in _RANK_ZERO_LOGGERS]
+    filters.append((logging.getLogger(_BNB_CPU_LOGGER), _DropPrefix(_BNB_KERNEL_NOTE)))
+    for logger, drop in filters:
+        logger.addFilter(drop)
     try:
         with warnings.catch_warnings():
             for message in _WARNINGS:
                 warnings.filterwarnings("ignore", message=message)
             yield
     finally:
-        for logger in loggers:
-            logger.removeFilter(tips)
+        for logger, drop in filters:
+            logger.removeFilter(drop)
