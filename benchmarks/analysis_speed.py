@@ -75,7 +75,8 @@ def parse_model(spec: str) -> dict:
     kind, *numbers = spec.split(":")
     if kind not in ("bert", "llama") or len(numbers) != 4:
         raise SystemExit(
-            f"--model {spec!r}: expected 'minilm', 'bert:HIDDEN:LAYERS:TOKENS:BATCH' or 'llama:HIDDEN:LAYERS:TOKENS:BATCH'"
+            f"--model {spec!r}: expected 'minilm', 'bert:HIDDEN:LAYERS:TOKENS:BATCH' or "
+            "'llama:HIDDEN:LAYERS:TOKENS:BATCH'"
         )
     hidden, layers, tokens, batch = (int(n) for n in numbers)
     return {"name": spec, "family": kind, "hidden": hidden, "layers": layers, "tokens": tokens, "batch": batch}

@@ -47,16 +47,20 @@ Spectrum state per module: :attr:`SpectrumAccumulator.state_size` (built on the 
 nothing allocated) in both methods, against a rank-``k`` LoRA adapter's ``k (d_in + d_out)``
 parameters, ``k = 42`` the sketch width.
 
-Run (the default: both families, widths 384-2,048 at 128 tokens, 128-2,048 tokens at width 512,
-2 layers, batch 2; about 20 minutes on 2 cores):
+Run (the default: both families, widths 384, 512, 1,024 and 2,048 at 128 tokens, 128, 512 and
+1,024 tokens at width 512, 2 layers, batch 2; about 15 minutes on 2 shared cores), then the
+2,048-token points (about 10 minutes more):
 
     python benchmarks/memory_curves.py
+    python benchmarks/memory_curves.py --points bert:512:2:2048:2,llama:512:2:2048:2
 
-Bigger points, alone (each merges into the stored results; a 1.1 B-parameter TinyLlama shape
-needs about 10 GB for the training step):
+Bigger points, alone (each merges into the stored results; the 1.1 B-parameter TinyLlama shape
+holds 4.4 GB of weights and as much again of weight gradients in its training step, so it needs
+a machine with about 12 GB free):
 
     python benchmarks/memory_curves.py --points llama:2048:22:128:2 --rounds 2
-    python benchmarks/memory_curves.py --family llama --widths 384,768,1024,1536,2048 --tokens 128,512,1024,2048 --layers 22 --max-params 1.2e9
+    python benchmarks/memory_curves.py --family bert,llama --widths 384,768,1024,1536,2048 \
+        --tokens 128,512,1024,2048 --layers 22 --max-params 1.2e9
     python benchmarks/memory_curves.py --report-only     # redraw the table and figure from the JSON
 """
 
@@ -181,20 +185,24 @@ def measure_point(spec_text: str, args) -> dict:
     info = describe(spec_text)
     if info["params"] > args.max_params:
         return {"model": spec_text, "skipped": f"{info['params']:,} parameters > --max-params {args.max_params:,.0f}"}
-    variants = [v for v in VARIANTS if v != "analysis_spectrum_exact" or info["spectrum_exact_state_mb"] <= args.exact_max_mb]
+    exact_fits = info["spectrum_exact_state_mb"] <= args.exact_max_mb
+    variants = [v for v in VARIANTS if v != "analysis_spectrum_exact" or exact_fits]
     load_before = os.getloadavg()
     started = time.perf_counter()
     out = subprocess.run(
-        [sys.executable, __file__, "--time-point", spec_text, "--rounds", str(args.rounds), "--variants", ",".join(variants),
-         "--threads", str(args.threads)],
+        [sys.executable, __file__, "--time-point", spec_text, "--rounds", str(args.rounds),
+         "--variants", ",".join(variants), "--threads", str(args.threads)],
         capture_output=True, text=True, check=True,
     )
     timing = json.loads(out.stdout.strip().splitlines()[-1])
     memory = {}
     for variant in variants:
-        runs = [fresh_process.apply(_measure_memory, (variant, spec_text, args.threads)) for _ in range(args.memory_repeats)]
+        runs = [
+            fresh_process.apply(_measure_memory, (variant, spec_text, args.threads)) for _ in range(args.memory_repeats)
+        ]
         memory[variant] = {
-            key: sorted(r[key] for r in runs)[len(runs) // 2] for key in ("peak_above_start_mb", "peak_above_before_mb", "before_mb", "start_mb")
+            key: sorted(r[key] for r in runs)[len(runs) // 2]
+            for key in ("peak_above_start_mb", "peak_above_before_mb", "before_mb", "start_mb")
         }
     spec = analysis_speed.parse_model(spec_text)
     return {
@@ -202,6 +210,7 @@ def measure_point(spec_text: str, args) -> dict:
         **{key: spec[key] for key in ("family", "hidden", "layers", "tokens", "batch")},
         **info,
         "timing": timing,
+        "rounds": args.rounds,
         "memory": memory,
         "seconds": time.perf_counter() - started,
         "load_average_1min": [load_before[0], os.getloadavg()[0]],
@@ -242,11 +251,15 @@ def table(points: list[dict], setup: dict) -> str:
         f"{setup['threads']} threads). Random-initialised `transformers` models, random tokens, eval mode, "
         "no optimizer step. Time: median over interleaved rounds of each variant's time / the training "
         "step's in the same round. Memory: peak resident memory above the process before the model was "
-        "built (weights + state kept between batches + the step's peak), one fresh process per variant; "
-        "in brackets the step's own peak above the resident size before it (no weights, no kept state).",
+        "built (weights + state kept between batches + the step's peak), one fresh process per variant, "
+        "as a fraction of the training step's; step-only: the step's own peak above the resident size "
+        "just before it (no weights, no kept state). floor: frozen weights, no hooks; trace: the default "
+        "analysis (`auto` norms); sketch / exact: with the `spectrum` criterion's statistics (rank_max 32), "
+        "every module sketched / exact (exact only where its float64 sums stay under `--exact-max-mb`).",
         "",
         "| family | params | hidden | layers | tokens | batch | train step | time: floor / trace / sketch / exact | "
-        "train step peak (MB) | memory: floor / trace / sketch / exact | step-only memory: trace / sketch / exact | load |",
+        "train step peak (MB) | memory: floor / trace / sketch / exact | step-only memory: trace / sketch / exact "
+        "| load |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in points:
@@ -256,7 +269,8 @@ def table(points: list[dict], setup: dict) -> str:
         r = ratios(p)
         get = lambda v, k: r[v][k] if v in r else None  # noqa: E731
         lines.append(
-            f"| {p['family']} | {p['params'] / 1e6:.0f} M | {p['hidden']} | {p['layers']} | {p['tokens']} | {p['batch']} "
+            f"| {p['family']} | {p['params'] / 1e6:.0f} M | {p['hidden']} | {p['layers']} | {p['tokens']} "
+            f"| {p['batch']} "
             f"| {p['timing']['train_step']['median_seconds']:.2f} s "
             f"| {' / '.join(_f(get(v, 'time')) for v in ANALYSES)} "
             f"| {p['memory']['train_step']['peak_above_start_mb']:.0f} "
@@ -273,13 +287,18 @@ def table(points: list[dict], setup: dict) -> str:
         "",
         "State entries (float64) of one module's `SpectrumAccumulator` (`state_size`), against the "
         "`k (d_in + d_out)` parameters of a rank-k LoRA adapter on it, k = 42 (the sketch width for "
-        "`rank_max` 32). `auto` picks the exact sums where they cost at most twice the sketch.",
+        "`rank_max` 32). Entries are float64, a LoRA parameter float32 (or less): in bytes the state is "
+        "twice the entries' ratio. `auto` picks the exact sums where they cost at most twice the sketch. A "
+        "sketch also keeps its two float64 test matrices, `Omega` `[d_in, k]` and `Psi` `[2k+1, d_out]` "
+        "(not in `state_size`: they are not summed across processes, every process draws the same).",
         "",
-        "| module (example) | d_in | d_out | weight | exact state | sketch state | LoRA k=42 | sketch / LoRA | exact / weight | auto picks |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| module (example) | d_in | d_out | weight | exact state | sketch state | + test matrices | LoRA k=42 | "
+        "sketch state / LoRA | exact state / weight | auto picks |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     seen = set()
     for p in points:
+        k = p.get("sketch_width", 42)
         for e in p.get("module_shapes", []):
             key = (e["d_in"], e["d_out"])
             if key in seen:
@@ -287,10 +306,16 @@ def table(points: list[dict], setup: dict) -> str:
             seen.add(key)
             lines.append(
                 f"| {p['family']} `{e['example'].split('.')[-1]}` | {e['d_in']} | {e['d_out']} | {e['weight']:,} | "
-                f"{e['exact_state']:,} | {e['sketch_state']:,} | {e['lora_params']:,} | "
-                f"{e['sketch_state'] / e['lora_params']:.2f} | {e['exact_state'] / e['weight']:.2f} | {e['auto_method']} |"
+                f"{e['exact_state']:,} | {e['sketch_state']:,} | {test_matrices(e['d_in'], e['d_out'], k):,} | "
+                f"{e['lora_params']:,} | {e['sketch_state'] / e['lora_params']:.2f} | "
+                f"{e['exact_state'] / e['weight']:.2f} | {e['auto_method']} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def test_matrices(d_in: int, d_out: int, k: int) -> int:
+    """Entries of a sketch's ``Omega`` (``d_in x k``) and ``Psi`` (``(2k + 1) x d_out``)."""
+    return d_in * k + (2 * k + 1) * d_out
 
 
 def figure(points: list[dict], path: Path, args) -> None:
@@ -298,6 +323,7 @@ def figure(points: list[dict], path: Path, args) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     done = [p for p in points if "skipped" not in p]
     fig, axes = plt.subplots(2, 2, figsize=(11, 8), sharey="row")
@@ -320,14 +346,22 @@ def figure(points: list[dict], path: Path, args) -> None:
                         ax.plot(*zip(*xy), style, color=colors[family], label=f"{family}: {label}", alpha=0.85)
             ax.axhline(1.0, color="black", linewidth=0.8)
             ax.set_xscale("log", base=2)
+            ax.set_yscale("log", base=2)
+            xs = sorted({p[axis] for p in done if p[fixed_key] == fixed and p["layers"] == args.layers})
+            ax.set_xticks(xs, [str(x) for x in xs])
+            ax.xaxis.set_minor_locator(ticker.NullLocator())
+            ax.yaxis.set_major_locator(ticker.FixedLocator([0.25, 0.35, 0.5, 0.7, 1.0, 1.4, 2.0, 2.8, 4.0]))
+            ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%.2g"))
+            ax.yaxis.set_minor_locator(ticker.NullLocator())
+            ax.grid(True, which="major", alpha=0.3)
             ax.set_xlabel(f"{axis} ({fixed_key} {fixed}, {args.layers} layers, batch {args.batch})")
             ax.set_ylabel(f"{quantity} / training step's")
-            ax.set_yscale("log", base=2)
     axes[0][0].set_title("peak memory (weights + kept state + step) vs width")
     axes[0][1].set_title("peak memory vs sequence length")
     axes[1][0].set_title("time vs width")
     axes[1][1].set_title("time vs sequence length")
-    axes[0][0].legend(fontsize=7, ncol=2)
+    if any(not line.get_label().startswith("_") for line in axes[0][0].get_lines()):
+        axes[0][0].legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -341,7 +375,9 @@ def main() -> None:
     parser.add_argument("--tokens-sweep-width", type=int, default=512)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--points", help="comma-separated model specs (family:HIDDEN:LAYERS:TOKENS:BATCH) instead of the sweep")
+    parser.add_argument(
+        "--points", help="comma-separated model specs (family:HIDDEN:LAYERS:TOKENS:BATCH) instead of the sweep"
+    )
     parser.add_argument("--max-params", type=float, default=float("inf"), help="skip points with more parameters")
     parser.add_argument("--exact-max-mb", type=float, default=512.0,
                         help="run the exact spectrum variant only where all its float64 sums stay under this")
@@ -378,13 +414,17 @@ def main() -> None:
                 continue
             r = ratios(point)
             print(
-                f"{spec_text}: {point['params'] / 1e6:.0f} M params, train step {point['timing']['train_step']['median_seconds']:.2f} s, "
+                f"{spec_text}: {point['params'] / 1e6:.0f} M params, "
+                f"train step {point['timing']['train_step']['median_seconds']:.2f} s, "
                 f"{point['memory']['train_step']['peak_above_start_mb']:.0f} MB; "
                 + ", ".join(f"{v} time {r[v]['time']:.2f} memory {r[v]['memory']:.2f}" for v in r)
                 + f" ({point['seconds']:.0f} s)",
                 flush=True,
             )
-    points = sorted(stored["points"].values(), key=lambda p: (p["model"].split(":")[0], p.get("layers", 0), p.get("tokens", 0), p.get("hidden", 0)))
+    points = sorted(
+        stored["points"].values(),
+        key=lambda p: (p["model"].split(":")[0], p.get("layers", 0), p.get("tokens", 0), p.get("hidden", 0)),
+    )
     md = args.json.with_suffix(".md")
     md.write_text(table(points, stored.get("setup", setup)))
     figure(points, args.json.with_suffix(".png"), args)
