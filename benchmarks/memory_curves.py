@@ -271,7 +271,7 @@ def table(points: list[dict], setup: dict) -> str:
         lines.append(
             f"| {p['family']} | {p['params'] / 1e6:.0f} M | {p['hidden']} | {p['layers']} | {p['tokens']} "
             f"| {p['batch']} "
-            f"| {p['timing']['train_step']['median_seconds']:.2f} s "
+            f"| {p['timing']['train_step']['median_seconds']:.2f} s ({p.get('rounds', '?')} rounds) "
             f"| {' / '.join(_f(get(v, 'time')) for v in ANALYSES)} "
             f"| {p['memory']['train_step']['peak_above_start_mb']:.0f} "
             f"| {' / '.join(_f(get(v, 'memory')) for v in ANALYSES)} "
