@@ -30,7 +30,9 @@ Run:  python benchmarks/analysis_speed.py [--rounds 11] [--json benchmarks/resul
       python benchmarks/analysis_speed.py --model bert:768:4:512:4 --json benchmarks/results/analysis_speed_bert_768_512.json
 
 ``--model bert:HIDDEN:LAYERS:TOKENS:BATCH`` times a random-initialised BERT encoder (no weights
-needed) instead, for the cost at longer sequences.
+needed) instead, for the cost at longer sequences; ``--model llama:HIDDEN:LAYERS:TOKENS:BATCH`` a
+random-initialised Llama-shaped causal language model with its own next-token loss.
+``benchmarks/memory_curves.py`` sweeps both over width and sequence length with this machinery.
 """
 
 from __future__ import annotations
@@ -53,25 +55,37 @@ VARIANTS = (
     "train_step", "frozen_floor", "analysis_auto", "analysis_ghost", "analysis_materialize", "analysis_spectrum",
     "analysis_spectrum_stop",
 )
+#: Variants the speed table leaves out: the spectrum statistics with every module forced to one method.
+EXTRA_VARIANTS = ("analysis_spectrum_sketch", "analysis_spectrum_exact")
+#: ``rank_max`` of the spectrum variants (``--criterion spectrum --rank-max 32``: sketches of width 42).
+SPECTRUM_RANK_MAX = 32
 
 
 MINILM = "minilm"
+LLAMA_VOCAB = 32000
 
 
 def parse_model(spec: str) -> dict:
-    """``minilm`` (the real model on real reviews) or ``bert:HIDDEN:LAYERS:TOKENS:BATCH``.
+    """``minilm`` (the real model on real reviews), ``bert:HIDDEN:LAYERS:TOKENS:BATCH`` or
+    ``llama:HIDDEN:LAYERS:TOKENS:BATCH``.
 
-    The second is a random-initialised ``transformers`` BERT encoder (no weights needed;
+    ``bert`` is a random-initialised ``transformers`` BERT encoder (no weights needed;
     ``HIDDEN / 64`` heads, feed-forward ``4 * HIDDEN``) with the same 9-class head on random
-    tokens: for the cost at longer sequences and larger widths.
+    tokens: for the cost at longer sequences and larger widths. ``llama`` is a random-initialised
+    ``LlamaForCausalLM`` shaped like TinyLlama (``HIDDEN / 64`` heads, an eighth of them for keys
+    and values, feed-forward about ``8/3 * HIDDEN``, vocabulary 32,000, untied output layer)
+    trained on its own next-token loss over random tokens.
     """
     if spec == MINILM:
-        return {"name": MINILM, "tokens": 128, "batch": 16}
+        return {"name": MINILM, "family": MINILM, "tokens": 128, "batch": 16}
     kind, *numbers = spec.split(":")
-    if kind != "bert" or len(numbers) != 4:
-        raise SystemExit(f"--model {spec!r}: expected 'minilm' or 'bert:HIDDEN:LAYERS:TOKENS:BATCH'")
+    if kind not in ("bert", "llama") or len(numbers) != 4:
+        raise SystemExit(
+            f"--model {spec!r}: expected 'minilm', 'bert:HIDDEN:LAYERS:TOKENS:BATCH' or "
+            "'llama:HIDDEN:LAYERS:TOKENS:BATCH'"
+        )
     hidden, layers, tokens, batch = (int(n) for n in numbers)
-    return {"name": spec, "hidden": hidden, "layers": layers, "tokens": tokens, "batch": batch}
+    return {"name": spec, "family": kind, "hidden": hidden, "layers": layers, "tokens": tokens, "batch": batch}
 
 
 def load_batch(spec: dict):
@@ -90,6 +104,37 @@ def load_batch(spec: dict):
     dataset = TensorFolderDataset(folder)
     samples = [dataset[i] for i in range(spec["batch"])]
     return {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
+
+
+def llama_config(hidden: int, layers: int, tokens: int):
+    """TinyLlama's proportions at any width (TinyLlama 1.1B is ``llama_config(2048, 22, 2048)``)."""
+    from transformers import LlamaConfig
+
+    heads = max(1, hidden // 64)
+    return LlamaConfig(
+        vocab_size=LLAMA_VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 8), intermediate_size=256 * round(8 * hidden / 3 / 256),
+        max_position_embeddings=max(2048, tokens), tie_word_embeddings=False,
+    )
+
+
+class RandomLlamaLM(torch.nn.Module):
+    """A random-initialised Llama-shaped causal language model; its loss is the mean next-token loss.
+
+    Every sample has the same length, so the token mean over the batch is the mean of the
+    samples' own token means: a batch-mean loss, as the collector's default assumes.
+    """
+
+    def __init__(self, hidden: int, layers: int, tokens: int) -> None:
+        super().__init__()
+        from transformers import LlamaForCausalLM
+
+        self.encoder = LlamaForCausalLM(llama_config(hidden, layers, tokens))
+
+    def loss(self, batch) -> torch.Tensor:
+        return self.encoder(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["input_ids"]
+        ).loss
 
 
 class RandomBertClassifier(torch.nn.Module):
@@ -116,6 +161,8 @@ def load_model(spec: dict):
         from lightning_fisher.examples.text_classifier import MiniLMClassifier
 
         model = MiniLMClassifier(num_classes=9)
+    elif spec["family"] == "llama":
+        model = RandomLlamaLM(spec["hidden"], spec["layers"], spec["tokens"])
     else:
         model = RandomBertClassifier(spec["hidden"], spec["layers"], spec["tokens"])
     model.eval()
@@ -123,6 +170,8 @@ def load_model(spec: dict):
 
 
 def loss_of(model, batch):
+    if isinstance(model, RandomLlamaLM):
+        return model.loss(batch)
     logits = model(batch["input_ids"], batch["attention_mask"])
     return F.cross_entropy(logits, batch["label"])
 
@@ -140,13 +189,22 @@ class Runner:
         }
         names = self.collectors["auto"].names
         self.accumulator = FisherAccumulator(names)
-        from lightning_fisher.spectrum import SpectrumSet
+        self.spectra = {}  # method -> SpectrumSet, built on first use: their sums stay resident
+        # The floor's backward starts at the embeddings' output (BERT: the whole embedding block).
+        self._embeddings = getattr(model.encoder, "embeddings", None) or model.encoder.get_input_embeddings()
 
-        self.spectra = SpectrumSet(self.collectors["auto"].candidates, rank_max=32)
-        self.collectors["spectrum"] = FisherCollector(model, norm_strategy="auto", observer=self.spectra.observe)
-        embeddings = model.encoder.embeddings
-        self._leaf_hook = None
-        self._embeddings = embeddings
+    def spectrum_set(self, method: str):
+        """The ``SpectrumSet`` of every candidate with ``method`` (``auto``, ``sketch``, ``exact``), built once."""
+        if method not in self.spectra:
+            from lightning_fisher import FisherCollector
+            from lightning_fisher.spectrum import SpectrumSet
+
+            spectra = SpectrumSet(self.collectors["auto"].candidates, rank_max=SPECTRUM_RANK_MAX, method=method)
+            self.spectra[method] = spectra
+            self.collectors[f"spectrum_{method}"] = FisherCollector(
+                self.model, norm_strategy="auto", observer=spectra.observe
+            )
+        return self.spectra[method]
 
     def _freeze(self, frozen: bool) -> None:
         for p in self.model.parameters():
@@ -170,7 +228,7 @@ class Runner:
         self._freeze(True)
         collector = self.collectors[strategy]
         with collector:
-            with collector.batch(batch_size=self.batch["label"].shape[0]) as record:
+            with collector.batch(batch_size=self.batch["input_ids"].shape[0]) as record:
                 loss_of(self.model, self.batch).backward()
         self.accumulator.update(record.values, record.finite)
 
@@ -184,15 +242,24 @@ class Runner:
         self._analysis("materialize")
 
     def analysis_spectrum(self) -> None:
-        self._analysis("spectrum")
+        self.spectrum_set("auto")
+        self._analysis("spectrum_auto")
+
+    def analysis_spectrum_sketch(self) -> None:
+        self.spectrum_set("sketch")
+        self._analysis("spectrum_sketch")
+
+    def analysis_spectrum_exact(self) -> None:
+        self.spectrum_set("exact")
+        self._analysis("spectrum_exact")
 
     def analysis_spectrum_stop(self) -> None:
         from lightning_fisher import AllocationSettings, spectrum_split_half_correlation
 
-        self._analysis("spectrum")
-        settings = AllocationSettings(rank=8, rank_min=2, rank_max=32, criterion="spectrum")
-        halves = self.spectra.half_spectra(self.spectra.half_sketch())
-        spectrum_split_half_correlation(halves, self.spectra.rank_costs, settings)
+        spectra = self.spectrum_set("auto")
+        self._analysis("spectrum_auto")
+        settings = AllocationSettings(rank=8, rank_min=2, rank_max=SPECTRUM_RANK_MAX, criterion="spectrum")
+        spectrum_split_half_correlation(spectra.half_spectra(spectra.half_sketch()), spectra.rank_costs, settings)
 
     def run(self, variant: str) -> float:
         start = time.perf_counter()
@@ -208,8 +275,19 @@ def _status_kb(field: str) -> int:
 
 
 def measure_memory(variant: str, spec: dict) -> dict:
-    """Run in a fresh process: peak resident memory of one step above the level before it."""
+    """Run in a fresh process: peak resident memory of one step above the level before it.
+
+    Also ``peak_above_start_mb``: the step's peak above the resident size before the model was
+    built, i.e. weights, whatever the variant keeps between steps (spectrum sums) and the step.
+    """
     torch.set_num_threads(torch.get_num_threads())
+    with torch.device("meta"):
+        load_model(spec)  # imports the model's code, so the start level below holds it
+    from lightning_fisher import FisherAccumulator, FisherCollector  # noqa: F401  (likewise)
+    from lightning_fisher.spectrum import SpectrumSet  # noqa: F401
+
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    start = _status_kb("VmRSS")
     model = load_model(spec)
     batch = load_batch(spec)
     runner = Runner(model, batch)
@@ -222,21 +300,41 @@ def measure_memory(variant: str, spec: dict) -> dict:
     before = _status_kb("VmRSS")
     getattr(runner, variant)()
     peak = _status_kb("VmHWM")
-    return {"variant": variant, "before_mb": before / 1024, "peak_above_before_mb": (peak - before) / 1024}
+    return {
+        "variant": variant, "start_mb": start / 1024, "before_mb": before / 1024,
+        "peak_above_before_mb": (peak - before) / 1024, "peak_above_start_mb": (peak - start) / 1024,
+    }
 
 
-def timings(rounds: int, spec: dict) -> dict:
+def memory_in_fresh_processes(variant: str, model: str, repeats: int, timeout: float | None = None) -> list[dict]:
+    """:func:`measure_memory` of ``variant`` in ``repeats`` fresh processes (tensors above 64 KB mmapped)."""
+    runs = []
+    for _ in range(repeats):
+        out = subprocess.run(
+            [sys.executable, __file__, "--measure-memory", variant, "--model", model],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=timeout,
+            env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"},
+        )
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return runs
+
+
+def timings(rounds: int, spec: dict, variants: tuple[str, ...] = VARIANTS) -> dict:
+    """Median time and median per-round ratio to ``train_step`` (which ``variants`` must hold)."""
     model = load_model(spec)
     batch = load_batch(spec)
     runner = Runner(model, batch)
-    for variant in VARIANTS:  # warm-up
+    for variant in variants:  # warm-up
         runner.run(variant)
-    times = {v: [] for v in VARIANTS}
-    ratios = {v: [] for v in VARIANTS}
+    times = {v: [] for v in variants}
+    ratios = {v: [] for v in variants}
     for r in range(rounds):
-        order = VARIANTS[r % len(VARIANTS):] + VARIANTS[: r % len(VARIANTS)]
+        order = variants[r % len(variants):] + variants[: r % len(variants)]
         this_round = {v: runner.run(v) for v in order}
-        for v in VARIANTS:
+        for v in variants:
             times[v].append(this_round[v])
             ratios[v].append(this_round[v] / this_round["train_step"])
     return {
@@ -246,7 +344,7 @@ def timings(rounds: int, spec: dict) -> dict:
             "ratio_min": min(ratios[v]),
             "ratio_max": max(ratios[v]),
         }
-        for v in VARIANTS
+        for v in variants
     }
 
 
@@ -256,7 +354,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "analysis_speed.json")
     parser.add_argument("--memory-repeats", type=int, default=3)
     parser.add_argument("--model", default=MINILM, help="minilm (default) or bert:HIDDEN:LAYERS:TOKENS:BATCH")
-    parser.add_argument("--measure-memory", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--measure-memory", choices=VARIANTS + EXTRA_VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     spec = parse_model(args.model)
     if args.measure_memory:
@@ -265,21 +363,14 @@ def main() -> None:
 
     results = {"timing": timings(args.rounds, spec), "memory": {}}
     for variant in VARIANTS:
-        peaks = []
-        for _ in range(args.memory_repeats):
-            out = subprocess.run(
-                [sys.executable, __file__, "--measure-memory", variant, "--model", args.model],
-                capture_output=True,
-                text=True,
-                check=True,
-                env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"},
-            )
-            peaks.append(json.loads(out.stdout.strip().splitlines()[-1])["peak_above_before_mb"])
-        results["memory"][variant] = statistics.median(peaks)
+        runs = memory_in_fresh_processes(variant, args.model, args.memory_repeats)
+        results["memory"][variant] = statistics.median(r["peak_above_before_mb"] for r in runs)
     reference_memory = results["memory"]["train_step"]
     real = spec["name"] == MINILM
     results["setup"] = {
         "model": "all-MiniLM-L6-v2 + 9-class head (MiniLMClassifier), eval mode" if real else (
+            f"random-initialised Llama (TinyLlama shape), hidden {spec['hidden']}, {spec['layers']} layers, "
+            "next-token loss, eval mode" if spec["family"] == "llama" else
             f"random-initialised BERT, hidden {spec['hidden']}, {spec['layers']} layers, + 9-class head, eval mode"),
         "batch": f"{spec['batch']} x {spec['tokens']} tokens, " + ("real drug reviews" if real else "random tokens"),
         "rounds": args.rounds,

@@ -78,6 +78,9 @@ __all__ = ["EXACT_FACTOR", "NOISE_MARGIN", "ModuleSpectrum", "SpectrumAccumulato
 SpectrumMethod = Literal["auto", "exact", "sketch"]
 
 EXACT_FACTOR = 2
+#: Elements of the product an exact update adds to its sums at once (16 MB float32 and its
+#: 32 MB float64 copy, whatever the module's size).
+EXACT_CHUNK_ELEMENTS = 1 << 22
 NOISE_MARGIN = 2.0
 
 
@@ -231,7 +234,14 @@ class SpectrumAccumulator:
 
     def _add(self, h: int, a: torch.Tensor, g: torch.Tensor, scale: float) -> None:
         if self.method == "exact":
-            self._sums[0][h] += (g.T @ a).to(torch.float64) * scale
+            # In blocks of output rows: adding a float32 product into float64 sums makes a
+            # float64 copy of it first (on CPU), so a whole d_out x d_in product, its copy and a
+            # scaled copy were 5x a float32 weight gradient, transient, above the sums themselves.
+            sums = self._sums[0][h]
+            step = max(1, EXACT_CHUNK_ELEMENTS // self.d_in)
+            for start in range(0, self.d_out, step):
+                rows = slice(start, start + step)
+                sums[rows].add_(g[:, rows].T @ a, alpha=scale)
             if self._exact_sketch is not None:
                 self._add_sketch(self._exact_sketch, h, a, g, scale)
             return
@@ -239,8 +249,8 @@ class SpectrumAccumulator:
 
     def _add_sketch(self, sketch: list[torch.Tensor], h: int, a: torch.Tensor, g: torch.Tensor, scale: float) -> None:
         y, w = sketch
-        y[h] += (g.T @ (a @ self.omega.to(a.dtype))).to(torch.float64) * scale
-        w[h] += ((g @ self.psi.T.to(g.dtype)).T @ a).to(torch.float64) * scale
+        y[h].add_(g.T @ (a @ self.omega.to(a.dtype)), alpha=scale)
+        w[h].add_((g @ self.psi.T.to(g.dtype)).T @ a, alpha=scale)
 
     def state_tensor(self, device: Union[torch.device, str, None] = None) -> torch.Tensor:
         """All state as one flat float64 tensor of sums, ready for ``all_reduce(SUM)``.

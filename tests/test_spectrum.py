@@ -110,6 +110,35 @@ def test_auto_method_keeps_exact_sums_only_while_they_are_small():
     assert SpectrumAccumulator("large", 1024, 1024, width=width).method == "sketch"
 
 
+def test_exact_update_adds_the_product_in_bounded_blocks(monkeypatch):
+    # The exact sums are 2 x d_out x d_in float64; on CPU, adding a float32 product into them
+    # first makes a float64 copy of it. Whole products (and copies) of a large output layer
+    # would more than double a training step's weight-gradient memory: they come in row blocks.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import lightning_fisher.spectrum as spectrum
+
+    class NewTensors(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.sizes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and func._schema.returns[0].alias_info is None:
+                self.sizes.append(out.numel())  # new tensors only: not views of the sums, not in-place writes
+            return out
+
+    monkeypatch.setattr(spectrum, "EXACT_CHUNK_ELEMENTS", 5 * D_IN)  # blocks of 5 of the 32 output rows
+    a, g = torch.randn(4, 3, D_IN), torch.randn(4, 3, D_OUT)
+    acc = SpectrumAccumulator("layer", D_IN, D_OUT, width=4, method="exact")
+    reference = accumulate("exact", [(a.double(), g.double())], width=4)
+    with NewTensors() as mode:
+        acc.update(a, g)
+    assert 5 * D_IN in mode.sizes and max(mode.sizes) < D_OUT * D_IN / 2  # a product block, never a whole one
+    torch.testing.assert_close(acc.state_tensor(), reference.state_tensor(), rtol=1e-5, atol=1e-5)
+
+
 def test_float64_sums_from_bfloat16_inputs():
     a, g = next(stream((3.0,)))
     low = accumulate("exact", [(a.bfloat16(), g.bfloat16())])
