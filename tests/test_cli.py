@@ -73,9 +73,12 @@ def test_analyze_then_fit_uses_the_map_and_ignore_gives_flat(dataset, tmp_path):
 
 def test_analyze_with_the_spectrum_criterion_then_fit(dataset, tmp_path):
     # 16 samples cannot tell any direction from noise: the analysis says so and writes nothing
-    assert main(analyze_args(dataset, "--criterion", "spectrum", "--rank-mode", "budget")) == 1
+    short = ("--min-batches", "2", "--max-batches", "2")
+    assert main(analyze_args(dataset, "--criterion", "spectrum", "--rank-mode", "budget", *short)) == 1
     assert not (dataset / "fisher_map.json").exists()
-    assert main(analyze_args(dataset, "--criterion", "spectrum", "--rank-mode", "budget", "--min-batches", "8")) == 0
+    # the spectrum's stopping rule has no verdict while no half's allocation adapts a module, so
+    # left to itself the analysis runs on until the halves agree on one
+    assert main(analyze_args(dataset, "--criterion", "spectrum", "--rank-mode", "budget")) == 0
     fisher_map = FisherMap.load(dataset)
     assert fisher_map.budget.criterion == "spectrum"
     assert all(m.sigma_sq and m.noise_floor > 0 for m in fisher_map.modules)
