@@ -26,8 +26,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Union
 
-from lightning_fisher.map_records import STOPPING_METHODS
-
 if TYPE_CHECKING:  # fisher_map imports this module for FisherMap.summary()
     from lightning_fisher.fisher_map import FisherMap, TimestepFocusRecord
     from lightning_fisher.peft_factory import MapApplication
@@ -103,6 +101,8 @@ def stop_line(fisher_map: FisherMap) -> str:
     skipped = f"; {analysis.skipped_samples:,} non-finite samples skipped" if analysis.skipped_samples else ""
     rule = analysis.stability
     last = "n/a" if rule is None or rule.last_correlation is None else f"{rule.last_correlation:.3f}"
+    from lightning_fisher.map_records import STOPPING_METHODS  # loaded with the map already
+
     if rule is not None and rule.method == STOPPING_METHODS["spectrum"]:
         last = f"{last} (of the halves' spectrum ranks)"
     if analysis.converged:
