@@ -253,46 +253,41 @@ def test_demo_help_lists_the_tasks(capsys):
     assert "digits: a flow-matching model" in text and "(epochs 10, rank 4, rank-min 1" in text
 
 
-def test_lightning_tips_are_filtered_only_inside_the_command():
+def noise_filter_passes(logger_name, inside, after):
+    """Messages logged to ``logger_name`` inside ``lightning_noise_filtered`` and after it, as they reach a handler."""
     import logging
 
     from lightning_fisher.cli.quiet import lightning_noise_filtered
 
-    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    logger = logging.getLogger(logger_name)
     records = []
     handler = logging.Handler()
     handler.emit = records.append
     logger.addHandler(handler)
     try:
         with lightning_noise_filtered():
-            logger.warning("💡 Tip: For seamless cloud logging, try installing litlogger")
-            logger.warning("fisher map written to x")
-        logger.warning("💡 Tip: after the command, a library user sees it")
+            for args in inside:
+                logger.warning(*args)
+        for args in after:
+            logger.warning(*args)
     finally:
         logger.removeHandler(handler)
-    assert [r.getMessage() for r in records] == [
-        "fisher map written to x", "💡 Tip: after the command, a library user sees it"]
+    return [r.getMessage() for r in records]
+
+
+def test_lightning_tips_are_filtered_only_inside_the_command():
+    tip = "💡 Tip: For seamless cloud logging, try installing litlogger"
+    passed = noise_filter_passes("lightning.pytorch.utilities.rank_zero", [(tip,), ("fisher map written to x",)],
+                                 [("💡 Tip: after the command, a library user sees it",)])
+    assert passed == ["fisher map written to x", "💡 Tip: after the command, a library user sees it"]
 
 
 def test_bitsandbytes_kernel_note_is_filtered_only_inside_the_command():
-    import logging
-
-    from lightning_fisher.cli.quiet import lightning_noise_filtered
-
-    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logger.addHandler(handler)
     note = "Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure ..."
-    try:
-        with lightning_noise_filtered():
-            logger.warning(note, "No module named 'kernels'")
-            logger.warning("a real bitsandbytes warning")
-        logger.warning(note, "after the command")
-    finally:
-        logger.removeHandler(handler)
-    assert [r.getMessage() for r in records] == [
+    passed = noise_filter_passes("bitsandbytes.backends.cpu.ops",
+                                 [(note, "No module named 'kernels'"), ("a real bitsandbytes warning",)],
+                                 [(note, "after the command")])
+    assert passed == [
         "a real bitsandbytes warning",
         "Failed to load CPU gemm_4bit_forward from kernels-community: after the command. Please make sure ..."]
 
