@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from lightning_fisher.atomic_io import write_text_atomic
+from lightning_fisher.map_records import STOPPING_METHODS
 
 from quality_bench.measures_report import first_epoch_section, forgetting_figure, forgetting_section, remeasured_lines
 from quality_bench.protocol import ARMS, HEAD_ONLY, RESULTS_DIR
@@ -225,12 +226,21 @@ def write_report(store: ResultStore, path: Path, command: str, wall_seconds: Opt
 def task_notes(runs: list[dict], rows: list[dict]) -> list[str]:
     """Facts behind the table: analysis and EVA costs, and focuses whose allocations coincide."""
     lines = []
-    analyses = {(r["seed"], r.get("focus") or ""): r for r in runs if r.get("analysis_batches") is not None}
-    if analyses:
+    criterion = {a.name: a.criterion for a in ARMS}
+    for name in ("trace", "spectrum"):
+        # one analysis per seed and focus and criterion; every arm of that criterion re-allocates it
+        # runs recorded before the method was used the trace ranking's rule, the only one there was
+        analyses = {(r["seed"], r.get("focus") or "", r.get("analysis_stop_method") or STOPPING_METHODS["trace"]): r
+                    for r in runs
+                    if r.get("analysis_batches") is not None and criterion.get(r["arm"]) == name}
+        if not analyses:
+            continue
         batches = sorted({r["analysis_batches"] for r in analyses.values()})
         stops = sorted({r["analysis_stop"] for r in analyses.values()})
         seconds = [r["analysis_seconds"] for r in analyses.values() if r.get("analysis_seconds") is not None]
-        lines.append(f"- Fisher analyses: {len(analyses)} (one per seed{' and focus' if any(f for _, f in analyses) else ''}), "
+        lines.append(f"- Fisher analyses, {name} criterion: {len(analyses)} (one per seed"
+                     f"{' and focus' if any(key[1] for key in analyses) else ''}"
+                     f"{', and stopping rule' if len({key[2] for key in analyses}) > 1 else ''}), "
                      f"{'/'.join(map(str, batches))} batches, stopped by {', '.join(stops)}"
                      + (f", {min(seconds):.1f}-{max(seconds):.1f} s each" if seconds else ""))
     eva = [r for r in runs if r.get("eva_total_rank") is not None]
