@@ -47,12 +47,6 @@ __all__ = [
     "split_half_correlation",
 ]
 
-#: Name of the method, as recorded in the map.
-METHOD = STOPPING_METHODS["trace"]
-#: Name of the method under the spectrum criterion.
-METHOD_SPECTRUM = STOPPING_METHODS["spectrum"]
-
-
 def method_for(criterion: str) -> str:
     """The stopping method's name for an allocation criterion, as recorded in the map."""
     return STOPPING_METHODS[criterion]

@@ -10,7 +10,9 @@ from torch import nn
 from lightning_fisher import AllocationSettings, analyze
 from lightning_fisher.map_summary import stop_line
 from lightning_fisher.spectrum import ModuleSpectrum, SpectrumAccumulator
-from lightning_fisher.stability import METHOD_SPECTRUM, spectrum_split_half_correlation
+from lightning_fisher.errors import FisherAnalysisError
+from lightning_fisher.map_records import STOPPING_METHODS
+from lightning_fisher.stability import spectrum_split_half_correlation
 from tests.test_spectrum import D_IN, D_OUT, WIDTH, accumulate, stream
 
 SETTINGS = AllocationSettings(rank=2, rank_min=1, rank_max=8, mode="median", criterion="spectrum")
@@ -49,7 +51,7 @@ def test_no_half_spectra_before_both_halves_hold_a_sample():
     a, g = next(stream((1.0,), batch=1))
     acc.update(a, g)
     assert acc.half_spectra(acc.half_sketch(), 4) is None
-    with pytest.raises(Exception, match="'layer'.*half sketch"):
+    with pytest.raises(FisherAnalysisError, match="'layer'.*half sketch"):
         acc.half_spectra(acc.half_sketch()[:-1], 4)
 
 
@@ -123,7 +125,7 @@ def test_analyze_with_the_spectrum_criterion_stops_on_its_own_allocation(tmp_pat
         max_batches=32, trainer_kwargs=dict(enable_progress_bar=False, logger=False),
     )
     analysis = fisher_map.analysis
-    assert analysis.stability.method == METHOD_SPECTRUM
+    assert analysis.stability.method == STOPPING_METHODS["spectrum"]
     assert analysis.stop_reason == "converged" and analysis.batches < 32
     # the rule's last verdicts were the halves' allocations agreeing
     assert all(c is not None and c >= 0.9 for c in analysis.stability.history[-3:])
