@@ -80,6 +80,7 @@ from lightning_fisher.candidates import SUPPORTED_TYPE_NAMES, module_type_name, 
 from lightning_fisher.errors import CandidateSelectionError, FisherAnalysisError
 from lightning_fisher.per_sample_norms import (
     CHUNK_ELEMENTS,
+    GramBlocks,
     NormStrategy,
     compute_dtype,
     embedding_sq_norms,
@@ -125,9 +126,9 @@ class _BatchState:
         self.captured: set[int] = set()
         self.grad_any = False
         self.seen_in_backward: set[int] = set()
-        self._grams: dict[tuple, torch.Tensor] = {}
+        self._grams: dict[tuple, GramBlocks] = {}
 
-    def input_gram(self, a: torch.Tensor, source: torch.Tensor) -> Optional[torch.Tensor]:
+    def input_gram(self, a: torch.Tensor, source: torch.Tensor) -> Optional[GramBlocks]:
         """``input_gram(a)``, computed once per batch for modules that read the same tensor.
 
         ``a`` is the ``[B, T, d]`` compute-dtype view or copy of ``source``, the input tensor

@@ -500,8 +500,9 @@ def test_gram_cache_is_keyed_by_the_captured_tensor_not_its_converted_copy() -> 
     for source in (first_source, second_source):
         copy_ = torch.frombuffer(buffer, dtype=torch.float32).view(2, 3, 4)
         memoryview(buffer).cast("B")[:] = source.float().numpy().tobytes()
-        grams.append(state.input_gram(copy_, source=source).clone())
-    assert torch.equal(grams[1], input_gram(second_source.float()))
+        (gram,) = state.input_gram(copy_, source=source)  # 3 tokens: one block
+        grams.append(gram.clone())
+    assert torch.equal(grams[1], input_gram(second_source.float())[0])
     assert not torch.equal(grams[0], grams[1])
     # the same captured tensor read by a second module (query / key / value) hits the cache
     assert state.input_gram(second_source.float(), source=second_source) is not None

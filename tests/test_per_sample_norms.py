@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_fisher.per_sample_norms import compute_dtype, embedding_sq_norms, linear_sq_norms, uses_ghost
+from lightning_fisher.per_sample_norms import (
+    compute_dtype,
+    embedding_sq_norms,
+    ghost_fraction,
+    gram_block_size,
+    input_gram,
+    linear_sq_norms,
+    uses_ghost,
+)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -54,6 +62,7 @@ def test_auto_picks_cheaper_kernel_per_layer(monkeypatch: pytest.MonkeyPatch) ->
         original = getattr(kernels, kernel)
         monkeypatch.setattr(kernels, kernel,
                             lambda a, g, *rest, _k=kernel, _f=original: used.append((_k, a.shape[1])) or _f(a, g, *rest))
+    # Up to 64 tokens the Gram matrices are one block (fraction 1):
     # d_in * d_out / (d_in + d_out) = 64 * 64 / 128 = 32: ghost below 32 tokens, materialize above.
     for t in (8, 40):
         used.clear()
@@ -86,3 +95,52 @@ def test_compute_dtype_is_float64_only_for_float64_inputs() -> None:
     half, single, double = torch.zeros(1).bfloat16(), torch.zeros(1), torch.zeros(1).double()
     assert compute_dtype(half) == compute_dtype(half, single) == torch.float32
     assert compute_dtype(half, double) == torch.float64
+
+
+@pytest.mark.parametrize("tokens", [2, 63, 64, 65, 128, 200, 256, 257, 300])
+@pytest.mark.parametrize("bias", [False, True])
+def test_block_triangular_ghost_equals_the_full_sum_across_block_edges(tokens: int, bias: bool) -> None:
+    torch.manual_seed(tokens)
+    a = torch.randn(3, tokens, 5, dtype=torch.float64)
+    g = torch.randn(3, tokens, 4, dtype=torch.float64)
+    aa = torch.bmm(a, a.transpose(1, 2)) + (1.0 if bias else 0.0)
+    full = torch.einsum("bij,bij->b", aa, torch.bmm(g, g.transpose(1, 2)))
+    assert rel_err(linear_sq_norms(a, g, bias=bias, strategy="ghost"), full) < 1e-12
+    shared = linear_sq_norms(a, g, bias=bias, strategy="ghost", gram=input_gram(a))
+    assert rel_err(shared, full) < 1e-12
+
+
+@pytest.mark.parametrize("chunk_elements", [1 << 25, 40])
+def test_shared_input_gram_is_sliced_by_sample_chunk(chunk_elements: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("lightning_fisher.per_sample_norms.CHUNK_ELEMENTS", chunk_elements)
+    torch.manual_seed(3)
+    a = torch.randn(5, 150, 6, dtype=torch.float64)
+    g = torch.randn(5, 150, 3, dtype=torch.float64)
+    full = torch.einsum("bto,bti->boi", g, a).square().sum(dim=(1, 2))
+    assert rel_err(linear_sq_norms(a, g, bias=False, strategy="ghost", gram=input_gram(a)), full) < 1e-12
+
+
+def test_input_gram_keeps_only_the_upper_block_triangle() -> None:
+    a = torch.randn(2, 300, 4)
+    blocks = input_gram(a)
+    size = gram_block_size(300)
+    assert size == 128 and [tuple(b.shape) for b in blocks] == [(2, 128, 300), (2, 128, 172), (2, 44, 44)]
+    assert ghost_fraction(300) == pytest.approx(4 / 6)
+    assert ghost_fraction(64) == 1.0 and ghost_fraction(128) == 0.75 and ghost_fraction(1024) == 9 / 16
+
+
+def test_block_triangular_ghost_is_accurate_in_float32_at_long_sequences() -> None:
+    torch.manual_seed(4)
+    a = torch.randn(2, 1024, 32, dtype=torch.float64)
+    g = torch.randn(2, 1024, 48, dtype=torch.float64)
+    exact = linear_sq_norms(a, g, bias=True, strategy="materialize")
+    assert rel_err(linear_sq_norms(a.float(), g.float(), bias=True, strategy="ghost").double(), exact) < 2e-6
+
+
+def test_auto_counts_the_block_triangular_saving() -> None:
+    # 512 tokens, 768 -> 768: the full Gram products (512 * 1536 = 786k multiply-adds per token) would
+    # lose to materialising (768 * 768 = 590k); 5/8 of them (491k) win.
+    assert 512 * (768 + 768) > 768 * 768 > ghost_fraction(512) * 512 * (768 + 768)
+    assert uses_ghost("auto", 512, 768, 768)
+    assert not uses_ghost("auto", 1024, 1024, 1024)  # 9/16 * 1024 * 2048 = 1.18M > 1.05M
+    assert uses_ghost("auto", 1024, 1024, 4096)  # 9/16 * 1024 * 5120 = 2.95M < 4.19M
