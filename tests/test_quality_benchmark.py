@@ -170,6 +170,10 @@ def test_report_tabulates_first_epoch_loss_and_forgetting_at_every_lr_and_draws_
     # flat chooses 1e-2 (val 0.61 < 0.62); epoch-1 losses 0.66, 0.661, 0.662 there
     assert cells(flat_row)[1:3] == ["0.01", "0.6610 ± 0.0010 (n=3)"]
     assert "| PEFT EVA (= flat total rank) | 0.001 | not measured |" in first
+    # the map's epoch-1 loss is 0.665 (+ 0.001 * seed) at both LRs, flat's 0.670 at 1e-3 and 0.660 at 1e-2
+    line = next(line for line in first.splitlines() if line.startswith("- Fisher, budget (= flat params)"))
+    assert "loss after epoch 1 less at 1, more at 1, parity at 0 of 2 LRs" in line
+    assert "0.001: -0.0050 (less, spread 0.0010)" in line and "0.01: +0.0050 (more, spread 0.0010)" in line
 
     forgetting = text[text.index("### Forgetting"):]
     assert "minus the pretrained model's 0.6000" in forgetting

@@ -61,6 +61,10 @@ def first_epoch_section(rows: list[dict]) -> list[str]:
         cells = [row_name(row), f"{row['lr']:g}", cell(row["runs"], value), cell(row["runs"], lambda r: r.get("val_loss"))]
         cells += [cell(row["by_lr"].get(lr, []), value) for lr in lrs]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Loss after epoch 1 against flat LoRA at equal LR (mean of the arm minus mean of flat over the seeds "
+              "measured at that LR; less means it adapted faster, less or more only when the difference exceeds the "
+              "larger sample std of the two, else parity):", ""]
+    lines += equal_lr_lines(rows, value, lrs, verb="loss after epoch 1")
     return lines
 
 
@@ -91,7 +95,8 @@ def forgetting_section(rows: list[dict], baselines: dict, figure: Optional[str])
     return lines
 
 
-def equal_lr_lines(rows: list[dict], value: Value, lrs: list[float]) -> list[str]:
+def equal_lr_lines(rows: list[dict], value: Value, lrs: list[float], *, verb: str = "forgets") -> list[str]:
+    """Each arm against flat LoRA in every LR column both have: less, more or parity (within the spread)."""
     flat = next((row for row in rows if row["arm"] == "flat"), None)
     if flat is None:
         return ["- no flat LoRA runs"]
@@ -114,7 +119,7 @@ def equal_lr_lines(rows: list[dict], value: Value, lrs: list[float]) -> list[str
             parts.append(f"{lr:g}: {difference:+.4f} ({word}, spread {noise:.4f})")
         if parts:
             judged = sum(counts.values())
-            summary = (f"forgets less at {counts['less']}, more at {counts['more']}, parity at {counts['parity']} of "
+            summary = (f"{verb} less at {counts['less']}, more at {counts['more']}, parity at {counts['parity']} of "
                        f"{judged} LRs with several seeds" if judged else "one seed per LR: no spread to judge by")
             lines.append(f"- {row_name(row)}: {summary}; " + ", ".join(parts))
     return lines or ["- no other arm measured"]
