@@ -383,8 +383,9 @@ def main() -> None:
         "cpu": platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=2) + "\n")
+    from lightning_fisher.atomic_io import write_text_atomic  # here: the measured processes never import it
+
+    write_text_atomic(args.json, json.dumps(results, indent=2) + "\n", make_parents=True)
 
     print(f"{results['setup']['model']}, batch {results['setup']['batch']}, {args.rounds} interleaved rounds, "
           f"{os.cpu_count()} cores, torch {torch.__version__}")

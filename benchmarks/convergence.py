@@ -31,6 +31,7 @@ import torch
 from torchmetrics.functional import spearman_corrcoef
 
 from lightning_fisher import TensorDirectoryDataModule, allocate_ranks, analyze
+from lightning_fisher.atomic_io import write_text_atomic
 from lightning_fisher.examples.drug_reviews import default_cache_dir, write_condition_dataset
 from lightning_fisher.examples.text_classifier import MiniLMClassifier
 from lightning_fisher.tensor_folder import TensorFolderDataset
@@ -140,7 +141,7 @@ def main() -> None:
         "allocation_seconds_100k_modules": allocation_seconds(),
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=2) + "\n")
+    write_text_atomic(args.json, json.dumps(results, indent=2) + "\n", make_parents=True)
 
     p = results["passes_per_sample"]
     a = results["allocation_seconds_100k_modules"]

@@ -68,6 +68,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import io
 import json
 import os
 import platform
@@ -77,6 +78,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from lightning_fisher.atomic_io import write_bytes_atomic, write_text_atomic
 
 sys.path.insert(0, str(Path(__file__).parent))
 import analysis_speed  # noqa: E402  (a sibling script, not a package)
@@ -363,7 +366,9 @@ def figure(points: list[dict], path: Path, args) -> None:
     if any(not line.get_label().startswith("_") for line in axes[0][0].get_lines()):
         axes[0][0].legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 def main() -> None:
@@ -408,7 +413,7 @@ def main() -> None:
             stored["points"][spec_text] = point
             stored["setup"] = setup
             args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(stored, indent=2) + "\n")  # after every point: a crash keeps the rest
+            write_text_atomic(args.json, json.dumps(stored, indent=2) + "\n")  # after every point: a crash keeps the rest
             if "skipped" in point:
                 print(f"{spec_text}: skipped ({point['skipped']})", flush=True)
                 continue
@@ -426,7 +431,7 @@ def main() -> None:
         key=lambda p: (p["model"].split(":")[0], p.get("layers", 0), p.get("tokens", 0), p.get("hidden", 0)),
     )
     md = args.json.with_suffix(".md")
-    md.write_text(table(points, stored.get("setup", setup)))
+    write_text_atomic(md, table(points, stored.get("setup", setup)))
     figure(points, args.json.with_suffix(".png"), args)
     print(f"results: {args.json}, {md}, {args.json.with_suffix('.png')}")
 

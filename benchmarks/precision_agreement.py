@@ -38,6 +38,7 @@ import torch
 from torchmetrics.functional import spearman_corrcoef
 
 from lightning_fisher import AllocationSettings, FisherMap, TensorDirectoryDataModule, analyze
+from lightning_fisher.atomic_io import write_text_atomic
 from lightning_fisher.examples.drug_reviews import default_cache_dir, write_condition_dataset
 
 PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-true", "16-mixed")
@@ -179,7 +180,7 @@ def main() -> None:
 
     table = markdown(results)
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=2) + "\n")
+    write_text_atomic(args.json, json.dumps(results, indent=2) + "\n", make_parents=True)
     notes = sorted({note for rows in results["tasks"].values() for row in rows.values() for note in row["fallback"]})
     text = "\n".join([
         f"Analysis of {args.batches} batches per run; values against the `32-true` run on the same samples.",
@@ -192,7 +193,7 @@ def main() -> None:
         "",
         *(f"Lightning: {note}" for note in notes),
     ])
-    args.json.with_suffix(".md").write_text(text.rstrip() + "\n")
+    write_text_atomic(args.json.with_suffix(".md"), text.rstrip() + "\n")
     print(text)
     print(f"results: {args.json}")
 

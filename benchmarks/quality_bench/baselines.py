@@ -9,6 +9,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from lightning_fisher.atomic_io import atomic_writer
+
 from quality_bench.data import datamodule, folder_labels
 from quality_bench.measures import PRETRAINED_LOW_HALF, pretraining_half_loss
 from quality_bench.protocol import TIE_TOLERANCE, TaskSpec
@@ -62,7 +64,8 @@ def probe_features(folders: dict[str, Path], workdir: Path) -> dict[str, tuple]:
         features = torch.load(cache, weights_only=True)
     else:
         features = {split: frozen_features(folders[split]) for split in ("train", "val", "test")}
-        torch.save(features, cache)
+        with atomic_writer(cache) as handle:  # an interrupted run leaves no truncated cache behind
+            torch.save(features, handle)
     return {split: (x.numpy(), y.numpy()) for split, (x, y) in features.items()}
 
 

@@ -18,6 +18,8 @@ from typing import Any, Iterable, Optional
 
 import torch
 
+from lightning_fisher.atomic_io import atomic_writer
+
 from quality_bench.data import datamodule
 from quality_bench.measures import FirstEpochValidation, pretraining_half_loss
 from quality_bench.protocol import EVA_RHO, Arm, TaskSpec
@@ -216,8 +218,8 @@ def eva_initialise(task: TaskSpec, model, rank: int, folders: dict[str, Path], s
         else:
             options = dict(forward_fn=_eva_forward_flow, prepare_model_inputs_fn=None, prepare_layer_inputs_fn=None)
         state = peft.get_eva_state_dict(wrapped, loader, show_progress_bar=False, **options)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(state, cache)
+        with atomic_writer(cache, make_parents=True) as handle:  # never a truncated cache to load next time
+            torch.save(state, handle)
     peft.initialize_lora_eva_weights(wrapped, eva_state_dict=dict(state), show_progress_bar=False)
     for name, parameter in root.named_parameters():  # PEFT trains only adapters; keep it that way
         parameter.requires_grad_("lora_" in name)
