@@ -164,6 +164,9 @@ def digits_store(path, *, measured=True):
 
 def test_report_tabulates_first_epoch_loss_and_forgetting_at_every_lr_and_draws_the_figure(tmp_path):
     store = digits_store(tmp_path / "quality.json")
+    for seed in range(2):  # a head-only fit runs at the head LR: it has no adapter LR to compare at
+        run = record("head_only", 1e-2, seed, 0.9, task="digits", first_epoch_val_loss=0.5 + 0.01 * seed)
+        store.add_run({k: v for k, v in run.items() if k not in ("val_acc", "test_acc")})
     text = write_report(store, tmp_path / "quality.md", "python benchmarks/quality.py --task digits", None)
     first = text[text.index("### How fast"):text.index("### Forgetting")]
     flat_row = next(line for line in first.splitlines() if line.startswith("| flat LoRA"))
@@ -174,6 +177,7 @@ def test_report_tabulates_first_epoch_loss_and_forgetting_at_every_lr_and_draws_
     line = next(line for line in first.splitlines() if line.startswith("- Fisher, budget (= flat params)"))
     assert "loss after epoch 1 less at 1, more at 1, parity at 0 of 2 LRs" in line
     assert "0.001: -0.0050 (less, spread 0.0010)" in line and "0.01: +0.0050 (more, spread 0.0010)" in line
+    assert not any(line.startswith("- head only") for line in first.splitlines())
 
     forgetting = text[text.index("### Forgetting"):]
     assert "minus the pretrained model's 0.6000" in forgetting

@@ -102,7 +102,7 @@ def equal_lr_lines(rows: list[dict], value: Value, lrs: list[float], *, verb: st
         return ["- no flat LoRA runs"]
     lines = []
     for row in rows:
-        if row is flat:
+        if row is flat or row["arm"] == "head_only":  # no adapter, so no adapter LR to compare at
             continue
         parts, counts = [], {"less": 0, "more": 0, "parity": 0}
         for lr in lrs:
