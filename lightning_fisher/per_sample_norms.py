@@ -101,7 +101,12 @@ def input_gram(a: torch.Tensor) -> GramBlocks:
     The ghost norm's input half, shared by layers that read the same input (an attention
     block's query, key and value).
     """
-    return tuple(torch.bmm(a[:, start:stop], a[:, start:].transpose(1, 2)) for start, stop in _row_blocks(a.shape[1]))
+    return tuple(_upper_block(a, start, stop) for start, stop in _row_blocks(a.shape[1]))
+
+
+def _upper_block(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Row block ``start:stop`` of ``x x^T`` per sample, against the tokens from ``start`` on."""
+    return torch.bmm(x[:, start:stop], x[:, start:].transpose(1, 2))
 
 
 def _ghost_sq(a: torch.Tensor, g: torch.Tensor, bias: bool, gram: Optional[GramBlocks] = None) -> torch.Tensor:
@@ -113,11 +118,10 @@ def _ghost_sq(a: torch.Tensor, g: torch.Tensor, bias: bool, gram: Optional[GramB
     for c in _sample_chunks(a.shape[0], t * t):
         total = torch.zeros(a[c].shape[0], dtype=a.dtype, device=a.device)
         for j, (start, stop) in enumerate(blocks):
-            aa = torch.bmm(a[c, start:stop], a[c, start:].transpose(1, 2)) if gram is None else gram[j][c]
+            aa = _upper_block(a[c], start, stop) if gram is None else gram[j][c]
             if bias:
                 aa = aa + 1.0
-            gg = torch.bmm(g[c, start:stop], g[c, start:].transpose(1, 2))
-            products = aa * gg
+            products = aa * _upper_block(g[c], start, stop)
             width = stop - start  # the diagonal block counts once, the blocks right of it twice
             total += products[:, :, :width].sum(dim=(1, 2)) + 2.0 * products[:, :, width:].sum(dim=(1, 2))
         out.append(total)
