@@ -26,7 +26,10 @@ The rule, in three steps:
      unreachable, which warns).
 
 Ranks are integers in ``[rank_min, rank_max]`` and non-decreasing in score: modules with equal
-scores get equal ranks. The result is deterministic (no randomness, no dependence on dict
+scores get equal ranks. One exception to both: given ``rank_limits`` (``min(d_in, d_out)``,
+as the map always gives them), no module gets a rank above its own limit, however high it
+scores: a rank-16 adapter on a 64 x 4 layer has more parameters than the layer and can
+express nothing a rank-4 one cannot. The result is deterministic (no randomness, no dependence on dict
 order beyond the order of the returned dict, which follows the input).
 """
 
@@ -62,6 +65,7 @@ def allocate_ranks(
     score_power: float = _D.score_power,
     exclude_threshold: float = _D.exclude_threshold,
     settings: Optional[AllocationSettings] = None,
+    rank_limits: Optional[Mapping[str, int]] = None,
 ) -> dict[str, int]:
     """Assign an integer LoRA rank to each module worth adapting.
 
@@ -80,6 +84,10 @@ def allocate_ranks(
             get no adapter; ``0`` keeps every module with a positive score.
         settings: all of the above as one :class:`AllocationSettings` (then leave the
             individual options at their defaults).
+        rank_limits: the largest rank each module can use, ``min(d_in, d_out)`` (a larger
+            adapter is bigger than the layer it adapts); a module's ``rank_min`` and
+            ``rank_max`` are cut to it, and in budget mode what it cannot take goes to the
+            others. Default: no limit.
 
     Returns:
         ``{module name: rank}`` for the modules that get an adapter, in input order. Modules
@@ -91,22 +99,25 @@ def allocate_ranks(
     settings = allocation_from_options(
         settings, "allocate_ranks", rank, rank_min, rank_max, mode, score_power, exclude_threshold
     )
-    return _allocate(scores, settings, rank_costs)
+    return _allocate(scores, settings, rank_costs, rank_limits or {})
 
 
 def _allocate(
-    scores: Mapping[str, float], settings: AllocationSettings, rank_costs: Optional[Mapping[str, int]]
+    scores: Mapping[str, float], settings: AllocationSettings, rank_costs: Optional[Mapping[str, int]],
+    rank_limits: Mapping[str, int],
 ) -> dict[str, int]:
     _check_inputs(scores, settings.mode, rank_costs)
+    _check_limits(scores, rank_limits)
     kept = _auto_target(scores, settings.exclude_threshold)
     weights = {name: scores[name] ** settings.score_power for name in kept}
-    lo, hi = settings.rank_min, settings.rank_max
+    hi = {name: min(settings.rank_max, rank_limits.get(name, settings.rank_max)) for name in kept}
+    lo = {name: min(settings.rank_min, hi[name]) for name in kept}
     if settings.mode == "median":
         continuous = _median_scaled(weights, settings.rank, lo, hi)
         ranks = {name: _round_half_up(x) for name, x in continuous.items()}
     else:
         assert rank_costs is not None
-        budget = settings.rank * sum(rank_costs[name] for name in scores)
+        budget = flat_lora_parameters(settings.rank, {name: rank_costs[name] for name in scores})
         ranks = _budget_scaled(weights, {n: rank_costs[n] for n in kept}, budget, lo, hi)
     return {name: ranks[name] for name in scores if name in ranks}
 
@@ -119,6 +130,13 @@ def lora_parameters(ranks: Mapping[str, int], rank_costs: Mapping[str, int]) -> 
 def flat_lora_parameters(rank: int, rank_costs: Mapping[str, int]) -> int:
     """Trainable parameters of flat LoRA at ``rank`` on every module in ``rank_costs``."""
     return int(rank) * sum(int(c) for c in rank_costs.values())
+
+
+def _check_limits(scores: Mapping[str, float], rank_limits: Mapping[str, int]) -> None:
+    for name in scores:
+        limit = rank_limits.get(name, 1)
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"rank_limits[{name!r}]: must be a positive integer (min(d_in, d_out)), got {limit!r}")
 
 
 def _check_inputs(scores: Mapping[str, float], mode: str, rank_costs: Optional[Mapping[str, int]]) -> None:
@@ -150,9 +168,11 @@ def _auto_target(scores: Mapping[str, float], exclude_threshold: float) -> list[
     return [name for name, value in scores.items() if value > 0 and value >= cutoff]
 
 
-def _median_scaled(weights: Mapping[str, float], rank: int, lo: int, hi: int) -> dict[str, float]:
+def _median_scaled(
+    weights: Mapping[str, float], rank: int, lo: Mapping[str, int], hi: Mapping[str, int]
+) -> dict[str, float]:
     median_weight = statistics.median(weights.values())
-    return {name: min(hi, max(lo, rank * w / median_weight)) for name, w in weights.items()}
+    return {name: min(hi[name], max(lo[name], rank * w / median_weight)) for name, w in weights.items()}
 
 
 def _round_half_up(x: float) -> int:
@@ -161,39 +181,43 @@ def _round_half_up(x: float) -> int:
 
 
 def _budget_scaled(
-    weights: Mapping[str, float], costs: Mapping[str, int], budget: int, lo: int, hi: int
+    weights: Mapping[str, float], costs: Mapping[str, int], budget: int, lo: Mapping[str, int],
+    hi: Mapping[str, int],
 ) -> dict[str, int]:
-    ceiling = sum(hi * c for c in costs.values())
+    ceiling = sum(hi[n] * c for n, c in costs.items())
     if ceiling < budget:
+        limited = sum(1 for n in hi if hi[n] < max(hi.values()))
+        why = f" ({limited} module(s) at their size, min(d_in, d_out))" if limited else ""
         warnings.warn(
             f"rank budget of {budget} adapter parameters is out of reach: every kept module at "
-            f"rank_max={hi} gives only {ceiling}; raise rank_max or lower exclude_threshold",
+            f"rank_max={max(hi.values())}{why} gives only {ceiling}; raise rank_max or lower exclude_threshold",
             UserWarning,
             stacklevel=3,
         )
-        return {name: hi for name in weights}
+        return dict(hi)
 
     scale = _scale_for_budget(weights, costs, budget, lo, hi)
-    continuous = {n: min(hi, max(lo, scale * w)) for n, w in weights.items()}
+    continuous = {n: min(hi[n], max(lo[n], scale * w)) for n, w in weights.items()}
     return _round_within_budget(continuous, costs, budget, hi)
 
 
 def _scale_for_budget(
-    weights: Mapping[str, float], costs: Mapping[str, int], budget: int, lo: int, hi: int
+    weights: Mapping[str, float], costs: Mapping[str, int], budget: int, lo: Mapping[str, int],
+    hi: Mapping[str, int],
 ) -> float:
-    """The scale ``c`` at which ``sum(cost * clamp(c * w, lo, hi))`` equals the budget.
+    """The scale ``c`` at which ``sum(cost_m * clamp(c * w_m, lo_m, hi_m))`` equals the budget.
 
-    The spend is piecewise linear in ``c`` with breakpoints where a module leaves ``lo``
-    (``c = lo / w``) or reaches ``hi`` (``c = hi / w``): sweep the sorted breakpoints keeping
+    The spend is piecewise linear in ``c`` with breakpoints where a module leaves ``lo_m``
+    (``c = lo_m / w``) or reaches ``hi_m`` (``c = hi_m / w``): sweep the sorted breakpoints keeping
     the spend as ``fixed + c * slope`` and solve on the segment that crosses the budget.
     O(n log n), exact up to float rounding.
     """
     events = []
     for name, w in weights.items():
-        events.append((lo / w, 0, name))  # leaves the floor: starts to grow with c
-        events.append((hi / w, 1, name))  # reaches the ceiling: stops growing
+        events.append((lo[name] / w, 0, name))  # leaves the floor: starts to grow with c
+        events.append((hi[name] / w, 1, name))  # reaches the ceiling: stops growing
     events.sort()
-    fixed = float(lo * sum(costs.values()))
+    fixed = float(sum(lo[n] * c for n, c in costs.items()))
     slope = 0.0
     previous = 0.0
     for c, kind, name in events:
@@ -201,10 +225,10 @@ def _scale_for_budget(
             break
         w, cost = weights[name], costs[name]
         if kind == 0:
-            fixed -= lo * cost
+            fixed -= lo[name] * cost
             slope += w * cost
         else:
-            fixed += hi * cost
+            fixed += hi[name] * cost
             slope -= w * cost
         previous = c
     if slope <= 0:  # flat where the budget is crossed: any scale there gives the same spend
@@ -213,7 +237,7 @@ def _scale_for_budget(
 
 
 def _round_within_budget(
-    continuous: Mapping[str, float], costs: Mapping[str, int], budget: int, hi: int
+    continuous: Mapping[str, float], costs: Mapping[str, int], budget: int, hi: Mapping[str, int]
 ) -> dict[str, int]:
     """Largest-remainder rounding that stays within the budget and keeps ranks monotone.
 
@@ -233,9 +257,9 @@ def _round_within_budget(
     blocked_floors: set[int] = set()
     for x in order:
         floor = int(math.floor(x))
-        if floor >= hi or floor in blocked_floors:
+        members = [name for name in groups[x] if floor < hi[name]]  # one at its ceiling stays there
+        if not members or floor in blocked_floors:
             continue
-        members = groups[x]
         cost = sum(costs[n] for n in members)
         if cost <= remaining:
             for name in members:

@@ -22,9 +22,10 @@ from typing import Any, Literal, Mapping, Optional, TypeVar
 
 from lightning_fisher.errors import SettingsError
 
-__all__ = ["ALLOCATION_MODES", "CRITERIA", "AllocationSettings", "allocation_from_options", "resolve_settings"]
+__all__ = ["ALLOCATION_MODES", "CRITERIA", "AllocationSettings", "allocation_from_options", "field_help", "resolve_settings"]
 
 ALLOCATION_MODES = ("median", "budget")
+#: The built-in criteria's names; every registered one is ``lightning_fisher.criteria.criterion_names()``.
 CRITERIA = ("trace", "spectrum")
 
 _S = TypeVar("_S")
@@ -43,7 +44,8 @@ class AllocationSettings:
         score_power: exponent of the score-to-rank rule (``0.5``: 4x the score, 2x the rank).
         exclude_threshold: modules scoring below this fraction of the median positive score get
             no adapter; ``0`` keeps every module with a positive score.
-        criterion: ``"trace"`` (score-to-rank rule above; the original feature's behaviour) or
+        criterion: the name of a registered criterion (:mod:`lightning_fisher.criteria`):
+            ``"trace"`` (score-to-rank rule above, as in Side-Step's Preprocessing++) or
             ``"spectrum"`` (greedy by gain per parameter from the mean gradient's singular
             values above their noise floor; see :mod:`lightning_fisher.spectrum_allocation`).
             ``score_power`` and ``exclude_threshold`` apply to ``"trace"`` only.
@@ -70,13 +72,12 @@ class AllocationSettings:
         default=0.05,
         metadata={"flag": "exclude_threshold", "help": "No adapter below this fraction of the median score."},
     )
-    criterion: Literal["trace", "spectrum"] = field(
+    criterion: str = field(
         default="trace",
         metadata={
             "flag": "criterion",
-            "help": "trace: rank grows with the module's Fisher trace per parameter (score_power, exclude_threshold); "
-            "spectrum: rank units go by gain per parameter, the squared singular values of the mean gradient "
-            "above their noise floor (modules with none get no adapter).",
+            # the registered criteria's own help, read when the help is shown (see _criterion_help)
+            "help": lambda: _criterion_help(),
         },
     )
 
@@ -97,8 +98,15 @@ class AllocationSettings:
         power = self.score_power
         if isinstance(power, bool) or not (isinstance(power, (int, float)) and math.isfinite(power) and power > 0):
             raise SettingsError(f"score_power: must be a positive number, got {power!r}", field="score_power")
-        if self.criterion not in CRITERIA:
-            raise SettingsError(f"criterion: must be one of {', '.join(CRITERIA)}, got {self.criterion!r}", field="criterion")
+        # Imported here: the criteria import the allocators, which import this module.
+        from lightning_fisher.criteria.registry import criterion_names, is_registered
+
+        if not isinstance(self.criterion, str) or not is_registered(self.criterion):
+            raise SettingsError(
+                f"criterion: must be one of {', '.join(criterion_names())}, got {self.criterion!r} (a criterion of "
+                "your own is registered first: lightning_fisher.criteria.register_criterion)",
+                field="criterion",
+            )
         threshold = self.exclude_threshold
         if isinstance(threshold, bool) or not (isinstance(threshold, (int, float)) and 0 <= threshold < 1):
             raise SettingsError(f"exclude_threshold: must be in [0, 1), got {threshold!r}", field="exclude_threshold")
@@ -106,7 +114,7 @@ class AllocationSettings:
     def describe(self) -> str:
         """One line for people: ``rank 8, min 2, max 32, mode budget`` (plus ``, criterion spectrum``)."""
         text = f"rank {self.rank}, min {self.rank_min}, max {self.rank_max}, mode {self.mode}"
-        return text if self.criterion == "trace" else f"{text}, criterion {self.criterion}"
+        return text if self.criterion == _DEFAULT_CRITERION else f"{text}, criterion {self.criterion}"
 
     def flags(self) -> dict[str, Any]:
         """``{command-line flag / YAML key: value}``, e.g. ``{"rank_mode": "median", ...}``."""
@@ -138,6 +146,20 @@ class AllocationSettings:
 
 
 _ALLOCATION_FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(AllocationSettings))
+_DEFAULT_CRITERION = AllocationSettings.criterion
+
+
+def field_help(setting: dataclasses.Field) -> str:
+    """A settings field's help text (the criterion's is read from the registry when asked, so
+    ``--help`` lists every registered criterion)."""
+    text = setting.metadata["help"]
+    return text() if callable(text) else text
+
+
+def _criterion_help() -> str:
+    from lightning_fisher.criteria import criterion_named, criterion_names
+
+    return "; ".join(f"{name}: {criterion_named(name).help}" for name in criterion_names()) + "."
 
 
 def resolve_settings(cls: type[_S], given: Optional[_S], options: Mapping[str, Any], *, owner: str) -> _S:
@@ -175,9 +197,9 @@ def resolve_settings(cls: type[_S], given: Optional[_S], options: Mapping[str, A
 
 def allocation_from_options(
     given: Optional[AllocationSettings], owner: str, rank: int, rank_min: int, rank_max: int, mode: str,
-    score_power: float, exclude_threshold: float,
+    score_power: float, exclude_threshold: float, criterion: str = AllocationSettings.criterion,
 ) -> AllocationSettings:
-    """:func:`resolve_settings` for the six allocation options, in the order the signatures list them."""
+    """:func:`resolve_settings` for the allocation options, in the order the signatures list them."""
     options = dict(rank=rank, rank_min=rank_min, rank_max=rank_max, mode=mode, score_power=score_power,
-                   exclude_threshold=exclude_threshold)
+                   exclude_threshold=exclude_threshold, criterion=criterion)
     return resolve_settings(AllocationSettings, given, options, owner=owner)

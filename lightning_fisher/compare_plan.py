@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 from torch import nn
 
-from lightning_fisher.allocation_settings import CRITERIA
+from lightning_fisher.criteria import criterion_named, criterion_names
 from lightning_fisher.errors import CompareError
 from lightning_fisher.fisher_map import FisherMap
 from lightning_fisher.peft_factory.adapter_root import rebase_names
@@ -154,7 +154,8 @@ def plan_arms(
         budgets: rank budgets as fractions of the map's base rank; ``1.0`` (the ``fisher`` arm)
             is always included.
         adapter_root: as in :class:`~lightning_fisher.AdaptiveLoRA`; only candidates under it take part.
-        criteria: allocation criteria of the fisher arms (``trace``, ``spectrum``); default the
+        criteria: allocation criteria of the fisher arms (registered names: ``trace``,
+            ``spectrum``, ...); default the
             map's own. The map's criterion keeps the names ``fisher`` / ``fisher@F``; another
             criterion's arms are ``fisher-CRITERION`` / ``fisher-CRITERION@F``. ``spectrum``
             needs a map analysed with it.
@@ -167,12 +168,11 @@ def plan_arms(
     own = fisher_map.budget.criterion
     criteria = list(dict.fromkeys(criteria or (own,)))
     for criterion in criteria:
-        if criterion not in CRITERIA:
-            raise CompareError(f"--criteria: {criterion!r} is not one of {', '.join(CRITERIA)}")
-        if criterion == "spectrum" and not fisher_map.spectra:
-            raise CompareError(
-                "--criteria spectrum: the map records no spectra; analyse with --criterion spectrum to compare it"
-            )
+        if criterion not in criterion_names():
+            raise CompareError(f"--criteria: {criterion!r} is not one of {', '.join(criterion_names())}")
+        missing = criterion_named(criterion).missing_statistics(fisher_map.modules)
+        if missing is not None:
+            raise CompareError(f"--criteria {criterion}: the map cannot be allocated this way: {missing}")
     candidates, _ = rebase_names(fisher_map.scores, adapter_root)
     if not candidates:
         raise CompareError(

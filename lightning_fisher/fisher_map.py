@@ -29,10 +29,10 @@ import torch
 from torch import nn
 
 from lightning_fisher._version import __version__
-from lightning_fisher.allocation import allocate_ranks, flat_lora_parameters, lora_parameters
+from lightning_fisher.allocation import flat_lora_parameters, lora_parameters
 from lightning_fisher.allocation_settings import AllocationSettings, allocation_from_options
+from lightning_fisher.criteria import criterion_named
 from lightning_fisher.spectrum import ModuleSpectrum
-from lightning_fisher.spectrum_allocation import allocate_ranks_from_spectra
 from lightning_fisher.candidates import module_type_name, rank_cost, weight_shape
 from lightning_fisher.fingerprint import model_fingerprint, parameter_count
 from lightning_fisher.module_names import named_modules, unwrapped_model
@@ -121,6 +121,7 @@ class FisherMap:
         mode: Literal["median", "budget"] = AllocationSettings.mode,
         score_power: float = AllocationSettings.score_power,
         exclude_threshold: float = AllocationSettings.exclude_threshold,
+        criterion: str = AllocationSettings.criterion,
         lora_alpha: Optional[float] = None,
         use_rslora: bool = False,
         score_stderr: Optional[Mapping[str, Optional[float]]] = None,
@@ -141,6 +142,8 @@ class FisherMap:
             mode: ``"median"`` or ``"budget"``; see :func:`~lightning_fisher.allocate_ranks`.
             score_power: exponent of the score-to-rank rule.
             exclude_threshold: relative score below which a module gets no adapter.
+            criterion: how ranks follow from the analysis, a registered criterion's name
+                (:mod:`lightning_fisher.criteria`); ``"spectrum"`` needs ``spectra``.
             lora_alpha: alpha at the base rank; default ``2 * rank``.
             use_rslora: alpha policy, see :class:`AlphaPolicy`.
             score_stderr: standard error of each score, when known (``None`` entries allowed).
@@ -148,7 +151,7 @@ class FisherMap:
             dataset: the analysed dataset folder.
             allocation: the allocation options above as one
                 :class:`~lightning_fisher.AllocationSettings` (then leave them at their
-                defaults); the only way to choose ``criterion="spectrum"``.
+                defaults).
             spectra: per module, its mean-gradient spectrum and noise floor
                 (:class:`~lightning_fisher.spectrum.ModuleSpectrum`); required by the
                 ``spectrum`` criterion, recorded in the map whatever the criterion.
@@ -158,7 +161,8 @@ class FisherMap:
                 argument is invalid (the message names it).
         """
         settings = allocation_from_options(
-            allocation, "FisherMap.from_scores", rank, rank_min, rank_max, mode, score_power, exclude_threshold
+            allocation, "FisherMap.from_scores", rank, rank_min, rank_max, mode, score_power, exclude_threshold,
+            criterion,
         )
         named = dict(named_modules(model))
         unknown = [name for name in scores if name not in named]
@@ -239,7 +243,8 @@ class FisherMap:
         if not (math.isfinite(policy.lora_alpha) and policy.lora_alpha > 0):
             raise ValueError(f"lora_alpha: must be a positive number, got {policy.lora_alpha!r}")
         costs = {m.name: m.rank_cost for m in records}
-        ranks, reasons = _ranks_and_reasons(records, settings, costs)
+        result = criterion_named(settings.criterion).allocate(records, settings)
+        ranks, reasons = result.ranks, result.excluded
         allocated = tuple(
             dataclasses.replace(
                 m,
@@ -366,38 +371,3 @@ class FisherMap:
     def with_path(self, path: Optional[PathLike]) -> "FisherMap":
         """A copy of this map that remembers ``path`` as its file."""
         return dataclasses.replace(self, path=None if path is None else Path(path))
-
-
-
-
-def _ranks_and_reasons(
-    records: tuple[ModuleRecord, ...], settings: AllocationSettings, costs: Mapping[str, int]
-) -> tuple[dict[str, int], dict[str, str]]:
-    """``({module: rank}, {excluded module: why})`` under the settings' criterion."""
-    if settings.criterion == "spectrum":
-        missing = [m.name for m in records if m.sigma_sq is None or m.noise_floor is None]
-        if missing:
-            raise ValueError(
-                f"criterion 'spectrum': {len(missing)} module(s) have no recorded spectrum, e.g. {missing[:3]}; "
-                "run the analysis with criterion='spectrum' (lightning-fisher analyze --criterion spectrum)"
-            )
-        result = allocate_ranks_from_spectra(
-            {m.name: m.sigma_sq for m in records}, {m.name: m.noise_floor for m in records}, costs,
-            settings=settings,
-        )
-        if not result.ranks:
-            raise ValueError(
-                "criterion 'spectrum': no module has a direction above its noise floor, so the data's mean gradient "
-                "cannot be told from noise on these samples; analyse more samples (raise min_batches / "
-                "--min-batches, or convergence_patience) or use criterion='trace'"
-            )
-        return dict(result.ranks), dict(result.excluded)
-    scores = {m.name: m.score for m in records}
-    ranks = allocate_ranks(scores, rank_costs=costs, settings=settings)
-    reference = settings.exclude_threshold
-    reasons = {
-        name: ("no gradient reached it on this data (score 0)" if score == 0
-               else f"score below exclude_threshold ({reference:g}) x the median score")
-        for name, score in scores.items() if name not in ranks
-    }
-    return ranks, reasons

@@ -55,6 +55,8 @@ __all__ = [
 
 FISHER_MAP_FILENAME = "fisher_map.json"
 SCHEMA_VERSION = 2
+#: Maps of schema version 1 predate the criterion field: every one was allocated by the trace rule.
+V1_CRITERION = "trace"
 #: Versions this library reads. Version 1 maps (no criterion, no spectra) read as ``trace`` maps.
 READABLE_VERSIONS = (1, 2)
 _V1_EXCLUSION = "excluded by the trace allocation (the map predates recorded reasons)"
@@ -145,7 +147,7 @@ def records_of(document: Mapping[str, Any], path: Optional[PathLike] = None) -> 
             raw["stability"] = records.StabilityRecord(**stability)
         analysis = records.AnalysisRecord(**raw)
     try:
-        budget = records.RankBudget(**{"criterion": "trace", **document["budget"]})
+        budget = records.RankBudget(**{"criterion": V1_CRITERION, **document["budget"]})
     except SettingsError as error:
         json_path = f"$.budget.{error.field}"
         raise FisherMapSchemaError(f"{_where(path)}: {json_path}: {error}", path=path, json_path=json_path) from None

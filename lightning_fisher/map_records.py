@@ -54,6 +54,12 @@ class ModuleRecord:
         """True when the module gets no adapter."""
         return self.rank is None
 
+    @property
+    def rank_limit(self) -> int:
+        """The largest rank that fits the module, ``min(d_in, d_out)``: an adapter of higher rank
+        has more parameters than the layer it adapts and can express nothing more."""
+        return min(self.shape)
+
 
 @dataclass(frozen=True)
 class RankBudget(AllocationSettings):
@@ -115,11 +121,6 @@ class TimestepFocusRecord:
         return TimestepFocus(self.name, self.range)
 
 
-#: The stopping rule's ``method`` as recorded in the map, per allocation criterion.
-STOPPING_METHODS = {
-    "trace": "split-half spearman over all modules",
-    "spectrum": "split-half spearman of the spectrum allocation's ranks over all modules",
-}
 
 
 @dataclass(frozen=True)
@@ -171,3 +172,11 @@ class ModelRecord:
     num_parameters: int
 
 
+def __getattr__(name: str):
+    # STOPPING_METHODS moved to the criteria registry (each criterion names its stopping rule);
+    # kept importable from here, looked up only when asked so the records load no criterion.
+    if name == "STOPPING_METHODS":
+        from lightning_fisher.criteria import STOPPING_METHODS
+
+        return STOPPING_METHODS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

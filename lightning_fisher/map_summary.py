@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # fisher_map imports this module for FisherMap.summary()
     from lightning_fisher.peft_factory import MapApplication
 
 __all__ = [
-    "fit_summary", "header_fields", "plot_title", "rank_changes", "replaced_map_note", "stop_line", "summary_line",
+    "at_full_size", "fit_summary", "header_fields", "plot_title", "rank_changes", "replaced_map_note", "stop_line", "summary_line",
     "times_flat",
 ]
 
@@ -76,12 +76,28 @@ def summary_line(fisher_map: FisherMap) -> str:
         f"{times_flat(budget.lora_parameters, budget.flat_lora_parameters)} flat rank {budget.rank} "
         f"({budget.flat_lora_parameters:,})"
     )
+    full = at_full_size(fisher_map)
+    if full:
+        shown = ", ".join(f"{name} {rank}" for name, rank in list(full.items())[:3]) + (", ..." if len(full) > 3 else "")
+        line += f"; {_count(len(full), 'module')} at full size, rank min(d_in, d_out) ({shown})"
     analysis = fisher_map.analysis
     if analysis is not None and not analysis.converged:
         line += f"; NOT converged ({analysis.stop_reason.replace('_', ' ')} after {analysis.batches} batches)"
     if analysis is not None and analysis.skipped_samples:
         line += f"; {analysis.skipped_samples:,} non-finite samples skipped"
     return line
+
+
+def at_full_size(fisher_map: FisherMap) -> dict[str, int]:
+    """``{module: rank}`` of the adapted modules whose rank is their size, ``min(d_in, d_out)``,
+    below ``rank_max``: the allocation stopped there because a larger adapter would not fit."""
+    rank_max = fisher_map.budget.rank_max
+    return {m.name: m.rank for m in fisher_map.modules
+            if m.rank is not None and m.rank_limit < rank_max and m.rank == m.rank_limit}
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def stop_line(fisher_map: FisherMap) -> str:
@@ -101,10 +117,9 @@ def stop_line(fisher_map: FisherMap) -> str:
     skipped = f"; {analysis.skipped_samples:,} non-finite samples skipped" if analysis.skipped_samples else ""
     rule = analysis.stability
     last = "n/a" if rule is None or rule.last_correlation is None else f"{rule.last_correlation:.3f}"
-    from lightning_fisher.map_records import STOPPING_METHODS  # loaded with the map already
-
-    if rule is not None and rule.method == STOPPING_METHODS["spectrum"]:
-        last = f"{last} (of the halves' spectrum ranks)"
+    correlation_of = _correlation_of(rule.method) if rule is not None else None
+    if correlation_of is not None:
+        last = f"{last} (of {correlation_of})"
     if analysis.converged:
         needs = "" if rule is None else f", at least {rule.threshold:g} for {rule.patience} batches"
         return f"analysis converged after {seen}: split-half Spearman {last}{needs}{skipped}"
@@ -116,6 +131,17 @@ def stop_line(fisher_map: FisherMap) -> str:
         "The module ranking may not be reproducible: analyse more samples (more data, max_epochs > 1 for "
         "random losses, a higher max_batches) or accept it knowingly"
     )
+
+
+def _correlation_of(method: str) -> Optional[str]:
+    """What a stopping method's correlation compares, when it is not the module scores (the plain case)."""
+    from lightning_fisher.criteria import criterion_for_stopping_method
+
+    try:
+        criterion = criterion_for_stopping_method(method)
+    except KeyError:  # a map from a criterion this process has not registered
+        return None
+    return None if criterion.correlation_of == "module scores" else criterion.correlation_of
 
 
 def header_fields(fisher_map: FisherMap) -> list[tuple[str, str]]:
@@ -165,8 +191,8 @@ def header_fields(fisher_map: FisherMap) -> list[tuple[str, str]]:
     fields.append(
         (
             "budget",
-            f"rank {budget.rank} (min {budget.rank_min}, max {budget.rank_max}, mode {budget.mode}, "
-            f"score power {budget.score_power:g}, exclude below {budget.exclude_threshold:g}x median)",
+            f"rank {budget.rank} (min {budget.rank_min}, max {budget.rank_max}, mode {budget.mode}), "
+            f"criterion {budget.criterion}{_criterion_settings(budget)}",
         )
     )
     fields.append(
@@ -186,6 +212,16 @@ def header_fields(fisher_map: FisherMap) -> list[tuple[str, str]]:
         adapted += f", ranks {spread[0]}, median {spread[1]}"
     fields.append(("adapted", adapted))
     return fields
+
+
+def _criterion_settings(budget) -> str:
+    from lightning_fisher.criteria import criterion_named
+
+    try:
+        described = criterion_named(budget.criterion).describe_settings(budget)
+    except KeyError:
+        return ""
+    return f": {described}" if described else ""
 
 
 def _shown_path(path: Union[str, "os.PathLike[str]"]) -> str:

@@ -45,6 +45,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Optional
 
+from lightning_fisher.allocation import flat_lora_parameters
 from lightning_fisher.allocation_settings import AllocationSettings
 
 __all__ = ["NO_DIRECTION", "OUT_OF_BUDGET", "SpectrumAllocation", "allocate_ranks_from_spectra"]
@@ -106,7 +107,7 @@ def allocate_ranks_from_spectra(
     names = list(spectra)
     units, excluded = _units(names, spectra, floors, rank_costs, settings)
     ranks = [0] * len(names)
-    budget = settings.rank * sum(rank_costs[name] for name in names) if settings.mode == "budget" else None
+    budget = flat_lora_parameters(settings.rank, {name: rank_costs[name] for name in names}) if settings.mode == "budget" else None
     if budget is not None:
         taken = _budget_prefix(units, budget)
     else:

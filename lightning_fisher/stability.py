@@ -16,7 +16,8 @@ list: it counts the order of every module, which is what rank allocation uses.
 it produces: each half's spectra (and its own noise floor, about twice the whole's) go through
 the same allocation, and the two halves' ranks (``0`` for a module left out) are
 rank-correlated over all candidates. It starts counting once at least one half gives some module
-an adapter (see :func:`spectrum_split_half_correlation`).
+an adapter (see :func:`~lightning_fisher.criteria.spectrum.spectrum_split_half_correlation`). Each
+criterion's check is its own (:meth:`lightning_fisher.criteria.Criterion.split_half_correlation`).
 
 The rule stops when that correlation has been at least ``threshold`` for ``patience``
 consecutive batches, once at least ``min_batches`` batches are in; it stops at ``max_batches``
@@ -27,20 +28,14 @@ regardless. Pure functions and a small state machine, so a plain PyTorch loop ca
 from __future__ import annotations
 
 import enum
-import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Mapping, Optional
+from typing import Optional
 
-import torch
-
-from lightning_fisher.accumulator import FisherAccumulator
-from lightning_fisher.allocation_settings import AllocationSettings
+from lightning_fisher.criteria import criterion_named
+# Each criterion's split-half check lives with the criterion; importable from here as before.
+from lightning_fisher.criteria.spectrum import spectrum_split_half_correlation
+from lightning_fisher.criteria.trace import split_half_correlation
 from lightning_fisher.errors import SettingsError
-from lightning_fisher.map_records import STOPPING_METHODS
-from lightning_fisher.spectrum_allocation import allocate_ranks_from_spectra
-
-if TYPE_CHECKING:
-    from lightning_fisher.spectrum import ModuleSpectrum
 
 __all__ = [
     "StabilityRule", "StabilityTracker", "StopReason", "method_for", "spectrum_split_half_correlation",
@@ -49,7 +44,7 @@ __all__ = [
 
 def method_for(criterion: str) -> str:
     """The stopping method's name for an allocation criterion, as recorded in the map."""
-    return STOPPING_METHODS[criterion]
+    return criterion_named(criterion).stopping_method
 
 
 class StopReason(str, enum.Enum):
@@ -63,70 +58,6 @@ class StopReason(str, enum.Enum):
     """The data ran out before the ranking settled."""
     INTERRUPTED = "interrupted"
     """The run was stopped from outside."""
-
-
-def split_half_correlation(accumulator: FisherAccumulator) -> Optional[float]:
-    """Spearman correlation between the module scores of the two sample halves.
-
-    Returns:
-        The correlation, ``1.0`` when there are fewer than three modules (any ranking of one or
-        two modules is trivially reproducible), or ``None`` while a half has no sample or a
-        half's scores are all equal (no ranking to compare yet).
-    """
-    if len(accumulator.names) < 3:
-        return 1.0
-    halves = accumulator.half_scores()
-    if accumulator.half_counts().min() < 1:
-        return None
-    if bool((halves[0] == halves[0, 0]).all()) or bool((halves[1] == halves[1, 0]).all()):
-        return None
-    # Imported here: torchmetrics takes seconds to import, and only the analysis needs it.
-    from torchmetrics.functional import spearman_corrcoef
-
-    rho = float(spearman_corrcoef(halves[0].to(torch.float64), halves[1].to(torch.float64)))
-    return rho if math.isfinite(rho) else None
-
-
-def spectrum_split_half_correlation(
-    halves: Optional[Mapping[str, tuple[ModuleSpectrum, ModuleSpectrum]]],
-    rank_costs: Mapping[str, int],
-    settings: AllocationSettings,
-) -> Optional[float]:
-    """Spearman correlation between the ranks the spectrum allocation gives each half.
-
-    Args:
-        halves: ``{module: (half_1, half_2)}`` spectra with each half's own floor, as
-            :meth:`~lightning_fisher.spectrum.SpectrumSet.half_spectra` gives them (``None``
-            while a half holds no sample).
-        rank_costs: ``{module: d_in + d_out}``.
-        settings: the allocation settings the map will use (rank, bounds, mode).
-
-    Returns:
-        The correlation of the two rank vectors (``0`` for a module without adapter); ``1.0``
-        when the two allocations are identical and give some module an adapter, or when there
-        are fewer than three modules; ``0.0`` when one half's ranks are all equal and the
-        other's are not (no agreement to measure). ``None`` while no half gives any module an
-        adapter (nothing clears the noise yet) or a half holds no sample.
-    """
-    if halves is None:
-        return None
-    names = list(halves)
-    ranks = []
-    for h in (0, 1):
-        spectra = {name: halves[name][h].sigma_sq for name in names}
-        floors = {name: halves[name][h].floor for name in names}
-        allocation = allocate_ranks_from_spectra(spectra, floors, rank_costs, settings=settings)
-        ranks.append(torch.tensor([float(allocation.ranks.get(name, 0)) for name in names], dtype=torch.float64))
-    if not bool(ranks[0].any()) and not bool(ranks[1].any()):
-        return None
-    if len(names) < 3 or bool((ranks[0] == ranks[1]).all()):
-        return 1.0
-    if bool((ranks[0] == ranks[0][0]).all()) or bool((ranks[1] == ranks[1][0]).all()):
-        return 0.0
-    from torchmetrics.functional import spearman_corrcoef
-
-    rho = float(spearman_corrcoef(ranks[0], ranks[1]))
-    return rho if math.isfinite(rho) else None
 
 
 @dataclass(frozen=True)

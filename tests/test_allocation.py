@@ -152,3 +152,44 @@ def test_unreachable_budget_warns_and_caps():
     with pytest.warns(UserWarning, match="out of reach"):
         ranks = allocate_ranks(scores, rank=64, rank_min=16, rank_max=64, mode="budget", rank_costs={"a": 10, "b": 10})
     assert ranks == {"a": 64}
+
+
+# ---------------------------------------------------------------------------- rank limits
+def test_no_module_gets_a_rank_above_its_limit_in_median_mode():
+    scores = {"wide": 1.0, "narrow": 16.0, "other": 1.0}
+    ranks = allocate_ranks(scores, rank=8, rank_min=2, rank_max=64, rank_limits={"wide": 64, "narrow": 4, "other": 64})
+    # without the limit "narrow" would get 8 * sqrt(16) = 32
+    assert ranks == {"wide": 8, "narrow": 4, "other": 8}
+    assert allocate_ranks(scores, rank=8, rank_min=2, rank_max=64)["narrow"] == 32
+
+
+def test_a_limit_below_rank_min_cuts_rank_min_too():
+    ranks = allocate_ranks({"a": 1.0, "b": 1.0, "tiny": 1.0}, rank=8, rank_min=8, rank_max=16,
+                           rank_limits={"a": 32, "b": 32, "tiny": 2})
+    assert ranks == {"a": 8, "b": 8, "tiny": 2}
+
+
+def test_in_budget_mode_what_a_limited_module_cannot_take_goes_to_the_others():
+    scores = {"narrow": 9.0, "a": 1.0, "b": 1.0}
+    costs = {"narrow": 68, "a": 128, "b": 128}  # 64 x 4 and two 64 x 64 layers
+    limits = {"narrow": 4, "a": 64, "b": 64}
+    ranks = allocate_ranks(scores, rank=8, rank_min=1, rank_max=32, mode="budget", rank_costs=costs, rank_limits=limits)
+    budget = 8 * sum(costs.values())
+    spent = lora_parameters(ranks, costs)
+    assert ranks["narrow"] == 4 and ranks["a"] == ranks["b"]
+    assert budget - min(costs.values()) < spent <= budget  # the budget is still spent, to within one step
+    unlimited = allocate_ranks(scores, rank=8, rank_min=1, rank_max=32, mode="budget", rank_costs=costs)
+    assert unlimited["narrow"] > 4 and unlimited["a"] < ranks["a"]
+
+
+def test_a_budget_out_of_reach_because_of_limits_says_so():
+    with pytest.warns(UserWarning, match=r"out of reach: .*\(1 module\(s\) at their size, min\(d_in, d_out\)\)"):
+        ranks = allocate_ranks({"a": 1.0, "narrow": 1.0}, rank=8, rank_min=1, rank_max=8, mode="budget",
+                               rank_costs={"a": 16, "narrow": 68}, rank_limits={"a": 8, "narrow": 4})
+    assert ranks == {"a": 8, "narrow": 4}
+
+
+@pytest.mark.parametrize("limit", [0, -1, 2.5, True, "4"])
+def test_a_bad_rank_limit_is_refused_by_name(limit):
+    with pytest.raises(ValueError, match=r"rank_limits\['a'\]: must be a positive integer"):
+        allocate_ranks({"a": 1.0, "b": 2.0}, rank=4, rank_min=1, rank_max=8, rank_limits={"a": limit})

@@ -88,7 +88,7 @@ def test_arms_for_each_criterion_and_budget():
     trace_map = spectrum_map.reallocate(dataclasses.replace(settings, criterion="trace"))
     trace_map = dataclasses.replace(trace_map, modules=tuple(dataclasses.replace(m, sigma_sq=None, noise_floor=None)
                                                              for m in trace_map.modules))
-    with pytest.raises(CompareError, match="the map records no spectra; analyse with --criterion spectrum"):
+    with pytest.raises(CompareError, match="have no recorded spectrum.*analyze --criterion spectrum"):
         plan_arms(trace_map, model, criteria=["spectrum"])
     with pytest.raises(CompareError, match="'variance' is not one of trace, spectrum"):
         plan_arms(trace_map, model, criteria=["variance"])

@@ -6,8 +6,10 @@ from importlib import resources
 import jsonschema
 import pytest
 from _nets import CollidingNet, linear_names
+from torch import nn
 
 from lightning_fisher import (
+    AllocationSettings,
     FisherMap,
     FisherMapDecodeError,
     FisherMapError,
@@ -243,3 +245,22 @@ def test_destination_that_cannot_be_a_folder(fisher_map, tmp_path):
     with pytest.raises(FisherMapWriteError, match="not_a_folder"):
         fisher_map.save(blocker / "maps")
     assert blocker.read_text() == "a file where the map folder should be"
+
+
+def test_a_map_never_gives_a_module_more_rank_than_it_has(tmp_path):
+    # the shipped digits config's shape of problem: a 64 x 4 layer among wider ones
+    model = nn.Sequential(nn.Linear(64, 4), nn.Tanh(), nn.Linear(4, 64), nn.Linear(64, 64))
+    scores = {"0": 10.0, "2": 1.0, "3": 1.0}
+    for mode in ("median", "budget"):
+        fisher_map = FisherMap.from_scores(scores, model, rank=8, rank_min=2, rank_max=32, mode=mode)
+        assert fisher_map.ranks["0"] == 4 and fisher_map.ranks["2"] == 4
+        assert fisher_map.budget.lora_parameters == sum(r * fisher_map.rank_costs[n] for n, r in fisher_map.ranks.items())
+        assert "2 modules at full size, rank min(d_in, d_out) (0 4, 2 4)" in fisher_map.summary()
+    assert fisher_map.ranks["3"] == 12  # budget: what the narrow layers cannot take goes to the wide one
+    # reallocating with a huge rank_max cannot get past the limits either
+    wide = fisher_map.reallocate(AllocationSettings(rank=200, rank_min=1, rank_max=1000, mode="median"))
+    assert {n: r <= min(m.shape) for n, r in wide.ranks.items() for m in wide.modules if m.name == n} == {
+        "0": True, "2": True, "3": True}
+    assert wide.ranks == {"0": 4, "2": 4, "3": 64}
+    written = FisherMap.load(wide.save(tmp_path))
+    assert written.ranks == wide.ranks

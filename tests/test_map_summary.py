@@ -9,7 +9,7 @@ from torch import nn
 
 from lightning_fisher import FisherMap
 from lightning_fisher.fisher_map import AnalysisRecord, DatasetRecord, StabilityRecord, TimestepFocusRecord
-from lightning_fisher.map_summary import fit_summary, header_fields, plot_title, summary_line, times_flat
+from lightning_fisher.map_summary import at_full_size, fit_summary, header_fields, plot_title, summary_line, times_flat
 from lightning_fisher.peft_factory import MapApplication
 
 
@@ -48,13 +48,18 @@ def test_summary_line(fisher_map):
     assert summary_line(fisher_map) == (
         f"27/28 modules adapted, ranks {low}-{high} (median {median:g}), {budget.lora_parameters:,} LoRA "
         f"parameters = {budget.lora_parameters / budget.flat_lora_parameters:.2f}x flat rank 8 "
-        f"({budget.flat_lora_parameters:,}); NOT converged (max batches after 12 batches)"
+        f"({budget.flat_lora_parameters:,}); 15 modules at full size, rank min(d_in, d_out) (layers.5.q 8, "
+        "layers.5.dense 8, layers.6.q 8, ...); NOT converged (max batches after 12 batches)"
     )
+    # the test net's layers are 8 wide (its head 8 x 3): a module the rule would give more stops there
+    assert high == 8 and at_full_size(fisher_map) == {m.name: m.rank for m in fisher_map.modules if m.rank == min(m.shape)}
+    assert at_full_size(fisher_map)["head"] == 3
+    assert len(at_full_size(fisher_map)) == 15
     assert summary_line(fisher_map) == fisher_map.summary()  # FisherMap.summary() prints the same line
     converged = dataclasses.replace(
         fisher_map, analysis=dataclasses.replace(fisher_map.analysis, converged=True, stop_reason="converged")
     )
-    assert summary_line(converged).endswith(f"flat rank 8 ({budget.flat_lora_parameters:,})")
+    assert summary_line(converged).endswith("layers.6.q 8, ...)")
     skipped = dataclasses.replace(converged, analysis=dataclasses.replace(converged.analysis, skipped_samples=3))
     assert summary_line(skipped).endswith("; 3 non-finite samples skipped")
 

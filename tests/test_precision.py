@@ -157,7 +157,7 @@ class DtypeSpy(pl.Callback):
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         self.seen.add(("weights", "task", module.task.model.embed.weight.dtype, False))
-        self.seen.update(("sums", "state", s.dtype, False) for a in module.spectra.accumulators.values() for s in a._sums)
+        self.seen.update(("sums", "state", s.dtype, False) for a in module.statistics.accumulators.values() for s in a._sums)
         self.seen.add(("sums", "state", module.accumulator.state_tensor().dtype, False))
 
 

@@ -23,7 +23,7 @@ from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_fisher.allocation_settings import AllocationSettings
+from lightning_fisher.allocation_settings import AllocationSettings, field_help
 from lightning_fisher.cli.arguments import ALIASES, normalize_flags
 from lightning_fisher.stability import StabilityRule
 from lightning_fisher.timesteps import FOCUS_HELP, TimestepFocus
@@ -150,7 +150,7 @@ def _add_settings_flags(parser, settings: type, *, only: Optional[tuple[str, ...
     types = typing.get_type_hints(settings)  # the fields' annotations are strings (postponed evaluation)
     for f in dataclasses.fields(settings):
         if only is None or f.name in only:
-            parser.add_argument(f"--{f.metadata['flag']}", type=types[f.name], default=f.default, help=f.metadata["help"])
+            parser.add_argument(f"--{f.metadata['flag']}", type=types[f.name], default=f.default, help=field_help(f))
 
 
 def _settings_from(config, settings: type):

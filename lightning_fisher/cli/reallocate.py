@@ -13,7 +13,7 @@ import dataclasses
 import typing
 from pathlib import Path
 
-from lightning_fisher.allocation_settings import AllocationSettings
+from lightning_fisher.allocation_settings import AllocationSettings, field_help
 from lightning_fisher.errors import FisherMapWriteError
 from lightning_fisher.fisher_map import FisherMap, resolve_map_path
 
@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         spellings = dict.fromkeys((f"--{flag}", f"--{flag.replace('_', '-')}"))  # one when they agree
         parser.add_argument(
             *spellings, dest=f.name, default=None, choices=choices,
-            type=str if choices else kind, help=f"{f.metadata['help']} (default: the map's)",
+            type=str if choices else kind, help=f"{field_help(f)} (default: the map's)",
         )
     return parser
 

@@ -47,8 +47,8 @@ from lightning_fisher.fisher_map import (
     StabilityRecord,
     TimestepFocusRecord,
 )
-from lightning_fisher.spectrum import SpectrumSet
-from lightning_fisher.stability import StopReason, spectrum_split_half_correlation, split_half_correlation
+from lightning_fisher.criteria import AnalysisStatistics, criterion_named
+from lightning_fisher.stability import StopReason
 from lightning_fisher.timesteps import RecordingTimestepSampler, TimestepFocus, timestep_focus_applied
 
 __all__ = ["FisherAnalysisModule", "SCORE_DESCRIPTION"]
@@ -72,6 +72,9 @@ class FisherAnalysisModule(LightningModule):
         rank_mode: ``"median"`` or ``"budget"`` (see :func:`~lightning_fisher.allocate_ranks`).
         score_power: exponent of the score-to-rank rule.
         exclude_threshold: modules scoring below this fraction of the median get no adapter.
+        criterion: how ranks follow from the analysis, a registered criterion's name
+            (:mod:`lightning_fisher.criteria`): ``"trace"`` or ``"spectrum"``; it also says what
+            the analysis gathers besides the trace and how it checks that it may stop.
         lora_alpha: alpha at the base rank recorded in the map; default ``2 * rank``.
         use_rslora: alpha policy recorded in the map.
         timestep_focus: ``balanced``, ``texture``, ``structure`` or ``"LO,HI"``; acts on a task
@@ -84,7 +87,7 @@ class FisherAnalysisModule(LightningModule):
         seed: recorded in the map (seeding itself is done by :func:`~lightning_fisher.analyze`
             or by you, with ``lightning.seed_everything``).
         dataset: the analysed dataset folder, recorded in the map.
-        allocation: the six allocation options (``rank`` ... ``exclude_threshold``) as one
+        allocation: the allocation options (``rank`` ... ``criterion``) as one
             :class:`~lightning_fisher.AllocationSettings`; then leave those at their defaults.
     """
 
@@ -101,6 +104,7 @@ class FisherAnalysisModule(LightningModule):
         rank_mode: Literal["median", "budget"] = AllocationSettings.mode,
         score_power: float = AllocationSettings.score_power,
         exclude_threshold: float = AllocationSettings.exclude_threshold,
+        criterion: str = AllocationSettings.criterion,
         lora_alpha: Optional[float] = None,
         use_rslora: bool = False,
         timestep_focus: Union[str, TimestepFocus] = "balanced",
@@ -121,8 +125,11 @@ class FisherAnalysisModule(LightningModule):
             )
         #: The allocation settings (checked once, here, before anything runs).
         self.allocation = allocation_from_options(
-            allocation, "FisherAnalysisModule", rank, rank_min, rank_max, rank_mode, score_power, exclude_threshold
+            allocation, "FisherAnalysisModule", rank, rank_min, rank_max, rank_mode, score_power, exclude_threshold,
+            criterion,
         )
+        #: The criterion the settings name (what it gathers, how it stops and allocates).
+        self.criterion = criterion_named(self.allocation.criterion)
         self.automatic_optimization = False
         self.task = task
         # DistributedDataParallel refuses a module without a trainable parameter, and the task is
@@ -142,8 +149,9 @@ class FisherAnalysisModule(LightningModule):
         self.collector: Optional[FisherCollector] = None
         self.accumulator: Optional[FisherAccumulator] = None
         self.global_accumulator: Optional[FisherAccumulator] = None
-        #: The mean gradients' spectra (``criterion="spectrum"`` only); summed over processes at the end.
-        self.spectra: Optional[SpectrumSet] = None
+        #: What the criterion gathers besides the trace (``spectrum``: the mean gradients' spectra;
+        #: ``None`` for ``trace``); this process's own, summed over processes at the end.
+        self.statistics: Optional[AnalysisStatistics] = None
         #: Why the analysis ended; set by :class:`~lightning_fisher.FisherStability` or at the end.
         self.stop_reason: Optional[StopReason] = None
         #: The stability rule's record, set by :class:`~lightning_fisher.FisherStability`.
@@ -161,13 +169,12 @@ class FisherAnalysisModule(LightningModule):
             raise FisherAnalysisError("FisherAnalysisModule runs under Trainer.fit only")
         self.task.setup(stage)  # the task may build layers or load weights here
         candidates = select_candidates(self.task, **self.candidate_selection)
-        if self.allocation.criterion == "spectrum":
-            self.spectra = SpectrumSet(
-                candidates, rank_max=self.allocation.rank_max, seed=self.seed or 0, loss_reduction=self.loss_reduction
-            )
+        self.statistics = self.criterion.statistics(
+            candidates, self.allocation, seed=self.seed or 0, loss_reduction=self.loss_reduction
+        )
         self.collector = FisherCollector(
             self.task, candidates, loss_reduction=self.loss_reduction, norm_strategy=self.norm_strategy,
-            observer=None if self.spectra is None else self.spectra.observe,
+            observer=None if self.statistics is None else self.statistics.observe,
         )
         self.accumulator = FisherAccumulator(self.collector.names)
         self.global_accumulator = FisherAccumulator(self.collector.names)
@@ -244,19 +251,21 @@ class FisherAnalysisModule(LightningModule):
     def split_half_correlation(self) -> Optional[float]:
         """The stopping rule's agreement between the two sample halves after the latest batch.
 
-        Under ``criterion="trace"`` the Spearman correlation of the halves' module scores; under
-        ``"spectrum"`` that of the ranks the spectrum allocation gives each half (see
-        :mod:`lightning_fisher.stability`). A collective under DDP (the spectrum's half sketches
-        are summed over processes: a rank-``k`` adapter's size per module), so every process
-        must call it.
+        The criterion's own check (:meth:`~lightning_fisher.criteria.Criterion.split_half_correlation`):
+        under ``"trace"`` the Spearman correlation of the halves' module scores, under
+        ``"spectrum"`` that of the ranks the spectrum allocation gives each half. May be a
+        collective under DDP (the spectrum's half sketches are summed over processes), so every
+        process must call it.
         """
-        if self.spectra is None:
-            return split_half_correlation(self.global_accumulator)
-        sketch = self.spectra.half_sketch(device=self.ddp_anchor.device)
+        return self.criterion.split_half_correlation(
+            self.global_accumulator, self.statistics, self.allocation, self._sum_over_processes
+        )
+
+    def _sum_over_processes(self, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.to(self.ddp_anchor.device)
         if self.trainer.world_size > 1:
-            sketch = self.trainer.strategy.reduce(sketch, reduce_op="sum")
-        halves = self.spectra.half_spectra(sketch)
-        return spectrum_split_half_correlation(halves, self.spectra.rank_costs, self.allocation)
+            tensor = self.trainer.strategy.reduce(tensor, reduce_op="sum")
+        return tensor
 
     def _log_batch(self) -> None:
         """Per batch, to the Trainer's logger: samples seen and a few figures of the running scores."""
@@ -292,10 +301,9 @@ class FisherAnalysisModule(LightningModule):
     def on_train_end(self) -> None:
         if self.stop_reason is None:
             self.stop_reason = StopReason.DATA_EXHAUSTED
-        if self.spectra is not None and self.trainer.world_size > 1:
+        if self.statistics is not None and self.trainer.world_size > 1:
             # Summed once, at the end: the stopping rule reads the (small) trace statistics per batch.
-            state = self.spectra.state_tensor(device=self.ddp_anchor.device)
-            self.spectra.load_state_tensor(self.trainer.strategy.reduce(state, reduce_op="sum"))
+            self.statistics.load_state_tensor(self._sum_over_processes(self.statistics.state_tensor()))
         self.fisher_map = self.build_map()
         self._log_scores(self.fisher_map)
         silent = [name for name, score in self.fisher_map.scores.items() if score == 0.0]
@@ -341,7 +349,7 @@ class FisherAnalysisModule(LightningModule):
             analysis=analysis,
             dataset=self.dataset,
             allocation=self.allocation,
-            spectra=None if self.spectra is None else self.spectra.spectra(),
+            **self.criterion.map_statistics(self.statistics),
             **self.alpha_policy,
         )
 

@@ -133,6 +133,7 @@ def analyze(
     train_mode: bool = False,
     score_power: float = AllocationSettings.score_power,
     exclude_threshold: float = AllocationSettings.exclude_threshold,
+    criterion: str = AllocationSettings.criterion,
     lora_alpha: Optional[float] = None,
     use_rslora: bool = False,
     trainer_kwargs: Optional[dict[str, Any]] = None,
@@ -174,6 +175,8 @@ def analyze(
         train_mode: analyse in train mode (dropout on); default eval mode.
         score_power: exponent of the score-to-rank rule.
         exclude_threshold: relative score below which a module gets no adapter.
+        criterion: how ranks follow from the analysis: ``"trace"``, ``"spectrum"`` or another
+            registered criterion's name (:mod:`lightning_fisher.criteria`).
         lora_alpha: alpha at the base rank recorded in the map; default ``2 * rank``.
         use_rslora: alpha policy recorded in the map.
         trainer_kwargs: extra ``Trainer`` arguments (``accelerator``, ``devices``,
@@ -182,7 +185,7 @@ def analyze(
             is added to it); exclusive with ``trainer_kwargs``. Give it
             ``enable_checkpointing=False``: the analysis has nothing worth checkpointing.
         allocation: the allocation options (``rank``, ``rank_min``, ``rank_max``,
-            ``rank_mode``, ``score_power``, ``exclude_threshold``) as one
+            ``rank_mode``, ``score_power``, ``exclude_threshold``, ``criterion``) as one
             :class:`~lightning_fisher.AllocationSettings`; then leave those at their defaults.
         stopping: the stopping options (``convergence_patience``, ``stability_threshold``,
             ``min_batches``, ``max_batches``) as one :class:`~lightning_fisher.StabilityRule`.
@@ -197,7 +200,7 @@ def analyze(
     # Every setting is parsed and checked here, once, before anything runs.
     focus = TimestepFocus.parse(timestep_focus)
     allocation = allocation_from_options(
-        allocation, "analyze", rank, rank_min, rank_max, rank_mode, score_power, exclude_threshold
+        allocation, "analyze", rank, rank_min, rank_max, rank_mode, score_power, exclude_threshold, criterion
     )
     stopping = resolve_settings(
         StabilityRule,

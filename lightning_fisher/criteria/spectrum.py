@@ -1,0 +1,125 @@
+"""The ``spectrum`` criterion: rank units go where the data's mean gradient has signal per parameter.
+
+Statistics: :class:`~lightning_fisher.spectrum.SpectrumSet` (each module's mean weight gradient's
+top singular values and their noise floor, in the same pass as the trace). Allocation:
+:mod:`lightning_fisher.spectrum_allocation` (greedy by gain per parameter above the floor).
+Stopping: the Spearman correlation of the ranks that allocation gives each sample half
+(:func:`spectrum_split_half_correlation`), each half with its own floor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+
+from lightning_fisher.criteria.base import AnalysisStatistics, Criterion, CriterionAllocation, Reduce, rank_agreement
+from lightning_fisher.spectrum_allocation import allocate_ranks_from_spectra
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from lightning_fisher.accumulator import FisherAccumulator
+    from lightning_fisher.allocation_settings import AllocationSettings
+    from lightning_fisher.map_records import ModuleRecord
+    from lightning_fisher.spectrum import ModuleSpectrum, SpectrumSet
+
+__all__ = ["SpectrumCriterion", "spectrum_split_half_correlation"]
+
+
+def spectrum_split_half_correlation(
+    halves: Optional[Mapping[str, tuple["ModuleSpectrum", "ModuleSpectrum"]]],
+    rank_costs: Mapping[str, int],
+    settings: "AllocationSettings",
+) -> Optional[float]:
+    """Spearman correlation between the ranks the spectrum allocation gives each half.
+
+    Args:
+        halves: ``{module: (half_1, half_2)}`` spectra with each half's own floor, as
+            :meth:`~lightning_fisher.spectrum.SpectrumSet.half_spectra` gives them (``None``
+            while a half holds no sample).
+        rank_costs: ``{module: d_in + d_out}``.
+        settings: the allocation settings the map will use (rank, bounds, mode).
+
+    Returns:
+        The correlation of the two rank vectors (``0`` for a module without adapter); ``1.0``
+        when the two allocations are identical and give some module an adapter, or when there
+        are fewer than three modules; ``0.0`` when one half's ranks are all equal and the
+        other's are not (no agreement to measure). ``None`` while no half gives any module an
+        adapter (nothing clears the noise yet) or a half holds no sample.
+    """
+    if halves is None:
+        return None
+    names = list(halves)
+    ranks = []
+    for h in (0, 1):
+        spectra = {name: halves[name][h].sigma_sq for name in names}
+        floors = {name: halves[name][h].floor for name in names}
+        allocation = allocate_ranks_from_spectra(spectra, floors, rank_costs, settings=settings)
+        ranks.append(torch.tensor([float(allocation.ranks.get(name, 0)) for name in names], dtype=torch.float64))
+    if not bool(ranks[0].any()) and not bool(ranks[1].any()):
+        return None
+    if len(names) < 3 or bool((ranks[0] == ranks[1]).all()):
+        return 1.0
+    if bool((ranks[0] == ranks[0][0]).all()) or bool((ranks[1] == ranks[1][0]).all()):
+        return 0.0
+    return rank_agreement(ranks[0], ranks[1])
+
+
+class SpectrumCriterion(Criterion):
+    """Greedy by gain per parameter: squared singular values of the mean gradient above their noise floor."""
+
+    name = "spectrum"
+    help = (
+        "rank units go by gain per parameter, the squared singular values of the mean gradient above their "
+        "noise floor (modules with none get no adapter)"
+    )
+    stopping_method = "split-half spearman of the spectrum allocation's ranks over all modules"
+    correlation_of = "the halves' spectrum ranks"
+
+    def statistics(
+        self, candidates: Mapping[str, "nn.Module"], settings: "AllocationSettings", *, seed: int, loss_reduction: str
+    ) -> "SpectrumSet":
+        from lightning_fisher.spectrum import SpectrumSet
+
+        return SpectrumSet(candidates, rank_max=settings.rank_max, seed=seed, loss_reduction=loss_reduction)
+
+    def map_statistics(self, statistics: Optional[AnalysisStatistics]) -> dict[str, Any]:
+        return {"spectra": statistics.spectra()}
+
+    def split_half_correlation(
+        self, accumulator: "FisherAccumulator", statistics: Optional[AnalysisStatistics],
+        settings: "AllocationSettings", reduce: Reduce,
+    ) -> Optional[float]:
+        # Only the halves' sketches cross processes per batch: a rank-k adapter's size per module.
+        halves = statistics.half_spectra(reduce(statistics.half_sketch()))
+        return spectrum_split_half_correlation(halves, statistics.rank_costs, settings)
+
+    def missing_statistics(self, records: Sequence["ModuleRecord"]) -> Optional[str]:
+        missing = [m.name for m in records if m.sigma_sq is None or m.noise_floor is None]
+        if not missing:
+            return None
+        return (
+            f"criterion 'spectrum': {len(missing)} module(s) have no recorded spectrum, e.g. {missing[:3]}; "
+            "run the analysis with criterion='spectrum' (lightning-fisher analyze --criterion spectrum)"
+        )
+
+    def allocate(self, records: Sequence["ModuleRecord"], settings: "AllocationSettings") -> CriterionAllocation:
+        problem = self.missing_statistics(records)
+        if problem is not None:
+            raise ValueError(problem)
+        result = allocate_ranks_from_spectra(
+            {m.name: m.sigma_sq for m in records}, {m.name: m.noise_floor for m in records},
+            {m.name: m.rank_cost for m in records}, settings=settings,
+        )
+        if not result.ranks:
+            raise ValueError(
+                "criterion 'spectrum': no module has a direction above its noise floor, so the data's mean gradient "
+                "cannot be told from noise on these samples; analyse more samples (raise min_batches / "
+                "--min-batches, or convergence_patience) or use criterion='trace'"
+            )
+        return CriterionAllocation(ranks=dict(result.ranks), excluded=dict(result.excluded))
+
+    def describe_settings(self, settings: "AllocationSettings") -> str:
+        return "greedy by gain per parameter above each module's noise floor"
