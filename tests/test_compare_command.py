@@ -2,6 +2,7 @@
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -48,8 +49,9 @@ def test_compare_runs_flat_fisher_and_half_budget_against_its_twin(dataset, tmp_
     config = fit_config(tmp_path / "fit.yaml", dataset, tmp_path / "runs")
     before = files_under(tmp_path) | files_under(dataset)
     output = tmp_path / "results.json"
+    plot = tmp_path / "figures" / "frontier.png"
     code = main(["compare", "--config", str(config), "--budgets", "0.5", "--seeds", "0,1", "--max-steps", "8",
-                        "--output", str(output)])
+                 "--output", str(output), "--plot", str(plot)])
     assert code == 0
 
     fisher_map = FisherMap.load(dataset)
@@ -97,9 +99,16 @@ def test_compare_runs_flat_fisher_and_half_budget_against_its_twin(dataset, tmp_
     assert "0.50x" in rows[1] and f"{half / flat:.2f}x" in rows[3]
     assert "fisher vs flat: val_loss" in out and "seed spread" in out
     assert "val_fraction=0.2" in out  # the config had no validation data: compare says what it did
+    assert "fisher@0.5 vs flat@0.5: val_loss" in out
+    # the closing line: which family is ahead at which budget, against the twins
+    closing = out.strip().splitlines()[-1]
+    assert closing == results["summary"] and closing.startswith("At equal parameters (paired by seed")
+    assert "at 1 of rank 4, " in closing and "at 0.5 of rank 4, " in closing and "flat@0.5" in closing
+    assert plot.read_bytes().startswith(b"\x89PNG\r\n\x1a\n") and f"written to {plot}" in out
 
-    # Checkpoints, the export folder, logs and the trainer's root: none of them were written.
-    assert files_under(tmp_path) | files_under(dataset) == before | {output}
+    # Checkpoints, the export folder, logs and the trainer's root: none of them were written; the
+    # plot left no temporary file beside it.
+    assert files_under(tmp_path) | files_under(dataset) == before | {output, plot}
     assert not (tmp_path / "runs").exists() and not list(tmp_path.rglob("*.ckpt"))
 
 
@@ -129,6 +138,22 @@ def test_option_errors_name_the_option(dataset, tmp_path, extra, message):
     config = fit_config(tmp_path / "fit.yaml", dataset, tmp_path / "runs")
     with pytest.raises(CompareError, match=message.replace("(", r"\(")):
         run_compare(["--config", str(config), *extra])
+
+
+class NoRunClassifier(TinyClassifier):
+    def __init__(self, *args, **kwargs):
+        raise AssertionError("no model may be built: the --plot check comes first")
+
+
+def test_plot_that_cannot_be_written_is_refused_before_training(dataset, tmp_path, monkeypatch):
+    config = fit_config(tmp_path / "fit.yaml", dataset, tmp_path / "runs", model="test_compare_command.NoRunClassifier")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(CompareError, match=r"--plot: cannot write .*file, not a folder; choose another place"):
+        run_compare(["--config", str(config), "--plot", str(tmp_path / "file" / "frontier.png")])
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if the plot extra were not installed
+    with pytest.raises(CompareError, match=r"--plot: plotting needs matplotlib: pip install 'lightning-fisher\[plot\]'"):
+        run_compare(["--config", str(config), "--plot", str(tmp_path / "frontier.png")])
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "frontier.png").exists()
 
 
 class FixedLrClassifier(TinyClassifier):
