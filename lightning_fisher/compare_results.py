@@ -396,8 +396,9 @@ class CompareResult:
     def summary(self) -> str:
         """One sentence: at each budget, which family is ahead of its flat twin, and by how much.
 
-        E.g. ``at equal parameters (...): at 1 of rank 4, parity of fisher and flat; at 0.5 of
-        rank 4, fisher ahead of flat@0.5 by 0.0123 val_loss.`` Empty when no fisher arm has run.
+        E.g. ``At equal parameters (...): at 1 of rank 4, parity of fisher and flat; at 0.5 of
+        rank 4, fisher ahead of flat@0.5 by 0.0123 val_loss.`` "Ahead" and "parity" are those of
+        :meth:`twin_verdicts`. Empty when no fisher arm has run.
         """
         by_budget: dict[float, list[str]] = {}
         arms = {arm.name: arm for arm in self.arms}
