@@ -6,8 +6,12 @@
   equal flat's, less at most one rank step of one module.
 - ``fisher@F``: one per extra budget fraction ``F``, budget mode at ``round(r * F)`` (half up,
   at least the map's ``rank_min``).
+- ``flat@F``: the twin of ``fisher@F``: flat LoRA on the same candidates at ``fisher@F``'s budget
+  rank, so it spends what ``fisher@F`` spends (``F`` times flat's parameters when ``r * F`` is a
+  whole rank). One twin per budget, shared by the criteria (``fisher@0.5`` and
+  ``fisher-spectrum@0.5`` are both judged against ``flat@0.5``); at ``F = 1`` the twin is ``flat``.
 
-Every fisher arm keeps the map's alpha / rank, so the arms differ only in where the adapters go
+Every arm keeps the map's alpha / rank, so the arms differ only in where the adapters go
 and how large they are. :mod:`lightning_fisher.training.compare_runner` runs the arms;
 :mod:`lightning_fisher.compare_results` summarises the runs. No Lightning here.
 """
@@ -35,12 +39,16 @@ class CompareArm:
     """One training setup of the comparison.
 
     Attributes:
-        name: ``"flat"``, ``"fisher"`` or ``"fisher@<fraction>"``.
+        name: ``"flat"``, ``"flat@<fraction>"``, ``"fisher"``, ``"fisher@<fraction>"``, or with
+            another criterion ``"fisher-<criterion>"`` / ``"fisher-<criterion>@<fraction>"``.
         rank: base rank: flat LoRA's rank, or the flat-equivalent budget rank of a fisher arm.
         budget_fraction: ``rank`` relative to the map's base rank, as asked for.
         fisher_map: the map the arm applies (``None`` for flat).
         modules: ``{module name relative to adapter_root: rank}`` of the adapters it injects.
         expected_parameters: LoRA parameters of those adapters, ``sum(rank * (d_in + d_out))``.
+        twin: the flat arm of the same budget that a fisher arm is judged against (``"flat"`` or
+            ``"flat@<fraction>"``); ``None`` for flat arms. A fisher arm planned without one is
+            judged against ``"flat"``.
     """
 
     name: str
@@ -49,10 +57,21 @@ class CompareArm:
     fisher_map: Optional[FisherMap]
     modules: Mapping[str, int]
     expected_parameters: int
+    twin: Optional[str] = None
 
     @property
     def is_flat(self) -> bool:
         return self.fisher_map is None
+
+    @property
+    def family(self) -> str:
+        """The arm's name without its budget: ``flat``, ``fisher`` or ``fisher-<criterion>``."""
+        return self.name.partition("@")[0]
+
+    @property
+    def baseline(self) -> Optional[str]:
+        """The flat arm this arm's verdict is against: its twin (``None`` for a flat arm)."""
+        return None if self.is_flat else self.twin or "flat"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -61,6 +80,8 @@ class CompareArm:
             "budget_fraction": self.budget_fraction,
             "expected_lora_parameters": self.expected_parameters,
             "modules": dict(self.modules),
+            "family": self.family,
+            "twin": self.twin,
         }
 
 
@@ -146,7 +167,11 @@ def plan_arms(
     adapter_root: Optional[str] = None,
     criteria: Optional[Sequence[str]] = None,
 ) -> list[CompareArm]:
-    """The arms of a comparison: ``flat``, ``fisher`` and one ``fisher@F`` per extra budget fraction.
+    """The arms of a comparison: ``flat``, one ``flat@F`` twin per extra budget fraction, ``fisher`` and ``fisher@F``.
+
+    Flat arms come first (``flat``, then the twins in budget order), then the fisher arms
+    criterion by criterion. Every fisher arm names its twin: the flat arm at its own budget
+    rank, so the two spend the same parameters, give or take one rank step of one module.
 
     Args:
         fisher_map: the map to compare against flat LoRA.
@@ -182,15 +207,19 @@ def plan_arms(
     costs = fisher_map.rank_costs
     budget = fisher_map.budget
     rank = budget.rank
+    width = sum(costs[full] for full in candidates.values())
+    twins = {fraction: "flat" if fraction == 1.0 else f"flat@{fraction:g}" for fraction, _ in planned}
+    # The twin takes the fisher arm's budget rank (rank_min included), so both spend the same.
     arms = [
         CompareArm(
-            name="flat",
-            rank=rank,
-            budget_fraction=1.0,
+            name=twins[fraction],
+            rank=arm_rank,
+            budget_fraction=fraction,
             fisher_map=None,
-            modules={relative: rank for relative in candidates},
-            expected_parameters=rank * sum(costs[full] for full in candidates.values()),
+            modules={relative: arm_rank for relative in candidates},
+            expected_parameters=arm_rank * width,
         )
+        for fraction, arm_rank in planned
     ]
     # Candidates outside adapter_root get no adapter in either arm, so the budget is taken over
     # the ones inside it: the fisher arm then spends what flat spends.
@@ -226,6 +255,7 @@ def plan_arms(
                 fisher_map=arm_map,
                 modules={relative: arm_map.ranks[full] for relative, full in ranks.items()},
                 expected_parameters=sum(arm_map.ranks[full] * costs[full] for full in ranks.values()),
+                twin=twins[fraction],
             )
         )
     return arms

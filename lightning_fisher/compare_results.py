@@ -4,6 +4,13 @@ Pure data and arithmetic (no Lightning): :class:`CompareResult` can be rebuilt f
 and summarised again. With several learning rates every arm gets its own, chosen on validation by
 :func:`choose_learning_rate` (the quality benchmark chooses its arms' learning rates with the same
 function), and the arms are compared at their own best learning rate and at equal ones.
+
+Every fisher arm is judged against its flat twin, the flat arm at the same budget
+(:attr:`~lightning_fisher.compare_plan.CompareArm.twin`): ``fisher@0.5`` against ``flat@0.5``,
+``fisher`` against ``flat``. Full-rank ``flat`` stays in the table as context for the smaller
+budgets. :meth:`CompareResult.twin_verdicts` holds those judgements, :meth:`CompareResult.summary`
+says them in one sentence, and :meth:`CompareResult.frontier` gives the points of the
+parameters-versus-quality figure (:func:`lightning_fisher.report.frontier.plot_frontier`).
 """
 
 from __future__ import annotations
@@ -22,7 +29,16 @@ from lightning_fisher.atomic_io import write_text_atomic
 from lightning_fisher.compare_plan import CompareArm
 from lightning_fisher.errors import CompareError
 
-__all__ = ["LR_TIE_TOLERANCE", "MONITOR", "TIE_BREAKER", "CompareResult", "RunResult", "choose_learning_rate"]
+__all__ = [
+    "LR_TIE_TOLERANCE",
+    "MONITOR",
+    "TIE_BREAKER",
+    "CompareResult",
+    "FrontierPoint",
+    "RunResult",
+    "TwinVerdict",
+    "choose_learning_rate",
+]
 
 #: The validation metric the arms are ranked by (lower is better).
 MONITOR = "val_loss"
@@ -129,6 +145,61 @@ def _mean_std(values: Sequence[float]) -> tuple[float, Optional[float]]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
+@dataclass(frozen=True)
+class TwinVerdict:
+    """A fisher arm against its flat twin (the flat arm at the same budget), by the seed spread.
+
+    Attributes:
+        arm: the fisher arm's name, e.g. ``"fisher@0.5"``.
+        twin: the flat arm it is judged against, e.g. ``"flat@0.5"``.
+        budget_fraction: the budget both spend, as a fraction of the map's base rank.
+        delta: the arm's mean ``val_loss`` minus the twin's (negative: the fisher arm is better);
+            ``None`` when a run diverged or either arm has no runs.
+        spread: the seed spread the difference is judged by; ``None`` with one seed.
+        outcome: ``"ahead"`` (the fisher arm better by more than the spread), ``"behind"`` (the
+            twin better by more than it), ``"parity"``, ``"one seed"`` (no spread to judge by),
+            ``"diverged"`` or ``"no runs"``.
+    """
+
+    arm: str
+    twin: str
+    budget_fraction: float
+    delta: Optional[float]
+    spread: Optional[float]
+    outcome: str
+
+
+def _outcome(delta: float, spread: Optional[float]) -> str:
+    if spread is None:
+        return "one seed"
+    if abs(delta) <= spread:
+        return "parity"
+    return "ahead" if delta < 0 else "behind"
+
+
+@dataclass(frozen=True)
+class FrontierPoint:
+    """One arm on the parameters-versus-quality plane: its parameters and its ``val_loss`` over seeds.
+
+    Attributes:
+        arm: the arm's name.
+        family: ``flat``, ``fisher`` or ``fisher-<criterion>``: the line the point belongs to.
+        parameters: LoRA parameters counted in the model after injection.
+        mean: mean ``val_loss`` over seeds (at the arm's chosen learning rate, with ``lrs``).
+        std: sample standard deviation over seeds; ``None`` with one seed.
+        lr: the learning rate the point is at (``None``: the config's own).
+        seeds: how many seeds the mean is over.
+    """
+
+    arm: str
+    family: str
+    parameters: int
+    mean: float
+    std: Optional[float]
+    lr: Optional[float]
+    seeds: int
+
+
 @dataclass
 class CompareResult:
     """The runs of a comparison; :meth:`to_markdown` and :meth:`verdicts` summarise them.
@@ -228,14 +299,18 @@ class CompareResult:
     def verdicts(self) -> list[str]:
         """Plain-words comparisons of the arms against seed noise.
 
-        Without ``lrs``: one line per non-flat arm, its ``val_loss`` minus flat's, paired by
+        Every fisher arm is judged against its twin, the flat arm at the same budget
+        (``fisher@0.5`` against ``flat@0.5``, ``fisher`` against ``flat``); each line names it.
+
+        Without ``lrs``: one line per fisher arm, its ``val_loss`` minus its twin's, paired by
         seed; the difference counts as real when it exceeds two standard errors of the per-seed
         paired differences ("seed spread"); with a single seed there is no noise estimate.
 
-        With ``lrs``: first which arm won at its own best learning rate, and against every other
-        arm (each at its own best learning rate) whether by more than the seed spread, here the
-        larger sample standard deviation over seeds of the two arms' ``val_loss`` (the quality
-        benchmark's rule); then the paired lines above at every learning rate.
+        With ``lrs``: first which arm won at its own best learning rate, then every fisher arm
+        against its twin (each at its own best learning rate) and whether by more than the seed
+        spread, here the larger sample standard deviation over seeds of the two arms'
+        ``val_loss`` (the quality benchmark's rule); then the paired lines above at every
+        learning rate.
         """
         if not self.lrs:
             return self._paired_verdicts(None)
@@ -244,42 +319,137 @@ class CompareResult:
             lines += [f"at lr {lr:g}, {line}" for line in self._paired_verdicts(lr)]
         return lines
 
+    def _paired(self, arm: CompareArm, lr: Optional[float]) -> tuple[TwinVerdict, list[RunResult], dict[int, RunResult]]:
+        """``arm`` against its twin at ``lr``, paired by seed; also the arm's paired runs and the twin's by seed."""
+        twin = {run.seed: run for run in self.runs_of(arm.baseline, lr)}
+        runs = [run for run in self.runs_of(arm.name, lr) if run.seed in twin]
+        delta = spread = None
+        if not runs:
+            outcome = "no runs"
+        else:
+            differences = [run.val_loss - twin[run.seed].val_loss for run in runs]
+            if not all(math.isfinite(difference) for difference in differences):
+                outcome = "diverged"
+            else:
+                delta = statistics.fmean(differences)
+                if len(differences) > 1:
+                    spread = 2 * statistics.stdev(differences) / math.sqrt(len(differences))
+                outcome = _outcome(delta, spread)
+        return TwinVerdict(arm.name, arm.baseline, arm.budget_fraction, delta, spread, outcome), runs, twin
+
     def _paired_verdicts(self, lr: Optional[float]) -> list[str]:
-        flat = {run.seed: run for run in self.runs_of("flat", lr)}
         lines = []
         for arm in self.arms:
             if arm.is_flat:
                 continue
-            runs = [run for run in self.runs_of(arm.name, lr) if run.seed in flat]
-            if not runs:
+            verdict, runs, twin = self._paired(arm, lr)
+            if verdict.outcome == "no runs":
                 continue
-            differences = [run.val_loss - flat[run.seed].val_loss for run in runs]
-            if not all(math.isfinite(difference) for difference in differences):
-                lines.append(f"{arm.name} vs flat: not comparable, a run diverged ({MONITOR} not finite)")
+            if verdict.outcome == "diverged":
+                lines.append(f"{arm.name} vs {verdict.twin}: not comparable, a run diverged ({MONITOR} not finite)")
                 continue
-            delta = statistics.fmean(differences)
-            ratio = statistics.fmean(run.lora_parameters / max(1, flat[run.seed].lora_parameters) for run in runs)
-            head = f"{arm.name} vs flat: {MONITOR} {delta:+.4f} at {ratio:.2f}x the parameters"
-            if len(differences) < 2:
+            ratio = statistics.fmean(run.lora_parameters / max(1, twin[run.seed].lora_parameters) for run in runs)
+            head = f"{arm.name} vs {verdict.twin}: {MONITOR} {verdict.delta:+.4f} at {ratio:.2f}x the parameters"
+            if verdict.spread is None:
                 lines.append(f"{head}; one seed, so no noise estimate (run more seeds, e.g. --seeds 0,1,2)")
                 continue
-            spread = 2 * statistics.stdev(differences) / math.sqrt(len(differences))
-            if abs(delta) <= spread:
-                word = "within noise"
-            else:
-                word = f"{arm.name} better" if delta < 0 else "flat better"
-            lines.append(f"{head}, seed spread {spread:.4f} over {len(differences)} seeds: {word}")
+            word = {"parity": "within noise", "ahead": f"{arm.name} better", "behind": f"{verdict.twin} better"}
+            lines.append(f"{head}, seed spread {verdict.spread:.4f} over {len(runs)} seeds: {word[verdict.outcome]}")
         return lines
 
-    def _best_lr_verdicts(self) -> list[str]:
-        chosen = self.chosen_lrs()
-        if not chosen:
-            return []
+    def _at_chosen_lr(self) -> dict[str, tuple[float, Optional[float], float]]:
+        """``{arm: (mean val_loss, sample std or None, chosen lr)}`` at each arm's chosen learning rate."""
         summary = {}
-        for name, lr in chosen.items():
+        for name, lr in self.chosen_lrs().items():
             losses = [run.val_loss for run in self.runs_of(name, lr)]
             finite = all(math.isfinite(value) for value in losses)
             summary[name] = (_mean_or_inf(losses), statistics.stdev(losses) if finite and len(losses) > 1 else None, lr)
+        return summary
+
+    def twin_verdicts(self) -> list[TwinVerdict]:
+        """Every fisher arm against its flat twin, in arm order.
+
+        Without ``lrs``: paired by seed (see :meth:`verdicts`). With ``lrs``: each arm at its own
+        chosen learning rate, the spread being the larger sample std of the two.
+        """
+        if not self.lrs:
+            return [self._paired(arm, None)[0] for arm in self.arms if not arm.is_flat]
+        summary = self._at_chosen_lr()
+        verdicts = []
+        for arm in self.arms:
+            if arm.is_flat:
+                continue
+            twin = arm.baseline
+            delta = spread = None
+            if arm.name not in summary or twin not in summary:
+                outcome = "no runs"
+            elif not (math.isfinite(summary[arm.name][0]) and math.isfinite(summary[twin][0])):
+                outcome = "diverged"
+            else:
+                (mean, std, _), (twin_mean, twin_std, _) = summary[arm.name], summary[twin]
+                delta = mean - twin_mean
+                spread = None if std is None or twin_std is None else max(std, twin_std)
+                outcome = _outcome(delta, spread)
+            verdicts.append(TwinVerdict(arm.name, twin, arm.budget_fraction, delta, spread, outcome))
+        return verdicts
+
+    def summary(self) -> str:
+        """One sentence: at each budget, which family is ahead of its flat twin, and by how much.
+
+        E.g. ``At equal parameters (...): at 1 of rank 4, parity of fisher and flat; at 0.5 of
+        rank 4, fisher ahead of flat@0.5 by 0.0123 val_loss.`` "Ahead" and "parity" are those of
+        :meth:`twin_verdicts`. Empty when no fisher arm has run.
+        """
+        by_budget: dict[float, list[str]] = {}
+        arms = {arm.name: arm for arm in self.arms}
+        for verdict in self.twin_verdicts():
+            if verdict.outcome == "no runs":
+                continue
+            family, twin = arms[verdict.arm].family, verdict.twin
+            if verdict.outcome == "ahead":
+                phrase = f"{family} ahead of {twin} by {-verdict.delta:.4f} {MONITOR}"
+            elif verdict.outcome == "behind":
+                phrase = f"{twin} ahead of {family} by {verdict.delta:.4f} {MONITOR}"
+            elif verdict.outcome == "parity":
+                phrase = f"parity of {family} and {twin}"
+            elif verdict.outcome == "one seed":
+                phrase = f"{family} {verdict.delta:+.4f} {MONITOR} against {twin} on one seed (no verdict)"
+            else:
+                phrase = f"{family} and {twin} not comparable (a run diverged)"
+            by_budget.setdefault(verdict.budget_fraction, []).append(phrase)
+        if not by_budget:
+            return ""
+        rank = next((arm.rank for arm in self.arms if arm.name == "flat"), None)
+        of = "" if rank is None else f" of rank {rank}"
+        how = "each arm at its own best learning rate" if self.lrs else "paired by seed"
+        budgets = "; ".join(f"at {fraction:g}{of}, {', '.join(phrases)}" for fraction, phrases in by_budget.items())
+        return f"At equal parameters ({how}, judged by the seed spread): {budgets}."
+
+    def frontier(self) -> dict[str, list[FrontierPoint]]:
+        """``{family: points in ascending parameters}``: each arm's parameters and ``val_loss`` over seeds.
+
+        With ``lrs`` each arm's point is at its chosen learning rate. Arms without runs, and arms
+        with a diverged run at that learning rate, have no point.
+        """
+        chosen = self.chosen_lrs()
+        families: dict[str, list[FrontierPoint]] = {}
+        for arm in self.arms:
+            lr = chosen.get(arm.name)
+            if self.lrs and lr is None:
+                continue
+            runs = self.runs_of(arm.name, lr)
+            losses = [run.val_loss for run in runs]
+            if not runs or not all(math.isfinite(value) for value in losses):
+                continue
+            mean, std = _mean_std(losses)
+            families.setdefault(arm.family, []).append(
+                FrontierPoint(arm.name, arm.family, runs[0].lora_parameters, mean, std, lr, len(runs)))
+        return {family: sorted(points, key=lambda point: point.parameters) for family, points in families.items()}
+
+    def _best_lr_verdicts(self) -> list[str]:
+        summary = self._at_chosen_lr()
+        if not summary:
+            return []
         ranked = sorted(summary, key=lambda name: summary[name][0])
         winner = ranked[0]
 
@@ -291,20 +461,24 @@ class CompareResult:
         if not math.isfinite(summary[winner][0]):
             return [f"at each arm's own best learning rate: every arm diverged ({', '.join(map(describe, ranked))})"]
         lines = [f"at each arm's own best learning rate: {describe(winner)} is best"]
-        for other in ranked[1:]:
-            (mean, std, _), (other_mean, other_std, _) = summary[winner], summary[other]
-            head = f"  {winner} vs {describe(other)}"
-            if not math.isfinite(other_mean):
-                lines.append(f"{head}: {other} diverged at every learning rate")
-            elif std is None or other_std is None:
-                lines.append(f"{head}: {mean - other_mean:+.4f}; one seed, so no seed spread to judge by "
+        # Then each fisher arm against its twin at the same budget, not against the winner.
+        for verdict in self.twin_verdicts():
+            if verdict.outcome == "no runs":
+                continue
+            head = f"  {verdict.arm} vs {describe(verdict.twin)}"
+            if verdict.outcome == "diverged":
+                gone = [name for name in (verdict.arm, verdict.twin) if not math.isfinite(summary[name][0])]
+                lines.append(f"{head}: {' and '.join(gone)} diverged at every learning rate")
+            elif verdict.outcome == "one seed":
+                lines.append(f"{head}: {verdict.delta:+.4f}; one seed, so no seed spread to judge by "
                              "(run more seeds, e.g. --seeds 0,1,2)")
+            elif verdict.outcome == "parity":
+                lines.append(f"{head}: {verdict.delta:+.4f}, within the seed spread {verdict.spread:.4f} (sample std): "
+                             "no clear winner")
             else:
-                spread = max(std, other_std)
-                beyond = other_mean - mean > spread
-                lines.append(f"{head}: {mean - other_mean:+.4f}, "
-                             + (f"more than the seed spread {spread:.4f} (sample std): {winner} better" if beyond
-                                else f"within the seed spread {spread:.4f} (sample std): no clear winner"))
+                better = verdict.arm if verdict.outcome == "ahead" else verdict.twin
+                lines.append(f"{head}: {verdict.delta:+.4f}, more than the seed spread {verdict.spread:.4f} "
+                             f"(sample std): {better} better")
         return lines
 
     def to_dict(self) -> dict[str, Any]:
@@ -317,6 +491,8 @@ class CompareResult:
             "arms": [arm.to_dict() for arm in self.arms],
             "runs": [run.to_dict() for run in self.runs],
             "verdicts": self.verdicts(),
+            "twin_verdicts": [dataclasses.asdict(verdict) for verdict in self.twin_verdicts()],
+            "summary": self.summary(),
             "notes": list(self.notes),
         }
 
@@ -331,7 +507,8 @@ class CompareResult:
         return path
 
     def __str__(self) -> str:
-        return "\n".join([self.to_markdown(), "", *self.verdicts()])
+        summary = self.summary()
+        return "\n".join([self.to_markdown(), "", *self.verdicts(), *(["", summary] if summary else [])])
 
 
 def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

@@ -2,6 +2,7 @@
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -42,13 +43,15 @@ def files_under(folder):
     return {p for p in Path(folder).rglob("*") if p.is_file()}
 
 
-def test_compare_runs_flat_fisher_and_half_budget(dataset, tmp_path, capsys, monkeypatch):
+def test_compare_runs_flat_fisher_and_half_budget_against_its_twin(dataset, tmp_path, capsys, monkeypatch):
+    """The issue's check: --budgets 0.5 adds flat@0.5 at half the rank and parameters, and fisher@0.5 is judged against it."""
     monkeypatch.chdir(tmp_path)
     config = fit_config(tmp_path / "fit.yaml", dataset, tmp_path / "runs")
     before = files_under(tmp_path) | files_under(dataset)
     output = tmp_path / "results.json"
-    code = main(["compare", "--config", str(config), "--budgets", "1.0,0.5", "--seeds", "0,1", "--max-steps", "8",
-                        "--output", str(output)])
+    plot = tmp_path / "figures" / "frontier.png"
+    code = main(["compare", "--config", str(config), "--budgets", "0.5", "--seeds", "0,1", "--max-steps", "8",
+                 "--output", str(output), "--plot", str(plot)])
     assert code == 0
 
     fisher_map = FisherMap.load(dataset)
@@ -63,10 +66,11 @@ def test_compare_runs_flat_fisher_and_half_budget(dataset, tmp_path, capsys, mon
 
     results = json.loads(output.read_text())
     runs = results["runs"]
-    assert len(runs) == 6
-    assert {(r["arm"], r["seed"]) for r in runs} == {(a, s) for a in ("flat", "fisher", "fisher@0.5") for s in (0, 1)}
+    arm_names = ("flat", "flat@0.5", "fisher", "fisher@0.5")
+    assert len(runs) == 8
+    assert {(r["arm"], r["seed"]) for r in runs} == {(a, s) for a in arm_names for s in (0, 1)}
     counted = {r["arm"]: r["lora_parameters"] for r in runs}  # counted in the model after injection
-    assert counted == {"flat": flat, "fisher": fisher, "fisher@0.5": half}
+    assert counted == {"flat": flat, "flat@0.5": flat // 2, "fisher": fisher, "fisher@0.5": half}
     assert 0.4 < half / flat <= 0.5
     for run in runs:
         assert math.isfinite(run["val_loss"]) and run["val_loss"] > 0
@@ -74,22 +78,37 @@ def test_compare_runs_flat_fisher_and_half_budget(dataset, tmp_path, capsys, mon
         assert run["steps"] == 8
     by_seed = {r["seed"]: r["val_loss"] for r in runs if r["arm"] == "flat"}
     assert by_seed[0] != by_seed[1]
-    assert [arm["name"] for arm in results["arms"]] == ["flat", "fisher", "fisher@0.5"]
-    assert results["arms"][0]["modules"] == {"0": 4, "2": 4, "4": 4, "6": 4}  # the map's candidates, rebased
+    arms = {arm["name"]: arm for arm in results["arms"]}
+    assert list(arms) == list(arm_names)
+    assert arms["flat"]["modules"] == {"0": 4, "2": 4, "4": 4, "6": 4}  # the map's candidates, rebased
+    # the twin: flat LoRA at half the rank on the same modules, with half the parameters
+    assert arms["flat@0.5"]["modules"] == {"0": 2, "2": 2, "4": 2, "6": 2}
+    assert arms["flat@0.5"]["rank"] == 2 and arms["flat@0.5"]["expected_lora_parameters"] * 2 == flat
+    assert arms["fisher@0.5"]["twin"] == "flat@0.5" and arms["fisher"]["twin"] == "flat"
+    half_verdicts = [v for v in results["verdicts"] if v.startswith("fisher@0.5 ")]
+    assert len(half_verdicts) == 1 and half_verdicts[0].startswith("fisher@0.5 vs flat@0.5: val_loss")
+    assert [(v["arm"], v["twin"]) for v in results["twin_verdicts"]] == [("fisher", "flat"), ("fisher@0.5", "flat@0.5")]
 
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| arm")]
-    assert [row.split("|")[1].strip() for row in rows] == ["flat", "fisher", "fisher@0.5"]
+    assert [row.split("|")[1].strip() for row in rows] == list(arm_names)
     flat_losses = [r["val_loss"] for r in runs if r["arm"] == "flat"]
     mean = sum(flat_losses) / 2
     std = abs(flat_losses[0] - flat_losses[1]) / math.sqrt(2)
     assert f"{mean:.4f} ± {std:.4f}" in rows[0] and f"{flat:,}" in rows[0] and "1.00x" in rows[0]
-    assert f"{half / flat:.2f}x" in rows[2]
+    assert "0.50x" in rows[1] and f"{half / flat:.2f}x" in rows[3]
     assert "fisher vs flat: val_loss" in out and "seed spread" in out
     assert "val_fraction=0.2" in out  # the config had no validation data: compare says what it did
+    assert "fisher@0.5 vs flat@0.5: val_loss" in out
+    # the closing line: which family is ahead at which budget, against the twins
+    closing = out.strip().splitlines()[-1]
+    assert closing == results["summary"] and closing.startswith("At equal parameters (paired by seed")
+    assert "at 1 of rank 4, " in closing and "at 0.5 of rank 4, " in closing and "flat@0.5" in closing
+    assert plot.read_bytes().startswith(b"\x89PNG\r\n\x1a\n") and f"written to {plot}" in out
 
-    # Checkpoints, the export folder, logs and the trainer's root: none of them were written.
-    assert files_under(tmp_path) | files_under(dataset) == before | {output}
+    # Checkpoints, the export folder, logs and the trainer's root: none of them were written; the
+    # plot left no temporary file beside it.
+    assert files_under(tmp_path) | files_under(dataset) == before | {output, plot}
     assert not (tmp_path / "runs").exists() and not list(tmp_path.rglob("*.ckpt"))
 
 
@@ -119,6 +138,22 @@ def test_option_errors_name_the_option(dataset, tmp_path, extra, message):
     config = fit_config(tmp_path / "fit.yaml", dataset, tmp_path / "runs")
     with pytest.raises(CompareError, match=message.replace("(", r"\(")):
         run_compare(["--config", str(config), *extra])
+
+
+class NoRunClassifier(TinyClassifier):
+    def __init__(self, *args, **kwargs):
+        raise AssertionError("no model may be built: the --plot check comes first")
+
+
+def test_plot_that_cannot_be_written_is_refused_before_training(dataset, tmp_path, monkeypatch):
+    config = fit_config(tmp_path / "fit.yaml", dataset, tmp_path / "runs", model="test_compare_command.NoRunClassifier")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(CompareError, match=r"--plot: cannot write .*file, not a folder; choose another place"):
+        run_compare(["--config", str(config), "--plot", str(tmp_path / "file" / "frontier.png")])
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if the plot extra were not installed
+    with pytest.raises(CompareError, match=r"--plot: plotting needs matplotlib: pip install 'lightning-fisher\[plot\]'"):
+        run_compare(["--config", str(config), "--plot", str(tmp_path / "frontier.png")])
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "frontier.png").exists()
 
 
 class FixedLrClassifier(TinyClassifier):

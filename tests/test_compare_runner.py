@@ -40,12 +40,18 @@ def test_arms_keep_your_alpha_scaling_and_options(dataset, tmp_path):
         return TinyClassifier(), TensorDirectoryDataModule(dataset, batch_size=8, val_fraction=0.25), trainer
 
     result = compare_fisher_map(make_run, dataset, budgets=[0.5], seeds=[0])
-    assert [arm.name for arm in result.arms] == ["flat", "fisher", "fisher@0.5"]
+    assert [arm.name for arm in result.arms] == ["flat", "flat@0.5", "fisher", "fisher@0.5"]
     # one model and callback serve the first run; the others build their own
-    flat, fisher, half = callbacks
+    flat, twin, fisher, half = callbacks
     assert flat.config.r == 4 and flat.config.lora_alpha == 2.0 and flat.config.lora_dropout == 0.0
+    assert twin.config.r == 2 and twin.config.lora_alpha == 1.0 and twin.config.lora_dropout == 0.0
     assert fisher.config.lora_alpha == 2.0
     assert half.config.r == 2 and half.config.lora_alpha == 1.0  # alpha / rank stays 2 / 4
+    # the twin is flat LoRA at half the rank on the same modules: half flat's parameters, counted after injection
+    counted = {run.arm: (run.lora_parameters, run.adapted_modules) for run in result.runs}
+    assert counted["flat@0.5"] == (counted["flat"][0] // 2, counted["flat"][1]) == (
+        2 * sum(FisherMap.load(dataset).rank_costs.values()), 4)
+    assert result.verdicts()[1].startswith("fisher@0.5 vs flat@0.5: val_loss ")
     assert any("lora_kwargs r: ignored" in note for note in result.notes)
 
 

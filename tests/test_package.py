@@ -24,6 +24,7 @@ CORE_MODULES = [
     "lightning_fisher.peft_factory.quantized",
     "lightning_fisher.peft_factory.verify",
     "lightning_fisher.report",
+    "lightning_fisher.report.frontier",
     "lightning_fisher.report.grid",
     "lightning_fisher.report.plot",
     "lightning_fisher.report.table",

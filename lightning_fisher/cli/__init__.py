@@ -32,7 +32,7 @@ subcommands:
   test       LightningCLI test, with the same adapters
   show       print a map as a table (--plot writes a heatmap)
   reallocate another rank budget or criterion for a stored map, without a new analysis
-  compare    short fits of flat LoRA vs the map at equal (and smaller) budgets, on the same seeds
+  compare    short fits of the map vs flat LoRA at the same parameters, budget by budget (--plot a frontier)
   wizard     answer questions instead of writing a config; saves the YAML and runs analyze
   demo       analyse and fine-tune the real all-MiniLM-L6-v2 on real drug reviews (CPU, minutes)
 

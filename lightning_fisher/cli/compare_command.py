@@ -1,8 +1,10 @@
 """``lightning-fisher compare``: does the map help on my data? Flat LoRA versus the map, same budget, same seeds.
 
 Takes exactly the ``--config fit.yaml`` and flags of ``lightning-fisher fit`` (it is the same
-:class:`~lightning_fisher.cli.lightning_clis.TrainCLI` parser), plus ``--budgets``, ``--seeds``,
-``--lrs``, ``--lr_key``, ``--max_steps`` and ``--output``. The config is parsed once and
+:class:`~lightning_fisher.cli.lightning_clis.TrainCLI` parser), plus ``--budgets``, ``--criteria``,
+``--seeds``, ``--lrs``, ``--lr_key``, ``--max_steps``, ``--output`` and ``--plot``. Every fisher arm
+at a budget below or above the map's rank is judged against its flat twin at the same budget
+(see :mod:`lightning_fisher.compare_plan`). The config is parsed once and
 instantiated anew for every run (with ``--lrs``, with the run's learning rate written to the
 config key that holds it: ``--lr_key``, or found as described in :func:`learning_rate_key`); :mod:`lightning_fisher.training.compare_runner` does the rest. What compare changes so that the
 runs are short probes that leave no files behind (no checkpoints, logger or export; validation
@@ -23,10 +25,11 @@ from lightning.pytorch.cli import LightningCLI
 
 from lightning_fisher.cli.arguments import normalize_flags
 from lightning_fisher.cli.lightning_clis import TrainCLI, _args_from_caller
-from lightning_fisher.compare_results import CompareResult
+from lightning_fisher.compare_results import MONITOR, CompareResult
 from lightning_fisher.errors import CompareError, FisherMapNotFoundError
 from lightning_fisher.fisher_map import FisherMap
 from lightning_fisher.peft_factory import fisher_map_path
+from lightning_fisher.report.frontier import check_frontier_destination, plot_frontier
 from lightning_fisher.training.compare_runner import compare_fisher_map
 from lightning_fisher.training.datamodule import TensorDirectoryDataModule
 
@@ -50,7 +53,9 @@ class CompareCLI(TrainCLI):
             type=Union[list[float], float, str],
             default="1.0",
             help="Rank budgets of the fisher arms as fractions of the map's rank, comma-separated "
-            "(e.g. 1.0,0.5); 1.0 always runs.",
+            "(e.g. 1.0,0.5); 1.0 always runs. Each budget F other than 1 also runs its flat twin flat@F, flat LoRA at "
+            "the same budget rank (round(rank * F), half up), and fisher@F is judged against it; full-rank flat is "
+            "shown as context.",
         )
         add(
             "--criteria",
@@ -76,7 +81,17 @@ class CompareCLI(TrainCLI):
             "model's learning_rate or lr argument).",
         )
         add("--max_steps", type=Optional[int], default=None, help="Train every run for this many steps (default: the config's epochs).")
-        add("--output", type=Optional[str], default=None, help="Write the raw per-run results to this JSON file.")
+        add("--output", type=Optional[str], default=None,
+            help="Write the raw per-run results to this JSON file (each arm names its twin; the verdicts name the twin "
+            "they were judged against).")
+        add(
+            "--plot",
+            type=Optional[str],
+            default=None,
+            help="Write the frontier to this PNG: LoRA parameters (log x) against val_loss (mean ± sample std over "
+            "seeds, at each arm's chosen learning rate with --lrs), one line per family (flat, fisher, "
+            "fisher-CRITERION). Needs matplotlib: pip install 'lightning-fisher[plot]'.",
+        )
 
     def before_instantiate_classes(self) -> None:
         # Fail on bad options before any model is built.
@@ -95,6 +110,8 @@ class CompareCLI(TrainCLI):
         max_steps = self.config.max_steps
         if max_steps is not None and max_steps < 1:
             raise CompareError(f"--max_steps: must be a positive number of steps, got {max_steps}")
+        # Refused now, not after the last run: no matplotlib, or a place the PNG cannot go.
+        self.plot = None if self.config.plot is None else check_frontier_destination(self.config.plot, option="--plot")
 
     def instantiate_classes(self) -> None:
         """Nothing yet: every run instantiates its own model, datamodule and trainer (:meth:`new_run`)."""
@@ -176,7 +193,8 @@ def build_compare_cli(argv: list[str]) -> CompareCLI:
             parser_kwargs={
                 "prog": "lightning-fisher compare",
                 "description": "Short fits with flat LoRA and with the fisher map at the same parameter budget "
-                "(and smaller ones), on the same seeds; prints validation loss and metrics side by side.",
+                "(and at the --budgets fractions, each against its flat twin flat@F at that budget), on the same "
+                "seeds; prints validation loss and metrics side by side and which is ahead at each budget.",
             },
         )
 
@@ -277,7 +295,7 @@ def prepare_config(config, scratch_dir: str) -> list[str]:
 
 
 def run_compare(argv: list[str]) -> int:
-    """``lightning-fisher compare [fit options] [--budgets 1.0,0.5] [--criteria trace,spectrum] [--seeds 0,1,2] [--lrs ...]``."""
+    """``lightning-fisher compare [fit options] [--budgets 1.0,0.5] [--criteria trace,spectrum] [--seeds 0,1,2] [--lrs ...] [--plot F.png]``."""
     cli = build_compare_cli(argv)
     config = cli.config
     fisher_map = map_to_compare(config)
@@ -299,13 +317,20 @@ def run_compare(argv: list[str]) -> int:
     where = f" {result.fisher_map_path}" if result.fisher_map_path else ""
     steps = sorted({run.steps for run in result.runs})
     rates = "" if cli.lrs is None else f", learning rates {', '.join(f'{lr:g}' for lr in result.lrs)} ({cli.lr_key})"
+    twins = [f"{arm.name} at rank {arm.rank}" for arm in result.arms if arm.is_flat and arm.name != "flat"]
+    twins_text = f" (and each smaller or larger budget against its flat twin: {', '.join(twins)})" if twins else ""
     print(
-        f"\nfisher map{where} vs flat LoRA at rank {fisher_map.budget.rank}: {len(result.seeds)} seed(s)"
+        f"\nfisher map{where} vs flat LoRA at rank {fisher_map.budget.rank}{twins_text}: {len(result.seeds)} seed(s)"
         f"{rates}, {'/'.join(map(str, steps))} steps per run\n"
     )
-    print(result)
+    print("\n".join([result.to_markdown(), "", *result.verdicts()]))
     if result.notes:
         print("\nnotes:\n" + "\n".join(f"  - {note}" for note in result.notes))
     if config.output:
         print(f"\nper-run results written to {config.output}")
+    if cli.plot is not None:
+        print(f"frontier (LoRA parameters against {MONITOR}) written to {plot_frontier(result, cli.plot)}")
+    summary = result.summary()
+    if summary:
+        print(f"\n{summary}")
     return 0

@@ -7,6 +7,9 @@ One module per concern:
 * :mod:`~lightning_fisher.report.table`: the text report (:func:`format_map_table`);
 * :mod:`~lightning_fisher.report.plot`: the PNG heatmap (:func:`plot_map`);
 * :mod:`~lightning_fisher.report.export`: the per-module table as JSON or CSV (:func:`map_json`, :func:`map_csv`).
+* :mod:`~lightning_fisher.report.frontier`: the parameters-versus-quality figure of a
+  ``lightning-fisher compare`` result (``plot_frontier``); imported from there, not here, so that
+  reading a map does not load the comparison code.
 
 The header and title lines come from :mod:`lightning_fisher.map_summary`. Nothing here imports
 Lightning; matplotlib is imported only inside :func:`plot_map`, so text reports work without it.

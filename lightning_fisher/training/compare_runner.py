@@ -1,8 +1,8 @@
 """Does the fisher map help on this data? Short fits of flat LoRA and of the map, side by side.
 
-:func:`compare_fisher_map` plans the arms (``flat``, ``fisher``, ``fisher@F``: see
-:mod:`lightning_fisher.compare_plan`), runs every (arm, seed) pair as a fresh fit followed by a
-validation, and returns a :class:`~lightning_fisher.compare_results.CompareResult` (a table, a
+:func:`compare_fisher_map` plans the arms (``flat``, ``fisher``, ``fisher@F`` and its flat twin
+``flat@F`` at the same budget: see :mod:`lightning_fisher.compare_plan`), runs every (arm, seed)
+pair as a fresh fit followed by a validation, and returns a :class:`~lightning_fisher.compare_results.CompareResult` (a table, a
 verdict, the raw runs). With ``lrs`` every arm runs at every learning rate with every seed and
 is compared at the learning rate it chose on validation
 (:func:`~lightning_fisher.compare_results.choose_learning_rate`) and at equal ones.
@@ -201,7 +201,7 @@ def compare_fisher_map(
     notes: Sequence[str] = (),
     criteria: Optional[Sequence[str]] = None,
 ) -> CompareResult:
-    """Fit flat LoRA and the map's allocation (and smaller budgets) on the same seeds; compare validation.
+    """Fit flat LoRA and the map's allocation (and other budgets, each with its flat twin) on the same seeds; compare validation.
 
     Every run calls ``make_run`` after seeding, fits, validates, and reads the final ``val_*``
     metrics from ``trainer.callback_metrics``. Runs go seed by seed (all arms of seed 0, then
@@ -218,7 +218,9 @@ def compare_fisher_map(
             its length (``max_steps`` / ``max_epochs``) and, to leave no files behind,
             ``enable_checkpointing=False, logger=False``.
         fisher_map: the map, or its file or folder.
-        budgets: rank budgets as fractions of the map's base rank; ``1.0`` always runs.
+        budgets: rank budgets as fractions of the map's base rank; ``1.0`` always runs. Every
+            other budget ``F`` also runs ``flat@F``, flat LoRA at that budget's rank, and
+            ``fisher@F`` is judged against it.
         seeds: every arm runs once per seed (and learning rate).
         lrs: learning rates; every arm runs at each of them and is compared at the one it
             chooses on validation (mean ``val_loss`` over seeds) as well as at equal ones.
@@ -229,7 +231,8 @@ def compare_fisher_map(
             :func:`~lightning_fisher.compare_plan.plan_arms`.
 
     Returns:
-        The :class:`CompareResult`; ``print(result)`` shows the table and the verdicts.
+        The :class:`CompareResult`; ``print(result)`` shows the table, the verdicts and the
+        one-line summary; :func:`lightning_fisher.report.frontier.plot_frontier` draws it.
 
     Raises:
         CompareError: bad budgets, seeds or learning rates, no validation data, ``val_loss``
