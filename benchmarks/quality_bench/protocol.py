@@ -161,5 +161,14 @@ ARMS = (
     Arm("fisher_spectrum_50", "Fisher spectrum, budget 50 %", "fisher", rank_fraction=0.5, criterion="spectrum"),
     Arm("fisher_spectrum_25", "Fisher spectrum, budget 25 %", "fisher", rank_fraction=0.25, rank_min=1,
         criterion="spectrum"),
+    # The frontier (issue 19): flat LoRA at the maps' budgets, so each map meets flat LoRA at
+    # its own parameter count, and both criteria at twice flat's. Flat arms are main arms (full
+    # LR x seed grid) like flat LoRA at the base rank; the 25 % flat arm's rank_min is the 25 %
+    # maps' (1), though flat LoRA never uses it.
+    Arm("flat_25", "flat LoRA 25 %", "flat", rank_fraction=0.25, rank_min=1, main=True),
+    Arm("flat_50", "flat LoRA 50 %", "flat", rank_fraction=0.5, main=True),
+    Arm("flat_200", "flat LoRA 200 %", "flat", rank_fraction=2.0, main=True),
+    Arm("fisher_budget_200", "Fisher, budget 200 %", "fisher", rank_fraction=2.0),
+    Arm("fisher_spectrum_200", "Fisher spectrum, budget 200 %", "fisher", rank_fraction=2.0, criterion="spectrum"),
 )
 HEAD_ONLY = Arm("head_only", "head only (frozen encoder)", "head_only", main=True)
