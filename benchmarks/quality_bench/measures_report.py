@@ -95,6 +95,28 @@ def forgetting_section(rows: list[dict], baselines: dict, figure: Optional[str])
     return lines
 
 
+def equal_lr_comparison(row: dict, reference: dict, value: Value, lrs: list[float]) -> list[dict[str, Any]]:
+    """``row`` against ``reference`` in every LR column both have a measured run in.
+
+    One entry per such LR: ``lr``, ``difference`` (mean of the row minus mean of the reference
+    over the seeds measured there), and, where both have several seeds, ``noise`` (the larger
+    sample std) and ``word``: ``less`` / ``more`` when the difference exceeds the noise, else
+    ``parity``; with one seed on either side ``noise`` and ``word`` are ``None``.
+    """
+    compared = []
+    for lr in lrs:
+        mine, theirs = measured(row["by_lr"].get(lr, []), value), measured(reference["by_lr"].get(lr, []), value)
+        if not mine or not theirs:
+            continue
+        entry = {"lr": lr, "difference": sum(mine) / len(mine) - sum(theirs) / len(theirs), "noise": None, "word": None}
+        if min(len(mine), len(theirs)) >= 2:
+            entry["noise"] = max(spread(mine), spread(theirs))
+            entry["word"] = "parity" if abs(entry["difference"]) <= entry["noise"] else (
+                "less" if entry["difference"] < 0 else "more")
+        compared.append(entry)
+    return compared
+
+
 def equal_lr_lines(rows: list[dict], value: Value, lrs: list[float], *, verb: str = "forgets") -> list[str]:
     """Each arm against flat LoRA in every LR column both have: less, more or parity (within the spread)."""
     flat = next((row for row in rows if row["arm"] == "flat"), None)
@@ -104,24 +126,16 @@ def equal_lr_lines(rows: list[dict], value: Value, lrs: list[float], *, verb: st
     for row in rows:
         if row is flat or row["arm"] == "head_only":  # no adapter, so no adapter LR to compare at
             continue
-        parts, counts = [], {"less": 0, "more": 0, "parity": 0}
-        for lr in lrs:
-            mine, theirs = measured(row["by_lr"].get(lr, []), value), measured(flat["by_lr"].get(lr, []), value)
-            if not mine or not theirs:
-                continue
-            difference = sum(mine) / len(mine) - sum(theirs) / len(theirs)
-            if min(len(mine), len(theirs)) < 2:
-                parts.append(f"{lr:g}: {difference:+.4f} (one seed)")
-                continue
-            noise = max(spread(mine), spread(theirs))
-            word = "parity" if abs(difference) <= noise else ("less" if difference < 0 else "more")
-            counts[word] += 1
-            parts.append(f"{lr:g}: {difference:+.4f} ({word}, spread {noise:.4f})")
-        if parts:
-            judged = sum(counts.values())
-            summary = (f"{verb} less at {counts['less']}, more at {counts['more']}, parity at {counts['parity']} of "
-                       f"{judged} LRs with several seeds" if judged else "one seed per LR: no spread to judge by")
-            lines.append(f"- {row_name(row)}: {summary}; " + ", ".join(parts))
+        compared = equal_lr_comparison(row, flat, value, lrs)
+        if not compared:
+            continue
+        counts = {word: sum(c["word"] == word for c in compared) for word in ("less", "more", "parity")}
+        parts = [f"{c['lr']:g}: {c['difference']:+.4f} (one seed)" if c["word"] is None else
+                 f"{c['lr']:g}: {c['difference']:+.4f} ({c['word']}, spread {c['noise']:.4f})" for c in compared]
+        judged = sum(counts.values())
+        summary = (f"{verb} less at {counts['less']}, more at {counts['more']}, parity at {counts['parity']} of "
+                   f"{judged} LRs with several seeds" if judged else "one seed per LR: no spread to judge by")
+        lines.append(f"- {row_name(row)}: {summary}; " + ", ".join(parts))
     return lines or ["- no other arm measured"]
 
 
