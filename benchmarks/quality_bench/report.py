@@ -15,6 +15,7 @@ import torch
 from lightning_fisher.atomic_io import write_text_atomic
 from lightning_fisher.map_records import STOPPING_METHODS
 
+from quality_bench.frontier import frontier_section
 from quality_bench.measures_report import first_epoch_section, forgetting_figure, forgetting_section, remeasured_lines
 from quality_bench.protocol import ARMS, HEAD_ONLY, RESULTS_DIR
 from quality_bench.selection import arm_rows, judge, mean, stats, task_metrics
@@ -158,9 +159,9 @@ def precondition_lines(flat: list[dict], baselines: dict) -> list[str]:
     return lines
 
 
-def forgetting_figure_path(report: Path) -> Path:
-    """``forgetting_digits.png`` beside the default report, ``<stem>_forgetting_digits.png`` beside any other."""
-    return report.with_name("forgetting_digits.png" if report.stem == "quality" else f"{report.stem}_forgetting_digits.png")
+def figure_path(report: Path, name: str) -> Path:
+    """``<name>.png`` beside the default report, ``<stem>_<name>.png`` beside any other."""
+    return report.with_name(f"{name}.png" if report.stem == "quality" else f"{report.stem}_{name}.png")
 
 
 def write_report(store: ResultStore, path: Path, command: str, wall_seconds: Optional[float]) -> str:
@@ -194,6 +195,8 @@ def write_report(store: ResultStore, path: Path, command: str, wall_seconds: Opt
         out += ["", f"## {task}", "", f"protocol: `{json.dumps(protocol)}`", ""]
         out += baseline_lines(task, baselines) + [""] + table + ["", "Verdicts (test metric at each arm's chosen LR):", ""]
         out += task_verdicts(task, rows, baselines)
+        out += ["", "### Frontier: each map against flat LoRA at the same parameter count", ""]
+        out += frontier_section(task, rows, baselines, figure_path(path, f"frontier_{task}"))
         out += ["", "Notes:", ""] + task_notes(runs, rows) + remeasured_lines(runs)
         out += ["", "Mean validation loss by LR (n = seeds):", ""]
         out += [f"- {row['arm']}{'/' + row['focus'] if row['focus'] else ''}: "
@@ -201,7 +204,7 @@ def write_report(store: ResultStore, path: Path, command: str, wall_seconds: Opt
                 for row in rows]
         out += ["", "### How fast: validation loss after the first epoch", ""] + first_epoch_section(rows)
         if task == "digits":
-            figure = forgetting_figure(rows, baselines, forgetting_figure_path(path))
+            figure = forgetting_figure(rows, baselines, figure_path(path, "forgetting_digits"))
             out += ["", "### Forgetting of the pretraining half", ""]
             out += forgetting_section(rows, baselines, figure.name if figure else None)
     text = "\n".join(out) + "\n"
