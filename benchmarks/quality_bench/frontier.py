@@ -184,7 +184,7 @@ def frontier_figure(task: str, rows: list[dict], baselines: dict, path: Path) ->
     ``balanced``); its other foci are hollow points of the same colour. EVA is a point. The
     zero-parameter baseline (reviews: head-only fit; digits: the pretrained model before
     adaptation) has no place on a log axis: a horizontal line when it lies near the points,
-    else its value written on the axes. Arms not yet measured are named under the axes.
+    else its value in the panel's title. Arms not yet measured are named under the axes.
     Returns ``None`` (and writes nothing) when no frontier arm has runs.
     """
     metrics = task_metrics(task)
@@ -235,9 +235,7 @@ def frontier_figure(task: str, rows: list[dict], baselines: dict, path: Path) ->
                 axes.axhline(zero[1], color="grey", linestyle=":", linewidth=1, label=zero[0])
             else:
                 where = "above" if zero[1] > high else "below"
-                axes.text(0.99, 0.98 if where == "above" else 0.02, f"{zero[0]}: {zero[1]:.4f} ({where} this axis)",
-                          transform=axes.transAxes, ha="right", va="top" if where == "above" else "bottom",
-                          fontsize=8, color="dimgrey")
+                axes.set_title(f"{zero[0]}: {zero[1]:.4f}, {where} this axis", fontsize=8, color="dimgrey")
         axes.set_xscale("log")
         axes.set_xlabel("trainable LoRA parameters (log scale; families shifted a few % apart)")
         axes.set_ylabel(f"{METRIC_NAMES[key]} ({'higher' if higher else 'lower'} is better)")

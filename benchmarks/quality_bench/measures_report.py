@@ -19,6 +19,7 @@ from quality_bench.protocol import ARMS, HEAD_ONLY
 from quality_bench.selection import mean, spread
 
 LABELS = {a.name: a.label for a in (HEAD_ONLY,) + ARMS}
+BASE_BUDGET = {a.name for a in ARMS if a.rank_fraction == 1.0}  # the arms with flat LoRA's parameters
 NOT_MEASURED = "not measured"
 Value = Callable[[dict[str, Any]], Optional[float]]
 
@@ -144,14 +145,17 @@ def forgetting_figure(rows: list[dict], baselines: dict, path: Path) -> Optional
 
     One line per arm (and focus) through its LRs in order, each point the mean over the seeds
     measured at that LR with sample-std error bars on both axes; a ring marks the LR the arm
-    chose on validation. Only arms measured on at least three LRs with several seeds each (the
-    full-grid arms) are drawn; the staged arms are in the tables. Returns ``None`` (and writes
-    nothing) when no run has the measure.
+    chose on validation. Only arms at flat LoRA's base budget measured on at least two LRs with
+    several seeds each (the full-grid arms) are drawn; the staged arms and the flat arms at other
+    budgets (whose diverging high-LR runs would dwarf the rest) are in the tables. Returns
+    ``None`` (and writes nothing) when no run has the measure.
     """
     reference = (baselines.get(PRETRAINED_LOW_HALF) or {}).get("test_loss")
     value = lambda r: forgetting(r, reference)  # noqa: E731
     series = []
     for row in rows:
+        if row["arm"] not in BASE_BUDGET:
+            continue
         points = []
         for lr in sorted(row["by_lr"]):
             runs = [r for r in row["by_lr"][lr] if value(r) is not None and r.get("test_loss") is not None]
@@ -183,8 +187,9 @@ def forgetting_figure(rows: list[dict], baselines: dict, path: Path) -> Optional
     axes.axhline(0.0, color="grey", linewidth=0.5)
     axes.set_xlabel("test loss on digits 5-9 after adaptation (lower: better adapted)")
     axes.set_ylabel(f"forgetting: loss on digits 0-4 minus the pretrained model's {reference:.4f}")
-    axes.set_title("digits: adaptation against forgetting across learning rates (arms on the full LR x seed grid)\n"
-                   "(mean ± sample std over seeds; ring: the LR the arm chose on validation)", fontsize=10)
+    axes.set_title("digits: adaptation against forgetting across learning rates\n(arms with flat LoRA's parameters on "
+                   "the full LR x seed grid; mean ± sample std over seeds;\nring: the LR the arm chose on validation)",
+                   fontsize=10)
     axes.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     figure.tight_layout()
     buffer = io.BytesIO()
