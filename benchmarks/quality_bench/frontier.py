@@ -125,11 +125,11 @@ def frontier_table(task: str, rows: list[dict]) -> list[str]:
     tally: dict[str, dict[str, int]] = {key: {} for key, _ in metrics}
     for pair in frontier_pairs(task, rows):
         arm, partner, row, twin_row = pair["arm"], pair["twin"], pair["row"], pair["twin_row"]
-        twin_missing = f"{NOT_MEASURED} ({partner.label}, rank {partner.base_rank(task_spec(task))})"
+        twin_missing = (f"{NOT_MEASURED} ({partner.label}, rank {partner.base_rank(task_spec(task))})" if partner
+                        else "no flat arm at this budget in the protocol")
         start = [FAMILIES[family(arm)], fraction_text(arm), pair["focus"] or "-",
                  f"{params_text(row) if row else '-'} / {params_text(twin_row) if twin_row else '-'}",
-                 f"{row['lr']:g}" if row else "-"]
-        start[-1] += f" / {twin_row['lr']:g}" if twin_row else " / -"
+                 " / ".join(f"{r['lr']:g}" if r else "-" for r in (row, twin_row))]
         if row is None:  # one line for every metric
             cells = start + (["-"] if several else []) + [NOT_MEASURED, "measured" if twin_row else twin_missing, "-", "-"]
             lines.append("| " + " | ".join(cells) + " |")
