@@ -20,7 +20,9 @@ Arms (candidates: the 36 encoder Linear modules of MiniLM, or every Linear of th
 flat LoRA at the base rank; Fisher map in budget mode at the base rank (equal parameters);
 PEFT's EVA (data-driven init + rank redistribution, equal total rank); Fisher map in median
 mode (the seed tool's rule; parameters float); Fisher budget at 50 % and 25 % of flat; Fisher
-budget with rsLoRA scaling. Alpha policy: alpha/r constant (alpha = 2r at the base rank), so
+budget with rsLoRA scaling; the same with the ``spectrum`` criterion. The frontier (issue 19):
+flat LoRA at 25 %, 50 % and 200 % of the base rank (main arms: the full grid), and the maps of
+both criteria at 200 %, so that every map has a flat *twin* with its rank budget. Alpha policy: alpha/r constant (alpha = 2r at the base rank), so
 every module of every arm has PEFT scaling 2; the rsLoRA arm scales each module by
 alpha/sqrt(r_m) with alpha = 2*sqrt(r_base), i.e. scaling 2 at the base rank.
 
@@ -48,7 +50,10 @@ loss after the first epoch (how fast an arm adapts), and on digits the held-out 
 PRETRAINING half (digits 0-4, same fixed timesteps and noise) after adaptation, i.e. forgetting.
 The report tabulates both per arm, forgetting at every LR as well as at the chosen one (a lower
 LR forgets less by itself), and draws ``results/forgetting_digits.png`` (adaptation loss against
-forgetting per arm across LRs). The measures do not change the training (no random draw), so
+forgetting per arm across LRs). The frontier section (``quality_bench/frontier.py``) draws
+``results/frontier_<task>.png`` (test metric against LoRA parameters, one line per family: flat,
+trace map, spectrum map) and judges each map against its flat twin at the chosen LRs and at
+equal LR; arms not yet run are named as such. The measures do not change the training (no random draw), so
 runs stored before they existed are re-measured in place with ``--remeasure``: each reruns and
 replaces its stored record, keeping the old numbers under ``previous``; the report counts how
 many reproduced them exactly. Runs not re-measured show "not measured". On 2 CPU cores a digits

@@ -198,7 +198,8 @@ def test_runs_from_before_the_measures_are_reported_as_not_measured_and_get_no_f
     text = write_report(store, tmp_path / "old.md", "python benchmarks/quality.py", None)
     assert "Validation loss after the first epoch: not measured in the stored runs" in text
     assert "Forgetting (loss on the pretraining half, digits 0-4): not measured in the stored runs" in text
-    assert not list(tmp_path.glob("*.png"))
+    # no forgetting figure; the frontier needs only the test losses every run has
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["old_frontier_digits.png"]
 
 
 def test_remeasure_replaces_a_stored_run_and_keeps_its_numbers(tmp_path):
@@ -323,3 +324,135 @@ def test_reviews_held_out_loss_is_the_batch_weighted_cross_entropy_in_eval_mode(
         expected = nn.functional.cross_entropy(logits, torch.stack([s["label"] for s in samples[:32]]))
     assert loss == pytest.approx(float(expected), rel=1e-6)  # dropout off, mean over the 32 samples
     assert model.training and model.dropout.training and not model.frozen.training
+
+
+# --- the frontier (issue 19): flat twins at every map budget, each map judged against its twin ---
+
+
+def test_every_budget_map_has_a_flat_twin_at_its_rank_on_the_full_grid():
+    from quality_bench.frontier import family_arms, twin
+    from quality_bench.protocol import DIGITS
+
+    for task, ranks in ((DIGITS, {0.25: 1, 0.5: 2, 1.0: 4, 2.0: 8}), (REVIEWS, {0.25: 2, 0.5: 4, 1.0: 8, 2.0: 16})):
+        flat = family_arms("flat")
+        assert {a.rank_fraction: a.base_rank(task) for a in flat} == ranks
+        assert all(a.main for a in flat)  # full LR x seed grid, like flat LoRA at the base rank
+        assert task.rank_max >= 2 * task.rank  # the 200 % map may give a module the 200 % flat rank or more
+        for name in ("trace", "spectrum"):
+            maps = family_arms(name)
+            assert [a.rank_fraction for a in maps] == [0.25, 0.5, 1.0, 2.0]
+            assert [twin(a).name for a in maps] == ["flat_25", "flat_50", "flat", "flat_200"]
+            quarter = maps[0]
+            assert quarter.min_rank(task) == twin(quarter).min_rank(task) == 1
+    plan = full_plan(REVIEWS, (ARM["flat_200"],))
+    assert sorted({lr for _, lr, _, _ in plan}) == sorted(REVIEWS.lrs_for("flat")) and len(plan) == 4 * 3
+    assert "fisher_budget_200" in REVIEWS.default_arms and not ARM["fisher_budget_200"].main
+
+
+def test_a_map_at_a_budget_spends_at_most_its_flat_twins_parameters():
+    """The 200 % map re-allocated from a base map has the parameters of flat LoRA at twice the rank (PEFT's count)."""
+    import peft
+    import torch
+    from torch import nn
+
+    from lightning_fisher import AllocationSettings
+    from lightning_fisher.fisher_map import FisherMap
+    from quality_bench.frontier import twin
+    from quality_bench.protocol import DIGITS
+    from quality_bench.runs import arm_fisher_map, lora_parameter_count
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(24, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 8))
+    scores = {"0": 4.0, "2": 1.0, "4": 0.25}
+    base = FisherMap.from_scores(scores, model, allocation=AllocationSettings(
+        rank=DIGITS.rank, rank_min=DIGITS.rank_min, rank_max=DIGITS.rank_max, mode="budget"))
+    for name in ("fisher_budget_25", "fisher_budget_50", "fisher_budget", "fisher_budget_200"):
+        arm = ARM[name]
+        fisher_map = arm_fisher_map(arm, DIGITS, base, model)
+        rank = twin(arm).base_rank(DIGITS)
+        flat = peft.get_peft_model(nn.Sequential(*[nn.Linear(m.in_features, m.out_features) if isinstance(m, nn.Linear)
+                                                   else m for m in model]),
+                                   peft.LoraConfig(r=rank, target_modules=["0", "2", "4"]))
+        flat_parameters = lora_parameter_count(flat)
+        assert flat_parameters == rank * (24 + 40 + 40 + 40 + 40 + 8)
+        assert fisher_map.budget.flat_lora_parameters == flat_parameters
+        assert 0.9 * flat_parameters <= fisher_map.budget.lora_parameters <= flat_parameters
+
+
+def frontier_store(path):
+    """Digits runs: flat at 50 % and 100 % on two LRs x 3 seeds, maps at 50 % (staged: one LR off the chosen one)."""
+    store = ResultStore(path)
+    store.set_baseline("digits", "pretrained", {"val_loss": 0.68, "test_loss": 0.64})
+
+    def add(arm, lr, seed, test_loss, val_loss, params, focus=""):
+        run = record(arm, lr, seed, val_loss, test_loss=test_loss, task="digits", params=params)
+        store.add_run({**{k: v for k, v in run.items() if k not in ("val_acc", "test_acc")}, "focus": focus})
+
+    noise = (-0.001, 0.0, 0.001)
+    for seed in range(3):
+        for lr in (1e-3, 1e-2):
+            add("flat", lr, seed, 0.586 + noise[seed], 0.61 if lr == 1e-2 else 0.62, 12320)
+            add("flat_50", lr, seed, 0.591 + noise[seed] + (0.002 if lr == 1e-3 else 0), 0.61 if lr == 1e-2 else 0.62,
+                6160)
+        # the trace map at 50 %: chose 1e-2, better than its twin beyond the spread; the spectrum one worse
+        add("fisher_budget_50", 1e-2, seed, 0.585 + noise[seed], 0.60, 6100, focus="balanced")
+        add("fisher_spectrum_50", 1e-2, seed, 0.5935 + noise[seed], 0.60, 6050, focus="balanced")
+        add("fisher_budget", 1e-2, seed, 0.5865 + 2 * noise[seed], 0.60, 12288, focus="balanced")
+    add("fisher_budget_50", 1e-3, 0, 0.60, 0.65, 6100, focus="balanced")  # its sweep's other LR: one seed
+    add("fisher_spectrum_50", 1e-3, 0, 0.60, 0.65, 6050, focus="balanced")
+    return store
+
+
+def test_frontier_table_pairs_each_map_with_its_flat_twin_and_judges_by_the_seed_spread(tmp_path):
+    from quality_bench.frontier import frontier_pairs, frontier_table
+    from quality_bench.selection import arm_rows
+
+    store = frontier_store(tmp_path / "quality.json")
+    rows = arm_rows("digits", store.runs("digits"))
+    pairs = {(p["arm"].name, p["focus"]): p for p in frontier_pairs("digits", rows)}
+    assert pairs[("fisher_budget_50", "balanced")]["twin_row"]["arm"] == "flat_50"
+    assert pairs[("fisher_budget", "balanced")]["twin_row"]["arm"] == "flat"
+    assert pairs[("fisher_budget_200", None)]["row"] is None and pairs[("fisher_budget_200", None)]["twin_row"] is None
+
+    table = frontier_table("digits", rows)
+    line = {tuple(cells(l)[:3]): cells(l) for l in table if l.startswith("| Fisher")}
+    trace_50 = line[("Fisher map, trace", "50 %", "balanced")]
+    # map 0.585 ± 0.001 at 1e-2 against flat_50's 0.591 ± 0.001 at 1e-2 (its choice: 0.61 < 0.62)
+    assert trace_50[3:] == ["6,100 / 6,160", "0.01 / 0.01", "0.5850 ± 0.0010 (n=3)", "0.5910 ± 0.0010 (n=3)",
+                            "-0.0060 (spread 0.0010): **better**",
+                            "0.01: -0.0060 (spread 0.0010) better; 1 LR with one seed (not judged)"]
+    spectrum_50 = line[("Fisher map, spectrum", "50 %", "balanced")]
+    assert spectrum_50[7] == "+0.0025 (spread 0.0010): **worse**"
+    # at full budget: +0.0005 against a spread of 0.002 -> parity, against flat LoRA at rank 4, not rank 2
+    assert line[("Fisher map, trace", "100 %", "balanced")][6:8] == ["0.5860 ± 0.0010 (n=3)",
+                                                                       "+0.0005 (spread 0.0020): **parity**"]
+    assert line[("Fisher map, trace", "200 %", "-")][5:7] == ["not yet measured",
+                                                              "not yet measured (flat LoRA 200 %, rank 8)"]
+    assert "- test loss, at the chosen LRs: better 1, parity 1, worse 1 of 3 measured map / twin pairs" in table
+
+
+def test_frontier_figure_is_drawn_from_the_stored_runs_and_written_atomically(tmp_path, monkeypatch):
+    from quality_bench import frontier
+
+    written = []
+    real_write = frontier.write_bytes_atomic
+
+    def spy(path, data, **options):
+        written.append(path)
+        return real_write(path, data, **options)
+
+    monkeypatch.setattr(frontier, "write_bytes_atomic", spy)
+    store = frontier_store(tmp_path / "quality.json")
+    text = write_report(store, tmp_path / "quality.md", "python benchmarks/quality.py --task digits", None)
+    figure = tmp_path / "frontier_digits.png"
+    assert written == [figure] and figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["frontier_digits.png", "quality.json", "quality.md"]
+    assert "![digits: test metric against LoRA parameters per family](frontier_digits.png)" in text
+    assert ("- not yet measured on digits: flat LoRA 25 %, flat LoRA 200 %, Fisher map, trace 25 %, Fisher map, "
+            "trace 200 %, Fisher map, spectrum 25 %, Fisher map, spectrum 100 %, Fisher map, spectrum 200 %") in text
+    # --report-only redraws it from the results file alone
+    figure.unlink()
+    quality.main(["--report-only", "--results", str(tmp_path / "quality.json")])
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    other = write_report(store, tmp_path / "other.md", "x", None)
+    assert "(other_frontier_digits.png)" in other and (tmp_path / "other_frontier_digits.png").is_file()

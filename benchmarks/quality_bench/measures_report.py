@@ -19,6 +19,7 @@ from quality_bench.protocol import ARMS, HEAD_ONLY
 from quality_bench.selection import mean, spread
 
 LABELS = {a.name: a.label for a in (HEAD_ONLY,) + ARMS}
+BASE_BUDGET = {a.name for a in ARMS if a.rank_fraction == 1.0}  # the arms with flat LoRA's parameters
 NOT_MEASURED = "not measured"
 Value = Callable[[dict[str, Any]], Optional[float]]
 
@@ -95,6 +96,28 @@ def forgetting_section(rows: list[dict], baselines: dict, figure: Optional[str])
     return lines
 
 
+def equal_lr_comparison(row: dict, reference: dict, value: Value, lrs: list[float]) -> list[dict[str, Any]]:
+    """``row`` against ``reference`` in every LR column both have a measured run in.
+
+    One entry per such LR: ``lr``, ``difference`` (mean of the row minus mean of the reference
+    over the seeds measured there), and, where both have several seeds, ``noise`` (the larger
+    sample std) and ``word``: ``less`` / ``more`` when the difference exceeds the noise, else
+    ``parity``; with one seed on either side ``noise`` and ``word`` are ``None``.
+    """
+    compared = []
+    for lr in lrs:
+        mine, theirs = measured(row["by_lr"].get(lr, []), value), measured(reference["by_lr"].get(lr, []), value)
+        if not mine or not theirs:
+            continue
+        entry = {"lr": lr, "difference": sum(mine) / len(mine) - sum(theirs) / len(theirs), "noise": None, "word": None}
+        if min(len(mine), len(theirs)) >= 2:
+            entry["noise"] = max(spread(mine), spread(theirs))
+            entry["word"] = "parity" if abs(entry["difference"]) <= entry["noise"] else (
+                "less" if entry["difference"] < 0 else "more")
+        compared.append(entry)
+    return compared
+
+
 def equal_lr_lines(rows: list[dict], value: Value, lrs: list[float], *, verb: str = "forgets") -> list[str]:
     """Each arm against flat LoRA in every LR column both have: less, more or parity (within the spread)."""
     flat = next((row for row in rows if row["arm"] == "flat"), None)
@@ -104,24 +127,16 @@ def equal_lr_lines(rows: list[dict], value: Value, lrs: list[float], *, verb: st
     for row in rows:
         if row is flat or row["arm"] == "head_only":  # no adapter, so no adapter LR to compare at
             continue
-        parts, counts = [], {"less": 0, "more": 0, "parity": 0}
-        for lr in lrs:
-            mine, theirs = measured(row["by_lr"].get(lr, []), value), measured(flat["by_lr"].get(lr, []), value)
-            if not mine or not theirs:
-                continue
-            difference = sum(mine) / len(mine) - sum(theirs) / len(theirs)
-            if min(len(mine), len(theirs)) < 2:
-                parts.append(f"{lr:g}: {difference:+.4f} (one seed)")
-                continue
-            noise = max(spread(mine), spread(theirs))
-            word = "parity" if abs(difference) <= noise else ("less" if difference < 0 else "more")
-            counts[word] += 1
-            parts.append(f"{lr:g}: {difference:+.4f} ({word}, spread {noise:.4f})")
-        if parts:
-            judged = sum(counts.values())
-            summary = (f"{verb} less at {counts['less']}, more at {counts['more']}, parity at {counts['parity']} of "
-                       f"{judged} LRs with several seeds" if judged else "one seed per LR: no spread to judge by")
-            lines.append(f"- {row_name(row)}: {summary}; " + ", ".join(parts))
+        compared = equal_lr_comparison(row, flat, value, lrs)
+        if not compared:
+            continue
+        counts = {word: sum(c["word"] == word for c in compared) for word in ("less", "more", "parity")}
+        parts = [f"{c['lr']:g}: {c['difference']:+.4f} (one seed)" if c["word"] is None else
+                 f"{c['lr']:g}: {c['difference']:+.4f} ({c['word']}, spread {c['noise']:.4f})" for c in compared]
+        judged = sum(counts.values())
+        summary = (f"{verb} less at {counts['less']}, more at {counts['more']}, parity at {counts['parity']} of "
+                   f"{judged} LRs with several seeds" if judged else "one seed per LR: no spread to judge by")
+        lines.append(f"- {row_name(row)}: {summary}; " + ", ".join(parts))
     return lines or ["- no other arm measured"]
 
 
@@ -130,14 +145,17 @@ def forgetting_figure(rows: list[dict], baselines: dict, path: Path) -> Optional
 
     One line per arm (and focus) through its LRs in order, each point the mean over the seeds
     measured at that LR with sample-std error bars on both axes; a ring marks the LR the arm
-    chose on validation. Only arms measured on at least three LRs with several seeds each (the
-    full-grid arms) are drawn; the staged arms are in the tables. Returns ``None`` (and writes
-    nothing) when no run has the measure.
+    chose on validation. Only arms at flat LoRA's base budget measured on at least two LRs with
+    several seeds each (the full-grid arms) are drawn; the staged arms and the flat arms at other
+    budgets (whose diverging high-LR runs would dwarf the rest) are in the tables. Returns
+    ``None`` (and writes nothing) when no run has the measure.
     """
     reference = (baselines.get(PRETRAINED_LOW_HALF) or {}).get("test_loss")
     value = lambda r: forgetting(r, reference)  # noqa: E731
     series = []
     for row in rows:
+        if row["arm"] not in BASE_BUDGET:
+            continue
         points = []
         for lr in sorted(row["by_lr"]):
             runs = [r for r in row["by_lr"][lr] if value(r) is not None and r.get("test_loss") is not None]
@@ -169,8 +187,9 @@ def forgetting_figure(rows: list[dict], baselines: dict, path: Path) -> Optional
     axes.axhline(0.0, color="grey", linewidth=0.5)
     axes.set_xlabel("test loss on digits 5-9 after adaptation (lower: better adapted)")
     axes.set_ylabel(f"forgetting: loss on digits 0-4 minus the pretrained model's {reference:.4f}")
-    axes.set_title("digits: adaptation against forgetting across learning rates (arms on the full LR x seed grid)\n"
-                   "(mean ± sample std over seeds; ring: the LR the arm chose on validation)", fontsize=10)
+    axes.set_title("digits: adaptation against forgetting across learning rates\n(arms with flat LoRA's parameters on "
+                   "the full LR x seed grid; mean ± sample std over seeds;\nring: the LR the arm chose on validation)",
+                   fontsize=10)
     axes.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     figure.tight_layout()
     buffer = io.BytesIO()

@@ -73,6 +73,10 @@ class TaskSpec:
 # So on reviews only flat LoRA and the equal-budget Fisher map (and the head-only baseline) get
 # the full grid; EVA, the median-mode map and the 50 % / 25 % budgets are staged (about 2 hours
 # for the task); rsLoRA runs on digits only (by default; ``--arms`` adds it).
+# The frontier arms (issue 19: flat LoRA at 25 / 50 / 200 % of the base rank, both map criteria at
+# 200 %) get flat LoRA's review grid, the grid of every other budget arm; on reviews they are not
+# measured yet (48 runs of about 3 minutes, 2.4 hours: flat arms 3 x 4 LRs x 3 seeds, maps staged 2 x 6).
+FRONTIER_ARMS = ("flat_25", "flat_50", "flat_200", "fisher_budget_200", "fisher_spectrum_200")
 # LR grids: flat LoRA's validation loss still fell from 1e-3 to 3e-3 on reviews (seed 0, head
 # LR 3e-3) and to 1e-2 on digits (3 seeds), the top of the first grids tried, so both grids
 # reached one step higher. EVA chose the lowest LR of the first grid on both tasks, and the
@@ -94,10 +98,11 @@ REVIEWS = TaskSpec(
     arm_lrs=(("flat", (3e-4, 1e-3, 3e-3, 1e-2)), ("fisher_budget", (3e-4, 1e-3, 3e-3, 1e-2)),
              ("eva", (1e-4, 3e-4, 1e-3, 3e-3)),
              ("fisher_budget_50", (3e-4, 1e-3, 3e-3, 1e-2)), ("fisher_budget_25", (3e-4, 1e-3, 3e-3, 1e-2)),
-             ("fisher_spectrum_50", (3e-4, 1e-3, 3e-3, 1e-2)), ("fisher_spectrum_25", (3e-4, 1e-3, 3e-3, 1e-2))),
+             ("fisher_spectrum_50", (3e-4, 1e-3, 3e-3, 1e-2)), ("fisher_spectrum_25", (3e-4, 1e-3, 3e-3, 1e-2)),
+             *((name, (3e-4, 1e-3, 3e-3, 1e-2)) for name in FRONTIER_ARMS)),
     staged=True,
     default_arms=("head_only", "flat", "fisher_budget", "eva", "fisher_median", "fisher_budget_50", "fisher_budget_25",
-                  "fisher_spectrum", "fisher_spectrum_50", "fisher_spectrum_25"),
+                  "fisher_spectrum", "fisher_spectrum_50", "fisher_spectrum_25") + FRONTIER_ARMS,
 )
 DIGITS = TaskSpec(
     name="digits", rank=4, rank_min=1, rank_max=16, epochs=10, batch_size=64, analysis_max_batches=40,
@@ -161,5 +166,14 @@ ARMS = (
     Arm("fisher_spectrum_50", "Fisher spectrum, budget 50 %", "fisher", rank_fraction=0.5, criterion="spectrum"),
     Arm("fisher_spectrum_25", "Fisher spectrum, budget 25 %", "fisher", rank_fraction=0.25, rank_min=1,
         criterion="spectrum"),
+    # The frontier (issue 19): flat LoRA at the maps' budgets, so each map meets flat LoRA at
+    # its own parameter count, and both criteria at twice flat's. Flat arms are main arms (full
+    # LR x seed grid) like flat LoRA at the base rank; the 25 % flat arm's rank_min is the 25 %
+    # maps' (1), though flat LoRA never uses it.
+    Arm("flat_25", "flat LoRA 25 %", "flat", rank_fraction=0.25, rank_min=1, main=True),
+    Arm("flat_50", "flat LoRA 50 %", "flat", rank_fraction=0.5, main=True),
+    Arm("flat_200", "flat LoRA 200 %", "flat", rank_fraction=2.0, main=True),
+    Arm("fisher_budget_200", "Fisher, budget 200 %", "fisher", rank_fraction=2.0),
+    Arm("fisher_spectrum_200", "Fisher spectrum, budget 200 %", "fisher", rank_fraction=2.0, criterion="spectrum"),
 )
 HEAD_ONLY = Arm("head_only", "head only (frozen encoder)", "head_only", main=True)

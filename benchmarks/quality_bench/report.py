@@ -15,36 +15,24 @@ import torch
 from lightning_fisher.atomic_io import write_text_atomic
 from lightning_fisher.map_records import STOPPING_METHODS
 
+from quality_bench.frontier import frontier_section
 from quality_bench.measures_report import first_epoch_section, forgetting_figure, forgetting_section, remeasured_lines
 from quality_bench.protocol import ARMS, HEAD_ONLY, RESULTS_DIR
-from quality_bench.selection import arm_rows, mean, stats
+from quality_bench.selection import arm_rows, judge, mean, stats, task_metrics
 from quality_bench.store import ResultStore
 
 
 def verdict(row: dict, reference: dict, key: str, higher_is_better: bool) -> str:
-    """Plain words: the difference of means against the larger seed spread of the two arms."""
-    a, b = stats(row["runs"], key), stats(reference["runs"], key)
-    difference = a["mean"] - b["mean"]
-    noise = max(a["std"], b["std"])
-    paired = paired_differences(row["runs"], reference["runs"], key)
-    paired_text = (f"; per seed {', '.join(f'{d:+.3f}' for d in paired)}" if paired else "")
-    if not math.isfinite(difference):
+    """Plain words: the difference of means against the larger seed spread of the two arms (``selection.judge``)."""
+    judged = judge(row["runs"], reference["runs"], key, higher_is_better)
+    difference, noise, word = judged["difference"], judged["noise"], judged["word"]
+    paired_text = (f"; per seed {', '.join(f'{d:+.3f}' for d in judged['paired'])}" if judged["paired"] else "")
+    if word == "not comparable":
         return "not comparable (a diverged run)"
-    if min(a["n"], b["n"]) < 2:
+    if word == "undetermined":
         return f"{difference:+.4f} {key.replace('_', ' ')}{paired_text} -> undetermined (one seed: no spread to judge by)"
-    if abs(difference) <= noise:
-        word = "parity"
-    else:
-        better = (difference > 0) == higher_is_better
-        word = "better" if better else "worse"
     within = "within" if abs(difference) <= noise else "outside"
     return f"{difference:+.4f} {key.replace('_', ' ')}, {within} the seed spread {noise:.4f}{paired_text} -> {word}"
-
-
-def paired_differences(runs: list[dict], reference: list[dict], key: str) -> list[float]:
-    """Arm minus reference, seed by seed (same seed = same head init and data order)."""
-    ref = {r["seed"]: r[key] for r in reference if r.get(key) is not None}
-    return [r[key] - ref[r["seed"]] for r in runs if r.get(key) is not None and r["seed"] in ref]
 
 
 def format_stat(s: dict[str, float]) -> str:
@@ -93,10 +81,9 @@ def lr_text(row: dict) -> str:
 def task_verdicts(task: str, rows: list[dict], baselines: dict) -> list[str]:
     """Each arm against flat LoRA (same focus-less flat for every focus), and flat against the baselines.
 
-    Reviews are judged on test accuracy and on test loss (both are reported; they need not
-    agree), digits on held-out loss.
+    Judged on the task's test metrics (``selection.task_metrics``).
     """
-    metrics = [("test_acc", True), ("test_loss", False)] if task == "reviews" else [("test_loss", False)]
+    metrics = task_metrics(task)
     flat = next((row for row in rows if row["arm"] == "flat"), None)
     if flat is None:
         return ["- no flat LoRA runs yet"]
@@ -172,9 +159,9 @@ def precondition_lines(flat: list[dict], baselines: dict) -> list[str]:
     return lines
 
 
-def forgetting_figure_path(report: Path) -> Path:
-    """``forgetting_digits.png`` beside the default report, ``<stem>_forgetting_digits.png`` beside any other."""
-    return report.with_name("forgetting_digits.png" if report.stem == "quality" else f"{report.stem}_forgetting_digits.png")
+def figure_path(report: Path, name: str) -> Path:
+    """``<name>.png`` beside the default report, ``<stem>_<name>.png`` beside any other."""
+    return report.with_name(f"{name}.png" if report.stem == "quality" else f"{report.stem}_{name}.png")
 
 
 def write_report(store: ResultStore, path: Path, command: str, wall_seconds: Optional[float]) -> str:
@@ -208,6 +195,8 @@ def write_report(store: ResultStore, path: Path, command: str, wall_seconds: Opt
         out += ["", f"## {task}", "", f"protocol: `{json.dumps(protocol)}`", ""]
         out += baseline_lines(task, baselines) + [""] + table + ["", "Verdicts (test metric at each arm's chosen LR):", ""]
         out += task_verdicts(task, rows, baselines)
+        out += ["", "### Frontier: each map against flat LoRA at the same parameter count", ""]
+        out += frontier_section(task, rows, baselines, figure_path(path, f"frontier_{task}"))
         out += ["", "Notes:", ""] + task_notes(runs, rows) + remeasured_lines(runs)
         out += ["", "Mean validation loss by LR (n = seeds):", ""]
         out += [f"- {row['arm']}{'/' + row['focus'] if row['focus'] else ''}: "
@@ -215,7 +204,7 @@ def write_report(store: ResultStore, path: Path, command: str, wall_seconds: Opt
                 for row in rows]
         out += ["", "### How fast: validation loss after the first epoch", ""] + first_epoch_section(rows)
         if task == "digits":
-            figure = forgetting_figure(rows, baselines, forgetting_figure_path(path))
+            figure = forgetting_figure(rows, baselines, figure_path(path, "forgetting_digits"))
             out += ["", "### Forgetting of the pretraining half", ""]
             out += forgetting_section(rows, baselines, figure.name if figure else None)
     text = "\n".join(out) + "\n"

@@ -1,4 +1,5 @@
-"""Selection: each arm's adapter LR chosen on validation (the library's rule), and the statistics over seeds."""
+"""Selection: each arm's adapter LR chosen on validation (the library's rule), the statistics over seeds, and the
+judgement of one arm against another by the seed spread."""
 
 from __future__ import annotations
 
@@ -57,3 +58,40 @@ def stats(runs: list[dict], key: str) -> dict[str, float]:
     if not values:
         return {"mean": math.nan, "std": math.nan, "min": math.nan, "max": math.nan, "n": 0}
     return {"mean": mean(values), "std": spread(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def task_metrics(task: str) -> list[tuple[str, bool]]:
+    """The test metrics a task is judged on, each with whether higher is better.
+
+    Reviews are judged on test accuracy and on test loss (both are reported; they need not
+    agree), digits on held-out loss.
+    """
+    return [("test_acc", True), ("test_loss", False)] if task == "reviews" else [("test_loss", False)]
+
+
+def judge(runs: list[dict], reference: list[dict], key: str, higher_is_better: bool) -> dict[str, Any]:
+    """One arm's runs against a reference's: the difference of means against the larger seed spread of the two.
+
+    Returns ``difference`` (arm minus reference), ``noise`` (the larger sample std), ``paired``
+    (the differences seed by seed) and ``word``: ``better`` / ``worse`` when the difference
+    exceeds the noise, ``parity`` when it does not, ``undetermined`` when either arm has a
+    single seed, ``not comparable`` when a run diverged.
+    """
+    a, b = stats(runs, key), stats(reference, key)
+    difference = a["mean"] - b["mean"]
+    noise = max(a["std"], b["std"])
+    if not math.isfinite(difference):
+        word = "not comparable"
+    elif min(a["n"], b["n"]) < 2:
+        word = "undetermined"
+    elif abs(difference) <= noise:
+        word = "parity"
+    else:
+        word = "better" if (difference > 0) == higher_is_better else "worse"
+    return {"difference": difference, "noise": noise, "paired": paired_differences(runs, reference, key), "word": word}
+
+
+def paired_differences(runs: list[dict], reference: list[dict], key: str) -> list[float]:
+    """Arm minus reference, seed by seed (same seed = same head init and data order)."""
+    ref = {r["seed"]: r[key] for r in reference if r.get(key) is not None}
+    return [r[key] - ref[r["seed"]] for r in runs if r.get(key) is not None and r["seed"] in ref]
