@@ -41,7 +41,13 @@ import warnings
 from collections.abc import Mapping
 from typing import Literal, Optional
 
-from lightning_fisher.allocation_settings import ALLOCATION_MODES, AllocationSettings, allocation_from_options
+from lightning_fisher.allocation_settings import (
+    ALLOCATION_MODES,
+    ALLOCATION_OPTIONS,
+    AllocationSettings,
+    allocation_from_options,
+    settings_or_options,
+)
 
 __all__ = [
     "ALLOCATION_MODES",
@@ -54,6 +60,7 @@ __all__ = [
 _D = AllocationSettings  # the defaults below are the settings' own
 
 
+@settings_or_options("settings", AllocationSettings, ALLOCATION_OPTIONS)
 def allocate_ranks(
     scores: Mapping[str, float],
     *,
@@ -82,8 +89,8 @@ def allocate_ranks(
             square root.
         exclude_threshold: modules scoring below this fraction of the median positive score
             get no adapter; ``0`` keeps every module with a positive score.
-        settings: all of the above as one :class:`AllocationSettings` (then leave the
-            individual options at their defaults).
+        settings: all of the above as one :class:`AllocationSettings` (then pass none of the
+            individual options).
         rank_limits: the largest rank each module can use, ``min(d_in, d_out)`` (a larger
             adapter is bigger than the layer it adapts); a module's ``rank_min`` and
             ``rank_max`` are cut to it, and in budget mode what it cannot take goes to the

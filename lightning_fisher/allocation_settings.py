@@ -16,19 +16,24 @@ before a long analysis starts, once, with the field's name in the message.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, Optional, TypeVar
 
 from lightning_fisher.errors import SettingsError
 
-__all__ = ["ALLOCATION_MODES", "CRITERIA", "AllocationSettings", "allocation_from_options", "field_help", "resolve_settings"]
+__all__ = ["ALLOCATION_MODES", "CRITERIA", "AllocationSettings", "allocation_from_options", "field_help", "resolve_settings",
+           "settings_or_options"]
 
 ALLOCATION_MODES = ("median", "budget")
 #: The built-in criteria's names; every registered one is ``lightning_fisher.criteria.criterion_names()``.
 CRITERIA = ("trace", "spectrum")
 
 _S = TypeVar("_S")
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 
 @dataclass(frozen=True)
@@ -162,6 +167,53 @@ def _criterion_help() -> str:
     return "; ".join(f"{name}: {criterion_named(name).help}" for name in criterion_names()) + "."
 
 
+def settings_or_options(settings: str, cls: type, options: Sequence[str]) -> Callable[[_F], _F]:
+    """Refuse a call that passes the settings object ``settings`` and any of ``options`` explicitly.
+
+    Functions such as :func:`~lightning_fisher.analyze` take a whole settings object and also
+    its options one by one. Given both, which should win would be a guess, so the call is
+    refused whenever one of the options is *passed*, whatever its value (``rank=8`` beside
+    ``AllocationSettings(rank=8)`` as much as ``rank=64``): the arguments are bound to the
+    signature, so positional ones count too. The signature (and its defaults) stays the
+    function's own, for ``help()`` and for jsonargparse.
+
+    Args:
+        settings: the parameter that takes the object (e.g. ``"allocation"``).
+        cls: its class, named in the message.
+        options: the parameters that are fields of it (e.g. ``("rank", "rank_mode")``).
+    """
+
+    def decorate(function: _F) -> _F:
+        signature = inspect.signature(function)
+        owner = function.__qualname__.replace(".__init__", "")
+
+        @functools.wraps(function)
+        def checked(*args: Any, **kwargs: Any) -> Any:
+            passed = signature.bind_partial(*args, **kwargs).arguments
+            if passed.get(settings) is not None:
+                both = [name for name in options if name in passed]
+                if both:
+                    raise TypeError(
+                        f"{owner}: give either {_article(cls.__name__)} {cls.__name__} ({settings}=) or the individual "
+                        f"options ({', '.join(both)}), not both; e.g. {settings}=dataclasses.replace({settings}, ...)"
+                    )
+            return function(*args, **kwargs)
+
+        return checked  # type: ignore[return-value]
+
+    return decorate
+
+
+def _article(noun: str) -> str:
+    return "an" if noun[:1].lower() in "aeiou" else "a"
+
+
+#: The allocation options that functions take one by one beside ``allocation=`` (``rank_mode``
+#: is the ``mode`` field, as the command line spells it).
+ALLOCATION_OPTIONS = ("rank", "rank_min", "rank_max", "rank_mode", "mode", "score_power", "exclude_threshold",
+                      "criterion")
+
+
 def resolve_settings(cls: type[_S], given: Optional[_S], options: Mapping[str, Any], *, owner: str) -> _S:
     """The settings object for a call that takes both a settings object and individual options.
 
@@ -189,7 +241,7 @@ def resolve_settings(cls: type[_S], given: Optional[_S], options: Mapping[str, A
     changed = sorted(name for name, value in options.items() if value != defaults[name])
     if changed:
         raise TypeError(
-            f"{owner}: give either a {cls.__name__} or the individual options ({', '.join(changed)}), "
+            f"{owner}: give either {_article(cls.__name__)} {cls.__name__} or the individual options ({', '.join(changed)}), "
             f"not both; e.g. dataclasses.replace(settings, {changed[0]}=...)"
         )
     return given

@@ -30,7 +30,12 @@ from torch import nn
 
 from lightning_fisher._version import __version__
 from lightning_fisher.allocation import flat_lora_parameters, lora_parameters
-from lightning_fisher.allocation_settings import AllocationSettings, allocation_from_options
+from lightning_fisher.allocation_settings import (
+    ALLOCATION_OPTIONS,
+    AllocationSettings,
+    allocation_from_options,
+    settings_or_options,
+)
 from lightning_fisher.criteria import criterion_named
 from lightning_fisher.spectrum import ModuleSpectrum
 from lightning_fisher.candidates import module_type_name, rank_cost, weight_shape
@@ -110,6 +115,7 @@ class FisherMap:
 
     # ------------------------------------------------------------------ building
     @classmethod
+    @settings_or_options("allocation", AllocationSettings, ALLOCATION_OPTIONS)
     def from_scores(
         cls,
         scores: Mapping[str, float],
@@ -150,8 +156,7 @@ class FisherMap:
             analysis: how the scores were measured.
             dataset: the analysed dataset folder.
             allocation: the allocation options above as one
-                :class:`~lightning_fisher.AllocationSettings` (then leave them at their
-                defaults).
+                :class:`~lightning_fisher.AllocationSettings` (then pass none of them).
             spectra: per module, its mean-gradient spectrum and noise floor
                 (:class:`~lightning_fisher.spectrum.ModuleSpectrum`); required by the
                 ``spectrum`` criterion, recorded in the map whatever the criterion.

@@ -274,11 +274,14 @@ def check_consistency(fisher_map: "FisherMap", document: Mapping[str, Any], path
         seen.add(module.name)
         if module.rank is None:
             continue
-        if not budget.rank_min <= module.rank <= budget.rank_max:
+        # a module narrower than the bounds is cut to its size, min(d_in, d_out)
+        low, high = min(budget.rank_min, module.rank_limit), min(budget.rank_max, module.rank_limit)
+        if not low <= module.rank <= high:
+            limit = f"; the module's size min(d_in, d_out) is {module.rank_limit}" if module.rank_limit < budget.rank_max else ""
             fail(
                 f"$.modules[{index}].rank",
                 f"rank {module.rank} of {module.name!r} is outside [rank_min, rank_max] = "
-                f"[{budget.rank_min}, {budget.rank_max}]",
+                f"[{budget.rank_min}, {budget.rank_max}]{limit}",
             )
         expected_alpha = fisher_map.alpha.alpha_for(module.rank, budget.rank)
         if not math.isclose(module.alpha, expected_alpha, rel_tol=1e-9):

@@ -478,6 +478,11 @@ class SpectrumSet:
         """``{name: d_in + d_out}``: adapter parameters per unit of rank."""
         return {name: acc.d_in + acc.d_out for name, acc in self.accumulators.items()}
 
+    @property
+    def rank_limits(self) -> dict[str, int]:
+        """``{name: min(d_in, d_out)}``: the largest rank that fits each module."""
+        return {name: min(acc.d_in, acc.d_out) for name, acc in self.accumulators.items()}
+
     def half_sketch(self, device: Union[torch.device, str, None] = None) -> torch.Tensor:
         """Every accumulator's :meth:`~SpectrumAccumulator.half_sketch`, concatenated (for one all-reduce)."""
         return torch.cat([acc.half_sketch(device) for acc in self.accumulators.values()])

@@ -88,6 +88,7 @@ def allocate_ranks_from_spectra(
     rank_costs: Mapping[str, int],
     *,
     settings: AllocationSettings = AllocationSettings(),
+    rank_limits: Optional[Mapping[str, int]] = None,
 ) -> SpectrumAllocation:
     """Assign integer LoRA ranks greedily by gain per parameter (see the module docstring).
 
@@ -96,6 +97,8 @@ def allocate_ranks_from_spectra(
         floors: per module, its noise floor (same units as ``spectra``).
         rank_costs: per module, adapter parameters per unit of rank (``d_in + d_out``).
         settings: ``rank``, ``rank_min``, ``rank_max`` and ``mode``.
+        rank_limits: per module, the largest rank that fits it, ``min(d_in, d_out)``; its
+            ``rank_min`` and ``rank_max`` are cut to it (default: no limit beyond its spectrum).
 
     Returns:
         A :class:`SpectrumAllocation`; every module of ``spectra`` is in ``ranks`` or ``excluded``.
@@ -105,7 +108,7 @@ def allocate_ranks_from_spectra(
     """
     _check_inputs(spectra, floors, rank_costs, settings)
     names = list(spectra)
-    units, excluded = _units(names, spectra, floors, rank_costs, settings)
+    units, excluded = _units(names, spectra, floors, rank_costs, settings, rank_limits or {})
     ranks = [0] * len(names)
     budget = flat_lora_parameters(settings.rank, {name: rank_costs[name] for name in names}) if settings.mode == "budget" else None
     if budget is not None:
@@ -129,11 +132,12 @@ def allocate_ranks_from_spectra(
 
 def _units(
     names: list[str], spectra: Mapping[str, Sequence[float]], floors: Mapping[str, float],
-    rank_costs: Mapping[str, int], settings: AllocationSettings,
+    rank_costs: Mapping[str, int], settings: AllocationSettings, rank_limits: Mapping[str, int],
 ) -> tuple[list[_Unit], dict[str, str]]:
     units, excluded = [], {}
-    lo, hi = settings.rank_min, settings.rank_max
     for i, name in enumerate(names):
+        hi = min(settings.rank_max, rank_limits.get(name, settings.rank_max))
+        lo = min(settings.rank_min, hi)
         margins = [s - floors[name] for s in list(spectra[name])[:hi]]
         gains = [max(0.0, m) for m in margins]
         if not gains or gains[0] <= 0.0:

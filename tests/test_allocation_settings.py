@@ -129,7 +129,7 @@ def test_an_object_and_changed_options_together_are_refused():
     options = dict(rank=64, rank_min=16, rank_max=128, mode="median", score_power=0.5, exclude_threshold=0.05)
     assert resolve_settings(AllocationSettings, settings, options, owner="f") is settings
     assert resolve_settings(AllocationSettings, None, {**options, "rank": 32}, owner="f") == AllocationSettings(rank=32)
-    with pytest.raises(TypeError, match=r"f: give either a AllocationSettings or the individual options \(rank\)"):
+    with pytest.raises(TypeError, match=r"f: give either an AllocationSettings or the individual options \(rank\)"):
         resolve_settings(AllocationSettings, settings, {**options, "rank": 4}, owner="f")
     with pytest.raises(TypeError, match="expected a StabilityRule"):
         resolve_settings(StabilityRule, settings, {}, owner="f")
@@ -154,3 +154,33 @@ def test_the_map_budget_is_the_settings_it_was_made_with():
     assert fisher_map.allocation == settings
     assert isinstance(fisher_map.budget, AllocationSettings)
     assert fisher_map.budget.lora_parameters == sum(fisher_map.ranks[n] * fisher_map.rank_costs[n] for n in fisher_map.ranks)
+
+
+def test_an_object_and_any_explicit_option_are_refused_whatever_the_value():
+    tiny_task = TinyClassifier()
+    names = linear_names(tiny_task)
+    scores = {name: float(i + 1) for i, name in enumerate(names)}
+    settings = AllocationSettings(rank=8, rank_min=2, rank_max=32, mode="budget")
+    calls = {
+        "allocate_ranks": lambda **kw: allocate_ranks(scores, rank_costs={n: 10 for n in names}, settings=settings, **kw),
+        "FisherMap.from_scores": lambda **kw: FisherMap.from_scores(scores, tiny_task, allocation=settings, **kw),
+        "FisherAnalysisModule": lambda **kw: FisherAnalysisModule(tiny_task, allocation=settings, **kw),
+        "analyze": lambda **kw: analyze(tiny_task, [], allocation=settings, **kw),
+    }
+    mode = {"allocate_ranks": "mode", "FisherMap.from_scores": "mode"}
+    for owner, call in calls.items():
+        mode_option = mode.get(owner, "rank_mode")
+        # the same value as the object's, the default value, another value: all refused, by name
+        for explicit in ({"rank": 8}, {"rank": 64}, {mode_option: "median"}, {mode_option: "budget"}):
+            with pytest.raises(TypeError, match=rf"{owner}: give either an AllocationSettings \(\w+=\) or the "
+                                                rf"individual options \({next(iter(explicit))}\), not both"):
+                call(**explicit)
+    # the stopping rule likewise, positional options included
+    rule = StabilityRule(patience=3)
+    with pytest.raises(TypeError, match=r"analyze: give either a StabilityRule \(stopping=\) .*\(convergence_patience\)"):
+        analyze(tiny_task, [], stopping=rule, convergence_patience=5)
+    with pytest.raises(TypeError, match=r"FisherStability: give either a StabilityRule \(rule=\) .*\(patience\)"):
+        FisherStability(5, rule=rule)
+    assert FisherStability(rule=rule).rule is rule
+    assert allocate_ranks(scores, rank_costs={n: 10 for n in names}, settings=settings) == allocate_ranks(
+        scores, rank=8, rank_min=2, rank_max=32, mode="budget", rank_costs={n: 10 for n in names})

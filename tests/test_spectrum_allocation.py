@@ -182,3 +182,16 @@ def test_equal_gains_keep_the_entry_first_despite_rounding():
     for rank in range(3, 7):
         cfg = AllocationSettings(rank=rank, rank_min=3, rank_max=6, mode="budget")
         assert allocate_ranks_from_spectra(spectra, floors, costs, settings=cfg).ranks == {"a": rank}
+
+
+def test_rank_limits_cut_a_module_to_its_size_and_its_entry_unit_too():
+    spectra = {"wide": [9.0, 8.0, 7.0, 6.0, 5.0, 4.0], "narrow": [20.0, 19.0, 18.0, 17.0, 16.0, 15.0]}
+    floors = {"wide": 1.0, "narrow": 1.0}
+    costs = {"wide": 128, "narrow": 68}
+    settings = AllocationSettings(rank=4, rank_min=4, rank_max=6, mode="budget")
+    free = allocate_ranks_from_spectra(spectra, floors, costs, settings=settings)
+    limited = allocate_ranks_from_spectra(spectra, floors, costs, settings=settings, rank_limits={"narrow": 3})
+    assert free.ranks["narrow"] == 6 and limited.ranks["narrow"] == 3  # below rank_min: the module has 3
+    # what the narrow module cannot take lets the wide one in (without the limit it stayed out)
+    assert "wide" not in free.ranks and limited.ranks["wide"] == 4
+    assert limited.parameters == 3 * 68 + 4 * 128 <= limited.budget

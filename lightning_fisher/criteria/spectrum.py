@@ -32,6 +32,7 @@ def spectrum_split_half_correlation(
     halves: Optional[Mapping[str, tuple["ModuleSpectrum", "ModuleSpectrum"]]],
     rank_costs: Mapping[str, int],
     settings: "AllocationSettings",
+    rank_limits: Optional[Mapping[str, int]] = None,
 ) -> Optional[float]:
     """Spearman correlation between the ranks the spectrum allocation gives each half.
 
@@ -41,6 +42,7 @@ def spectrum_split_half_correlation(
             while a half holds no sample).
         rank_costs: ``{module: d_in + d_out}``.
         settings: the allocation settings the map will use (rank, bounds, mode).
+        rank_limits: per module, ``min(d_in, d_out)``, as the map's allocation uses them.
 
     Returns:
         The correlation of the two rank vectors (``0`` for a module without adapter); ``1.0``
@@ -56,7 +58,7 @@ def spectrum_split_half_correlation(
     for h in (0, 1):
         spectra = {name: halves[name][h].sigma_sq for name in names}
         floors = {name: halves[name][h].floor for name in names}
-        allocation = allocate_ranks_from_spectra(spectra, floors, rank_costs, settings=settings)
+        allocation = allocate_ranks_from_spectra(spectra, floors, rank_costs, settings=settings, rank_limits=rank_limits)
         ranks.append(torch.tensor([float(allocation.ranks.get(name, 0)) for name in names], dtype=torch.float64))
     if not bool(ranks[0].any()) and not bool(ranks[1].any()):
         return None
@@ -94,7 +96,7 @@ class SpectrumCriterion(Criterion):
     ) -> Optional[float]:
         # Only the halves' sketches cross processes per batch: a rank-k adapter's size per module.
         halves = statistics.half_spectra(reduce(statistics.half_sketch()))
-        return spectrum_split_half_correlation(halves, statistics.rank_costs, settings)
+        return spectrum_split_half_correlation(halves, statistics.rank_costs, settings, statistics.rank_limits)
 
     def missing_statistics(self, records: Sequence["ModuleRecord"]) -> Optional[str]:
         missing = [m.name for m in records if m.sigma_sq is None or m.noise_floor is None]
@@ -112,6 +114,7 @@ class SpectrumCriterion(Criterion):
         result = allocate_ranks_from_spectra(
             {m.name: m.sigma_sq for m in records}, {m.name: m.noise_floor for m in records},
             {m.name: m.rank_cost for m in records}, settings=settings,
+            rank_limits={m.name: m.rank_limit for m in records},
         )
         if not result.ranks:
             raise ValueError(

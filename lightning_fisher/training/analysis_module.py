@@ -36,7 +36,12 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch import nn
 
 from lightning_fisher.accumulator import FisherAccumulator
-from lightning_fisher.allocation_settings import AllocationSettings, allocation_from_options
+from lightning_fisher.allocation_settings import (
+    ALLOCATION_OPTIONS,
+    AllocationSettings,
+    allocation_from_options,
+    settings_or_options,
+)
 from lightning_fisher.candidates import select_candidates
 from lightning_fisher.collector import FisherCollector
 from lightning_fisher.errors import FisherAnalysisError
@@ -88,9 +93,10 @@ class FisherAnalysisModule(LightningModule):
             or by you, with ``lightning.seed_everything``).
         dataset: the analysed dataset folder, recorded in the map.
         allocation: the allocation options (``rank`` ... ``criterion``) as one
-            :class:`~lightning_fisher.AllocationSettings`; then leave those at their defaults.
+            :class:`~lightning_fisher.AllocationSettings`; then pass none of those.
     """
 
+    @settings_or_options("allocation", AllocationSettings, ALLOCATION_OPTIONS)
     def __init__(
         self,
         task: LightningModule,

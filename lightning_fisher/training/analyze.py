@@ -18,7 +18,13 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
-from lightning_fisher.allocation_settings import AllocationSettings, allocation_from_options, resolve_settings
+from lightning_fisher.allocation_settings import (
+    ALLOCATION_OPTIONS,
+    AllocationSettings,
+    allocation_from_options,
+    resolve_settings,
+    settings_or_options,
+)
 from lightning_fisher.atomic_io import write_bytes_atomic
 from lightning_fisher.errors import DatasetFolderError, FisherAnalysisError, FisherMapError, FisherMapWriteError
 from lightning_fisher.fisher_map import DatasetRecord, FisherMap
@@ -109,6 +115,12 @@ def _dataset_record(folder: Union[str, os.PathLike, None]) -> Optional[DatasetRe
     return DatasetRecord(path=str(folder.resolve()), fingerprint=dataset_fingerprint(folder), num_files=len(files))
 
 
+#: ``analyze``'s stopping options beside ``stopping=`` (the command line's names).
+STOPPING_OPTIONS = ("convergence_patience", "stability_threshold", "min_batches", "max_batches")
+
+
+@settings_or_options("allocation", AllocationSettings, ALLOCATION_OPTIONS)
+@settings_or_options("stopping", StabilityRule, STOPPING_OPTIONS)
 def analyze(
     task: pl.LightningModule,
     data: Union[pl.LightningDataModule, DataLoader],
@@ -186,9 +198,10 @@ def analyze(
             ``enable_checkpointing=False``: the analysis has nothing worth checkpointing.
         allocation: the allocation options (``rank``, ``rank_min``, ``rank_max``,
             ``rank_mode``, ``score_power``, ``exclude_threshold``, ``criterion``) as one
-            :class:`~lightning_fisher.AllocationSettings`; then leave those at their defaults.
+            :class:`~lightning_fisher.AllocationSettings`; then pass none of those.
         stopping: the stopping options (``convergence_patience``, ``stability_threshold``,
-            ``min_batches``, ``max_batches``) as one :class:`~lightning_fisher.StabilityRule`.
+            ``min_batches``, ``max_batches``) as one :class:`~lightning_fisher.StabilityRule`;
+            then pass none of those.
 
     Returns:
         The map (on every process under DDP; only global rank zero writes it).

@@ -8,7 +8,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from lightning_fisher.allocation_settings import resolve_settings
+from lightning_fisher.allocation_settings import resolve_settings, settings_or_options
 from lightning_fisher.fisher_map import FisherMap, StabilityRecord
 from lightning_fisher.map_summary import stop_line
 from lightning_fisher.stability import StabilityRule, StabilityTracker, StopReason, method_for
@@ -36,7 +36,7 @@ class FisherStability(Callback):
         verbose: say why the analysis ended, on rank zero, once the run is over (a warning when it
             did not converge).
         rule: the four settings above as one :class:`~lightning_fisher.StabilityRule` (then
-            leave them at their defaults).
+            pass none of them).
 
     Example::
 
@@ -44,6 +44,7 @@ class FisherStability(Callback):
         trainer.fit(FisherAnalysisModule(task), datamodule)
     """
 
+    @settings_or_options("rule", StabilityRule, ("patience", "threshold", "min_batches", "max_batches"))
     def __init__(
         self,
         patience: int = StabilityRule.patience,
