@@ -55,6 +55,13 @@ class ModuleRecord:
         return self.rank is None
 
     @property
+    def above_floor(self) -> Optional[int]:
+        """How many recorded directions clear the noise floor (``None`` without a spectrum)."""
+        if self.sigma_sq is None or self.noise_floor is None:
+            return None
+        return sum(value > self.noise_floor for value in self.sigma_sq)
+
+    @property
     def rank_limit(self) -> int:
         """The largest rank that fits the module, ``min(d_in, d_out)``: an adapter of higher rank
         has more parameters than the layer it adapts and can express nothing more."""

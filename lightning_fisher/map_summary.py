@@ -371,7 +371,8 @@ def replaced_map_note(old: Optional[FisherMap], new: FisherMap, backup: str, pro
     """One line when ``new`` replaced an earlier map, which was kept as ``backup``.
 
     ``fisher map replaced: the previous one (created 2026-01-01T10:00:00Z) is kept as
-    data/fisher_map.json.bak; ranks changed in 2 of 36 modules: a 4->6, b excluded->2``
+    data/fisher_map.json.bak; ranks changed in 2 of 36 modules: a 4->6, b excluded->2``, with
+    ``; criterion trace -> spectrum`` after the backup when the criterion changed.
 
     Args:
         old: the earlier map, or ``None`` when the file was not a readable map.
@@ -382,6 +383,8 @@ def replaced_map_note(old: Optional[FisherMap], new: FisherMap, backup: str, pro
     if old is None:
         return f"fisher map replaced: the previous file is kept as {backup} (not a readable fisher map: {problem})"
     head = f"fisher map replaced: the previous one (created {old.created}) is kept as {backup}"
+    if old.budget.criterion != new.budget.criterion:
+        head += f"; criterion {old.budget.criterion} -> {new.budget.criterion}"
     changes = rank_changes(old, new)
     total = len({m.name for m in old.modules} | {m.name for m in new.modules})
     if not changes:

@@ -79,3 +79,13 @@ def test_rank_changes_name_excluded_and_absent_modules(tmp_path):
     assert [c for c in rank_changes(first, second) if c.startswith("layers.4")] == [
         f"layers.4 {first.ranks['layers.4']}->absent"]
     assert replaced_map_note(first, first, "x.bak").endswith("ranks unchanged in all 3 modules")
+
+
+def test_the_replaced_note_says_when_the_criterion_changed():
+    trace = analyze(Task(), data(), rank=4, rank_min=1, rank_max=16, **SETTINGS)
+    spectrum = analyze(Task(), data(), rank=4, rank_min=1, rank_max=16, criterion="spectrum", rank_mode="budget",
+                       **{**SETTINGS, "max_batches": 8})
+    note = replaced_map_note(trace, spectrum, "x.bak")
+    assert note.startswith(f"fisher map replaced: the previous one (created {trace.created}) is kept as x.bak; "
+                           "criterion trace -> spectrum; ranks ")
+    assert "criterion" not in replaced_map_note(trace, trace, "x.bak")

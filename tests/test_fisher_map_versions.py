@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import warnings
 import shutil
 from pathlib import Path
 
@@ -115,3 +116,25 @@ def test_spectra_all_below_their_floors_are_a_clear_error():
     settings = AllocationSettings(rank=1, rank_min=1, rank_max=4, mode="budget", criterion="spectrum")
     with pytest.raises(ValueError, match="no module has a direction above its noise floor.*analyse more samples"):
         FisherMap.from_scores({n: 1.0 for n in names}, model, allocation=settings, spectra=_spectra(names, signal=()))
+
+
+def test_reallocating_past_the_stored_spectrum_warns_with_the_budget_reached():
+    model = CollidingNet()  # 8-wide layers: a module could take rank 8
+    names = linear_names(model)
+    spectra = {n: ModuleSpectrum(n, (9.0, 8.0, 7.0, 6.0), 1.0, 64) for n in names}  # stored by a rank_max-4 analysis
+    settings = AllocationSettings(rank=2, rank_min=1, rank_max=4, mode="budget", criterion="spectrum")
+    fisher_map = FisherMap.from_scores({n: 1.0 for n in names}, model, allocation=settings, spectra=spectra)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # within the stored values: no warning
+        fisher_map.reallocate(dataclasses.replace(settings, rank=3))
+    with pytest.warns(UserWarning) as caught:
+        wide = fisher_map.reallocate(dataclasses.replace(settings, rank=6, rank_max=8))
+    budget = 6 * sum(fisher_map.rank_costs.values())
+    reached = wide.budget.lora_parameters
+    assert wide.ranks == {n: 3 if n == "head" else 4 for n in names} and reached < budget  # the head is 8 x 3
+    assert str(caught[0].message) == (
+        f"criterion 'spectrum': the map stores 4 singular values per module (its analysis' rank_max), so "
+        f"{len(names) - 1} module(s) stop at 4 below rank_max 8 (e.g. q, inner.q, layers.0.q); the budget reaches "
+        f"{reached:,} of {budget:,} parameters ({reached / budget:.2f}x). Analyse again with --rank-max 8 to "
+        "allocate beyond the stored values"
+    )

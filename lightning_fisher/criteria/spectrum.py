@@ -9,6 +9,7 @@ Stopping: the Spearman correlation of the ranks that allocation gives each sampl
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -69,6 +70,31 @@ def spectrum_split_half_correlation(
     return rank_agreement(ranks[0], ranks[1])
 
 
+def _warn_if_short(records: Sequence["ModuleRecord"], settings: "AllocationSettings", result: Any) -> None:
+    """Warn when a module stopped at the end of its recorded spectrum, below what it could take.
+
+    A map keeps as many singular values per module as its analysis' ``rank_max``: reallocated
+    with a higher ``rank_max``, a module cannot go past them, and the budget may be left unspent.
+    """
+    short = {m.name: len(m.sigma_sq) for m in records
+             if len(m.sigma_sq) < min(settings.rank_max, m.rank_limit) and result.ranks.get(m.name) == len(m.sigma_sq)}
+    if not short:
+        return
+    stored = max(short.values())
+    reached = "" if result.budget is None else (
+        f"; the budget reaches {result.parameters:,} of {result.budget:,} parameters "
+        f"({result.parameters / result.budget:.2f}x)"
+    )
+    warnings.warn(
+        f"criterion 'spectrum': the map stores {stored} singular values per module (its analysis' rank_max), so "
+        f"{len(short)} module(s) stop at {stored} below rank_max {settings.rank_max} "
+        f"(e.g. {', '.join(list(short)[:3])}){reached}. Analyse again with --rank-max {settings.rank_max} to "
+        "allocate beyond the stored values",
+        UserWarning,
+        stacklevel=2,
+    )
+
+
 class SpectrumCriterion(Criterion):
     """Greedy by gain per parameter: squared singular values of the mean gradient above their noise floor."""
 
@@ -116,6 +142,7 @@ class SpectrumCriterion(Criterion):
             {m.name: m.rank_cost for m in records}, settings=settings,
             rank_limits={m.name: m.rank_limit for m in records},
         )
+        _warn_if_short(records, settings, result)
         if not result.ranks:
             raise ValueError(
                 "criterion 'spectrum': no module has a direction above its noise floor, so the data's mean gradient "

@@ -1,10 +1,13 @@
 """A fisher map as data, one record per candidate module: JSON and CSV (``lightning-fisher show --format``).
 
 Every record has the same fields, in this order (:data:`COLUMNS`): ``name``, ``type``,
-``shape``, ``score``, ``stderr``, ``rank``, ``alpha``, ``excluded``. In JSON, ``shape`` is a
-list of sizes and unknown values are ``null``; in CSV, ``shape`` reads ``16x8`` (as in the
-text table), unknown values are empty cells, ``excluded`` is ``true`` / ``false``, and scores
-keep full precision (``repr`` of the float). The whole map (budget, analysis, model) is the
+``shape``, ``score``, ``stderr``, ``rank``, ``alpha``, ``excluded``, ``exclusion_reason`` (why
+an excluded module got no adapter, in words), and from a map analysed with the ``spectrum``
+criterion ``noise_floor``, ``above_floor`` (directions above it) and ``sigma_sq`` (the recorded
+squared singular values; ``null`` / empty for other maps). In JSON, ``shape`` and ``sigma_sq``
+are lists and unknown values are ``null``; in CSV, ``shape`` reads ``16x8`` (as in the text
+table), ``sigma_sq`` is ``;``-separated, unknown values are empty cells, ``excluded`` is
+``true`` / ``false``, and numbers keep full precision (``repr`` of the float). The whole map (budget, analysis, model) is the
 map file itself; these are the per-module table for a spreadsheet, pandas or ``jq``.
 """
 
@@ -20,7 +23,8 @@ from lightning_fisher.report.table import sorted_modules
 
 __all__ = ["COLUMNS", "map_csv", "map_json", "module_rows"]
 
-COLUMNS = ("name", "type", "shape", "score", "stderr", "rank", "alpha", "excluded")
+COLUMNS = ("name", "type", "shape", "score", "stderr", "rank", "alpha", "excluded", "exclusion_reason", "noise_floor",
+           "above_floor", "sigma_sq")
 
 Sort = Literal["name", "score", "rank"]
 
@@ -35,6 +39,10 @@ def _row(module: ModuleRecord) -> dict[str, Any]:
         "rank": module.rank,
         "alpha": module.alpha,
         "excluded": module.excluded,
+        "exclusion_reason": module.exclusion_reason,
+        "noise_floor": module.noise_floor,
+        "above_floor": module.above_floor,
+        "sigma_sq": None if module.sigma_sq is None else list(module.sigma_sq),
     }
 
 
@@ -60,6 +68,8 @@ def _cell(column: str, value: Any) -> str:
         return ""
     if column == "shape":
         return "x".join(str(size) for size in value)
+    if column == "sigma_sq":
+        return ";".join(repr(float(v)) for v in value)
     if isinstance(value, bool):
         return "true" if value else "false"
     return repr(value) if isinstance(value, float) else str(value)

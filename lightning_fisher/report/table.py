@@ -127,7 +127,7 @@ def _table_lines(
             "-" if m.alpha is None else f"{m.alpha:g}",
         ]
         if spectra:
-            cells.insert(5, "-" if m.sigma_sq is None else str(sum(v > m.noise_floor for v in m.sigma_sq)))
+            cells.insert(5, "-" if m.above_floor is None else str(m.above_floor))
         rows.append(cells)
     widths = [max([len(headers[c])] + [len(r[c]) for r in rows]) for c in range(len(headers))]
     if width is not None:
