@@ -15,7 +15,7 @@ The rule, in three steps:
    ``[rank_min, rank_max]``.
 3. **Scale**, by ``mode``:
 
-   - ``"median"`` (the original feature's meaning of ``rank``): the median kept module gets ``rank``;
+   - ``"median"`` (Side-Step's meaning of ``rank``): the median kept module gets ``rank``;
      the total number of adapter parameters follows from the scores.
    - ``"budget"``: the scale is chosen so that the total adapter parameters,
      ``sum(rank_m * cost_m)`` with ``cost_m = d_in + d_out`` of module ``m``, equal those of flat

@@ -48,7 +48,7 @@ __all__ = [
 
 TIMESTEP_SAMPLER_ATTRIBUTE = "timestep_sampler"
 
-#: Named focus presets (from the original feature): texture is the low-noise end, structure the high-noise end.
+#: Named focus presets (from Side-Step's Preprocessing++): texture is the low-noise end, structure the high-noise end.
 FOCUS_RANGES: dict[str, Optional[tuple[float, float]]] = {
     "balanced": None,
     "texture": (0.0, 0.4),

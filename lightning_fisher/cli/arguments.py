@@ -1,4 +1,4 @@
-"""Command-line spelling: the seed's dashed flags on top of jsonargparse's underscored ones."""
+"""Command-line spelling: Side-Step's dashed flags on top of jsonargparse's underscored ones."""
 
 from __future__ import annotations
 

@@ -182,7 +182,7 @@ def run_demo_pipeline(settings: DemoSettings = DemoSettings(), echo: Callable[[s
 
     echo(f"\n[2/3] fine-tuning for {settings.epochs} epoch(s) with the map's adapter ranks")
     classifier = model()
-    # LoRA on a small encoder trains well at 1e-3; the 1e-4 default threshold is the seed's
+    # LoRA on a small encoder trains well at 1e-3; the 1e-4 default threshold is Side-Step's
     # advice for large diffusion models.
     adaptive = AdaptiveLoRA(adapter_root="encoder", lr_warning_threshold=2e-3)
     trainer = _fine_tuning_trainer(settings, adaptive)

@@ -72,7 +72,7 @@ __all__ = ["AdaptiveLoRA", "CHECKPOINT_KEY", "FRAGILE_LR_CEILING", "save_adapter
 _ADAPTER_NAMES = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr"}
 
 #: The learning-rate ceiling for a model marked fragile, when ``lr_warning_threshold`` is not
-#: given (the original feature's advice for distilled / few-step models).
+#: given (Side-Step's advice for distilled / few-step models).
 FRAGILE_LR_CEILING = 1e-4
 
 

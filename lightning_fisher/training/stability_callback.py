@@ -29,7 +29,7 @@ class FisherStability(Callback):
     ``analysis.stop_reason``.
 
     Args:
-        patience: consecutive stable batches needed (the seed's ``--convergence-patience``).
+        patience: consecutive stable batches needed (Side-Step's ``--convergence-patience``).
         threshold: split-half Spearman correlation counted as stable.
         min_batches: never stop before this many batches.
         max_batches: stop after this many batches regardless; ``None`` for no limit.
