@@ -304,3 +304,51 @@ def test_show_prints_table_and_writes_plot(dataset, tmp_path, capsys):
     assert (tmp_path / "map.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["show", str(tmp_path / "nowhere")]) == 1
     assert "no fisher map here" in capsys.readouterr().err
+
+
+def console_script(*argv, **popen):
+    """The installed ``lightning-fisher`` as a user starts it, with ``cli_models`` importable."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")])))
+    script = Path(sys.executable).parent / "lightning-fisher"
+    return subprocess.Popen([str(script), *argv], env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            **popen)
+
+
+def interrupted_analysis(dataset, signal_number):
+    """Send ``signal_number`` once the analysis is at its third batch; ``(status, stderr lines)``."""
+    args = analyze_args(dataset, "--model", "cli_models.SlowClassifier", "--stability-threshold", "1.0",
+                        "--max-batches", "100")
+    process = console_script(*args)
+    for line in process.stdout:
+        if line.startswith("training_step 2"):
+            process.send_signal(signal_number)
+            break
+    _, err = process.communicate(timeout=300)
+    return process.returncode, [line for line in err.splitlines() if line.strip()]
+
+
+# Ctrl-C stops inside the third batch; on SIGTERM Lightning lets it finish
+@pytest.mark.parametrize("signal_name, status, batches", [("SIGINT", 130, 2), ("SIGTERM", 143, 3)])
+def test_an_interrupted_analysis_says_no_map_was_written(dataset, signal_name, status, batches):
+    import signal
+
+    (dataset / "fisher_map.json").write_text("a previous map")
+    status_got, err = interrupted_analysis(dataset, getattr(signal, signal_name))
+    assert status_got == status
+    assert err[-1] == (f"lightning-fisher analyze: analysis interrupted after {batches} batches: no map written; "
+                       "the previous map is unchanged")
+    assert not any("Traceback" in line or "KeyboardInterrupt" in line for line in err), err
+    assert (dataset / "fisher_map.json").read_text() == "a previous map"
+
+
+def test_ctrl_c_while_starting_is_one_line(tmp_path):
+    import signal
+    import time
+
+    process = console_script("show", str(tmp_path))
+    time.sleep(1.0)  # the console script is importing torch, or main() is parsing
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err[-3000:]
+    assert err.splitlines() in (["lightning-fisher: interrupted while starting; nothing was done"],
+                                ["lightning-fisher show: interrupted (Ctrl-C) before it finished"])

@@ -25,6 +25,10 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_fisher.allocation_settings import AllocationSettings
 from lightning_fisher.cli.arguments import ALIASES, normalize_flags
+from lightning_fisher.cli.interrupts import interrupt_signal
+from lightning_fisher.errors import CommandInterrupted
+from lightning_fisher.map_codec import resolve_map_path
+from lightning_fisher.wording import plural
 from lightning_fisher.stability import StabilityRule
 from lightning_fisher.timesteps import FOCUS_HELP, TimestepFocus
 from lightning_fisher.training.adaptive_lora import AdaptiveLoRA
@@ -224,12 +228,24 @@ def build_analyze_cli(args: list[str], *, exit_on_error: bool = True) -> Analyze
 
 def run_analyze(argv: list[str]) -> int:
     cli = build_analyze_cli(argv, exit_on_error=False)
+    with _interruption_said(cli, cli.config.output):
+        fisher_map = _analyze(cli)
+    if cli.trainer.is_global_zero:
+        analysis = fisher_map.analysis
+        rank_zero_info(
+            f"fisher map written to {fisher_map.path}\n  {fisher_map.summary()}\n"
+            f"  analysis: {analysis.samples} samples in {plural(analysis.batches, 'batch')}, {analysis.stop_reason}"
+        )
+    return 0
+
+
+def _analyze(cli: AnalyzeCLI):
     # Imported after parsing: --help would otherwise list the analysis wrapper among the
     # known LightningModule subclasses, as if it were a model to pass.
     from lightning_fisher.training.analyze import analyze
 
     c = cli.config
-    fisher_map = analyze(
+    return analyze(
         cli.model,
         cli.datamodule,
         output=c.output,
@@ -245,13 +261,31 @@ def run_analyze(argv: list[str]) -> int:
         use_rslora=c.use_rslora,
         trainer=cli.trainer,
     )
-    if cli.trainer.is_global_zero:
-        analysis = fisher_map.analysis
-        rank_zero_info(
-            f"fisher map written to {fisher_map.path}\n  {fisher_map.summary()}\n"
-            f"  analysis: {analysis.samples} samples in {analysis.batches} batches, {analysis.stop_reason}"
-        )
-    return 0
+
+
+@contextlib.contextmanager
+def _interruption_said(cli: AnalyzeCLI, output: Optional[str]):
+    """Ctrl-C or SIGTERM during the analysis: one line saying that no map was written, exit 130 / 143.
+
+    Lightning ends ``fit`` on Ctrl-C with ``sys.exit(1)`` and on SIGTERM with a ``SystemExit``
+    that would exit 0; either way nothing was written, and the user should hear it.
+    """
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit) as error:
+        signal_number = interrupt_signal(error)
+        if signal_number is None:
+            raise
+        from lightning_fisher.training.analyze import map_destination
+
+        batches = cli.trainer.fit_loop.epoch_loop.batch_progress.total.completed
+        destination = map_destination(cli.datamodule, None, output)
+        previous = destination is not None and resolve_map_path(destination).is_file()
+        raise CommandInterrupted(
+            f"analysis interrupted after {plural(batches, 'batch')}: no map written"
+            + ("; the previous map is unchanged" if previous else ""),
+            signal_number=signal_number,
+        ) from None
 
 
 def run_trainer_subcommand(subcommand: str, argv: list[str]) -> int:

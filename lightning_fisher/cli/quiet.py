@@ -11,7 +11,9 @@ own script sees Lightning exactly as Lightning prints it.
   says "no validation data" on purpose, and it defines ``val_dataloader`` for every model;
 - bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community" note, logged on
   CPUs with AVX512-BF16 whenever ``peft`` imports bitsandbytes (installed with the ``quant``
-  extra), whether or not the run has a quantized layer; it names an optional faster kernel.
+  extra), whether or not the run has a quantized layer; it names an optional faster kernel;
+- Lightning's "Detected KeyboardInterrupt, attempting graceful shutdown ...": the command says
+  itself, in one line, what an interruption left undone (:mod:`lightning_fisher.cli.interrupts`).
 
 (Lightning's "No seed found" warning is not filtered: the commands pass their seed instead.)
 Nothing here imports Lightning or bitsandbytes: the filters attach to their loggers by name.
@@ -29,6 +31,7 @@ __all__ = ["lightning_noise_filtered"]
 #: Loggers Lightning's ``rank_zero_info`` writes to (whichever of the two set it up last).
 _RANK_ZERO_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
 _TIP_PREFIX = "💡 Tip:"
+_INTERRUPT_PREFIX = "\nDetected KeyboardInterrupt"
 #: The logger bitsandbytes' CPU backend notes its optional kernel on, and the note's start.
 _BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
 _BNB_KERNEL_NOTE = "Failed to load CPU gemm_4bit_forward from kernels-community"
@@ -51,7 +54,8 @@ class _DropPrefix(logging.Filter):
 @contextlib.contextmanager
 def lightning_noise_filtered() -> Iterator[None]:
     """Drop Lightning's tips and the listed warnings inside the block; everything else passes."""
-    filters = [(logging.getLogger(name), _DropPrefix(_TIP_PREFIX)) for name in _RANK_ZERO_LOGGERS]
+    filters = [(logging.getLogger(name), _DropPrefix(prefix)) for name in _RANK_ZERO_LOGGERS
+               for prefix in (_TIP_PREFIX, _INTERRUPT_PREFIX)]
     filters.append((logging.getLogger(_BNB_CPU_LOGGER), _DropPrefix(_BNB_KERNEL_NOTE)))
     for logger, drop in filters:
         logger.addFilter(drop)
