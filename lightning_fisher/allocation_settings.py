@@ -88,8 +88,14 @@ class AllocationSettings:
         if self.rank_min > self.rank_max:
             raise SettingsError(f"rank_min ({self.rank_min}) is greater than rank_max ({self.rank_max})", field="rank_min")
         if not self.rank_min <= self.rank <= self.rank_max:
+            # The bound in the way is often a default the caller never set: say so, and which to change.
+            bound, more = ("rank_min", "or less") if self.rank < self.rank_min else ("rank_max", "or more")
+            value = getattr(self, bound)
+            default = " (the default)" if value == AllocationSettings.__dataclass_fields__[bound].default else ""
             raise SettingsError(
-                f"rank ({self.rank}) must lie within [rank_min, rank_max] = [{self.rank_min}, {self.rank_max}]",
+                f"rank ({self.rank}) must lie within [rank_min, rank_max] = [{self.rank_min}, {self.rank_max}]: "
+                f"{bound} is {value}{default}; pass {bound}={self.rank} {more} with it "
+                f"(--{bound.replace('_', '-')} {self.rank} on the command line)",
                 field="rank",
             )
         if self.mode not in ALLOCATION_MODES:
