@@ -352,3 +352,21 @@ def test_ctrl_c_while_starting_is_one_line(tmp_path):
     assert process.returncode == 130, err[-3000:]
     assert err.splitlines() in (["lightning-fisher: interrupted while starting; nothing was done"],
                                 ["lightning-fisher show: interrupted (Ctrl-C) before it finished"])
+
+
+def test_show_plot_refuses_an_unwritable_place_before_printing(dataset, tmp_path, capsys):
+    assert main(analyze_args(dataset)) == 0
+    capsys.readouterr()
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert main(["show", str(dataset), "--plot", str(blocker / "map.png")]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""  # no table, then an error
+    assert captured.err == (f"lightning-fisher show: error: {blocker / 'map.png'}: cannot write the heatmap there "
+                            f"({blocker} is not a folder); pass another --plot\n")
+    assert main(["show", str(dataset), "--plot", str(tmp_path / "map.jpg")]) == 1
+    assert "map.jpg: --plot writes a PNG image; give a file name ending in .png" in capsys.readouterr().err
+    # missing folders are made, and said
+    assert main(["show", str(dataset), "--format", "json", "--plot", str(tmp_path / "plots" / "map.png")]) == 0
+    assert capsys.readouterr().err == (f"heatmap written to {tmp_path / 'plots' / 'map.png'} "
+                                       f"(created folder {tmp_path / 'plots'})\n")
