@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from lightning.pytorch import LightningModule
 
 from cli_models import TinyClassifier
 from compare_data import budget_parameters, dataset, write_dataset  # noqa: F401 (dataset is a fixture)
@@ -108,12 +109,31 @@ def test_model_without_val_loss_is_a_clear_error(dataset, tmp_path):
         run_compare(["--config", str(config), "--seeds", "0", "--max-steps", "2"])
 
 
+class NoValidationClassifier(TinyClassifier):
+    """TinyClassifier as if it had no validation_step."""
+
+    validation_step = LightningModule.validation_step
+
+
+def test_model_without_validation_step_is_refused_before_any_run(dataset, tmp_path):
+    config = fit_config(tmp_path / "fit.yaml", dataset, tmp_path / "runs",
+                        model="test_compare_command.NoValidationClassifier")
+    with pytest.raises(CompareError) as error:
+        run_compare(["--config", str(config), "--seeds", "0", "--max-steps", "2"])
+    assert str(error.value) == (
+        "test_compare_command.NoValidationClassifier has no validation_step, and compare scores every arm on "
+        "validation: add a validation_step that logs 'val_loss' (self.log('val_loss', loss)) to NoValidationClassifier")
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [(["--budgets", "1.0,zero"], "--budgets: expected comma-separated numbers"),
      (["--budgets", "-0.5"], "--budgets: each must be a positive fraction"),
      (["--seeds", "0,0"], "--seeds: each seed once"),
-     (["--max-steps", "0"], "--max_steps: must be a positive number")],
+     (["--max-steps", "0"], "--max_steps: must be a positive number"),
+     (["--seeds=-1"], "--seeds: each seed must be a whole number from 0 to 4294967295, got -1"),
+     (["--seeds", "0,99999999999"], "--seeds: each seed must be a whole number from 0 to 4294967295, got 99999999999")],
 )
 def test_option_errors_name_the_option(dataset, tmp_path, extra, message):
     config = fit_config(tmp_path / "fit.yaml", dataset, tmp_path / "runs")

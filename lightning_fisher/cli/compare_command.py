@@ -23,7 +23,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from lightning_fisher.cli.arguments import normalize_flags
 from lightning_fisher.cli.lightning_clis import TrainCLI, _args_from_caller
-from lightning_fisher.compare_results import CompareResult
+from lightning_fisher.compare_results import MONITOR, CompareResult
 from lightning_fisher.errors import CompareError, FisherMapNotFoundError
 from lightning_fisher.fisher_map import FisherMap
 from lightning_fisher.peft_factory import fisher_map_path
@@ -34,6 +34,8 @@ __all__ = ["CompareCLI", "build_compare_cli", "run_compare"]
 
 #: Validation share held out of the training folder when the datamodule has no validation data.
 DEFAULT_VAL_FRACTION = 0.2
+#: Seeds go to numpy's generator as well (``seed_everything``), which takes 0 .. 2**32 - 1.
+MAX_SEED = 2**32 - 1
 
 # Callbacks that write files or need a logger; compare runs have neither.
 _DROPPED_CALLBACKS = (ModelCheckpoint, LearningRateMonitor, DeviceStatsMonitor)
@@ -86,6 +88,9 @@ class CompareCLI(TrainCLI):
         if isinstance(criteria, str):
             criteria = criteria.split(",")
         self.criteria = None if criteria is None else [c.strip() for c in criteria if c.strip()] or None
+        out_of_range = [seed for seed in self.seeds if not 0 <= seed <= MAX_SEED]
+        if out_of_range:
+            raise CompareError(f"--seeds: each seed must be a whole number from 0 to {MAX_SEED}, got {out_of_range[0]}")
         if len(set(self.seeds)) != len(self.seeds):
             raise CompareError(f"--seeds: each seed once, got {self.seeds}")
         self.lrs = None if self.config.lrs is None else parse_list(self.config.lrs, float, "--lrs", noun="learning rate")
@@ -221,6 +226,22 @@ def map_to_compare(config) -> FisherMap:
         ) from None
 
 
+def check_validation_step(config) -> None:
+    """Refuse, before any run, a model that cannot be scored: compare ranks the arms on validation.
+
+    Raises:
+        CompareError: the model class has no ``validation_step`` of its own.
+    """
+    model = config.get("model")
+    class_path = model.get("class_path") if model is not None and hasattr(model, "get") else None
+    cls = _import(class_path) if class_path else None
+    if isinstance(cls, type) and issubclass(cls, LightningModule) and cls.validation_step is LightningModule.validation_step:
+        raise CompareError(
+            f"{class_path} has no validation_step, and compare scores every arm on validation: add a validation_step "
+            f"that logs {MONITOR!r} (self.log({MONITOR!r}, loss)) to {cls.__name__}"
+        )
+
+
 def prepare_config(config, scratch_dir: str) -> list[str]:
     """Turn the fit config into short probe runs in place; returns what changed, for the user.
 
@@ -281,6 +302,7 @@ def run_compare(argv: list[str]) -> int:
     cli = build_compare_cli(argv)
     config = cli.config
     fisher_map = map_to_compare(config)
+    check_validation_step(config)
     scratch = tempfile.mkdtemp(prefix="lightning-fisher-compare-")
     try:
         notes = prepare_config(config, scratch)
