@@ -215,8 +215,22 @@ def test_unwritable_output_fails_before_analysing(dataset, tmp_path, capsys):
 def test_fragile_model_needs_opt_in(dataset, tmp_path, capsys):
     assert main(analyze_args(dataset)) == 0
     assert main(fit_args(dataset, tmp_path / "r", "--adaptive_lora.fragile", "true")) == 1
-    assert "allow_fragile=True" in capsys.readouterr().err
-    assert main(fit_args(dataset, tmp_path / "r", "--adaptive_lora.fragile", "true", "--adaptive_lora.allow_fragile", "true")) == 0
+    err = capsys.readouterr().err  # the advice in the command line's spelling
+    assert "opt in with --adaptive_lora.allow_fragile true and a lower learning rate" in err
+    assert "pass --adaptive_lora.ignore_fisher_map true" in err and "=True" not in err
+    with pytest.warns(UserWarning, match="set --adaptive_lora.lr_warning_threshold to change it"):
+        assert main(fit_args(dataset, tmp_path / "r", "--adaptive_lora.fragile", "true",
+                             "--adaptive_lora.allow_fragile", "true")) == 0
+
+
+def test_a_map_for_another_model_gives_advice_in_flag_spelling(dataset, tmp_path, capsys):
+    assert main(analyze_args(dataset)) == 0
+    capsys.readouterr()
+    assert main(fit_args(dataset, tmp_path / "r", "--model.init_args.width", "12")) == 1
+    err = capsys.readouterr().err
+    assert "was made for another model" in err and "strict=False" not in err
+    assert err.rstrip().endswith("Re-run the analysis for this model, or pass --adaptive_lora.strict false to apply "
+                                 "it anyway.")
 
 
 def test_console_script_end_to_end(dataset, tmp_path):

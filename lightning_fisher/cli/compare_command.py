@@ -22,7 +22,7 @@ from lightning.pytorch.callbacks import DeviceStatsMonitor, LearningRateMonitor,
 from lightning.pytorch.cli import LightningCLI
 
 from lightning_fisher.cli.arguments import normalize_flags
-from lightning_fisher.cli.lightning_clis import TrainCLI, _args_from_caller
+from lightning_fisher.cli.lightning_clis import TrainCLI, _args_from_caller, use_flag_spelling
 from lightning_fisher.compare_results import MONITOR, CompareResult
 from lightning_fisher.errors import CompareError, FisherMapNotFoundError
 from lightning_fisher.fisher_map import FisherMap
@@ -113,6 +113,7 @@ class CompareCLI(TrainCLI):
             # most models) would keep the first run's learning rate.
             self.__dict__.pop("config_dump", None)
         LightningCLI.instantiate_classes(self)
+        use_flag_spelling(self.trainer)
         return self.model, self.datamodule, self.trainer
 
 

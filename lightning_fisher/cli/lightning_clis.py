@@ -31,7 +31,7 @@ from lightning_fisher.map_codec import resolve_map_path
 from lightning_fisher.wording import plural
 from lightning_fisher.stability import StabilityRule
 from lightning_fisher.timesteps import FOCUS_HELP, TimestepFocus
-from lightning_fisher.training.adaptive_lora import AdaptiveLoRA
+from lightning_fisher.training.adaptive_lora import AdaptiveLoRA, flag_spelling
 
 __all__ = ["AnalyzeCLI", "TrainCLI", "build_analyze_cli", "run_analyze", "run_trainer_subcommand"]
 
@@ -172,6 +172,17 @@ class TrainCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         _refuse_shortcuts_in_config(self.config[self.subcommand])
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        use_flag_spelling(self.trainer)
+
+
+def use_flag_spelling(trainer) -> None:
+    """Messages of the trainer's :class:`AdaptiveLoRA` name options as flags (``--adaptive_lora.strict false``)."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, AdaptiveLoRA):
+            callback.spell_option = flag_spelling
 
 
 def _patterns(value: Union[list[str], str, None]) -> Optional[list[str]]:

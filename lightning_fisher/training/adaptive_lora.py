@@ -34,7 +34,7 @@ check sits on the module's ``on_load_checkpoint`` and not in this callback's own
 from __future__ import annotations
 
 import os
-from typing import Any, Literal, Optional, Union
+from typing import Any, Callable, Literal, Optional, Union
 
 import lightning.pytorch as pl
 import peft
@@ -67,13 +67,26 @@ from lightning_fisher.peft_factory import (
 )
 from lightning_fisher.training.adapter_checkpoint import CHECKPOINT_KEY, checkpoint_entry, guard_checkpoint_loading
 
-__all__ = ["AdaptiveLoRA", "CHECKPOINT_KEY", "FRAGILE_LR_CEILING", "save_adapter"]
+__all__ = ["AdaptiveLoRA", "CHECKPOINT_KEY", "FRAGILE_LR_CEILING", "flag_spelling", "python_spelling", "save_adapter"]
 
 _ADAPTER_NAMES = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr"}
 
 #: The learning-rate ceiling for a model marked fragile, when ``lr_warning_threshold`` is not
 #: given (the original feature's advice for distilled / few-step models).
 FRAGILE_LR_CEILING = 1e-4
+
+
+def python_spelling(name: str, value: Any = None) -> str:
+    """``strict=False`` (``strict`` with no value): how a script sets an option of :class:`AdaptiveLoRA`, for messages."""
+    return name if value is None else f"{name}={value!r}"
+
+
+def flag_spelling(name: str, value: Any = None) -> str:
+    """``--adaptive_lora.strict false``: how the command line (or, as a key, a config file) sets it."""
+    flag = f"--adaptive_lora.{name}"
+    if value is None:
+        return flag
+    return f"{flag} {str(value).lower() if isinstance(value, bool) else value}"
 
 
 class AdaptiveLoRA(Callback):
@@ -144,6 +157,9 @@ class AdaptiveLoRA(Callback):
         self.config: Any = None
         self.summary: Optional[str] = None
         self._flat: Optional[tuple[int, int]] = None  # (candidates, parameters) of flat LoRA on this model
+        #: How messages spell setting one of these options: ``strict=False`` in Python; the
+        #: command line sets :func:`flag_spelling` (``--adaptive_lora.strict false``).
+        self.spell_option: Callable[[str, Any], str] = python_spelling
 
     # ------------------------------------------------------------------ finding the map
     def find_map(self, trainer: Optional[pl.Trainer] = None) -> Optional[FisherMap]:
@@ -166,7 +182,9 @@ class AdaptiveLoRA(Callback):
             return  # already injected (e.g. test after fit in the same process)
         fisher_map = self.find_map(trainer)
         if fisher_map is not None:
-            warning = check_model(fisher_map, pl_module, strict=self.strict)
+            warning = check_model(
+                fisher_map, pl_module, strict=self.strict, strict_option=self.spell_option("strict", False)
+            )
             if warning is not None:
                 rank_zero_warn(warning)
             self._check_fragile()
@@ -216,8 +234,8 @@ class AdaptiveLoRA(Callback):
             raise FragileModelError(
                 "this model is marked fragile (distilled / few-step models such as 'turbo' variants): adaptive "
                 "ranks adapt strongly and can destabilise it (loss spikes, noise outputs). Prefer the base "
-                "model, or opt in with allow_fragile=True and a lower learning rate; to train flat ranks "
-                "instead, pass ignore_fisher_map=True"
+                f"model, or opt in with {self.spell_option('allow_fragile', True)} and a lower learning rate; to "
+                f"train flat ranks instead, pass {self.spell_option('ignore_fisher_map', True)}"
             )
 
     # ------------------------------------------------------------------ reporting
@@ -256,7 +274,8 @@ class AdaptiveLoRA(Callback):
         if self.lr_warning_threshold is not None:
             return self.lr_warning_threshold, "lr_warning_threshold"
         if self.fragile:
-            return FRAGILE_LR_CEILING, "the ceiling for models marked fragile; set lr_warning_threshold to change it"
+            option = self.spell_option("lr_warning_threshold", None)
+            return FRAGILE_LR_CEILING, f"the ceiling for models marked fragile; set {option} to change it"
         return None, ""
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
