@@ -34,6 +34,7 @@ check sits on the module's ``on_load_checkpoint`` and not in this callback's own
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Callable, Literal, Optional, Union
 
 import lightning.pytorch as pl
@@ -49,6 +50,7 @@ from lightning_fisher.peft_factory.record import applied_map_record
 from lightning_fisher.peft_factory import (
     MapApplication,
     adapter_parameters,
+    candidates_not_in,
     adapter_state_dict,
     adapter_ranks,
     check_model,
@@ -66,6 +68,7 @@ from lightning_fisher.peft_factory import (
     verify_adapter_ranks,
 )
 from lightning_fisher.training.adapter_checkpoint import CHECKPOINT_KEY, checkpoint_entry, guard_checkpoint_loading
+from lightning_fisher.wording import plural
 
 __all__ = ["AdaptiveLoRA", "CHECKPOINT_KEY", "FRAGILE_LR_CEILING", "flag_spelling", "python_spelling", "save_adapter"]
 
@@ -74,6 +77,36 @@ _ADAPTER_NAMES = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr"}
 #: The learning-rate ceiling for a model marked fragile, when ``lr_warning_threshold`` is not
 #: given (the original feature's advice for distilled / few-step models).
 FRAGILE_LR_CEILING = 1e-4
+
+
+_ADAPTED_LINE = re.compile(r"^(  modules adapted: \d+ / )(\d+)( candidates)")
+
+
+def with_unmapped_candidates(summary: str, unmapped: list[str]) -> str:
+    """The fit summary counting the model's candidates the map does not mention, and naming them.
+
+    The summary counts the map's candidates; a model with more (a map edited by hand, or made
+    with other include / exclude patterns) trains those without an adapter, which must not
+    read as "every candidate adapted".
+    """
+    if not unmapped:
+        return summary
+    listed = ", ".join(unmapped[:4]) + (", ..." if len(unmapped) > 4 else "")
+    note = (
+        f"  not in the fisher map, so no adapter: {plural(len(unmapped), 'candidate module')} of this model "
+        f"({listed}); analyse this model again to score them"
+    )
+    lines = summary.splitlines()
+    for index, line in enumerate(lines):
+        counted = _ADAPTED_LINE.match(line)
+        if counted:
+            total = int(counted.group(2)) + len(unmapped)
+            lines[index] = f"{counted.group(1)}{total}{counted.group(3)} on the model" + line[counted.end():]
+            lines.insert(index + 1, note)
+            break
+    else:
+        lines.append(note)
+    return "\n".join(lines)
 
 
 def python_spelling(name: str, value: Any = None) -> str:
@@ -157,6 +190,7 @@ class AdaptiveLoRA(Callback):
         self.config: Any = None
         self.summary: Optional[str] = None
         self._flat: Optional[tuple[int, int]] = None  # (candidates, parameters) of flat LoRA on this model
+        self._unmapped: list[str] = []  # candidates of this model the map does not mention
         #: How messages spell setting one of these options: ``strict=False`` in Python; the
         #: command line sets :func:`flag_spelling` (``--adaptive_lora.strict false``).
         self.spell_option: Callable[[str, Any], str] = python_spelling
@@ -195,6 +229,7 @@ class AdaptiveLoRA(Callback):
             # Before injection wraps the modules: flat LoRA on the candidates of the model trained
             # (the map's own count comes from the analysed model, whose shapes may differ).
             self._flat = flat_lora_on(root, [*self.plan.ranks, *self.plan.excluded], fisher_map.budget.rank)
+            self._unmapped = candidates_not_in(root, [*self.plan.ranks, *self.plan.excluded])
         else:
             # Flat instead of an existing map: like with like, at its base rank and alpha.
             replaced = self._find_ignored_map(trainer) if self.ignore_fisher_map else None
@@ -240,7 +275,7 @@ class AdaptiveLoRA(Callback):
 
     # ------------------------------------------------------------------ reporting
     def _describe(self, root: nn.Module, fisher_map: Optional[FisherMap]) -> str:
-        return fit_summary(
+        summary = fit_summary(
             fisher_map,
             self.plan,
             ranks=adapter_ranks(root, self.adapter_name),
@@ -250,6 +285,7 @@ class AdaptiveLoRA(Callback):
             map_ignored=self.ignore_fisher_map,
             flat=self._flat,
         )
+        return summary if fisher_map is None else with_unmapped_candidates(summary, self._unmapped)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.applied_map is None or self.plan is None:
