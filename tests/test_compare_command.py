@@ -192,3 +192,26 @@ def test_compare_lrs_that_do_not_reach_the_optimizer_is_a_clear_error(dataset, t
         run_compare(["--config", str(config), "--lrs", "1e-3", "--lr-key", "model.init_args.rate"])
     with pytest.raises(CompareError, match=r"--lrs: each must be a positive learning rate, got 0"):
         run_compare(["--config", str(config), "--lrs", "1e-3,0"])
+
+
+def test_compare_output_has_no_lines_a_user_cannot_act_on(dataset, tmp_path):
+    """The console script as a user runs it: one seed, two steps, progress bar and model summary left on."""
+    import os
+    import subprocess
+    import sys
+
+    tests = Path(__file__).parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(tests), os.environ.get("PYTHONPATH")])))
+    script = Path(sys.executable).parent / "lightning-fisher"
+    run = subprocess.run(
+        [str(script), "compare", "--model", "cli_models.TinyClassifier", "--dataset-dir", str(dataset),
+         "--data.batch_size", "8", "--adaptive_lora.adapter_root", "backbone", "--max-steps", "2", "--seeds", "0",
+         "--trainer.default_root_dir", str(tmp_path)],
+        capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    output = run.stdout + run.stderr
+    for noise in ("No seed found", "Seed set to", "GPU available: False", "TPU available: False", "Total params",
+                  "/-2", "seed(s)"):
+        assert noise not in output, noise
+    assert "vs flat LoRA at rank 4: 1 seed, 2 steps per run" in output
+    assert "Epoch 0/1" in output  # the progress bar is still there, with an epoch limit that reads right

@@ -120,7 +120,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"lightning-fisher: unknown subcommand {args[0]!r}\n\n{USAGE}", end="", file=sys.stderr)
         return 2
     try:
-        with lightning_noise_filtered():
+        with lightning_noise_filtered(f"lightning-fisher {args[0]}"):
             return command(args[1:])
     except CommandInterrupted as error:
         print(f"lightning-fisher {args[0]}: {error}", file=sys.stderr)

@@ -29,6 +29,7 @@ from lightning_fisher.fisher_map import FisherMap
 from lightning_fisher.peft_factory import fisher_map_path
 from lightning_fisher.training.compare_runner import compare_fisher_map
 from lightning_fisher.training.datamodule import TensorDirectoryDataModule
+from lightning_fisher.wording import plural
 
 __all__ = ["CompareCLI", "build_compare_cli", "run_compare"]
 
@@ -178,6 +179,8 @@ def build_compare_cli(argv: list[str]) -> CompareCLI:
             subclass_mode_data=True,
             run=False,
             save_config_callback=None,
+            # Every run seeds itself with its --seeds value; a seed here would only say "No seed found".
+            seed_everything_default=False,
             args=normalize_flags(argv),
             parser_kwargs={
                 "prog": "lightning-fisher compare",
@@ -253,6 +256,7 @@ def prepare_config(config, scratch_dir: str) -> list[str]:
     trainer = config.trainer
     trainer.enable_checkpointing = False
     trainer.logger = False
+    trainer.enable_model_summary = False  # the same model table once per run; the arms' table says what differs
     trainer.default_root_dir = scratch_dir
     callbacks = trainer.callbacks
     if callbacks is not None:
@@ -270,7 +274,9 @@ def prepare_config(config, scratch_dir: str) -> list[str]:
         trainer.devices = 1  # fits run one after another; "auto" would start DDP on a multi-GPU machine
     if config.max_steps is not None:
         trainer.max_steps = config.max_steps
-        trainer.max_epochs = -1  # the step count alone decides the length
+        # The step count alone decides the length: an epoch has at least one step, so this many
+        # epochs is never the limit (-1, unlimited, would show as "Epoch 0/-2" on the progress bar).
+        trainer.max_epochs = config.max_steps
     adaptive = config.adaptive_lora
     if adaptive.export_dir is not None:
         notes.append(f"adaptive_lora.export_dir ({adaptive.export_dir}) not written: compare runs are probes")
@@ -323,8 +329,8 @@ def run_compare(argv: list[str]) -> int:
     steps = sorted({run.steps for run in result.runs})
     rates = "" if cli.lrs is None else f", learning rates {', '.join(f'{lr:g}' for lr in result.lrs)} ({cli.lr_key})"
     print(
-        f"\nfisher map{where} vs flat LoRA at rank {fisher_map.budget.rank}: {len(result.seeds)} seed(s)"
-        f"{rates}, {'/'.join(map(str, steps))} steps per run\n"
+        f"\nfisher map{where} vs flat LoRA at rank {fisher_map.budget.rank}: {plural(len(result.seeds), 'seed')}"
+        f"{rates}, {'/'.join(map(str, steps))} step{'' if steps == [1] else 's'} per run\n"
     )
     print(result)
     if result.notes:
