@@ -313,6 +313,18 @@ def test_bitsandbytes_kernel_note_is_filtered_only_inside_the_command():
         "Failed to load CPU gemm_4bit_forward from kernels-community: after the command. Please make sure ..."]
 
 
+def test_kernels_trust_note_and_device_lines_are_filtered_only_inside_the_command():
+    note = "Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes' because Hugging Face Hub is in offline mode."
+    assert noise_filter_passes("kernels._internals.hf_hub", [(note,), ("another kernels warning",)], [(note,)]) == [
+        "another kernels warning", note]
+    passed = noise_filter_passes(
+        "lightning.pytorch.utilities.rank_zero",
+        [("GPU available: False, used: False",), ("TPU available: False, using: 0 TPU cores",),
+         ("GPU available: True (cuda), used: False",)],
+        [("GPU available: False, used: False",)])
+    assert passed == ["GPU available: True (cuda), used: False", "GPU available: False, used: False"]
+
+
 def test_show_prints_table_and_writes_plot(dataset, tmp_path, capsys):
     assert main(analyze_args(dataset)) == 0
     capsys.readouterr()

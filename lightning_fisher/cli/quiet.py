@@ -12,6 +12,8 @@ own script sees Lightning exactly as Lightning prints it.
 - bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community" note, logged on
   CPUs with AVX512-BF16 whenever ``peft`` imports bitsandbytes (installed with the ``quant``
   extra), whether or not the run has a quantized layer; it names an optional faster kernel;
+  with the ``kernels`` package installed and the Hub offline, the same attempt logs "Skipping
+  publisher trust check for 'kernels-community/...'" instead;
 - Lightning's "Detected KeyboardInterrupt, attempting graceful shutdown ...": the command says
   itself, in one line, what an interruption left undone (:mod:`lightning_fisher.cli.interrupts`);
 - "GPU available: False, used: False" / "TPU available: False, ..." on every Trainer: nothing to
@@ -49,6 +51,8 @@ _INTERRUPT_PREFIX = "\nDetected KeyboardInterrupt"
 #: The logger bitsandbytes' CPU backend notes its optional kernel on, and the note's start.
 _BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
 _BNB_KERNEL_NOTE = "Failed to load CPU gemm_4bit_forward from kernels-community"
+_KERNELS_HUB_LOGGER = "kernels._internals.hf_hub"
+_KERNELS_TRUST_NOTE = "Skipping publisher trust check for 'kernels-community/"
 _WARNINGS = (
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",
     r"Total length of `list` across ranks is zero",
@@ -96,6 +100,7 @@ def lightning_noise_filtered(command: str = "lightning-fisher") -> Iterator[None
         for drop in (_DropPrefix(_TIP_PREFIX), _DropPrefix(_INTERRUPT_PREFIX), _DropMatch(_NO_DEVICE))
     ]
     filters.append((logging.getLogger(_BNB_CPU_LOGGER), _DropPrefix(_BNB_KERNEL_NOTE)))
+    filters.append((logging.getLogger(_KERNELS_HUB_LOGGER), _DropPrefix(_KERNELS_TRUST_NOTE)))
     for logger, drop in filters:
         logger.addFilter(drop)
     previous_show = warnings.showwarning
