@@ -103,6 +103,17 @@ def test_checkpoint_dir_reaches_the_model(dataset, tmp_path):
     assert FisherMap.load(tmp_path / "m.json").scores != FisherMap.load(other).scores
 
 
+def test_analyze_names_the_folders_it_creates(dataset, tmp_path, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO)
+    assert main(analyze_args(dataset, "--output", str(tmp_path / "new" / "maps"))) == 0
+    written = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("fisher map written to"))
+    assert written.splitlines()[0] == (f"fisher map written to {tmp_path / 'new' / 'maps' / 'fisher_map.json'} "
+                                       f"(created folders {tmp_path / 'new'}, {tmp_path / 'new' / 'maps'})")
+    assert "  analysis: 16 samples in 2 batches, converged" in written
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [

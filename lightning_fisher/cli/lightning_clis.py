@@ -24,6 +24,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_fisher.allocation_settings import AllocationSettings
+from lightning_fisher.atomic_io import folders_to_create
 from lightning_fisher.cli.arguments import ALIASES, normalize_flags
 from lightning_fisher.cli.interrupts import interrupt_signal
 from lightning_fisher.errors import CommandInterrupted
@@ -239,12 +240,18 @@ def build_analyze_cli(args: list[str], *, exit_on_error: bool = True) -> Analyze
 
 def run_analyze(argv: list[str]) -> int:
     cli = build_analyze_cli(argv, exit_on_error=False)
+    from lightning_fisher.training.analyze import map_destination
+
+    destination = map_destination(cli.datamodule, None, cli.config.output)
+    created = [] if destination is None else folders_to_create(resolve_map_path(destination))
     with _interruption_said(cli, cli.config.output):
         fisher_map = _analyze(cli)
     if cli.trainer.is_global_zero:
         analysis = fisher_map.analysis
+        made = [str(folder) for folder in created if folder.is_dir()]
+        made_note = f" (created folder{'s' if len(made) > 1 else ''} {', '.join(made)})" if made else ""
         rank_zero_info(
-            f"fisher map written to {fisher_map.path}\n  {fisher_map.summary()}\n"
+            f"fisher map written to {fisher_map.path}{made_note}\n  {fisher_map.summary()}\n"
             f"  analysis: {analysis.samples} samples in {plural(analysis.batches, 'batch')}, {analysis.stop_reason}"
         )
     return 0
