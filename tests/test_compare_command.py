@@ -141,6 +141,22 @@ def test_option_errors_name_the_option(dataset, tmp_path, extra, message):
         run_compare(["--config", str(config), *extra])
 
 
+def test_output_that_is_not_a_results_file_is_refused_before_any_run(dataset, tmp_path):
+    config = fit_config(tmp_path / "fit.yaml", dataset, tmp_path / "runs")
+    precious = tmp_path / "precious.json"
+    precious.write_text('{"precious": true}')
+    with pytest.raises(CompareError) as error:
+        run_compare(["--config", str(config), "--seeds", "0", "--output", str(precious)])
+    assert str(error.value) == (
+        f"--output: {precious} exists and is not a compare results file (JSON without compare's keys monitor, arms, "
+        "runs); it is not replaced. Pass another --output, or move that file away first")
+    assert precious.read_text() == '{"precious": true}' and not (tmp_path / "runs").exists()
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(CompareError, match=f"--output: cannot write {blocker / 'r.json'} \\({blocker} is not a folder\\)"):
+        run_compare(["--config", str(config), "--seeds", "0", "--output", str(blocker / "r.json")])
+
+
 class FixedLrClassifier(TinyClassifier):
     """Takes an ``lr`` argument but builds its optimizer at 0.5 whatever it is given."""
 

@@ -12,15 +12,18 @@ data where there is none) is printed under the table.
 from __future__ import annotations
 
 import importlib
+import json
 import math
 import shutil
 import tempfile
+from pathlib import Path
 from typing import Any, Optional, Union
 
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import DeviceStatsMonitor, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
+from lightning_fisher.atomic_io import folders_to_create, unwritable_reason
 from lightning_fisher.cli.arguments import normalize_flags
 from lightning_fisher.cli.lightning_clis import TrainCLI, _args_from_caller, use_flag_spelling
 from lightning_fisher.compare_results import MONITOR, CompareResult
@@ -101,6 +104,8 @@ class CompareCLI(TrainCLI):
         max_steps = self.config.max_steps
         if max_steps is not None and max_steps < 1:
             raise CompareError(f"--max_steps: must be a positive number of steps, got {max_steps}")
+        if self.config.output is not None:
+            check_output(Path(self.config.output))
 
     def instantiate_classes(self) -> None:
         """Nothing yet: every run instantiates its own model, datamodule and trainer (:meth:`new_run`)."""
@@ -140,6 +145,34 @@ def parse_list(value: Any, cast: type, option: str, noun: str = "fraction") -> l
     if not parsed:
         raise CompareError(f"{option}: give at least one value")
     return parsed
+
+
+#: Keys every results file of compare has; a file with them is an earlier run's and may be replaced.
+_RESULT_KEYS = frozenset({"monitor", "arms", "runs"})
+
+
+def check_output(path: Path) -> None:
+    """Refuse ``--output`` before any run when writing it would fail, or would replace a file that is not compare's.
+
+    Raises:
+        CompareError: naming the file and what to do.
+    """
+    reason = unwritable_reason(path)
+    if reason is not None:
+        raise CompareError(f"--output: cannot write {path} ({reason}); pass another --output")
+    if not path.exists():
+        return
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+        ours = isinstance(document, dict) and _RESULT_KEYS <= document.keys()
+        why = "" if ours else "JSON without compare's keys monitor, arms, runs"
+    except (OSError, ValueError) as error:
+        ours, why = False, f"not readable as JSON: {str(error).splitlines()[0]}"
+    if not ours:
+        raise CompareError(
+            f"--output: {path} exists and is not a compare results file ({why}); it is not replaced. Pass another "
+            "--output, or move that file away first"
+        )
 
 
 def learning_rate_key(config, lr_key: Optional[str]) -> str:
@@ -310,6 +343,7 @@ def run_compare(argv: list[str]) -> int:
     config = cli.config
     fisher_map = map_to_compare(config)
     check_validation_step(config)
+    created = [] if config.output is None else folders_to_create(config.output)
     scratch = tempfile.mkdtemp(prefix="lightning-fisher-compare-")
     try:
         notes = prepare_config(config, scratch)
@@ -336,5 +370,6 @@ def run_compare(argv: list[str]) -> int:
     if result.notes:
         print("\nnotes:\n" + "\n".join(f"  - {note}" for note in result.notes))
     if config.output:
-        print(f"\nper-run results written to {config.output}")
+        made = f" (created folder{'s' if len(created) > 1 else ''} {', '.join(map(str, created))})" if created else ""
+        print(f"\nper-run results written to {config.output}{made}")
     return 0
