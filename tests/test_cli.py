@@ -385,6 +385,20 @@ def test_an_interrupted_analysis_says_no_map_was_written(dataset, signal_name, s
     assert (dataset / "fisher_map.json").read_text() == "a previous map"
 
 
+def test_sigterm_during_fit_is_one_line_and_exit_143(dataset, tmp_path):
+    import signal
+
+    process = console_script(*fit_args(dataset, tmp_path / "run", "--model", "cli_models.SlowClassifier"))
+    for line in process.stdout:
+        if line.startswith("training_step 2"):
+            process.send_signal(signal.SIGTERM)
+            break
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 143, err[-3000:]  # was 0: as if the fit had finished
+    assert err.splitlines()[-1] == "lightning-fisher fit: interrupted (SIGTERM) before it finished"
+    assert "Traceback" not in err
+
+
 def test_ctrl_c_while_starting_is_one_line(tmp_path):
     import signal
     import time
