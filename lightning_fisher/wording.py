@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Optional
+import os
+from collections.abc import Sequence
+from typing import Optional, Union
 
-__all__ = ["plural"]
+__all__ = ["folders_created", "plural"]
 
 
 def plural(count: int, noun: str, many: Optional[str] = None) -> str:
@@ -20,3 +22,10 @@ def plural(count: int, noun: str, many: Optional[str] = None) -> str:
     if many is None:
         many = noun + ("es" if noun.endswith(("s", "x", "ch", "sh")) else "s")
     return f"{count:,} {many}"
+
+
+def folders_created(folders: Sequence[Union[str, os.PathLike]]) -> str:
+    """`` (created folder a)`` / `` (created folders a, a/b)`` to add after a file written; ``""`` for none."""
+    if not folders:
+        return ""
+    return f" (created folder{'s' if len(folders) > 1 else ''} {', '.join(map(str, folders))})"

@@ -101,7 +101,7 @@ SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``lightning-fisher`` console script."""
     from lightning_fisher.cli.error_reason import error_reason
-    from lightning_fisher.cli.interrupts import interrupt_signal, restore_interrupt
+    from lightning_fisher.cli.interrupts import interrupt_signal, restore_interrupt, signal_name
     from lightning_fisher.cli.quiet import lightning_noise_filtered
     from lightning_fisher.errors import CommandInterrupted, LightningFisherError
 
@@ -131,8 +131,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         signal_number = interrupt_signal(error)
         if signal_number is None or os.environ.get("LIGHTNING_FISHER_DEBUG"):
             raise
-        name = "Ctrl-C" if signal_number == 2 else "SIGTERM"
-        print(f"lightning-fisher {args[0]}: interrupted ({name}) before it finished", file=sys.stderr)
+        print(f"lightning-fisher {args[0]}: interrupted ({signal_name(signal_number)}) before it finished",
+              file=sys.stderr)
         return 128 + signal_number
     except (ArgumentError, LightningFisherError, ValueError, ImportError) as error:
         if os.environ.get("LIGHTNING_FISHER_DEBUG"):

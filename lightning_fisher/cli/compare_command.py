@@ -32,7 +32,7 @@ from lightning_fisher.fisher_map import FisherMap
 from lightning_fisher.peft_factory import fisher_map_path
 from lightning_fisher.training.compare_runner import compare_fisher_map
 from lightning_fisher.training.datamodule import TensorDirectoryDataModule
-from lightning_fisher.wording import plural
+from lightning_fisher.wording import folders_created, plural
 
 __all__ = ["CompareCLI", "build_compare_cli", "run_compare"]
 
@@ -370,6 +370,5 @@ def run_compare(argv: list[str]) -> int:
     if result.notes:
         print("\nnotes:\n" + "\n".join(f"  - {note}" for note in result.notes))
     if config.output:
-        made = f" (created folder{'s' if len(created) > 1 else ''} {', '.join(map(str, created))})" if created else ""
-        print(f"\nper-run results written to {config.output}{made}")
+        print(f"\nper-run results written to {config.output}{folders_created(created)}")
     return 0

@@ -17,7 +17,7 @@ import threading
 from types import FrameType
 from typing import Optional
 
-__all__ = ["interrupt_signal", "quiet_interrupt_while_starting", "restore_interrupt"]
+__all__ = ["interrupt_signal", "quiet_interrupt_while_starting", "restore_interrupt", "signal_name"]
 
 _STARTING_LINE = "lightning-fisher: interrupted while starting; nothing was done\n"
 
@@ -32,6 +32,11 @@ def interrupt_signal(error: BaseException) -> Optional[int]:
         if isinstance(error.__context__, KeyboardInterrupt):  # Lightning's sys.exit(1) on Ctrl-C
             return signal.SIGINT
     return None
+
+
+def signal_name(signal_number: int) -> str:
+    """``Ctrl-C`` for SIGINT, else the signal's name (``SIGTERM``)."""
+    return "Ctrl-C" if signal_number == signal.SIGINT else signal.Signals(signal_number).name
 
 
 def _starting_interrupted(signum: int, frame: Optional[FrameType]) -> None:

@@ -29,7 +29,7 @@ from lightning_fisher.cli.arguments import ALIASES, normalize_flags
 from lightning_fisher.cli.interrupts import interrupt_signal
 from lightning_fisher.errors import CommandInterrupted
 from lightning_fisher.map_codec import resolve_map_path
-from lightning_fisher.wording import plural
+from lightning_fisher.wording import folders_created, plural
 from lightning_fisher.stability import StabilityRule
 from lightning_fisher.timesteps import FOCUS_HELP, TimestepFocus
 from lightning_fisher.training.adaptive_lora import AdaptiveLoRA, flag_spelling
@@ -248,10 +248,9 @@ def run_analyze(argv: list[str]) -> int:
         fisher_map = _analyze(cli)
     if cli.trainer.is_global_zero:
         analysis = fisher_map.analysis
-        made = [str(folder) for folder in created if folder.is_dir()]
-        made_note = f" (created folder{'s' if len(made) > 1 else ''} {', '.join(made)})" if made else ""
+        made = folders_created([folder for folder in created if folder.is_dir()])
         rank_zero_info(
-            f"fisher map written to {fisher_map.path}{made_note}\n  {fisher_map.summary()}\n"
+            f"fisher map written to {fisher_map.path}{made}\n  {fisher_map.summary()}\n"
             f"  analysis: {analysis.samples} samples in {plural(analysis.batches, 'batch')}, {analysis.stop_reason}"
         )
     return 0

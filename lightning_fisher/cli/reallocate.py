@@ -25,6 +25,7 @@ from lightning_fisher.errors import FisherMapWriteError
 from lightning_fisher.fisher_map import FisherMap, resolve_map_path
 from lightning_fisher.map_codec import FISHER_MAP_FILENAME
 from lightning_fisher.map_backup import read_previous, save_keeping_previous
+from lightning_fisher.wording import folders_created
 
 __all__ = ["build_parser", "run_reallocate"]
 
@@ -99,10 +100,8 @@ def run_reallocate(argv: list[str]) -> int:
     new = fisher_map.reallocate(settings, lora_alpha=args.lora_alpha)
     created = folders_to_create(target)
     saved = save_keeping_previous(new, target)
-    lines = [f"{saved.path}: {settings.describe()}", f"  {new.summary()}", f"  from {source}: {fisher_map.summary()}"]
-    if created:
-        lines.append(f"  created folder {created[-1]}" if len(created) == 1 else
-                     f"  created folders {', '.join(map(str, created))}")
+    lines = [f"{saved.path}{folders_created(created)}: {settings.describe()}", f"  {new.summary()}",
+             f"  from {source}: {fisher_map.summary()}"]
     if saved.note:
         lines.append(f"  {saved.note}")
     if saved.previous is not None:

@@ -13,6 +13,7 @@ from lightning_fisher.errors import ReportWriteError
 from lightning_fisher.fisher_map import FisherMap
 from lightning_fisher.report import format_map_table, map_csv, map_json, plot_map
 from lightning_fisher.report.plot import PLOT_INSTALL_HINT
+from lightning_fisher.wording import folders_created
 
 __all__ = ["run_show"]
 
@@ -57,9 +58,8 @@ def run_show(argv: list[str]) -> int:
             written = plot_map(fisher_map, args.plot)
         except OSError as error:  # the folder was checked; this is a full disk or a change since
             raise ReportWriteError(f"{args.plot}: cannot write the heatmap ({error})", path=args.plot) from error
-        made = f" (created folder{'s' if len(created) > 1 else ''} {', '.join(map(str, created))})" if created else ""
         # stdout holds only the records in a data format, so a pipe gets clean JSON / CSV
-        print(f"heatmap written to {written}{made}", file=sys.stdout if args.format == "text" else sys.stderr)
+        print(f"heatmap written to {written}{folders_created(created)}", file=sys.stdout if args.format == "text" else sys.stderr)
     return 0
 
 
