@@ -360,8 +360,9 @@ def console_script(*argv, **popen):
 
 def interrupted_analysis(dataset, signal_number):
     """Send ``signal_number`` once the analysis is at its third batch; ``(status, stderr lines)``."""
-    args = analyze_args(dataset, "--model", "cli_models.SlowClassifier", "--stability-threshold", "1.0",
-                        "--max-batches", "100")
+    # 1.5 s a batch: the signal lands inside the third batch even on a busy machine
+    args = analyze_args(dataset, "--model", "cli_models.SlowClassifier", "--model.init_args.delay", "1.5",
+                        "--stability-threshold", "1.0", "--max-batches", "100")
     process = console_script(*args)
     for line in process.stdout:
         if line.startswith("training_step 2"):
