@@ -88,9 +88,12 @@ def write_text_atomic(path: PathLike, text: str, *, make_parents: bool = False) 
 
 
 def folders_to_create(path: PathLike) -> list[Path]:
-    """The missing parent folders of ``path``, outermost first: what ``make_parents=True`` would create."""
+    """The missing parent folders of ``path``, outermost first: what ``make_parents=True`` would create.
+
+    Spelled as ``path`` is (relative stays relative), for messages.
+    """
     missing = []
-    folder = Path(path).absolute().parent
+    folder = Path(path).parent
     while not folder.exists() and folder != folder.parent:
         missing.append(folder)
         folder = folder.parent
