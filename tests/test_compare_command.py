@@ -231,3 +231,30 @@ def test_compare_output_has_no_lines_a_user_cannot_act_on(dataset, tmp_path):
         assert noise not in output, noise
     assert "vs flat LoRA at rank 4: 1 seed, 2 steps per run" in output
     assert "Epoch 0/1" in output  # the progress bar is still there, with an epoch limit that reads right
+
+
+def test_an_interrupted_compare_says_which_runs_it_kept(dataset, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    tests = Path(__file__).parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(tests), os.environ.get("PYTHONPATH")])))
+    output = tmp_path / "results.json"
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "lightning-fisher"), "compare", "--model", "cli_models.SlowClassifier",
+         "--model.init_args.delay", "0.5", "--dataset-dir", str(dataset), "--data.batch_size", "8",
+         "--adaptive_lora.adapter_root", "backbone", "--max-steps", "2", "--seeds", "0", "--output", str(output),
+         "--trainer.enable_progress_bar", "false"],
+        env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path)
+    first_done = False
+    for line in process.stdout:
+        first_done = first_done or line.startswith("compare [1/2]")
+        if first_done and line.startswith("training_step 0"):  # inside the second run
+            process.send_signal(signal.SIGINT)
+            break
+    rest, _ = process.communicate(timeout=300)
+    assert process.returncode == 130, rest[-3000:]
+    assert rest.splitlines()[-1] == f"lightning-fisher compare: interrupted; the results of 1 finished run are in {output}"
+    assert [run["arm"] for run in json.loads(output.read_text())["runs"]] == ["flat"]

@@ -16,6 +16,7 @@ import json
 import math
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -25,9 +26,10 @@ from lightning.pytorch.cli import LightningCLI
 
 from lightning_fisher.atomic_io import folders_to_create, unwritable_reason
 from lightning_fisher.cli.arguments import normalize_flags
+from lightning_fisher.cli.interrupts import interrupt_signal
 from lightning_fisher.cli.lightning_clis import TrainCLI, _args_from_caller, use_flag_spelling
 from lightning_fisher.compare_results import MONITOR, CompareResult
-from lightning_fisher.errors import CompareError, FisherMapNotFoundError
+from lightning_fisher.errors import CommandInterrupted, CompareError, FisherMapNotFoundError
 from lightning_fisher.fisher_map import FisherMap
 from lightning_fisher.peft_factory import fisher_map_path
 from lightning_fisher.training.compare_runner import compare_fisher_map
@@ -337,6 +339,23 @@ def prepare_config(config, scratch_dir: str) -> list[str]:
     return notes
 
 
+def interrupted_compare(output: Optional[str], started: float) -> str:
+    """What an interrupted compare leaves: the runs that finished are in ``output`` (written after each)."""
+    if output is None:
+        return "interrupted: no results kept (--output FILE keeps each finished run's results)"
+    path = Path(output)
+    runs = 0
+    if path.is_file() and path.stat().st_mtime >= started:
+        try:
+            runs = len(json.loads(path.read_text(encoding="utf-8"))["runs"])
+        except (OSError, ValueError, KeyError, TypeError):
+            runs = 0
+    if runs:
+        return f"interrupted; the results of {plural(runs, 'finished run')} are in {output}"
+    kept = "; the earlier results there are unchanged" if path.is_file() else ""
+    return f"interrupted before the first run finished: nothing written to {output}{kept}"
+
+
 def run_compare(argv: list[str]) -> int:
     """``lightning-fisher compare [fit options] [--budgets 1.0,0.5] [--criteria trace,spectrum] [--seeds 0,1,2] [--lrs ...]``."""
     cli = build_compare_cli(argv)
@@ -345,6 +364,7 @@ def run_compare(argv: list[str]) -> int:
     check_validation_step(config)
     created = [] if config.output is None else folders_to_create(config.output)
     scratch = tempfile.mkdtemp(prefix="lightning-fisher-compare-")
+    started = time.time()
     try:
         notes = prepare_config(config, scratch)
         result: CompareResult = compare_fisher_map(
@@ -357,6 +377,11 @@ def run_compare(argv: list[str]) -> int:
             output=config.output,
             notes=notes,
         )
+    except (KeyboardInterrupt, SystemExit) as error:
+        signal_number = interrupt_signal(error)
+        if signal_number is None:
+            raise
+        raise CommandInterrupted(interrupted_compare(config.output, started), signal_number=signal_number) from None
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     where = f" {result.fisher_map_path}" if result.fisher_map_path else ""
