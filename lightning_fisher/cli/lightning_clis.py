@@ -17,6 +17,7 @@ import dataclasses
 import sys
 import typing
 import warnings
+from pathlib import Path
 from typing import Literal, Optional, Union
 
 from lightning.pytorch import LightningDataModule, LightningModule
@@ -244,7 +245,7 @@ def run_analyze(argv: list[str]) -> int:
 
     destination = map_destination(cli.datamodule, None, cli.config.output)
     created = [] if destination is None else folders_to_create(resolve_map_path(destination))
-    with _interruption_said(cli, cli.config.output):
+    with _interruption_said(cli, destination):
         fisher_map = _analyze(cli)
     if cli.trainer.is_global_zero:
         analysis = fisher_map.analysis
@@ -281,28 +282,38 @@ def _analyze(cli: AnalyzeCLI):
 
 
 @contextlib.contextmanager
-def _interruption_said(cli: AnalyzeCLI, output: Optional[str]):
+def _interruption_said(cli: AnalyzeCLI, destination: Optional[Path]):
     """Ctrl-C or SIGTERM during the analysis: one line saying that no map was written, exit 130 / 143.
 
     Lightning ends ``fit`` on Ctrl-C with ``sys.exit(1)`` and on SIGTERM with a ``SystemExit``
-    that would exit 0; either way nothing was written, and the user should hear it.
+    that would exit 0; either way nothing was written, and the user should hear it. (A signal
+    in the moment after the map was saved says so instead.)
     """
+    file = None if destination is None else resolve_map_path(destination)
+    before = _file_state(file)
     try:
         yield
     except (KeyboardInterrupt, SystemExit) as error:
         signal_number = interrupt_signal(error)
         if signal_number is None:
             raise
-        from lightning_fisher.training.analyze import map_destination
-
         batches = cli.trainer.fit_loop.epoch_loop.batch_progress.total.completed
-        destination = map_destination(cli.datamodule, None, output)
-        previous = destination is not None and resolve_map_path(destination).is_file()
-        raise CommandInterrupted(
-            f"analysis interrupted after {plural(batches, 'batch')}: no map written"
-            + ("; the previous map is unchanged" if previous else ""),
-            signal_number=signal_number,
-        ) from None
+        if _file_state(file) != before:
+            message = f"interrupted after the fisher map was written to {file}"
+        else:
+            message = f"analysis interrupted after {plural(batches, 'batch')}: no map written" + (
+                "; the previous map is unchanged" if before is not None else ""
+            )
+        raise CommandInterrupted(message, signal_number=signal_number) from None
+
+
+def _file_state(file: Optional[Path]) -> Optional[tuple[int, int]]:
+    """``(mtime_ns, inode)`` of a file, ``None`` when there is none: changed by any atomic replace."""
+    try:
+        stat = file.stat() if file is not None else None
+    except OSError:
+        return None
+    return None if stat is None else (stat.st_mtime_ns, stat.st_ino)
 
 
 def run_trainer_subcommand(subcommand: str, argv: list[str]) -> int:
