@@ -6,7 +6,7 @@ import os
 from collections.abc import Sequence
 from typing import Optional, Union
 
-__all__ = ["folders_created", "plural"]
+__all__ = ["a_or_an", "folders_created", "plural"]
 
 
 def plural(count: int, noun: str, many: Optional[str] = None) -> str:
@@ -22,6 +22,11 @@ def plural(count: int, noun: str, many: Optional[str] = None) -> str:
     if many is None:
         many = noun + ("es" if noun.endswith(("s", "x", "ch", "sh")) else "s")
     return f"{count:,} {many}"
+
+
+def a_or_an(word: str) -> str:
+    """``a Tensor``, ``an int``, ``an OrderedDict``: the word with its indefinite article (by its first letter)."""
+    return f"{'an' if word[:1].lower() in 'aeiou' else 'a'} {word}"
 
 
 def folders_created(folders: Sequence[Union[str, os.PathLike]]) -> str:
