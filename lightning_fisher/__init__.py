@@ -10,7 +10,17 @@ The core (map, allocation, collector, PEFT factory) is plain PyTorch. The Lightn
 from __future__ import annotations
 
 import importlib
+import os as _os
+import sys as _sys
 from typing import Any
+
+# The console script imports this package, and torch with it, before its main() runs: Ctrl-C in
+# those seconds would print a long traceback through torch's import. In that process only,
+# Ctrl-C prints one line instead until main() starts (lightning_fisher.cli.interrupts).
+if _sys.argv and _os.path.basename(_sys.argv[0]).removesuffix(".exe") == "lightning-fisher":
+    from lightning_fisher.cli.interrupts import quiet_interrupt_while_starting
+
+    quiet_interrupt_while_starting()
 
 from lightning_fisher._version import __version__
 from lightning_fisher.accumulator import FisherAccumulator

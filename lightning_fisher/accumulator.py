@@ -27,6 +27,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from lightning_fisher.errors import FisherAnalysisError
+from lightning_fisher.wording import plural
 
 __all__ = ["FisherAccumulator"]
 
@@ -155,8 +156,8 @@ class FisherAccumulator:
         n = float(self._count.sum())
         if n == 0:
             raise FisherAnalysisError(
-                f"no finite per-sample gradients in {self.num_batches} batches "
-                f"({self.num_skipped} samples skipped as non-finite); check the loss for nan/inf "
+                f"no finite per-sample gradients in {plural(self.num_batches, 'batch')} "
+                f"({plural(self.num_skipped, 'sample')} skipped as non-finite); check the loss for nan/inf "
                 "and that the analysis ran at least one batch"
             )
         return n

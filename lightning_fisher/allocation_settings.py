@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, Optional, TypeVar
 
 from lightning_fisher.errors import SettingsError
+from lightning_fisher.wording import a_or_an
 
 __all__ = ["ALLOCATION_MODES", "CRITERIA", "AllocationSettings", "allocation_from_options", "field_help", "resolve_settings",
            "settings_or_options"]
@@ -94,8 +95,14 @@ class AllocationSettings:
         if self.rank_min > self.rank_max:
             raise SettingsError(f"rank_min ({self.rank_min}) is greater than rank_max ({self.rank_max})", field="rank_min")
         if not self.rank_min <= self.rank <= self.rank_max:
+            # The bound in the way is often a default the caller never set: say so, and which to change.
+            bound, more = ("rank_min", "or less") if self.rank < self.rank_min else ("rank_max", "or more")
+            value = getattr(self, bound)
+            default = " (the default)" if value == AllocationSettings.__dataclass_fields__[bound].default else ""
             raise SettingsError(
-                f"rank ({self.rank}) must lie within [rank_min, rank_max] = [{self.rank_min}, {self.rank_max}]",
+                f"rank ({self.rank}) must lie within [rank_min, rank_max] = [{self.rank_min}, {self.rank_max}]: "
+                f"{bound} is {value}{default}; pass {bound}={self.rank} {more} with it "
+                f"(--{bound.replace('_', '-')} {self.rank} on the command line)",
                 field="rank",
             )
         if self.mode not in ALLOCATION_MODES:
@@ -194,7 +201,7 @@ def settings_or_options(settings: str, cls: type, options: Sequence[str]) -> Cal
                 both = [name for name in options if name in passed]
                 if both:
                     raise TypeError(
-                        f"{owner}: give either {_article(cls.__name__)} {cls.__name__} ({settings}=) or the individual "
+                        f"{owner}: give either {a_or_an(cls.__name__)} ({settings}=) or the individual "
                         f"options ({', '.join(both)}), not both; e.g. {settings}=dataclasses.replace({settings}, ...)"
                     )
             return function(*args, **kwargs)
@@ -202,10 +209,6 @@ def settings_or_options(settings: str, cls: type, options: Sequence[str]) -> Cal
         return checked  # type: ignore[return-value]
 
     return decorate
-
-
-def _article(noun: str) -> str:
-    return "an" if noun[:1].lower() in "aeiou" else "a"
 
 
 #: The allocation options that functions take one by one beside ``allocation=`` (``rank_mode``
@@ -241,7 +244,7 @@ def resolve_settings(cls: type[_S], given: Optional[_S], options: Mapping[str, A
     changed = sorted(name for name, value in options.items() if value != defaults[name])
     if changed:
         raise TypeError(
-            f"{owner}: give either {_article(cls.__name__)} {cls.__name__} or the individual options ({', '.join(changed)}), "
+            f"{owner}: give either {a_or_an(cls.__name__)} or the individual options ({', '.join(changed)}), "
             f"not both; e.g. dataclasses.replace(settings, {changed[0]}=...)"
         )
     return given

@@ -22,9 +22,9 @@ import errno
 import os
 import uuid
 from pathlib import Path
-from typing import BinaryIO, Iterator, Union
+from typing import BinaryIO, Iterator, Optional, Union
 
-__all__ = ["atomic_writer", "write_bytes_atomic", "write_text_atomic"]
+__all__ = ["atomic_writer", "folders_to_create", "unwritable_reason", "write_bytes_atomic", "write_text_atomic"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -85,6 +85,39 @@ def write_bytes_atomic(path: PathLike, data: bytes, *, make_parents: bool = Fals
 def write_text_atomic(path: PathLike, text: str, *, make_parents: bool = False) -> Path:
     """:func:`write_bytes_atomic` of ``text`` encoded as UTF-8 (newlines written as given)."""
     return write_bytes_atomic(path, text.encode("utf-8"), make_parents=make_parents)
+
+
+def folders_to_create(path: PathLike) -> list[Path]:
+    """The missing parent folders of ``path``, outermost first: what ``make_parents=True`` would create.
+
+    Spelled as ``path`` is (relative stays relative), for messages.
+    """
+    missing = []
+    folder = Path(path).parent
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing[::-1]
+
+
+def unwritable_reason(path: PathLike) -> Optional[str]:
+    """Why ``path`` cannot be written (with its missing folders created), or ``None`` when it can.
+
+    Checked before the work whose result goes there, so a long run or a printed report does not
+    end in an error: the nearest existing folder must be a writable folder, and ``path`` itself
+    must not be a folder.
+    """
+    target = Path(path)
+    if target.is_dir():
+        return f"{target} is a folder"
+    existing = target.absolute().parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not a writable folder"
+    return None
 
 
 def _fsync_folder(folder: Path) -> None:

@@ -78,6 +78,7 @@ from torch import nn
 
 from lightning_fisher.candidates import SUPPORTED_TYPE_NAMES, module_type_name, num_parameters, select_candidates
 from lightning_fisher.errors import CandidateSelectionError, FisherAnalysisError
+from lightning_fisher.wording import a_or_an
 from lightning_fisher.per_sample_norms import (
     CHUNK_ELEMENTS,
     GramBlocks,
@@ -263,7 +264,7 @@ class FisherCollector:
                 kind = module_type_name(module)
             except CandidateSelectionError as err:
                 raise CandidateSelectionError(
-                    f"candidate {name!r} is a {type(module).__name__}; supported types are "
+                    f"candidate {name!r} is {a_or_an(type(module).__name__)}; supported types are "
                     f"{', '.join(SUPPORTED_TYPE_NAMES)}"
                 ) from err
             if kind == "Embedding" and module.scale_grad_by_freq:

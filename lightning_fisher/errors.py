@@ -100,3 +100,30 @@ class SettingsError(LightningFisherError, ValueError):
 
 class CompareError(LightningFisherError, ValueError):
     """A comparison of flat LoRA with a fisher map cannot be planned or run (bad option, no validation data, metric not logged)."""
+
+
+class CommandInterrupted(LightningFisherError):
+    """A run was stopped by a signal (Ctrl-C / SIGINT, or SIGTERM) before it finished.
+
+    Attributes:
+        signal_number: the signal that stopped it.
+        exit_code: ``128 + signal_number``, the status a shell reports for a process ended by it
+            (130 for Ctrl-C, 143 for SIGTERM).
+    """
+
+    def __init__(self, message: str, *, signal_number: int) -> None:
+        self.signal_number = signal_number
+        self.exit_code = 128 + signal_number
+        super().__init__(message)
+
+
+class ReportWriteError(LightningFisherError):
+    """A report file (a heatmap, a table) could not be written; nothing was written there.
+
+    Attributes:
+        path: the file concerned.
+    """
+
+    def __init__(self, message: str, *, path: str | Path) -> None:
+        self.path = Path(path)
+        super().__init__(message)

@@ -37,6 +37,7 @@ from lightning_fisher.errors import (
     SettingsError,
 )
 from lightning_fisher import map_records as records
+from lightning_fisher.patterns import exact_module_key
 
 if TYPE_CHECKING:  # pragma: no cover
     from lightning_fisher.fisher_map import FisherMap
@@ -217,6 +218,13 @@ def write_document(document: Mapping[str, Any], path: PathLike) -> Path:
 
 
 # ---------------------------------------------------------------------------- checks
+def _recorded_rank(document: Mapping[str, Any], name: str) -> Optional[int]:
+    """The rank ``$.rank_pattern`` records for module ``name``, if it is a number there."""
+    pattern = document.get("rank_pattern")
+    value = pattern.get(exact_module_key(name)) if isinstance(pattern, Mapping) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 @lru_cache(maxsize=None)
 def _schema(version: int) -> dict[str, Any]:
     text = resources.files("lightning_fisher").joinpath("schema", f"fisher_map.v{version}.json").read_text("utf-8")
@@ -284,6 +292,19 @@ def check_consistency(fisher_map: "FisherMap", document: Mapping[str, Any], path
                 f"[{budget.rank_min}, {budget.rank_max}]{limit}",
             )
         expected_alpha = fisher_map.alpha.alpha_for(module.rank, budget.rank)
+        recorded = _recorded_rank(document, module.name)
+        if (
+            recorded is not None
+            and recorded != module.rank
+            and math.isclose(module.alpha, fisher_map.alpha.alpha_for(recorded, budget.rank), rel_tol=1e-9)
+        ):
+            # The alpha and $.rank_pattern both still give the old rank: the rank is what changed.
+            fail(
+                f"$.modules[{index}].rank",
+                f"rank {module.rank} of {module.name!r} was changed alone: its alpha {module.alpha:g} and "
+                f"$.rank_pattern still give rank {recorded}. Change a rank with `lightning-fisher reallocate` "
+                "(or edit the rank, alpha, rank_pattern, alpha_pattern and budget.lora_parameters together)",
+            )
         if not math.isclose(module.alpha, expected_alpha, rel_tol=1e-9):
             fail(
                 f"$.modules[{index}].alpha",

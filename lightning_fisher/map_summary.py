@@ -26,6 +26,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Union
 
+from lightning_fisher.wording import plural
+
 if TYPE_CHECKING:  # fisher_map imports this module for FisherMap.summary()
     from lightning_fisher.fisher_map import FisherMap, TimestepFocusRecord
     from lightning_fisher.peft_factory import MapApplication
@@ -79,10 +81,10 @@ def summary_line(fisher_map: FisherMap) -> str:
     full = at_full_size(fisher_map)
     if full:
         shown = ", ".join(f"{name} {rank}" for name, rank in list(full.items())[:3]) + (", ..." if len(full) > 3 else "")
-        line += f"; {_count(len(full), 'module')} at full size, rank min(d_in, d_out) ({shown})"
+        line += f"; {plural(len(full), 'module')} at full size, rank min(d_in, d_out) ({shown})"
     analysis = fisher_map.analysis
     if analysis is not None and not analysis.converged:
-        line += f"; NOT converged ({analysis.stop_reason.replace('_', ' ')} after {analysis.batches} batches)"
+        line += f"; NOT converged ({analysis.stop_reason.replace('_', ' ')} after {plural(analysis.batches, 'batch')})"
     if analysis is not None and analysis.skipped_samples:
         line += f"; {analysis.skipped_samples:,} non-finite samples skipped"
     return line
@@ -94,10 +96,6 @@ def at_full_size(fisher_map: FisherMap) -> dict[str, int]:
     rank_max = fisher_map.budget.rank_max
     return {m.name: m.rank for m in fisher_map.modules
             if m.rank is not None and m.rank_limit < rank_max and m.rank == m.rank_limit}
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def stop_line(fisher_map: FisherMap) -> str:
@@ -113,7 +111,7 @@ def stop_line(fisher_map: FisherMap) -> str:
     analysis = fisher_map.analysis
     if analysis is None:
         return "no analysis record: the map was built from given scores"
-    seen = f"{analysis.batches:,} batches ({analysis.samples:,} samples)"
+    seen = f"{plural(analysis.batches, 'batch')} ({plural(analysis.samples, 'sample')})"
     skipped = f"; {analysis.skipped_samples:,} non-finite samples skipped" if analysis.skipped_samples else ""
     rule = analysis.stability
     last = "n/a" if rule is None or rule.last_correlation is None else f"{rule.last_correlation:.3f}"
@@ -121,11 +119,11 @@ def stop_line(fisher_map: FisherMap) -> str:
     if correlation_of is not None:
         last = f"{last} (of {correlation_of})"
     if analysis.converged:
-        needs = "" if rule is None else f", at least {rule.threshold:g} for {rule.patience} batches"
+        needs = "" if rule is None else f", at least {rule.threshold:g} for {plural(rule.patience, 'batch')}"
         return f"analysis converged after {seen}: split-half Spearman {last}{needs}{skipped}"
     why = {"data_exhausted": "the data ran out", "max_batches": "max_batches was reached",
            "interrupted": "the run was interrupted"}.get(analysis.stop_reason, analysis.stop_reason)
-    needs = "" if rule is None else f" (needs {rule.threshold:g} for {rule.patience} batches)"
+    needs = "" if rule is None else f" (needs {rule.threshold:g} for {plural(rule.patience, 'batch')})"
     return (
         f"analysis did NOT converge: {why} after {seen}, split-half Spearman {last}{needs}{skipped}. "
         "The module ranking may not be reproducible: analyse more samples (more data, max_epochs > 1 for "
@@ -170,7 +168,7 @@ def header_fields(fisher_map: FisherMap) -> list[tuple[str, str]]:
         fields.append(
             (
                 "analysis",
-                f"{analysis.score}, {analysis.samples:,} samples in {analysis.batches:,} batches "
+                f"{analysis.score}, {plural(analysis.samples, 'sample')} in {plural(analysis.batches, 'batch')} "
                 f"({analysis.skipped_samples:,} skipped){processes}, loss reduction {analysis.loss_reduction}",
             )
         )
@@ -252,7 +250,7 @@ def plot_title(fisher_map: FisherMap) -> str:
         second = "no analysis record"
     else:
         second = f"focus {analysis.timestep_focus.focus.describe()}"
-        second += f", {analysis.samples:,} samples, {analysis.batches:,} batches, {analysis.stop_reason}"
+        second += f", {plural(analysis.samples, 'sample')}, {plural(analysis.batches, 'batch')}, {analysis.stop_reason}"
     budget = fisher_map.budget
     ratio = times_flat(budget.lora_parameters, budget.flat_lora_parameters)
     second += f"; {_adapted(fisher_map, 'adapted')}, {ratio} flat rank {budget.rank} parameters"
@@ -326,7 +324,7 @@ def fit_summary(
     analysis = fisher_map.analysis
     if analysis is not None:
         lines.append(
-            f"  analysis: {analysis.samples} samples in {analysis.batches} batches, {analysis.stop_reason}; "
+            f"  analysis: {plural(analysis.samples, 'sample')} in {plural(analysis.batches, 'batch')}, {analysis.stop_reason}; "
             f"timestep focus {analysis.timestep_focus.focus.describe()}"
         )
     if application.outside_root:

@@ -91,8 +91,14 @@ class StabilityRule:
             raise SettingsError(
                 f"patience (convergence_patience): must be a positive integer, got {self.patience!r}", field="patience"
             )
-        if not (isinstance(self.threshold, (int, float)) and -1.0 <= self.threshold <= 1.0):
-            raise SettingsError(f"threshold: must be a correlation in [-1, 1], got {self.threshold!r}", field="threshold")
+        # A negative threshold would count halves that rank the modules in opposite orders as stable.
+        threshold = self.threshold
+        if isinstance(threshold, bool) or not (isinstance(threshold, (int, float)) and 0.0 <= threshold <= 1.0):
+            raise SettingsError(
+                f"threshold (stability_threshold): must be a split-half correlation in [0, 1], got {threshold!r}; "
+                "below 0 the rule would count halves that disagree as stable (0.9 by default)",
+                field="threshold",
+            )
         if isinstance(self.min_batches, bool) or not isinstance(self.min_batches, int) or self.min_batches < 0:
             raise SettingsError(f"min_batches: must be a non-negative integer, got {self.min_batches!r}", field="min_batches")
         if self.max_batches is not None:

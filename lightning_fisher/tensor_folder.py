@@ -41,6 +41,7 @@ from safetensors.torch import save as _safetensors_bytes
 from lightning_fisher.atomic_io import atomic_writer, write_bytes_atomic
 from lightning_fisher.errors import DatasetFolderError
 from lightning_fisher.natural_sort import natural_key
+from lightning_fisher.wording import a_or_an
 
 __all__ = [
     "SAMPLE_SUFFIXES",
@@ -133,7 +134,7 @@ def _as_sample(obj: object, path: Path) -> dict[str, torch.Tensor]:
     """Check that a loaded object is a flat, non-empty dict of tensors; turn numbers into 0-d tensors."""
     if not isinstance(obj, Mapping):
         raise DatasetFolderError(
-            f"sample file {path} holds a {type(obj).__name__}, not a dict of tensors; {_EXPECTED_LAYOUT}",
+            f"sample file {path} holds {a_or_an(type(obj).__name__)}, not a dict of tensors; {_EXPECTED_LAYOUT}",
             path=path,
         )
     if not obj:
@@ -160,7 +161,7 @@ def _as_sample(obj: object, path: Path) -> dict[str, torch.Tensor]:
                 ) from error
         else:
             raise DatasetFolderError(
-                f"sample file {path}: value of key {key!r} is a {type(value).__name__}; sample files must be "
+                f"sample file {path}: value of key {key!r} is {a_or_an(type(value).__name__)}; sample files must be "
                 "flat dicts whose values are tensors (or plain int/float numbers). Convert it to a tensor, or "
                 "drop it, in your preprocessing",
                 path=path,
@@ -426,7 +427,7 @@ class TensorFolderDataset(torch.utils.data.Dataset):
 def _prepare_for_save(sample: object, index: int) -> dict[str, torch.Tensor]:
     if not isinstance(sample, Mapping) or not sample:
         raise DatasetFolderError(
-            f"sample {index} to write is a {type(sample).__name__}{' (empty)' if isinstance(sample, Mapping) else ''}; "
+            f"sample {index} to write is {a_or_an(type(sample).__name__)}{' (empty)' if isinstance(sample, Mapping) else ''}; "
             "write_sample_folder expects each sample to be a non-empty dict of tensors"
         )
     prepared: dict[str, torch.Tensor] = {}
@@ -437,7 +438,7 @@ def _prepare_for_save(sample: object, index: int) -> dict[str, torch.Tensor]:
             value = torch.tensor(value)
         if not isinstance(value, torch.Tensor):
             raise DatasetFolderError(
-                f"sample {index} to write: value of key {key!r} is a {type(value).__name__}; values must be tensors"
+                f"sample {index} to write: value of key {key!r} is {a_or_an(type(value).__name__)}; values must be tensors"
             )
         # A copy with its own compact storage: saving a view of a big batch would otherwise write
         # the whole batch into every file (torch.save) or fail on shared memory (safetensors).

@@ -1,5 +1,6 @@
 """Small LightningModules for command-line tests, importable as ``cli_models.TinyClassifier`` / ``cli_models.TinyFlow``."""
 
+import time
 from typing import Literal, Optional
 
 import lightning.pytorch as pl
@@ -70,3 +71,17 @@ class TinyFlow(pl.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.hparams.lr)
+
+
+class SlowClassifier(TinyClassifier):
+    """:class:`TinyClassifier` that says on stdout which batch it is at and takes ``delay`` seconds a batch,
+    so a test can interrupt an analysis while it runs."""
+
+    def __init__(self, delay: float = 0.3, **kwargs):
+        super().__init__(**kwargs)
+        self.delay = delay
+
+    def training_step(self, batch, batch_idx):
+        print(f"training_step {batch_idx}", flush=True)
+        time.sleep(self.delay)
+        return super().training_step(batch, batch_idx)

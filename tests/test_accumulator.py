@@ -64,6 +64,10 @@ def test_zero_samples_raises_clear_error() -> None:
         acc.scores()
     with pytest.raises(FisherAnalysisError):
         FisherAccumulator(NAMES).stderr()
+    one = FisherAccumulator(NAMES)
+    one.update(torch.ones(3, 1), finite=torch.tensor([False]))
+    with pytest.raises(FisherAnalysisError, match=r"no finite per-sample gradients in 1 batch \(1 sample skipped"):
+        one.scores()
 
 
 def test_state_tensor_round_trip() -> None:

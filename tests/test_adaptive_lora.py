@@ -300,6 +300,23 @@ def test_summary_counts_flat_lora_on_the_model_trained(fisher_map):
     assert line.endswith(f"flat rank 4 on all {len(fisher_map.modules)} candidates ({flat:,})")
 
 
+def test_summary_counts_the_models_candidates_and_names_those_the_map_lacks(fisher_map):
+    # a map without model.layers.5, consistent in itself (it validates), applied to the full model
+    scores = {name: score for name, score in fisher_map.scores.items() if name != "model.layers.5"}
+    partial = FisherMap.from_scores(scores, Task(), rank=4, rank_min=1, rank_max=12)
+    assert "model.layers.5" not in {m.name for m in partial.modules}
+    callback = AdaptiveLoRA(fisher_map=partial, adapter_root="model")
+    task = Task(lr=1e-5)
+    fit(task, callback)
+    assert "layers.5" not in adapter_ranks(task.model)
+    lines = callback.summary.splitlines()
+    adapted = len(partial.ranks)
+    assert lines[1] == f"  modules adapted: {adapted} / 13 candidates on the model ({len(partial.excluded)} excluded: " \
+        f"{', '.join(n[len('model.'):] for n in partial.excluded)})"
+    assert lines[2] == ("  not in the fisher map, so no adapter: 1 candidate module of this model (layers.5); analyse "
+                        "this model again to score them")
+
+
 def test_resume_restores_adapter_shapes_and_weights(fisher_map, tmp_path):
     task = Task(lr=1e-5)
     trainer = fit(task, AdaptiveLoRA(fisher_map=fisher_map, adapter_root="model"), default_root_dir=tmp_path)

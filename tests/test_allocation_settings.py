@@ -103,6 +103,16 @@ def test_a_bad_allocation_setting_names_its_field(change, field):
     assert isinstance(caught.value, ValueError)  # callers that caught ValueError still do
 
 
+def test_a_rank_outside_default_bounds_says_which_bound_is_a_default():
+    with pytest.raises(SettingsError) as caught:
+        AllocationSettings(rank=8)
+    assert str(caught.value) == (
+        "rank (8) must lie within [rank_min, rank_max] = [16, 128]: rank_min is 16 (the default); pass rank_min=8 "
+        "or less with it (--rank-min 8 on the command line)")
+    with pytest.raises(SettingsError, match=r"rank_max is 200; pass rank_max=300 or more with it \(--rank-max 300"):
+        AllocationSettings(rank=300, rank_max=200)
+
+
 @pytest.mark.parametrize(
     "change, field",
     [(dict(patience=0), "patience"), (dict(threshold=1.5), "threshold"), (dict(min_batches=-1), "min_batches"),

@@ -6,7 +6,13 @@ from pathlib import Path
 import pytest
 
 import lightning_fisher.atomic_io as atomic_io
-from lightning_fisher.atomic_io import atomic_writer, write_bytes_atomic, write_text_atomic
+from lightning_fisher.atomic_io import (
+    atomic_writer,
+    folders_to_create,
+    unwritable_reason,
+    write_bytes_atomic,
+    write_text_atomic,
+)
 
 
 @pytest.fixture
@@ -137,3 +143,13 @@ def test_folder_sync_unsupported_by_the_file_system_is_not_an_error(tmp_path: Pa
         pytest.skip("needs /proc to tell a folder descriptor from a file one")
     monkeypatch.setattr(atomic_io.os, "fsync", no_folder_sync)
     assert write_bytes_atomic(tmp_path / "a.bin", b"a").read_bytes() == b"a"
+
+
+def test_folders_to_create_and_unwritable_reason(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert folders_to_create("a/b/m.json") == [Path("a"), Path("a/b")]  # as spelled, outermost first
+    assert folders_to_create("m.json") == [] and unwritable_reason("a/b/m.json") is None
+    (tmp_path / "a_file").write_text("")
+    assert unwritable_reason("a_file/x/m.json") == f"{tmp_path / 'a_file'} is not a folder"
+    (tmp_path / "a_dir").mkdir()
+    assert unwritable_reason("a_dir") == "a_dir is a folder"

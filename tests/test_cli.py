@@ -103,6 +103,17 @@ def test_checkpoint_dir_reaches_the_model(dataset, tmp_path):
     assert FisherMap.load(tmp_path / "m.json").scores != FisherMap.load(other).scores
 
 
+def test_analyze_names_the_folders_it_creates(dataset, tmp_path, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO)
+    assert main(analyze_args(dataset, "--output", str(tmp_path / "new" / "maps"))) == 0
+    written = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("fisher map written to"))
+    assert written.splitlines()[0] == (f"fisher map written to {tmp_path / 'new' / 'maps' / 'fisher_map.json'} "
+                                       f"(created folders {tmp_path / 'new'}, {tmp_path / 'new' / 'maps'})")
+    assert "  analysis: 16 samples in 2 batches, converged" in written
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
@@ -215,8 +226,27 @@ def test_unwritable_output_fails_before_analysing(dataset, tmp_path, capsys):
 def test_fragile_model_needs_opt_in(dataset, tmp_path, capsys):
     assert main(analyze_args(dataset)) == 0
     assert main(fit_args(dataset, tmp_path / "r", "--adaptive_lora.fragile", "true")) == 1
-    assert "allow_fragile=True" in capsys.readouterr().err
-    assert main(fit_args(dataset, tmp_path / "r", "--adaptive_lora.fragile", "true", "--adaptive_lora.allow_fragile", "true")) == 0
+    err = capsys.readouterr().err  # the advice in the command line's spelling
+    assert "opt in with --adaptive_lora.allow_fragile true and a lower learning rate" in err
+    assert "pass --adaptive_lora.ignore_fisher_map true" in err and "=True" not in err
+    assert main(fit_args(dataset, tmp_path / "r", "--adaptive_lora.fragile", "true",
+                         "--adaptive_lora.allow_fragile", "true")) == 0
+    # the library's warning, without the source path Lightning's format puts before it
+    warning = next(line for line in capsys.readouterr().err.splitlines() if "adapter learning rate" in line)
+    assert warning.startswith("lightning-fisher fit: warning: adapter learning rate 0.01 is above 0.0001")
+    assert warning.endswith("set --adaptive_lora.lr_warning_threshold to change it): a fisher map concentrates "
+                            "adapter capacity where the data pulls hardest, so it adapts faster and can overfit "
+                            "sooner than flat ranks; consider at most 0.0001 and watch validation closely")
+
+
+def test_a_map_for_another_model_gives_advice_in_flag_spelling(dataset, tmp_path, capsys):
+    assert main(analyze_args(dataset)) == 0
+    capsys.readouterr()
+    assert main(fit_args(dataset, tmp_path / "r", "--model.init_args.width", "12")) == 1
+    err = capsys.readouterr().err
+    assert "was made for another model" in err and "strict=False" not in err
+    assert err.rstrip().endswith("Re-run the analysis for this model, or pass --adaptive_lora.strict false to apply "
+                                 "it anyway.")
 
 
 def test_console_script_end_to_end(dataset, tmp_path):
@@ -230,6 +260,8 @@ def test_console_script_end_to_end(dataset, tmp_path):
     # the seed is passed through once, and Lightning's noise stays out of the command's output
     assert output.count("Seed set to 0") == 1 and "No seed found" not in output
     assert "Tip:" not in output and "LeafSpec" not in output
+    assert "GPU available: False" not in output and "TPU available: False" not in output
+    assert "tensorboardX" not in output  # Lightning's note on its default logger (analyze logs to CSV)
     help_text = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120).stdout
     assert "analyze" in help_text and "demo" in help_text
     json.loads((dataset / "fisher_map.json").read_text())
@@ -292,6 +324,18 @@ def test_bitsandbytes_kernel_note_is_filtered_only_inside_the_command():
         "Failed to load CPU gemm_4bit_forward from kernels-community: after the command. Please make sure ..."]
 
 
+def test_kernels_trust_note_and_device_lines_are_filtered_only_inside_the_command():
+    note = "Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes' because Hugging Face Hub is in offline mode."
+    assert noise_filter_passes("kernels._internals.hf_hub", [(note,), ("another kernels warning",)], [(note,)]) == [
+        "another kernels warning", note]
+    passed = noise_filter_passes(
+        "lightning.pytorch.utilities.rank_zero",
+        [("GPU available: False, used: False",), ("TPU available: False, using: 0 TPU cores",),
+         ("GPU available: True (cuda), used: False",)],
+        [("GPU available: False, used: False",)])
+    assert passed == ["GPU available: True (cuda), used: False", "GPU available: False, used: False"]
+
+
 def test_show_prints_table_and_writes_plot(dataset, tmp_path, capsys):
     assert main(analyze_args(dataset)) == 0
     capsys.readouterr()
@@ -304,3 +348,85 @@ def test_show_prints_table_and_writes_plot(dataset, tmp_path, capsys):
     assert (tmp_path / "map.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["show", str(tmp_path / "nowhere")]) == 1
     assert "no fisher map here" in capsys.readouterr().err
+
+
+def console_script(*argv, **popen):
+    """The installed ``lightning-fisher`` as a user starts it, with ``cli_models`` importable."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")])))
+    script = Path(sys.executable).parent / "lightning-fisher"
+    return subprocess.Popen([str(script), *argv], env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            **popen)
+
+
+def interrupted_analysis(dataset, signal_number):
+    """Send ``signal_number`` once the analysis is at its third batch; ``(status, stderr lines)``."""
+    # 1.5 s a batch: the signal lands inside the third batch even on a busy machine
+    args = analyze_args(dataset, "--model", "cli_models.SlowClassifier", "--model.init_args.delay", "1.5",
+                        "--stability-threshold", "1.0", "--max-batches", "100")
+    process = console_script(*args)
+    for line in process.stdout:
+        if line.startswith("training_step 2"):
+            process.send_signal(signal_number)
+            break
+    _, err = process.communicate(timeout=300)
+    return process.returncode, [line for line in err.splitlines() if line.strip()]
+
+
+# Ctrl-C stops inside the third batch; on SIGTERM Lightning lets it finish
+@pytest.mark.parametrize("signal_name, status, batches", [("SIGINT", 130, 2), ("SIGTERM", 143, 3)])
+def test_an_interrupted_analysis_says_no_map_was_written(dataset, signal_name, status, batches):
+    import signal
+
+    (dataset / "fisher_map.json").write_text("a previous map")
+    status_got, err = interrupted_analysis(dataset, getattr(signal, signal_name))
+    assert status_got == status
+    assert err[-1] == (f"lightning-fisher analyze: analysis interrupted after {batches} batches: no map written; "
+                       "the previous map is unchanged")
+    assert not any("Traceback" in line or "KeyboardInterrupt" in line for line in err), err
+    assert (dataset / "fisher_map.json").read_text() == "a previous map"
+
+
+def test_sigterm_during_fit_is_one_line_and_exit_143(dataset, tmp_path):
+    import signal
+
+    process = console_script(*fit_args(dataset, tmp_path / "run", "--model", "cli_models.SlowClassifier"))
+    for line in process.stdout:
+        if line.startswith("training_step 2"):
+            process.send_signal(signal.SIGTERM)
+            break
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 143, err[-3000:]  # was 0: as if the fit had finished
+    assert err.splitlines()[-1] == "lightning-fisher fit: interrupted (SIGTERM) before it finished"
+    assert "Traceback" not in err
+
+
+def test_ctrl_c_while_starting_is_one_line(tmp_path):
+    import signal
+    import time
+
+    # `analyze --help` imports torch, then Lightning and jsonargparse: seconds of start-up either way
+    process = console_script("analyze", "--help")
+    time.sleep(2.0)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err[-3000:]
+    assert err.splitlines() in (["lightning-fisher: interrupted while starting; nothing was done"],
+                                ["lightning-fisher analyze: interrupted (Ctrl-C) before it finished"])
+
+
+def test_show_plot_refuses_an_unwritable_place_before_printing(dataset, tmp_path, capsys):
+    assert main(analyze_args(dataset)) == 0
+    capsys.readouterr()
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert main(["show", str(dataset), "--plot", str(blocker / "map.png")]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""  # no table, then an error
+    assert captured.err == (f"lightning-fisher show: error: {blocker / 'map.png'}: cannot write the heatmap there "
+                            f"({blocker} is not a folder); pass another --plot\n")
+    assert main(["show", str(dataset), "--plot", str(tmp_path / "map.jpg")]) == 1
+    assert "map.jpg: --plot writes a PNG image; give a file name ending in .png" in capsys.readouterr().err
+    # missing folders are made, and said
+    assert main(["show", str(dataset), "--format", "json", "--plot", str(tmp_path / "plots" / "map.png")]) == 0
+    assert capsys.readouterr().err == (f"heatmap written to {tmp_path / 'plots' / 'map.png'} "
+                                       f"(created folder {tmp_path / 'plots'})\n")

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from lightning.pytorch import LightningModule
 
 from cli_models import TinyClassifier
 from compare_data import budget_parameters, dataset, write_dataset  # noqa: F401 (dataset is a fixture)
@@ -127,12 +128,31 @@ def test_model_without_val_loss_is_a_clear_error(dataset, tmp_path):
         run_compare(["--config", str(config), "--seeds", "0", "--max-steps", "2"])
 
 
+class NoValidationClassifier(TinyClassifier):
+    """TinyClassifier as if it had no validation_step."""
+
+    validation_step = LightningModule.validation_step
+
+
+def test_model_without_validation_step_is_refused_before_any_run(dataset, tmp_path):
+    config = fit_config(tmp_path / "fit.yaml", dataset, tmp_path / "runs",
+                        model="test_compare_command.NoValidationClassifier")
+    with pytest.raises(CompareError) as error:
+        run_compare(["--config", str(config), "--seeds", "0", "--max-steps", "2"])
+    assert str(error.value) == (
+        "test_compare_command.NoValidationClassifier has no validation_step, and compare scores every arm on "
+        "validation: add a validation_step that logs 'val_loss' (self.log('val_loss', loss)) to NoValidationClassifier")
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [(["--budgets", "1.0,zero"], "--budgets: expected comma-separated numbers"),
      (["--budgets", "-0.5"], "--budgets: each must be a positive fraction"),
      (["--seeds", "0,0"], "--seeds: each seed once"),
-     (["--max-steps", "0"], "--max_steps: must be a positive number")],
+     (["--max-steps", "0"], "--max_steps: must be a positive number"),
+     (["--seeds=-1"], "--seeds: each seed must be a whole number from 0 to 4294967295, got -1"),
+     (["--seeds", "0,99999999999"], "--seeds: each seed must be a whole number from 0 to 4294967295, got 99999999999")],
 )
 def test_option_errors_name_the_option(dataset, tmp_path, extra, message):
     config = fit_config(tmp_path / "fit.yaml", dataset, tmp_path / "runs")
@@ -154,6 +174,22 @@ def test_plot_that_cannot_be_written_is_refused_before_training(dataset, tmp_pat
     with pytest.raises(CompareError, match=r"--plot: plotting needs matplotlib: pip install 'lightning-fisher\[plot\]'"):
         run_compare(["--config", str(config), "--plot", str(tmp_path / "frontier.png")])
     assert not (tmp_path / "runs").exists() and not (tmp_path / "frontier.png").exists()
+
+
+def test_output_that_is_not_a_results_file_is_refused_before_any_run(dataset, tmp_path):
+    config = fit_config(tmp_path / "fit.yaml", dataset, tmp_path / "runs")
+    precious = tmp_path / "precious.json"
+    precious.write_text('{"precious": true}')
+    with pytest.raises(CompareError) as error:
+        run_compare(["--config", str(config), "--seeds", "0", "--output", str(precious)])
+    assert str(error.value) == (
+        f"--output: {precious} exists and is not a compare results file (JSON without compare's keys monitor, arms, "
+        "runs); it is not replaced. Pass another --output, or move that file away first")
+    assert precious.read_text() == '{"precious": true}' and not (tmp_path / "runs").exists()
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(CompareError, match=f"--output: cannot write {blocker / 'r.json'} \\({blocker} is not a folder\\)"):
+        run_compare(["--config", str(config), "--seeds", "0", "--output", str(blocker / "r.json")])
 
 
 class FixedLrClassifier(TinyClassifier):
@@ -207,3 +243,53 @@ def test_compare_lrs_that_do_not_reach_the_optimizer_is_a_clear_error(dataset, t
         run_compare(["--config", str(config), "--lrs", "1e-3", "--lr-key", "model.init_args.rate"])
     with pytest.raises(CompareError, match=r"--lrs: each must be a positive learning rate, got 0"):
         run_compare(["--config", str(config), "--lrs", "1e-3,0"])
+
+
+def test_compare_output_has_no_lines_a_user_cannot_act_on(dataset, tmp_path):
+    """The console script as a user runs it: one seed, two steps, progress bar and model summary left on."""
+    import os
+    import subprocess
+    import sys
+
+    tests = Path(__file__).parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(tests), os.environ.get("PYTHONPATH")])))
+    script = Path(sys.executable).parent / "lightning-fisher"
+    run = subprocess.run(
+        [str(script), "compare", "--model", "cli_models.TinyClassifier", "--dataset-dir", str(dataset),
+         "--data.batch_size", "8", "--adaptive_lora.adapter_root", "backbone", "--max-steps", "2", "--seeds", "0",
+         "--trainer.default_root_dir", str(tmp_path)],
+        capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    output = run.stdout + run.stderr
+    for noise in ("No seed found", "Seed set to", "GPU available: False", "TPU available: False", "Total params",
+                  "/-2", "seed(s)"):
+        assert noise not in output, noise
+    assert "vs flat LoRA at rank 4: 1 seed, 2 steps per run" in output
+    assert "Epoch 0/1" in output  # the progress bar is still there, with an epoch limit that reads right
+
+
+def test_an_interrupted_compare_says_which_runs_it_kept(dataset, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    tests = Path(__file__).parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(tests), os.environ.get("PYTHONPATH")])))
+    output = tmp_path / "results.json"
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "lightning-fisher"), "compare", "--model", "cli_models.SlowClassifier",
+         "--model.init_args.delay", "0.5", "--dataset-dir", str(dataset), "--data.batch_size", "8",
+         "--adaptive_lora.adapter_root", "backbone", "--max-steps", "2", "--seeds", "0", "--output", str(output),
+         "--trainer.enable_progress_bar", "false"],
+        env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path)
+    first_done = False
+    for line in process.stdout:
+        first_done = first_done or line.startswith("compare [1/2]")
+        if first_done and line.startswith("training_step 0"):  # inside the second run
+            process.send_signal(signal.SIGINT)
+            break
+    rest, _ = process.communicate(timeout=300)
+    assert process.returncode == 130, rest[-3000:]
+    assert rest.splitlines()[-1] == f"lightning-fisher compare: interrupted; the results of 1 finished run are in {output}"
+    assert [run["arm"] for run in json.loads(output.read_text())["runs"]] == ["flat"]

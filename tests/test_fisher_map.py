@@ -158,7 +158,9 @@ def test_schema_violation_names_file_and_field(fisher_map, tmp_path, edit, json_
 @pytest.mark.parametrize(
     "edit, json_path",
     [
-        (lambda d: d["modules"][2].__setitem__("rank", d["modules"][2]["rank"] + 1), "$.modules[2].alpha"),
+        # a rank edited alone is the rank's problem (alpha and rank_pattern still agree on the old one)
+        (lambda d: d["modules"][2].__setitem__("rank", d["modules"][2]["rank"] + 1), "$.modules[2].rank"),
+        (lambda d: d["modules"][2].__setitem__("alpha", d["modules"][2]["alpha"] + 1), "$.modules[2].alpha"),
         (lambda d: d["rank_pattern"].__setitem__("^layers\\.1\\.q", 31), "$.rank_pattern"),
         (lambda d: d.__setitem__("target_modules", "(?:q)"), "$.target_modules"),
         (lambda d: d["modules"][4].__setitem__("name", d["modules"][5]["name"]), "$.modules[5].name"),
@@ -173,6 +175,19 @@ def test_inconsistent_map_names_field(fisher_map, tmp_path, edit, json_path):
         FisherMap.load(path)
     assert excinfo.value.json_path == json_path, str(excinfo.value)
     assert str(path) in str(excinfo.value)
+
+
+def test_a_rank_edited_alone_is_reported_as_the_rank(fisher_map, tmp_path):
+    document = fisher_map.to_dict()
+    module = document["modules"][2]
+    old, module["rank"] = module["rank"], module["rank"] + 1
+    path = write_document(tmp_path, document)
+    with pytest.raises(FisherMapSchemaError) as excinfo:
+        FisherMap.load(path)
+    assert str(excinfo.value) == (
+        f"{path}: $.modules[2].rank: rank {old + 1} of {module['name']!r} was changed alone: its alpha "
+        f"{module['alpha']:g} and $.rank_pattern still give rank {old}. Change a rank with `lightning-fisher "
+        "reallocate` (or edit the rank, alpha, rank_pattern, alpha_pattern and budget.lora_parameters together)")
 
 
 def test_unsupported_version(fisher_map, tmp_path):

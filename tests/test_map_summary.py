@@ -139,7 +139,7 @@ def test_fit_summary_with_a_map(fisher_map):
         "  ranks: 4-6, median 5 (map: rank 8, min 2, max 32, mode median)",
         f"  trainable adapter parameters: 900 = {900 / budget.flat_lora_parameters:.2f}x flat rank 8 on all 28 "
         f"candidates ({budget.flat_lora_parameters:,})",
-        "  analysis: 1536 samples in 12 batches, max_batches; timestep focus texture (t in [0, 0.4])",
+        "  analysis: 1,536 samples in 12 batches, max_batches; timestep focus texture (t in [0, 0.4])",
         "  outside adapter_root 'encoder', not adapted: outside.q",
         "  settings replaced by the map: r=32",
     ]

@@ -14,6 +14,7 @@ CORE_MODULES = [
     "lightning_fisher.compare_results",
     "lightning_fisher.fingerprint",
     "lightning_fisher.fisher_map",
+    "lightning_fisher.map_backup",
     "lightning_fisher.map_summary",
     "lightning_fisher.natural_sort",
     "lightning_fisher.patterns",
@@ -31,6 +32,7 @@ CORE_MODULES = [
     "lightning_fisher.stability",
     "lightning_fisher.tensor_folder",
     "lightning_fisher.timesteps",
+    "lightning_fisher.wording",
 ]
 
 

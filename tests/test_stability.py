@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from lightning_fisher.accumulator import FisherAccumulator
+from lightning_fisher.errors import SettingsError
 from lightning_fisher.stability import StabilityRule, StabilityTracker, StopReason, split_half_correlation
 
 
@@ -81,6 +82,16 @@ def test_tracker_respects_min_and_max_batches():
 def test_rule_validation(kwargs, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         StabilityRule(**kwargs)
+
+
+def test_a_negative_threshold_is_refused_naming_the_field():
+    with pytest.raises(SettingsError) as caught:
+        StabilityRule(threshold=-0.5)
+    assert caught.value.field == "threshold"
+    assert str(caught.value) == (
+        "threshold (stability_threshold): must be a split-half correlation in [0, 1], got -0.5; below 0 the rule "
+        "would count halves that disagree as stable (0.9 by default)")
+    assert StabilityRule(threshold=0.0).threshold == 0.0  # the loosest rule that still asks the halves to agree
 
 
 def test_correlation_is_finite_with_ties():

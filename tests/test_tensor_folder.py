@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import collections
 import os
 import re
 from pathlib import Path
@@ -352,6 +353,8 @@ def test_write_names_prefix_start_and_numbers(tmp_path: Path) -> None:
         write_sample_folder(tmp_path, [{"label": 1}], start=-1)
     with pytest.raises(DatasetFolderError, match=r"sample 0 .*'text' is a str"):
         write_sample_folder(tmp_path / "other", [{"text": "hello"}])
+    with pytest.raises(DatasetFolderError, match=r"sample 0 .*'mask' is an OrderedDict;"):
+        write_sample_folder(tmp_path / "other", [{"mask": collections.OrderedDict(a=torch.ones(1))}])
 
 
 def test_written_files_follow_the_umask(tmp_path: Path) -> None:

@@ -101,9 +101,11 @@ SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``lightning-fisher`` console script."""
     from lightning_fisher.cli.error_reason import error_reason
+    from lightning_fisher.cli.interrupts import interrupt_signal, restore_interrupt, signal_name
     from lightning_fisher.cli.quiet import lightning_noise_filtered
-    from lightning_fisher.errors import LightningFisherError
+    from lightning_fisher.errors import CommandInterrupted, LightningFisherError
 
+    restore_interrupt()
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help", "help"):
         print(USAGE, end="")
@@ -118,8 +120,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"lightning-fisher: unknown subcommand {args[0]!r}\n\n{USAGE}", end="", file=sys.stderr)
         return 2
     try:
-        with lightning_noise_filtered():
+        with lightning_noise_filtered(f"lightning-fisher {args[0]}"):
             return command(args[1:])
+    except CommandInterrupted as error:
+        print(f"lightning-fisher {args[0]}: {error}", file=sys.stderr)
+        return error.exit_code
+    except (KeyboardInterrupt, SystemExit) as error:
+        # Ctrl-C, or SIGTERM as Lightning reports it (a SystemExit that would exit 0): one line
+        # and the shell's status for the signal, not a traceback through whatever was running.
+        signal_number = interrupt_signal(error)
+        if signal_number is None or os.environ.get("LIGHTNING_FISHER_DEBUG"):
+            raise
+        print(f"lightning-fisher {args[0]}: interrupted ({signal_name(signal_number)}) before it finished",
+              file=sys.stderr)
+        return 128 + signal_number
     except (ArgumentError, LightningFisherError, ValueError, ImportError) as error:
         if os.environ.get("LIGHTNING_FISHER_DEBUG"):
             raise

@@ -14,29 +14,37 @@ data where there is none) is printed under the table.
 from __future__ import annotations
 
 import importlib
+import json
 import math
 import shutil
 import tempfile
+import time
+from pathlib import Path
 from typing import Any, Optional, Union
 
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import DeviceStatsMonitor, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
+from lightning_fisher.atomic_io import folders_to_create, unwritable_reason
 from lightning_fisher.cli.arguments import normalize_flags
-from lightning_fisher.cli.lightning_clis import TrainCLI, _args_from_caller
+from lightning_fisher.cli.interrupts import interrupt_signal
+from lightning_fisher.cli.lightning_clis import TrainCLI, _args_from_caller, use_flag_spelling
 from lightning_fisher.compare_results import MONITOR, CompareResult
-from lightning_fisher.errors import CompareError, FisherMapNotFoundError
+from lightning_fisher.errors import CommandInterrupted, CompareError, FisherMapNotFoundError
 from lightning_fisher.fisher_map import FisherMap
 from lightning_fisher.peft_factory import fisher_map_path
 from lightning_fisher.report.frontier import check_frontier_destination, plot_frontier
 from lightning_fisher.training.compare_runner import compare_fisher_map
 from lightning_fisher.training.datamodule import TensorDirectoryDataModule
+from lightning_fisher.wording import folders_created, plural
 
 __all__ = ["CompareCLI", "build_compare_cli", "run_compare"]
 
 #: Validation share held out of the training folder when the datamodule has no validation data.
 DEFAULT_VAL_FRACTION = 0.2
+#: Seeds go to numpy's generator as well (``seed_everything``), which takes 0 .. 2**32 - 1.
+MAX_SEED = 2**32 - 1
 
 # Callbacks that write files or need a logger; compare runs have neither.
 _DROPPED_CALLBACKS = (ModelCheckpoint, LearningRateMonitor, DeviceStatsMonitor)
@@ -101,6 +109,9 @@ class CompareCLI(TrainCLI):
         if isinstance(criteria, str):
             criteria = criteria.split(",")
         self.criteria = None if criteria is None else [c.strip() for c in criteria if c.strip()] or None
+        out_of_range = [seed for seed in self.seeds if not 0 <= seed <= MAX_SEED]
+        if out_of_range:
+            raise CompareError(f"--seeds: each seed must be a whole number from 0 to {MAX_SEED}, got {out_of_range[0]}")
         if len(set(self.seeds)) != len(self.seeds):
             raise CompareError(f"--seeds: each seed once, got {self.seeds}")
         self.lrs = None if self.config.lrs is None else parse_list(self.config.lrs, float, "--lrs", noun="learning rate")
@@ -112,6 +123,8 @@ class CompareCLI(TrainCLI):
             raise CompareError(f"--max_steps: must be a positive number of steps, got {max_steps}")
         # Refused now, not after the last run: no matplotlib, or a place the PNG cannot go.
         self.plot = None if self.config.plot is None else check_frontier_destination(self.config.plot, option="--plot")
+        if self.config.output is not None:
+            check_output(Path(self.config.output))
 
     def instantiate_classes(self) -> None:
         """Nothing yet: every run instantiates its own model, datamodule and trainer (:meth:`new_run`)."""
@@ -125,6 +138,7 @@ class CompareCLI(TrainCLI):
             # most models) would keep the first run's learning rate.
             self.__dict__.pop("config_dump", None)
         LightningCLI.instantiate_classes(self)
+        use_flag_spelling(self.trainer)
         return self.model, self.datamodule, self.trainer
 
 
@@ -150,6 +164,34 @@ def parse_list(value: Any, cast: type, option: str, noun: str = "fraction") -> l
     if not parsed:
         raise CompareError(f"{option}: give at least one value")
     return parsed
+
+
+#: Keys every results file of compare has; a file with them is an earlier run's and may be replaced.
+_RESULT_KEYS = frozenset({"monitor", "arms", "runs"})
+
+
+def check_output(path: Path) -> None:
+    """Refuse ``--output`` before any run when writing it would fail, or would replace a file that is not compare's.
+
+    Raises:
+        CompareError: naming the file and what to do.
+    """
+    reason = unwritable_reason(path)
+    if reason is not None:
+        raise CompareError(f"--output: cannot write {path} ({reason}); pass another --output")
+    if not path.exists():
+        return
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+        ours = isinstance(document, dict) and _RESULT_KEYS <= document.keys()
+        why = "" if ours else "JSON without compare's keys monitor, arms, runs"
+    except (OSError, ValueError) as error:
+        ours, why = False, f"not readable as JSON: {str(error).splitlines()[0]}"
+    if not ours:
+        raise CompareError(
+            f"--output: {path} exists and is not a compare results file ({why}); it is not replaced. Pass another "
+            "--output, or move that file away first"
+        )
 
 
 def learning_rate_key(config, lr_key: Optional[str]) -> str:
@@ -189,6 +231,8 @@ def build_compare_cli(argv: list[str]) -> CompareCLI:
             subclass_mode_data=True,
             run=False,
             save_config_callback=None,
+            # Every run seeds itself with its --seeds value; a seed here would only say "No seed found".
+            seed_everything_default=False,
             args=normalize_flags(argv),
             parser_kwargs={
                 "prog": "lightning-fisher compare",
@@ -239,6 +283,22 @@ def map_to_compare(config) -> FisherMap:
         ) from None
 
 
+def check_validation_step(config) -> None:
+    """Refuse, before any run, a model that cannot be scored: compare ranks the arms on validation.
+
+    Raises:
+        CompareError: the model class has no ``validation_step`` of its own.
+    """
+    model = config.get("model")
+    class_path = model.get("class_path") if model is not None and hasattr(model, "get") else None
+    cls = _import(class_path) if class_path else None
+    if isinstance(cls, type) and issubclass(cls, LightningModule) and cls.validation_step is LightningModule.validation_step:
+        raise CompareError(
+            f"{class_path} has no validation_step, and compare scores every arm on validation: add a validation_step "
+            f"that logs {MONITOR!r} (self.log({MONITOR!r}, loss)) to {cls.__name__}"
+        )
+
+
 def prepare_config(config, scratch_dir: str) -> list[str]:
     """Turn the fit config into short probe runs in place; returns what changed, for the user.
 
@@ -249,6 +309,7 @@ def prepare_config(config, scratch_dir: str) -> list[str]:
     trainer = config.trainer
     trainer.enable_checkpointing = False
     trainer.logger = False
+    trainer.enable_model_summary = False  # the same model table once per run; the arms' table says what differs
     trainer.default_root_dir = scratch_dir
     callbacks = trainer.callbacks
     if callbacks is not None:
@@ -266,7 +327,9 @@ def prepare_config(config, scratch_dir: str) -> list[str]:
         trainer.devices = 1  # fits run one after another; "auto" would start DDP on a multi-GPU machine
     if config.max_steps is not None:
         trainer.max_steps = config.max_steps
-        trainer.max_epochs = -1  # the step count alone decides the length
+        # The step count alone decides the length: an epoch has at least one step, so this many
+        # epochs is never the limit (-1, unlimited, would show as "Epoch 0/-2" on the progress bar).
+        trainer.max_epochs = config.max_steps
     adaptive = config.adaptive_lora
     if adaptive.export_dir is not None:
         notes.append(f"adaptive_lora.export_dir ({adaptive.export_dir}) not written: compare runs are probes")
@@ -294,12 +357,32 @@ def prepare_config(config, scratch_dir: str) -> list[str]:
     return notes
 
 
+def interrupted_compare(output: Optional[str], started: float) -> str:
+    """What an interrupted compare leaves: the runs that finished are in ``output`` (written after each)."""
+    if output is None:
+        return "interrupted: no results kept (--output FILE keeps each finished run's results)"
+    path = Path(output)
+    runs = 0
+    if path.is_file() and path.stat().st_mtime >= started:
+        try:
+            runs = len(json.loads(path.read_text(encoding="utf-8"))["runs"])
+        except (OSError, ValueError, KeyError, TypeError):
+            runs = 0
+    if runs:
+        return f"interrupted; the results of {plural(runs, 'finished run')} are in {output}"
+    kept = "; the earlier results there are unchanged" if path.is_file() else ""
+    return f"interrupted before the first run finished: nothing written to {output}{kept}"
+
+
 def run_compare(argv: list[str]) -> int:
     """``lightning-fisher compare [fit options] [--budgets 1.0,0.5] [--criteria trace,spectrum] [--seeds 0,1,2] [--lrs ...] [--plot F.png]``."""
     cli = build_compare_cli(argv)
     config = cli.config
     fisher_map = map_to_compare(config)
+    check_validation_step(config)
+    created = [] if config.output is None else folders_to_create(config.output)
     scratch = tempfile.mkdtemp(prefix="lightning-fisher-compare-")
+    started = time.time()
     try:
         notes = prepare_config(config, scratch)
         result: CompareResult = compare_fisher_map(
@@ -312,6 +395,11 @@ def run_compare(argv: list[str]) -> int:
             output=config.output,
             notes=notes,
         )
+    except (KeyboardInterrupt, SystemExit) as error:
+        signal_number = interrupt_signal(error)
+        if signal_number is None:
+            raise
+        raise CommandInterrupted(interrupted_compare(config.output, started), signal_number=signal_number) from None
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     where = f" {result.fisher_map_path}" if result.fisher_map_path else ""
@@ -320,14 +408,14 @@ def run_compare(argv: list[str]) -> int:
     twins = [f"{arm.name} at rank {arm.rank}" for arm in result.arms if arm.is_flat and arm.name != "flat"]
     twins_text = f" (and each smaller or larger budget against its flat twin: {', '.join(twins)})" if twins else ""
     print(
-        f"\nfisher map{where} vs flat LoRA at rank {fisher_map.budget.rank}{twins_text}: {len(result.seeds)} seed(s)"
-        f"{rates}, {'/'.join(map(str, steps))} steps per run\n"
+        f"\nfisher map{where} vs flat LoRA at rank {fisher_map.budget.rank}{twins_text}: {plural(len(result.seeds), 'seed')}"
+        f"{rates}, {'/'.join(map(str, steps))} step{'' if steps == [1] else 's'} per run\n"
     )
     print("\n".join([result.to_markdown(), "", *result.verdicts()]))
     if result.notes:
         print("\nnotes:\n" + "\n".join(f"  - {note}" for note in result.notes))
     if config.output:
-        print(f"\nper-run results written to {config.output}")
+        print(f"\nper-run results written to {config.output}{folders_created(created)}")
     if cli.plot is not None:
         print(f"frontier (LoRA parameters against {MONITOR}) written to {plot_frontier(result, cli.plot)}")
     summary = result.summary()

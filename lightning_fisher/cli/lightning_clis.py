@@ -17,6 +17,7 @@ import dataclasses
 import sys
 import typing
 import warnings
+from pathlib import Path
 from typing import Literal, Optional, Union
 
 from lightning.pytorch import LightningDataModule, LightningModule
@@ -24,10 +25,15 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_fisher.allocation_settings import AllocationSettings, field_help
+from lightning_fisher.atomic_io import folders_to_create
 from lightning_fisher.cli.arguments import ALIASES, normalize_flags
+from lightning_fisher.cli.interrupts import interrupt_signal
+from lightning_fisher.errors import CommandInterrupted
+from lightning_fisher.map_codec import resolve_map_path
+from lightning_fisher.wording import folders_created, plural
 from lightning_fisher.stability import StabilityRule
 from lightning_fisher.timesteps import FOCUS_HELP, TimestepFocus
-from lightning_fisher.training.adaptive_lora import AdaptiveLoRA
+from lightning_fisher.training.adaptive_lora import AdaptiveLoRA, flag_spelling
 
 __all__ = ["AnalyzeCLI", "TrainCLI", "build_analyze_cli", "run_analyze", "run_trainer_subcommand"]
 
@@ -169,6 +175,17 @@ class TrainCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         _refuse_shortcuts_in_config(self.config[self.subcommand])
 
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        use_flag_spelling(self.trainer)
+
+
+def use_flag_spelling(trainer) -> None:
+    """Messages of the trainer's :class:`AdaptiveLoRA` name options as flags (``--adaptive_lora.strict false``)."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, AdaptiveLoRA):
+            callback.spell_option = flag_spelling
+
 
 def _patterns(value: Union[list[str], str, None]) -> Optional[list[str]]:
     if value is None:
@@ -224,12 +241,29 @@ def build_analyze_cli(args: list[str], *, exit_on_error: bool = True) -> Analyze
 
 def run_analyze(argv: list[str]) -> int:
     cli = build_analyze_cli(argv, exit_on_error=False)
+    from lightning_fisher.training.analyze import map_destination
+
+    destination = map_destination(cli.datamodule, None, cli.config.output)
+    created = [] if destination is None else folders_to_create(resolve_map_path(destination))
+    with _interruption_said(cli, destination):
+        fisher_map = _analyze(cli)
+    if cli.trainer.is_global_zero:
+        analysis = fisher_map.analysis
+        made = folders_created([folder for folder in created if folder.is_dir()])
+        rank_zero_info(
+            f"fisher map written to {fisher_map.path}{made}\n  {fisher_map.summary()}\n"
+            f"  analysis: {analysis.samples} samples in {plural(analysis.batches, 'batch')}, {analysis.stop_reason}"
+        )
+    return 0
+
+
+def _analyze(cli: AnalyzeCLI):
     # Imported after parsing: --help would otherwise list the analysis wrapper among the
     # known LightningModule subclasses, as if it were a model to pass.
     from lightning_fisher.training.analyze import analyze
 
     c = cli.config
-    fisher_map = analyze(
+    return analyze(
         cli.model,
         cli.datamodule,
         output=c.output,
@@ -245,13 +279,41 @@ def run_analyze(argv: list[str]) -> int:
         use_rslora=c.use_rslora,
         trainer=cli.trainer,
     )
-    if cli.trainer.is_global_zero:
-        analysis = fisher_map.analysis
-        rank_zero_info(
-            f"fisher map written to {fisher_map.path}\n  {fisher_map.summary()}\n"
-            f"  analysis: {analysis.samples} samples in {analysis.batches} batches, {analysis.stop_reason}"
-        )
-    return 0
+
+
+@contextlib.contextmanager
+def _interruption_said(cli: AnalyzeCLI, destination: Optional[Path]):
+    """Ctrl-C or SIGTERM during the analysis: one line saying that no map was written, exit 130 / 143.
+
+    Lightning ends ``fit`` on Ctrl-C with ``sys.exit(1)`` and on SIGTERM with a ``SystemExit``
+    that would exit 0; either way nothing was written, and the user should hear it. (A signal
+    in the moment after the map was saved says so instead.)
+    """
+    file = None if destination is None else resolve_map_path(destination)
+    before = _file_state(file)
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit) as error:
+        signal_number = interrupt_signal(error)
+        if signal_number is None:
+            raise
+        batches = cli.trainer.fit_loop.epoch_loop.batch_progress.total.completed
+        if _file_state(file) != before:
+            message = f"interrupted after the fisher map was written to {file}"
+        else:
+            message = f"analysis interrupted after {plural(batches, 'batch')}: no map written" + (
+                "; the previous map is unchanged" if before is not None else ""
+            )
+        raise CommandInterrupted(message, signal_number=signal_number) from None
+
+
+def _file_state(file: Optional[Path]) -> Optional[tuple[int, int]]:
+    """``(mtime_ns, inode)`` of a file, ``None`` when there is none: changed by any atomic replace."""
+    try:
+        stat = file.stat() if file is not None else None
+    except OSError:
+        return None
+    return None if stat is None else (stat.st_mtime_ns, stat.st_ino)
 
 
 def run_trainer_subcommand(subcommand: str, argv: list[str]) -> int:

@@ -69,6 +69,7 @@ from lightning_fisher.cli.wizard_answers import (
 from lightning_fisher.cli.wizard_estimate import RunTimeEstimate, analysis_batches, estimate_run_time, short_reason
 from lightning_fisher.fisher_map import FISHER_MAP_FILENAME
 from lightning_fisher.timesteps import FOCUS_HELP, TimestepFocus
+from lightning_fisher.wording import plural
 
 __all__ = [
     "BACK",
@@ -545,7 +546,7 @@ class Wizard:
             ("exclude", ", ".join(answers.exclude) or "(nothing)"),
             ("dataset folder", answers.dataset_dir),
             ("samples", dataset.describe()),
-            ("batch size", f"{answers.batch_size} ({batches} batches per pass)"),
+            ("batch size", f"{answers.batch_size} ({plural(batches, 'batch')} per pass)"),
             ("timestep focus", focus_text),
             ("rank budget", ranks),
             ("fragile model", "YES (opted in; see the warning above)" if answers.fragile else "no"),

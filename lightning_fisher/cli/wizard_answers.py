@@ -30,6 +30,7 @@ from lightning_fisher.cli.error_reason import user_frame
 from lightning_fisher.errors import DatasetFolderError
 from lightning_fisher.tensor_folder import list_sample_files
 from lightning_fisher.timesteps import TimestepFocus
+from lightning_fisher.wording import a_or_an
 
 __all__ = [
     "DatasetFolder",
@@ -77,7 +78,7 @@ def parse_model_class(text: str) -> str:
 
     model_class = _import_class(text)
     if not (isinstance(model_class, type) and issubclass(model_class, LightningModule)):
-        raise ValueError(f"{text} is a {type(model_class).__name__}, not a LightningModule subclass")
+        raise ValueError(f"{text} is {a_or_an(type(model_class).__name__)}, not a LightningModule subclass")
     return text
 
 

@@ -40,6 +40,7 @@ from lightning_fisher.fisher_map import FisherMap
 from lightning_fisher.training.adaptive_lora import AdaptiveLoRA
 from lightning_fisher.training.analyze import analyze
 from lightning_fisher.training.datamodule import TensorDirectoryDataModule
+from lightning_fisher.wording import plural
 
 __all__ = ["DemoResult", "DemoSettings", "prepare_demo_data", "run_demo_pipeline"]
 
@@ -176,7 +177,7 @@ def run_demo_pipeline(settings: DemoSettings = DemoSettings(), echo: Callable[[s
     analysis_seconds = time.perf_counter() - started
     a = fisher_map.analysis
     echo(f"map written to {fisher_map.path}")
-    echo(f"  {a.samples} samples in {a.batches} batches ({a.stop_reason}), {analysis_seconds:.0f} s")
+    echo(f"  {a.samples} samples in {plural(a.batches, 'batch')} ({a.stop_reason}), {analysis_seconds:.0f} s")
     echo(f"  {fisher_map.summary()}")
     echo(f"  inspect it with: lightning-fisher show {fisher_map.path} --plot map.png")
 
@@ -224,7 +225,7 @@ def _digits_demo(settings: DemoSettings, echo: Callable[[str], None]) -> DemoRes
         a = fisher_map.analysis
         echo(f"map written to {fisher_map.path}")
         lo, hi = a.timestep_focus.observed_range
-        echo(f"  {a.samples} samples in {a.batches} batches ({a.stop_reason}), timesteps drawn in [{lo:.3f}, {hi:.3f}]")
+        echo(f"  {a.samples} samples in {plural(a.batches, 'batch')} ({a.stop_reason}), timesteps drawn in [{lo:.3f}, {hi:.3f}]")
         echo(f"  {fisher_map.summary()}")
 
         data = TensorDirectoryDataModule(

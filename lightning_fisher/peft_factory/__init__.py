@@ -50,6 +50,7 @@ _NAMES = {
     "FLAT_RANK": "flat",
     "flat_config": "flat",
     "flat_lora_on": "flat",
+    "candidates_not_in": "flat",
     "adapter_parameters": "injected",
     "adapter_ranks": "injected",
     "count_adapter_parameters": "injected",

@@ -20,7 +20,7 @@ from lightning_fisher.module_names import named_modules
 from lightning_fisher.patterns import exact_target_regex
 from lightning_fisher.peft_factory.adapters import AdapterType, alpha_option, config_class
 
-__all__ = ["FLAT_RANK", "flat_config", "flat_lora_on"]
+__all__ = ["FLAT_RANK", "candidates_not_in", "flat_config", "flat_lora_on"]
 
 #: Flat LoRA's rank when neither your options nor a replaced map give one.
 FLAT_RANK = 8
@@ -63,3 +63,22 @@ def flat_lora_on(root: nn.Module, names: Iterable[str], rank: int) -> tuple[int,
     modules = dict(named_modules(root))
     costs = {name: rank_cost(modules[name]) for name in names if name in modules and is_supported(modules[name])}
     return len(costs), flat_lora_parameters(rank, costs)
+
+
+def candidates_not_in(root: nn.Module, names: Iterable[str]) -> list[str]:
+    """Candidate modules of ``root`` that ``names`` (a map's modules under it) do not mention, in model order.
+
+    Candidates of the kinds the map holds (``nn.Linear``, ``nn.Embedding``, ...), counted on the
+    model about to be trained, before injection: a map edited by hand, or made with other
+    ``include`` / ``exclude`` patterns, leaves such modules without an adapter.
+
+    Args:
+        root: the module adapters go into.
+        names: module names relative to ``root``.
+    """
+    mentioned = set(names)
+    modules = dict(named_modules(root))
+    kinds = tuple({type(modules[name]) for name in mentioned if name in modules and is_supported(modules[name])})
+    if not kinds:
+        return []
+    return [name for name in select_candidates(root, module_types=kinds) if name not in mentioned]

@@ -54,7 +54,9 @@ def model_differences(fisher_map: FisherMap, model: nn.Module) -> list[str]:
     return lines
 
 
-def check_model(fisher_map: FisherMap, model: nn.Module, *, strict: bool = True) -> Optional[str]:
+def check_model(
+    fisher_map: FisherMap, model: nn.Module, *, strict: bool = True, strict_option: str = "strict=False"
+) -> Optional[str]:
     """Refuse a map made for another model; with ``strict=False``, return the warning to show instead.
 
     Args:
@@ -62,6 +64,8 @@ def check_model(fisher_map: FisherMap, model: nn.Module, *, strict: bool = True)
         model: the model it is applied to (names as in the analysis).
         strict: a difference is an error; ``False`` returns it as a message, unless modules the
             map adapts are missing (then it cannot be applied).
+        strict_option: how the caller turns ``strict`` off where it is set, for the error's
+            advice (the command line spells it ``--adaptive_lora.strict false``).
 
     Returns:
         ``None`` when the model is the map's; else, with ``strict=False``, the warning text.
@@ -78,9 +82,10 @@ def check_model(fisher_map: FisherMap, model: nn.Module, *, strict: bool = True)
         + "\n  ".join(lines[:_MAX_LINES])
         + ("\n  ..." if len(lines) > _MAX_LINES else "")
     )
-    advice = "\nRe-run the analysis for this model, or pass strict=False to apply it anyway."
     if strict:
-        raise ModelMismatchError(found + advice)
+        raise ModelMismatchError(
+            found + f"\nRe-run the analysis for this model, or pass {strict_option} to apply it anyway."
+        )
     if any(line.startswith("missing in model") for line in lines):
         raise ModelMismatchError(found + "\nModules the map adapts are missing; cannot apply it.")
-    return found + advice
+    return found + "\nApplied anyway (strict is off); re-run the analysis for this model for a map made for it."

@@ -34,7 +34,8 @@ check sits on the module's ``on_load_checkpoint`` and not in this callback's own
 from __future__ import annotations
 
 import os
-from typing import Any, Literal, Optional, Union
+import re
+from typing import Any, Callable, Literal, Optional, Union
 
 import lightning.pytorch as pl
 import peft
@@ -49,6 +50,7 @@ from lightning_fisher.peft_factory.record import applied_map_record
 from lightning_fisher.peft_factory import (
     MapApplication,
     adapter_parameters,
+    candidates_not_in,
     adapter_state_dict,
     adapter_ranks,
     check_model,
@@ -66,14 +68,58 @@ from lightning_fisher.peft_factory import (
     verify_adapter_ranks,
 )
 from lightning_fisher.training.adapter_checkpoint import CHECKPOINT_KEY, checkpoint_entry, guard_checkpoint_loading
+from lightning_fisher.wording import plural
 
-__all__ = ["AdaptiveLoRA", "CHECKPOINT_KEY", "FRAGILE_LR_CEILING", "save_adapter"]
+__all__ = ["AdaptiveLoRA", "CHECKPOINT_KEY", "FRAGILE_LR_CEILING", "flag_spelling", "python_spelling", "save_adapter"]
 
 _ADAPTER_NAMES = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr"}
 
 #: The learning-rate ceiling for a model marked fragile, when ``lr_warning_threshold`` is not
 #: given (Side-Step's advice for distilled / few-step models).
 FRAGILE_LR_CEILING = 1e-4
+
+
+_ADAPTED_LINE = re.compile(r"^(  modules adapted: \d+ / )(\d+)( candidates)")
+
+
+def with_unmapped_candidates(summary: str, unmapped: list[str]) -> str:
+    """The fit summary counting the model's candidates the map does not mention, and naming them.
+
+    The summary counts the map's candidates; a model with more (a map edited by hand, or made
+    with other include / exclude patterns) trains those without an adapter, which must not
+    read as "every candidate adapted".
+    """
+    if not unmapped:
+        return summary
+    listed = ", ".join(unmapped[:4]) + (", ..." if len(unmapped) > 4 else "")
+    note = (
+        f"  not in the fisher map, so no adapter: {plural(len(unmapped), 'candidate module')} of this model "
+        f"({listed}); analyse this model again to score them"
+    )
+    lines = summary.splitlines()
+    for index, line in enumerate(lines):
+        counted = _ADAPTED_LINE.match(line)
+        if counted:
+            total = int(counted.group(2)) + len(unmapped)
+            lines[index] = f"{counted.group(1)}{total}{counted.group(3)} on the model" + line[counted.end():]
+            lines.insert(index + 1, note)
+            break
+    else:
+        lines.append(note)
+    return "\n".join(lines)
+
+
+def python_spelling(name: str, value: Any = None) -> str:
+    """``strict=False`` (``strict`` with no value): how a script sets an option of :class:`AdaptiveLoRA`, for messages."""
+    return name if value is None else f"{name}={value!r}"
+
+
+def flag_spelling(name: str, value: Any = None) -> str:
+    """``--adaptive_lora.strict false``: how the command line (or, as a key, a config file) sets it."""
+    flag = f"--adaptive_lora.{name}"
+    if value is None:
+        return flag
+    return f"{flag} {str(value).lower() if isinstance(value, bool) else value}"
 
 
 class AdaptiveLoRA(Callback):
@@ -144,6 +190,10 @@ class AdaptiveLoRA(Callback):
         self.config: Any = None
         self.summary: Optional[str] = None
         self._flat: Optional[tuple[int, int]] = None  # (candidates, parameters) of flat LoRA on this model
+        self._unmapped: list[str] = []  # candidates of this model the map does not mention
+        #: How messages spell setting one of these options: ``strict=False`` in Python; the
+        #: command line sets :func:`flag_spelling` (``--adaptive_lora.strict false``).
+        self.spell_option: Callable[[str, Any], str] = python_spelling
 
     # ------------------------------------------------------------------ finding the map
     def find_map(self, trainer: Optional[pl.Trainer] = None) -> Optional[FisherMap]:
@@ -166,7 +216,9 @@ class AdaptiveLoRA(Callback):
             return  # already injected (e.g. test after fit in the same process)
         fisher_map = self.find_map(trainer)
         if fisher_map is not None:
-            warning = check_model(fisher_map, pl_module, strict=self.strict)
+            warning = check_model(
+                fisher_map, pl_module, strict=self.strict, strict_option=self.spell_option("strict", False)
+            )
             if warning is not None:
                 rank_zero_warn(warning)
             self._check_fragile()
@@ -177,6 +229,7 @@ class AdaptiveLoRA(Callback):
             # Before injection wraps the modules: flat LoRA on the candidates of the model trained
             # (the map's own count comes from the analysed model, whose shapes may differ).
             self._flat = flat_lora_on(root, [*self.plan.ranks, *self.plan.excluded], fisher_map.budget.rank)
+            self._unmapped = candidates_not_in(root, [*self.plan.ranks, *self.plan.excluded])
         else:
             # Flat instead of an existing map: like with like, at its base rank and alpha.
             replaced = self._find_ignored_map(trainer) if self.ignore_fisher_map else None
@@ -216,13 +269,13 @@ class AdaptiveLoRA(Callback):
             raise FragileModelError(
                 "this model is marked fragile (distilled / few-step models such as 'turbo' variants): adaptive "
                 "ranks adapt strongly and can destabilise it (loss spikes, noise outputs). Prefer the base "
-                "model, or opt in with allow_fragile=True and a lower learning rate; to train flat ranks "
-                "instead, pass ignore_fisher_map=True"
+                f"model, or opt in with {self.spell_option('allow_fragile', True)} and a lower learning rate; to "
+                f"train flat ranks instead, pass {self.spell_option('ignore_fisher_map', True)}"
             )
 
     # ------------------------------------------------------------------ reporting
     def _describe(self, root: nn.Module, fisher_map: Optional[FisherMap]) -> str:
-        return fit_summary(
+        summary = fit_summary(
             fisher_map,
             self.plan,
             ranks=adapter_ranks(root, self.adapter_name),
@@ -232,6 +285,7 @@ class AdaptiveLoRA(Callback):
             map_ignored=self.ignore_fisher_map,
             flat=self._flat,
         )
+        return summary if fisher_map is None else with_unmapped_candidates(summary, self._unmapped)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.applied_map is None or self.plan is None:
@@ -256,7 +310,8 @@ class AdaptiveLoRA(Callback):
         if self.lr_warning_threshold is not None:
             return self.lr_warning_threshold, "lr_warning_threshold"
         if self.fragile:
-            return FRAGILE_LR_CEILING, "the ceiling for models marked fragile; set lr_warning_threshold to change it"
+            option = self.spell_option("lr_warning_threshold", None)
+            return FRAGILE_LR_CEILING, f"the ceiling for models marked fragile; set {option} to change it"
         return None, ""
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import random
@@ -25,11 +24,11 @@ from lightning_fisher.allocation_settings import (
     resolve_settings,
     settings_or_options,
 )
-from lightning_fisher.atomic_io import write_bytes_atomic
-from lightning_fisher.errors import DatasetFolderError, FisherAnalysisError, FisherMapError, FisherMapWriteError
+from lightning_fisher.atomic_io import unwritable_reason
+from lightning_fisher.errors import DatasetFolderError, FisherAnalysisError, FisherMapWriteError
 from lightning_fisher.fisher_map import DatasetRecord, FisherMap
+from lightning_fisher.map_backup import BACKUP_SUFFIX, save_keeping_previous
 from lightning_fisher.map_codec import resolve_map_path
-from lightning_fisher.map_summary import replaced_map_note
 from lightning_fisher.peft_factory.locate import fisher_map_path
 from lightning_fisher.stability import StabilityRule
 from lightning_fisher.tensor_folder import dataset_fingerprint, list_sample_files
@@ -39,9 +38,6 @@ from lightning_fisher.training.analysis_progress import use_analysis_progress_ba
 from lightning_fisher.training.stability_callback import FisherStability, say_why_it_stopped
 
 __all__ = ["BACKUP_SUFFIX", "analyze", "map_destination"]
-
-#: A map that a new analysis replaces is kept next to it under its name plus this suffix.
-BACKUP_SUFFIX = ".bak"
 
 # Lightning's advice that does not apply to a run that trains nothing.
 _QUIET = (
@@ -63,42 +59,12 @@ def map_destination(
     return fisher_map_path(output, dataset_dir, data)
 
 
-def _save_keeping_previous(fisher_map: FisherMap, destination: Path) -> Path:
-    """Write the map; a file already there is first copied, atomically, to ``<name>.bak`` and reported.
-
-    One backup, the latest previous map: re-running an analysis is routine, but the map it
-    replaces may be the one a finished training run used, so it is never silently lost.
-    """
-    file = resolve_map_path(destination)
-    if not file.is_file():
-        return fisher_map.save(file)
-    backup = file.with_name(file.name + BACKUP_SUFFIX)
-    content = file.read_bytes()
-    try:
-        write_bytes_atomic(backup, content)
-    except OSError as error:
-        raise FisherMapWriteError(
-            f"{backup}: cannot keep the previous fisher map there ({error}); nothing was replaced", path=backup
-        ) from error
-    try:
-        previous, problem = FisherMap.from_dict(json.loads(content), path=file), ""
-    except (FisherMapError, ValueError) as error:  # an unreadable file is kept all the same
-        previous, problem = None, str(error).splitlines()[0]
-    written = fisher_map.save(file)
-    rank_zero_info(replaced_map_note(previous, fisher_map, str(backup), problem))
-    return written
-
-
 def _check_writable(destination: Path) -> None:
     """Fail before a long analysis, not after it, when the map cannot be written."""
-    folder = destination.parent
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK):
+    reason = unwritable_reason(resolve_map_path(destination))
+    if reason is not None:
         raise FisherMapWriteError(
-            f"{destination}: cannot write the fisher map there ({existing} is not a writable folder); "
-            "pass another output location",
+            f"{destination}: cannot write the fisher map there ({reason}); pass another output location",
             path=destination,
         )
 
@@ -250,7 +216,10 @@ def analyze(
     say_why_it_stopped(fisher_map)  # after the run: a rich bar still draws during on_fit_end
     if destination is not None:
         if trainer.is_global_zero:
-            fisher_map = fisher_map.with_path(_save_keeping_previous(fisher_map, destination))
+            saved = save_keeping_previous(fisher_map, destination)
+            if saved.note:
+                rank_zero_info(saved.note)
+            fisher_map = fisher_map.with_path(saved.path)
         else:
             fisher_map = fisher_map.with_path(destination)
         if trainer.world_size > 1:

@@ -41,6 +41,7 @@ from lightning_fisher.peft_factory import (
     root_module,
 )
 from lightning_fisher.training.adaptive_lora import AdaptiveLoRA
+from lightning_fisher.wording import plural
 
 __all__ = ["RunFactory", "compare_fisher_map"]
 
@@ -289,7 +290,7 @@ def compare_fisher_map(
         at = "" if lr is None else f" lr {lr:g}"
         rank_zero_info(
             f"compare [{len(result.runs)}/{len(grid)}] {arm.name} seed {seed}{at}: {MONITOR} {run.val_loss:.4f}, "
-            f"{run.lora_parameters:,} adapter parameters, {run.steps} steps, {run.seconds:.1f} s"
+            f"{run.lora_parameters:,} adapter parameters, {plural(run.steps, 'step')}, {run.seconds:.1f} s"
         )
         if output is not None:
             result.save(output)
