@@ -3,39 +3,35 @@
 from __future__ import annotations
 
 import contextlib
-import json
+import functools
 import logging
 import os
-import random
 import warnings
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import lightning.pytorch as pl
-import numpy as np
-import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
 from lightning_fisher.allocation_settings import AllocationSettings, allocation_from_options, resolve_settings
-from lightning_fisher.atomic_io import write_bytes_atomic
-from lightning_fisher.errors import DatasetFolderError, FisherAnalysisError, FisherMapError, FisherMapWriteError
-from lightning_fisher.fisher_map import DatasetRecord, FisherMap
-from lightning_fisher.map_codec import resolve_map_path
-from lightning_fisher.map_summary import replaced_map_note
-from lightning_fisher.peft_factory.locate import fisher_map_path
+from lightning_fisher.analysis_files import (
+    BACKUP_SUFFIX,
+    check_writable,
+    dataset_record,
+    map_destination,
+    save_keeping_previous,
+    seeded_run,
+)
+from lightning_fisher.errors import FisherAnalysisError
+from lightning_fisher.fisher_map import FisherMap
 from lightning_fisher.stability import StabilityRule
-from lightning_fisher.tensor_folder import dataset_fingerprint, list_sample_files
 from lightning_fisher.timesteps import TimestepFocus
 from lightning_fisher.training.analysis_module import FisherAnalysisModule
 from lightning_fisher.training.analysis_progress import use_analysis_progress_bar
 from lightning_fisher.training.stability_callback import FisherStability, say_why_it_stopped
 
 __all__ = ["BACKUP_SUFFIX", "analyze", "map_destination"]
-
-#: A map that a new analysis replaces is kept next to it under its name plus this suffix.
-BACKUP_SUFFIX = ".bak"
 
 # Lightning's advice that does not apply to a run that trains nothing.
 _QUIET = (
@@ -45,68 +41,6 @@ _QUIET = (
     r".*You defined a `validation_step` but have no `val_dataloader`.*",
     r".*You passed in a `val_dataloader` but have no `validation_step`.*",
 )
-
-
-def map_destination(
-    data: Any, dataset_dir: Union[str, os.PathLike, None], output: Union[str, os.PathLike, None]
-) -> Optional[Path]:
-    """Where the map goes: ``output``, else ``dataset_dir``, else the datamodule's ``dataset_dir``.
-
-    The same rule every reader of the map follows (:func:`~lightning_fisher.peft_factory.fisher_map_path`).
-    """
-    return fisher_map_path(output, dataset_dir, data)
-
-
-def _save_keeping_previous(fisher_map: FisherMap, destination: Path) -> Path:
-    """Write the map; a file already there is first copied, atomically, to ``<name>.bak`` and reported.
-
-    One backup, the latest previous map: re-running an analysis is routine, but the map it
-    replaces may be the one a finished training run used, so it is never silently lost.
-    """
-    file = resolve_map_path(destination)
-    if not file.is_file():
-        return fisher_map.save(file)
-    backup = file.with_name(file.name + BACKUP_SUFFIX)
-    content = file.read_bytes()
-    try:
-        write_bytes_atomic(backup, content)
-    except OSError as error:
-        raise FisherMapWriteError(
-            f"{backup}: cannot keep the previous fisher map there ({error}); nothing was replaced", path=backup
-        ) from error
-    try:
-        previous, problem = FisherMap.from_dict(json.loads(content), path=file), ""
-    except (FisherMapError, ValueError) as error:  # an unreadable file is kept all the same
-        previous, problem = None, str(error).splitlines()[0]
-    written = fisher_map.save(file)
-    rank_zero_info(replaced_map_note(previous, fisher_map, str(backup), problem))
-    return written
-
-
-def _check_writable(destination: Path) -> None:
-    """Fail before a long analysis, not after it, when the map cannot be written."""
-    folder = destination.parent
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK):
-        raise FisherMapWriteError(
-            f"{destination}: cannot write the fisher map there ({existing} is not a writable folder); "
-            "pass another output location",
-            path=destination,
-        )
-
-
-def _dataset_record(folder: Union[str, os.PathLike, None]) -> Optional[DatasetRecord]:
-    """Fingerprint of a folder of sample files; ``None`` when the data did not come from one."""
-    if folder is None:
-        return None
-    folder = Path(folder)
-    try:
-        files = list_sample_files(folder)
-    except DatasetFolderError:
-        return None
-    return DatasetRecord(path=str(folder.resolve()), fingerprint=dataset_fingerprint(folder), num_files=len(files))
 
 
 def analyze(
@@ -211,10 +145,8 @@ def analyze(
     )
     destination = map_destination(data, dataset_dir, output)
     if destination is not None:
-        _check_writable(destination)
-    with _random_state_kept():
-        if seed is not None:
-            pl.seed_everything(seed, workers=True, verbose=False)
+        check_writable(destination)
+    with seeded_run(seed, functools.partial(pl.seed_everything, workers=True, verbose=False)):
         fisher_map, trainer = _run_analysis(
             task, data, trainer=trainer, trainer_kwargs=trainer_kwargs, max_epochs=max_epochs,
             # analyze says why it stopped itself, once the progress bar is gone
@@ -231,13 +163,16 @@ def analyze(
                 loss_reduction=loss_reduction,
                 train_mode=train_mode,
                 seed=seed,
-                dataset=_dataset_record(dataset_dir if dataset_dir is not None else getattr(data, "dataset_dir", None)),
+                dataset=dataset_record(dataset_dir if dataset_dir is not None else getattr(data, "dataset_dir", None)),
             ),
         )
     say_why_it_stopped(fisher_map)  # after the run: a rich bar still draws during on_fit_end
     if destination is not None:
         if trainer.is_global_zero:
-            fisher_map = fisher_map.with_path(_save_keeping_previous(fisher_map, destination))
+            written, note = save_keeping_previous(fisher_map, destination)
+            fisher_map = fisher_map.with_path(written)
+            if note is not None:
+                rank_zero_info(note)
         else:
             fisher_map = fisher_map.with_path(destination)
         if trainer.world_size > 1:
@@ -286,35 +221,6 @@ def _run_analysis(
             "trainer_kwargs and callbacks that stop training or limit batches); nothing was written"
         )
     return module.fisher_map, trainer
-
-
-@contextlib.contextmanager
-def _random_state_kept() -> Iterator[None]:
-    """Seed the analysis without changing the caller's random streams.
-
-    The analysis draws samples, noise and timesteps from the global generators, seeded for
-    reproducibility; a training run started after it in the same script must not depend on
-    whether it ran. Python, NumPy and torch (CPU and CUDA) states and Lightning's seed
-    environment variables are put back afterwards.
-    """
-    python_state = random.getstate()
-    numpy_state = np.random.get_state()
-    torch_state = torch.get_rng_state()
-    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    environment = {key: os.environ.get(key) for key in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")}
-    try:
-        yield
-    finally:
-        random.setstate(python_state)
-        np.random.set_state(numpy_state)
-        torch.set_rng_state(torch_state)
-        if cuda_states is not None:
-            torch.cuda.set_rng_state_all(cuda_states)
-        for key, value in environment.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 class _FitStoppedFilter(logging.Filter):
