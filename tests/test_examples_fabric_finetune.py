@@ -13,10 +13,9 @@ from lightning_fisher import FisherMap
 TOLERANCE = 1e-12
 
 
-def run(out, devices):
+def run(out, devices, *extra):
     result = subprocess.run(
-        [sys.executable, "-m", "lightning_fisher.examples.fabric_finetune", str(out), "--devices", str(devices),
-         "--whole-data"],
+        [sys.executable, "-m", "lightning_fisher.examples.fabric_finetune", str(out), "--devices", str(devices), *extra],
         capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -25,8 +24,8 @@ def run(out, devices):
 
 @pytest.mark.slow
 def test_fabric_ddp_analysis_equals_one_process_and_the_adapters_train(tmp_path):
-    ddp, printed = run(tmp_path / "ddp", 2)
-    single, _ = run(tmp_path / "single", 1)
+    ddp, printed = run(tmp_path / "ddp", 2, "--whole-data")
+    single, _ = run(tmp_path / "single", 1, "--whole-data")
     assert set(ddp) == {0, 1} and set(single) == {0}
     reference = single[0]
     assert reference["samples"] == 96 and reference["batches"] == 12
@@ -43,3 +42,11 @@ def test_fabric_ddp_analysis_equals_one_process_and_the_adapters_train(tmp_path)
     # the adapters trained: the loss (averaged over processes) went down over the steps
     assert ddp[0]["losses"] == ddp[1]["losses"] and ddp[0]["losses"][-1] < ddp[0]["losses"][0]
     assert f"adapters {ddp[0]['adapter_ranks']}" in printed
+
+
+@pytest.mark.slow
+def test_fabric_ddp_processes_stop_at_the_same_batch(tmp_path):
+    ddp, _ = run(tmp_path / "ddp", 2)  # the default stopping rule
+    assert ddp[0]["stop_reason"] == ddp[1]["stop_reason"] == "converged"
+    assert ddp[0]["batches"] == ddp[1]["batches"] < 6 and ddp[0]["history"] == ddp[1]["history"]
+    assert ddp[0]["scores"] == ddp[1]["scores"] and ddp[0]["adapter_ranks"] == ddp[1]["adapter_ranks"]

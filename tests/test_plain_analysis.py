@@ -147,6 +147,13 @@ def test_a_hugging_face_model_is_analysed_with_its_own_loss_and_the_map_applies_
     assert_unchanged(model, before, flags, training=True)
     assert len(fisher_map.scores) == 2 * 6 + 2  # q, k, v, attention output, intermediate, output; pooler, classifier
     assert fisher_map.scores["classifier"] > 0 and fisher_map.analysis.samples == 8 * fisher_map.analysis.batches
+    assert fisher_map.model.class_name == "BertForSequenceClassification"
+    chosen = analyze(model, batches, include=["query", "value"], exclude=["layer.1.attention.self.value"],
+                     rank=4, rank_min=1, rank_max=8, convergence_patience=2, min_batches=2, stability_threshold=0.5)
+    assert sorted(chosen.scores) == [
+        "bert.encoder.layer.0.attention.self.query", "bert.encoder.layer.0.attention.self.value",
+        "bert.encoder.layer.1.attention.self.query"]
+    assert chosen.model.fingerprint == fisher_map.model.fingerprint  # the same model, however many candidates
     peft_model = peft.get_peft_model(model, lora_config_from_fisher_map(tmp_path))
     assert verify_adapter_ranks(peft_model, tmp_path) == fisher_map.ranks
     assert all(torch.equal(v, before[k]) for k, v in peft_model.get_base_model().state_dict().items()

@@ -111,6 +111,8 @@ def run(out: Path, devices: int = 1, steps: int = 6, whole_data: bool = False, f
         "ranks": fisher_map.ranks,
         "batches": fisher_map.analysis.batches,
         "samples": fisher_map.analysis.samples,
+        "stop_reason": fisher_map.analysis.stop_reason,
+        "history": list(fisher_map.analysis.stability.history),
         "adapter_ranks": adapter_ranks(model.module if hasattr(model, "module") else model),
         "losses": losses,
     }

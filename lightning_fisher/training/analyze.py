@@ -1,4 +1,11 @@
-"""``analyze()``: the whole pre-fit stage in one call, for training scripts."""
+"""``analyze()`` on the Trainer path: a LightningModule analysed through its ``training_step``.
+
+:func:`lightning_fisher.analyze` (:mod:`lightning_fisher.analysis_entry`) sends a LightningModule
+given without ``loss_fn`` here; any other model goes to the plain loop
+(:mod:`lightning_fisher.plain_analysis`). Both run the same
+:class:`~lightning_fisher.analysis_session.AnalysisSession` and write the map the same way
+(:mod:`lightning_fisher.analysis_files`).
+"""
 
 from __future__ import annotations
 
