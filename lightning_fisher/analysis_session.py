@@ -177,7 +177,8 @@ class AnalysisSession:
         self._restore.callback(_put_back, _tensors_of(self.model))
 
     def start(self) -> None:
-        """Swap in the timestep focus, install the hooks and start the clock."""
+        """Eval (or train) mode, swap in the timestep focus, install the hooks and start the clock."""
+        self.set_mode()
         self._started = time.perf_counter()
         if self.timestep_sampler is not None:
             self._restore.enter_context(_attribute_set(self.model, TIMESTEP_SAMPLER_ATTRIBUTE, self.timestep_sampler))

@@ -304,3 +304,41 @@ def test_analyze_on_a_plain_module_imports_no_lightning():
         "assert not loaded, loaded\n"
     )
     assert_runs_in_fresh_python(code)
+
+
+def test_a_datamodule_feeds_the_plain_loop_and_the_map_lands_beside_its_data(tmp_path):
+    from lightning_fisher import TensorDirectoryDataModule, write_sample_folder
+
+    x = torch.randn(48, 6, generator=torch.Generator().manual_seed(0))
+    write_sample_folder(tmp_path / "train", ({"x": x[i], "y": (x[i, 0] > 0).long()} for i in range(48)))
+    data = TensorDirectoryDataModule(tmp_path / "train", batch_size=8)
+    fisher_map = analyze(net(), data, lambda model, batch: nn.functional.cross_entropy(model(batch["x"]), batch["y"]),
+                         convergence_patience=2, min_batches=2, stability_threshold=0.0, **RANKS)
+    assert fisher_map.path == tmp_path / "train" / "fisher_map.json" and FisherMap.load(tmp_path / "train") == fisher_map
+    assert fisher_map.dataset.num_files == 48 and fisher_map.dataset.path == str((tmp_path / "train").resolve())
+
+
+def test_a_loop_of_your_own_drives_the_analysis_session_and_an_error_restores_the_model():
+    from lightning_fisher.analysis_session import AnalysisSession
+    from lightning_fisher.stability import StabilityRule, StabilityTracker
+
+    model, rule = net(), StabilityRule(patience=2, min_batches=2, threshold=0.0)
+    before = snapshot(model)
+    tracker = StabilityTracker(rule)
+    with AnalysisSession(model, allocation=AllocationSettings(**RANKS), seed=0) as session:
+        assert not any(p.requires_grad for p in model.parameters()) and not model.training
+        for batch in loader():
+            session.measure(lambda: cross_entropy(model, batch), source="my loop")
+            session.stop_reason = tracker.update(session.split_half_correlation())
+            session.record_stability(rule, tracker)
+            if session.stop_reason:
+                break
+        fisher_map = session.finish()
+    assert fisher_map.analysis.stop_reason == "converged" and fisher_map.analysis.batches == 2
+    assert fisher_map.scores == analyze(net(), loader(), cross_entropy, stopping=rule, **RANKS).scores
+    assert_unchanged(model, before, {n: True for n, _ in model.named_parameters()}, training=True)
+    with pytest.raises(RuntimeError, match="boom"):
+        with AnalysisSession(model, allocation=AllocationSettings(**RANKS)) as session:
+            session.measure(lambda: cross_entropy(model, next(iter(loader()))), source="my loop")
+            raise RuntimeError("boom")
+    assert_unchanged(model, before, {n: True for n, _ in model.named_parameters()}, training=True)
