@@ -200,8 +200,10 @@ def _too_few_batches(seen: int, session: AnalysisSession, stopping: StabilityRul
     samples = session.global_accumulator.samples_seen if session.global_accumulator is not None else 0
     needed = max(1, stopping.min_batches)
     lower = f"lower min_batches (min_batches={seen} accepts this data)" if seen else "check that the data is not empty"
+    world_size = session.processes.world_size
+    where = f" per process ({samples} samples over {world_size} processes)" if world_size > 1 else f" ({samples} samples)"
     return (
-        f"the data ran out after {seen} batch(es) ({samples} samples) in {max_epochs} epoch(s), before "
+        f"the data ran out after {seen} batch(es){where} in {max_epochs} epoch(s), before "
         f"min_batches={needed}: the stopping rule needs at least {needed} batches to judge whether the module "
         f"ranking is stable. Give more batches (more data or smaller batches), raise max_epochs (when the loss "
         f"is random, e.g. diffusion noise and timesteps), or {lower}; nothing was written. A one-pass iterator "

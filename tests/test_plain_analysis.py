@@ -342,3 +342,38 @@ def test_a_loop_of_your_own_drives_the_analysis_session_and_an_error_restores_th
             session.measure(lambda: cross_entropy(model, next(iter(loader()))), source="my loop")
             raise RuntimeError("boom")
     assert_unchanged(model, before, {n: True for n, _ in model.named_parameters()}, training=True)
+
+
+def run_plain_ddp(out, min_batches):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent / "scripts" / "plain_ddp.py"
+    result = subprocess.run([sys.executable, str(script), str(out), str(min_batches)], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+
+
+@pytest.mark.slow
+def test_under_torch_distributed_the_ranks_sum_and_stop_together_when_one_runs_out(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent / "scripts"))
+    from plain_ddp import batches_of, loss_fn, model  # the script's own task
+
+    first, second = run_plain_ddp(tmp_path / "ddp", min_batches=2)
+    # rank 0 had 5 batches, rank 1 only 3: both stopped after 3, and hold the same sums
+    assert first == second and first["batches"] == 3 and first["samples"] == 48 and first["world_size"] == 2
+    assert first["stop_reason"] == "data_exhausted"
+    single = analyze(model(), batches_of(0)[:3] + batches_of(1), loss_fn, rank=4, rank_min=1, rank_max=8,
+                     convergence_patience=10_000, min_batches=0, max_batches=None)
+    for name, score in single.scores.items():
+        assert first["scores"][name] == pytest.approx(score, rel=1e-12)
+    assert FisherMap.load(tmp_path / "ddp").scores == first["scores"]  # written once, by rank 0
+    # too few batches for min_batches: every rank raises the same error, nothing is written
+    first, second = run_plain_ddp(tmp_path / "short", min_batches=5)
+    assert first == second and first["error"].startswith(
+        "the data ran out after 3 batch(es) per process (48 samples over 2 processes) in 1 epoch(s), before min_batches=5")
+    assert not (tmp_path / "short" / "fisher_map.json").exists()
