@@ -140,6 +140,8 @@ def analyze(
         ValueError: an option of the other path (``trainer``, ``trainer_kwargs`` in the plain
             loop; ``timestep_sampler`` on the Trainer path).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"analyze(): model must be an nn.Module (or a LightningModule), got {type(model).__name__}")
     focus = TimestepFocus.parse(timestep_focus)
     allocation = allocation_from_options(
         allocation, "analyze", rank, rank_min, rank_max, rank_mode, score_power, exclude_threshold, criterion

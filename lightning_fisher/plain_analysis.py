@@ -112,7 +112,6 @@ def analyze_plain(
         check_writable(destination)
     device = _device_of(model)
     processes = TorchProcesses(device)
-    batches = _batches_of(data, processes)
     source = "loss_fn(model, batch)" if loss_fn is not None else f"{type(model).__name__}(**batch).loss"
     loss_fn = loss_fn or model_output_loss
     session = AnalysisSession(
@@ -132,29 +131,31 @@ def analyze_plain(
         processes=processes,
     )
     tracker = StabilityTracker(stopping)
-    with seeded_run(seed), session:
-        session.record_stability(stopping, tracker)
-        for _ in range(max_epochs):
-            iterator = iter(batches)
-            while session.stop_reason is None:
-                batch = next(iterator, _END)
-                # every process takes the next batch, or none does (a collective must not wait alone)
-                if not processes.all(batch is not _END):
+    with seeded_run(seed):
+        batches = _batches_of(data, processes)  # seeded too: a datamodule may split or shuffle in setup
+        with session:
+            session.record_stability(stopping, tracker)
+            for _ in range(max_epochs):
+                iterator = iter(batches)
+                while session.stop_reason is None:
+                    batch = next(iterator, _END)
+                    # every process takes the next batch, or none does (a collective must not wait alone)
+                    if not processes.all(batch is not _END):
+                        break
+                    batch = _to_device(batch, device)
+                    session.set_mode()
+                    session.measure(lambda: loss_fn(model, batch), source=source)
+                    correlation = session.split_half_correlation()
+                    reason = tracker.update(correlation)
+                    session.record_stability(stopping, tracker)
+                    _log(logger, _batch_metrics(session, correlation, tracker), tracker.batches - 1)
+                    if processes.any(reason is not None):
+                        session.stop_reason = reason or StopReason.CONVERGED
+                if session.stop_reason is not None:
                     break
-                batch = _to_device(batch, device)
-                session.set_mode()
-                session.measure(lambda: loss_fn(model, batch), source=source)
-                correlation = session.split_half_correlation()
-                reason = tracker.update(correlation)
-                session.record_stability(stopping, tracker)
-                _log(logger, _batch_metrics(session, correlation, tracker), tracker.batches - 1)
-                if processes.any(reason is not None):
-                    session.stop_reason = reason or StopReason.CONVERGED
-            if session.stop_reason is not None:
-                break
-        if session.stop_reason is None and tracker.batches < max(1, stopping.min_batches):
-            raise FisherAnalysisError(_too_few_batches(tracker.batches, session, stopping, max_epochs))
-        fisher_map = session.finish()
+            if session.stop_reason is None and tracker.batches < max(1, stopping.min_batches):
+                raise FisherAnalysisError(_too_few_batches(tracker.batches, session, stopping, max_epochs))
+            fisher_map = session.finish()
     _log(logger, map_metrics(fisher_map), fisher_map.analysis.batches)
     note = no_gradient_note(fisher_map)
     if note is not None:

@@ -224,6 +224,8 @@ def test_data_that_runs_out_before_min_batches_says_how_many_batches_there_were(
 def test_trainer_options_are_refused_in_the_plain_loop():
     with pytest.raises(ValueError, match="trainer and trainer_kwargs apply to a LightningModule.*Sequential is analysed in a plain loop"):
         analyze(net(), loader(), cross_entropy, trainer_kwargs=dict(accelerator="cpu"))
+    with pytest.raises(TypeError, match=r"model must be an nn.Module \(or a LightningModule\), got function"):
+        analyze(cross_entropy, loader())
 
 
 class Flow(nn.Module):
