@@ -1,9 +1,10 @@
 """lightning_fisher: Fisher-guided LoRA placement and ranks for PyTorch Lightning and PEFT.
 
-The core (map, allocation, collector, PEFT factory) is plain PyTorch. The Lightning adapters
-(``FisherAnalysisModule``, ``FisherStability``, ``AdaptiveLoRA``, ``analyze``,
-``TensorDirectoryDataModule``) and the names that need PEFT (the config factories,
-``verify_adapter_ranks``, ``save_adapter``) are imported on first use, so
+The core (map, allocation, collector, the analysis session, PEFT factory) is plain PyTorch, and
+so is ``analyze`` given a model that is not a LightningModule. The Lightning adapters
+(``FisherAnalysisModule``, ``FisherStability``, ``AdaptiveLoRA``, ``TensorDirectoryDataModule``)
+and the names that need PEFT (the config factories, ``verify_adapter_ranks``, ``save_adapter``)
+are imported on first use, so
 ``import lightning_fisher`` in a plain PyTorch loop loads neither Lightning nor PEFT.
 """
 
@@ -67,7 +68,7 @@ _LAZY = {
     "FisherAnalysisModule": "lightning_fisher.training.analysis_module",
     "FisherStability": "lightning_fisher.training.stability_callback",
     "TensorDirectoryDataModule": "lightning_fisher.training.datamodule",
-    "analyze": "lightning_fisher.training.analyze",
+    "analyze": "lightning_fisher.analysis_entry",
 }
 
 __all__ = [

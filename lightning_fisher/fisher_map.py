@@ -17,6 +17,7 @@ rule, JSON document, schema, consistency checks, atomic write) is
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import math
 import os
 from collections.abc import Mapping
@@ -84,11 +85,11 @@ PathLike = Union[str, os.PathLike]
 
 
 def _current_versions() -> dict[str, Optional[str]]:
+    # From the installed package's metadata, not by importing peft: building a map (a plain
+    # PyTorch analysis) must not take the seconds, and the optional-kernel notes, of that import.
     try:
-        import peft
-
-        peft_version: Optional[str] = peft.__version__
-    except ImportError:  # pragma: no cover - peft is a hard dependency, but keep the map writable
+        peft_version: Optional[str] = importlib.metadata.version("peft")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - peft is a hard dependency
         peft_version = None
     # str(): torch.__version__ is a TorchVersion, which weights_only checkpoint loading refuses
     return {"lightning_fisher": __version__, "torch": str(torch.__version__), "peft": peft_version}

@@ -38,7 +38,7 @@ from lightning_fisher.criteria.trace import split_half_correlation
 from lightning_fisher.errors import SettingsError
 
 __all__ = [
-    "StabilityRule", "StabilityTracker", "StopReason", "method_for", "spectrum_split_half_correlation",
+    "STOPPING_OPTIONS", "StabilityRule", "StabilityTracker", "StopReason", "method_for", "spectrum_split_half_correlation",
     "split_half_correlation",
 ]
 
@@ -110,6 +110,10 @@ class StabilityRule:
                 raise SettingsError(
                     f"max_batches ({self.max_batches}) is smaller than min_batches ({self.min_batches})", field="max_batches"
                 )
+
+
+#: The stopping options that ``analyze`` takes one by one beside ``stopping=`` (the command line's names).
+STOPPING_OPTIONS = ("convergence_patience", "stability_threshold", "min_batches", "max_batches")
 
 
 @dataclass

@@ -7,6 +7,9 @@ import lightning_fisher
 CORE_MODULES = [
     "lightning_fisher.accumulator",
     "lightning_fisher.allocation",
+    "lightning_fisher.analysis_entry",
+    "lightning_fisher.analysis_files",
+    "lightning_fisher.analysis_session",
     "lightning_fisher.atomic_io",
     "lightning_fisher.candidates",
     "lightning_fisher.collector",
@@ -19,6 +22,8 @@ CORE_MODULES = [
     "lightning_fisher.natural_sort",
     "lightning_fisher.patterns",
     "lightning_fisher.per_sample_norms",
+    "lightning_fisher.plain_analysis",
+    "lightning_fisher.processes",
     "lightning_fisher.peft_factory",
     "lightning_fisher.peft_factory.export",
     "lightning_fisher.peft_factory.flat",
@@ -47,7 +52,7 @@ def test_core_does_not_import_lightning():
         "import sys\n"
         f"import {', '.join(CORE_MODULES)}\n"
         "import lightning_fisher\n"
-        "from lightning_fisher import FisherMap, FisherCollector, allocate_ranks, lora_config_from_fisher_map, save_adapter\n"
+        "from lightning_fisher import FisherMap, FisherCollector, allocate_ranks, analyze, lora_config_from_fisher_map, save_adapter\n"
         "loaded = sorted(m for m in sys.modules if m == 'lightning' or m.startswith(('lightning.', 'pytorch_lightning')))\n"
         "assert not loaded, loaded\n"
         "from lightning_fisher import AdaptiveLoRA\n"

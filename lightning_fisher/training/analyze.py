@@ -1,19 +1,23 @@
-"""``analyze()``: the whole pre-fit stage in one call, for training scripts."""
+"""``analyze()`` on the Trainer path: a LightningModule analysed through its ``training_step``.
+
+:func:`lightning_fisher.analyze` (:mod:`lightning_fisher.analysis_entry`) sends a LightningModule
+given without ``loss_fn`` here; any other model goes to the plain loop
+(:mod:`lightning_fisher.plain_analysis`). Both run the same
+:class:`~lightning_fisher.analysis_session.AnalysisSession` and write the map the same way
+(:mod:`lightning_fisher.analysis_files`).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
-import random
 import warnings
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import lightning.pytorch as pl
-import numpy as np
-import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
@@ -24,14 +28,17 @@ from lightning_fisher.allocation_settings import (
     resolve_settings,
     settings_or_options,
 )
-from lightning_fisher.atomic_io import unwritable_reason
-from lightning_fisher.errors import DatasetFolderError, FisherAnalysisError, FisherMapWriteError
-from lightning_fisher.fisher_map import DatasetRecord, FisherMap
-from lightning_fisher.map_backup import BACKUP_SUFFIX, save_keeping_previous
-from lightning_fisher.map_codec import resolve_map_path
-from lightning_fisher.peft_factory.locate import fisher_map_path
-from lightning_fisher.stability import StabilityRule
-from lightning_fisher.tensor_folder import dataset_fingerprint, list_sample_files
+from lightning_fisher.analysis_files import (
+    BACKUP_SUFFIX,
+    check_writable,
+    dataset_record,
+    map_destination,
+    save_keeping_previous,
+    seeded_run,
+)
+from lightning_fisher.errors import FisherAnalysisError
+from lightning_fisher.fisher_map import FisherMap
+from lightning_fisher.stability import STOPPING_OPTIONS, StabilityRule
 from lightning_fisher.timesteps import TimestepFocus
 from lightning_fisher.training.analysis_module import FisherAnalysisModule
 from lightning_fisher.training.analysis_progress import use_analysis_progress_bar
@@ -47,42 +54,6 @@ _QUIET = (
     r".*You defined a `validation_step` but have no `val_dataloader`.*",
     r".*You passed in a `val_dataloader` but have no `validation_step`.*",
 )
-
-
-def map_destination(
-    data: Any, dataset_dir: Union[str, os.PathLike, None], output: Union[str, os.PathLike, None]
-) -> Optional[Path]:
-    """Where the map goes: ``output``, else ``dataset_dir``, else the datamodule's ``dataset_dir``.
-
-    The same rule every reader of the map follows (:func:`~lightning_fisher.peft_factory.fisher_map_path`).
-    """
-    return fisher_map_path(output, dataset_dir, data)
-
-
-def _check_writable(destination: Path) -> None:
-    """Fail before a long analysis, not after it, when the map cannot be written."""
-    reason = unwritable_reason(resolve_map_path(destination))
-    if reason is not None:
-        raise FisherMapWriteError(
-            f"{destination}: cannot write the fisher map there ({reason}); pass another output location",
-            path=destination,
-        )
-
-
-def _dataset_record(folder: Union[str, os.PathLike, None]) -> Optional[DatasetRecord]:
-    """Fingerprint of a folder of sample files; ``None`` when the data did not come from one."""
-    if folder is None:
-        return None
-    folder = Path(folder)
-    try:
-        files = list_sample_files(folder)
-    except DatasetFolderError:
-        return None
-    return DatasetRecord(path=str(folder.resolve()), fingerprint=dataset_fingerprint(folder), num_files=len(files))
-
-
-#: ``analyze``'s stopping options beside ``stopping=`` (the command line's names).
-STOPPING_OPTIONS = ("convergence_patience", "stability_threshold", "min_batches", "max_batches")
 
 
 @settings_or_options("allocation", AllocationSettings, ALLOCATION_OPTIONS)
@@ -190,10 +161,8 @@ def analyze(
     )
     destination = map_destination(data, dataset_dir, output)
     if destination is not None:
-        _check_writable(destination)
-    with _random_state_kept():
-        if seed is not None:
-            pl.seed_everything(seed, workers=True, verbose=False)
+        check_writable(destination)
+    with seeded_run(seed, functools.partial(pl.seed_everything, workers=True, verbose=False)):
         fisher_map, trainer = _run_analysis(
             task, data, trainer=trainer, trainer_kwargs=trainer_kwargs, max_epochs=max_epochs,
             # analyze says why it stopped itself, once the progress bar is gone
@@ -210,7 +179,7 @@ def analyze(
                 loss_reduction=loss_reduction,
                 train_mode=train_mode,
                 seed=seed,
-                dataset=_dataset_record(dataset_dir if dataset_dir is not None else getattr(data, "dataset_dir", None)),
+                dataset=dataset_record(dataset_dir if dataset_dir is not None else getattr(data, "dataset_dir", None)),
             ),
         )
     say_why_it_stopped(fisher_map)  # after the run: a rich bar still draws during on_fit_end
@@ -268,35 +237,6 @@ def _run_analysis(
             "trainer_kwargs and callbacks that stop training or limit batches); nothing was written"
         )
     return module.fisher_map, trainer
-
-
-@contextlib.contextmanager
-def _random_state_kept() -> Iterator[None]:
-    """Seed the analysis without changing the caller's random streams.
-
-    The analysis draws samples, noise and timesteps from the global generators, seeded for
-    reproducibility; a training run started after it in the same script must not depend on
-    whether it ran. Python, NumPy and torch (CPU and CUDA) states and Lightning's seed
-    environment variables are put back afterwards.
-    """
-    python_state = random.getstate()
-    numpy_state = np.random.get_state()
-    torch_state = torch.get_rng_state()
-    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    environment = {key: os.environ.get(key) for key in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")}
-    try:
-        yield
-    finally:
-        random.setstate(python_state)
-        np.random.set_state(numpy_state)
-        torch.set_rng_state(torch_state)
-        if cuda_states is not None:
-            torch.cuda.set_rng_state_all(cuda_states)
-        for key, value in environment.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 class _FitStoppedFilter(logging.Filter):

@@ -9,9 +9,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_fisher.allocation_settings import resolve_settings, settings_or_options
-from lightning_fisher.fisher_map import FisherMap, StabilityRecord
+from lightning_fisher.fisher_map import FisherMap
 from lightning_fisher.map_summary import stop_line
-from lightning_fisher.stability import StabilityRule, StabilityTracker, StopReason, method_for
+from lightning_fisher.stability import StabilityRule, StabilityTracker, StopReason
 
 __all__ = ["FisherStability", "say_why_it_stopped"]
 
@@ -70,7 +70,7 @@ class FisherStability(Callback):
         if not isinstance(pl_module, FisherAnalysisModule):
             raise TypeError(f"FisherStability watches a FisherAnalysisModule, not {type(pl_module).__name__}")
         self.tracker = StabilityTracker(self.rule)
-        pl_module.stability = self._record(pl_module)
+        pl_module.session.record_stability(self.rule, self.tracker)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -81,7 +81,7 @@ class FisherStability(Callback):
             pl_module.log("fisher/split_half_spearman", correlation, prog_bar=True)
         # what the user waits for: "stable k of patience"
         pl_module.log("fisher/stable_batches", float(self.tracker.stable_batches), prog_bar=True)
-        pl_module.stability = self._record(pl_module)
+        pl_module.session.record_stability(self.rule, self.tracker)
         should_stop = trainer.strategy.reduce_boolean_decision(reason is not None, all=False)
         if should_stop:
             pl_module.stop_reason = reason or StopReason.CONVERGED
@@ -91,17 +91,6 @@ class FisherStability(Callback):
         fisher_map = getattr(pl_module, "fisher_map", None)
         if self.verbose and fisher_map is not None:
             say_why_it_stopped(fisher_map)
-
-    def _record(self, pl_module: pl.LightningModule) -> StabilityRecord:
-        return StabilityRecord(
-            method=method_for(pl_module.allocation.criterion),
-            threshold=float(self.rule.threshold),
-            patience=self.rule.patience,
-            last_correlation=self.tracker.last_correlation,
-            min_batches=self.rule.min_batches,
-            max_batches=self.rule.max_batches,
-            history=tuple(self.tracker.history),
-        )
 
 
 def say_why_it_stopped(fisher_map: FisherMap) -> None:
