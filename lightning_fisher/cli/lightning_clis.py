@@ -25,6 +25,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_fisher.allocation_settings import AllocationSettings, field_help
 from lightning_fisher.cli.arguments import ALIASES, normalize_flags
+from lightning_fisher.cli.values import comma_list
 from lightning_fisher.stability import StabilityRule
 from lightning_fisher.timesteps import FOCUS_HELP, TimestepFocus
 from lightning_fisher.training.adaptive_lora import AdaptiveLoRA
@@ -171,10 +172,7 @@ class TrainCLI(LightningCLI):
 
 
 def _patterns(value: Union[list[str], str, None]) -> Optional[list[str]]:
-    if value is None:
-        return None
-    items = value.split(",") if isinstance(value, str) else value
-    return [item.strip() for item in items if item.strip()]
+    return None if value is None else comma_list(value)
 
 
 @contextlib.contextmanager

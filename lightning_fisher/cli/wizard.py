@@ -1,115 +1,66 @@
 """``lightning-fisher wizard``: an interactive front end that writes an ``analyze`` config.
 
-The wizard asks, step by step, for what ``lightning-fisher analyze`` needs (model and its
-required ``__init__`` arguments, dataset folder, timestep focus, rank budget), checks each
-answer where it is given, shows a summary with an estimated run time, and saves a YAML config
-in exactly the format ``lightning-fisher analyze --config FILE`` reads. Running the analysis
-from the wizard calls that same command on that file, so the wizard is a way to *write* a
-config, never a second way to run the analysis. At the end it prints the exact ``analyze``
-and ``fit`` commands (``fit`` takes flags, not the analysis config).
+The wizard asks for what ``lightning-fisher analyze`` needs, checks each answer where it is
+given, shows a summary with an estimated run time, and saves a YAML config that
+``lightning-fisher analyze --config FILE`` reads; running the analysis from the wizard runs that
+command on that file. It ends with the exact ``analyze`` and ``fit`` commands.
 
-``back`` at any question returns to the previous one. The timestep focus is asked only for a
-model with a ``timestep_sampler`` (read from its class, see
-:func:`~lightning_fisher.cli.wizard_answers.has_timestep_sampler`), the checkpoint folder only
-for one that takes ``checkpoint_dir``.
+The questions are one table, :meth:`Wizard.questions`: name, step, how it is asked, when it is
+skipped. The rank budget and criterion (:class:`~lightning_fisher.AllocationSettings`) and the
+stopping rule (:class:`~lightning_fisher.stability.StabilityRule`) are asked field by field,
+each question made from the field (see :func:`~lightning_fisher.cli.wizard_answers.setting_questions`)
+and checked by building the object, so the wizard asks whatever ``analyze`` takes from them.
+``back`` returns to the previous question asked. Nothing is written before the last question:
+Ctrl-C (exit status 130) or end of input (1) leaves no config and no map behind.
 
-Nothing is written before the last question is answered: Ctrl-C (exit status 130) or end of
-input (exit status 1) at any prompt leaves no config and no map behind. The saved config goes
-by default next to the map it produces, ``<dataset folder>/fisher_analyze.yaml``
-(``--save-config`` changes the default offered).
-
-The module is layered so that each part can be tested without a terminal:
-
-- :class:`Prompter`: one question with a default, a check and re-asking; yes/no; a choice.
-  It reads and writes through the callables it is given.
-- :mod:`~lightning_fisher.cli.wizard_answers`: checking one answer (``parse_*``), rank
-  presets, and :class:`WizardAnswers` -> config (pure).
-- :mod:`~lightning_fisher.cli.wizard_estimate`: the run-time estimate in the summary.
-- :class:`Wizard`: the order of the questions; :func:`run_wizard`: the subcommand.
+:class:`Prompter` does all reading and printing; checking answers and making the config are the
+pure functions of :mod:`~lightning_fisher.cli.wizard_answers`; the run-time estimate is
+:mod:`~lightning_fisher.cli.wizard_estimate`.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import math
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Callable, Optional, TypeVar, Union
 
-from lightning_fisher.allocation import ALLOCATION_MODES
+from lightning_fisher.allocation_settings import AllocationSettings
+from lightning_fisher.atomic_io import write_text_atomic
 from lightning_fisher.cli.wizard_answers import (
-    CONFIG_FILENAME,
-    DEMO_MODEL,
-    DEFAULT_BATCH_SIZE,
-    FRAGILE_FIT_FLAGS,
-    DatasetFolder,
-    RankSettings,
-    WizardAnswers,
-    accepts_checkpoint_dir,
-    analyze_command,
-    answers_to_config,
-    fit_command,
-    has_timestep_sampler,
-    default_presets_dir,
-    load_presets,
-    parse_config_path,
-    parse_dataset_folder,
-    parse_focus_range,
-    parse_folder,
-    parse_model_class,
-    parse_patterns,
-    parse_positive_int,
-    render_config,
-    required_init_arguments,
-    requires_checkpoint_dir,
-    write_config,
+    CONFIG_FILENAME, DEFAULT_BATCH_SIZE, DEFAULT_SEED, DEMO_MODEL, FRAGILE_FIT_FLAGS, DatasetFolder, TypedQuestion,
+    WizardAnswers, accepts_checkpoint_dir, analyze_command, default_presets_dir, fit_command, has_timestep_sampler,
+    load_presets, parse_config_path, parse_dataset_folder, parse_focus_range, parse_folder, parse_model_class,
+    parse_patterns, parse_positive_int, parse_typed, render_config, required_init_arguments, requires_checkpoint_dir,
+    setting_questions, settings_flags,
 )
-from lightning_fisher.cli.wizard_estimate import RunTimeEstimate, analysis_batches, estimate_run_time, short_reason
+from lightning_fisher.cli.wizard_estimate import RunTimeEstimate, estimate_run_time, short_reason
+from lightning_fisher.errors import SettingsError
 from lightning_fisher.fisher_map import FISHER_MAP_FILENAME
+from lightning_fisher.stability import StabilityRule
 from lightning_fisher.timesteps import FOCUS_HELP, TimestepFocus
 
-__all__ = [
-    "BACK",
-    "GoBack",
-    "Prompter",
-    "RankSettings",
-    "RunTimeEstimate",
-    "Wizard",
-    "WizardAnswers",
-    "analysis_batches",
-    "answers_to_config",
-    "default_presets_dir",
-    "estimate_run_time",
-    "load_presets",
-    "parse_config_path",
-    "render_config",
-    "run_wizard",
-    "write_config",
-]
+__all__ = ["BACK", "GoBack", "Prompter", "Question", "Wizard", "WizardPlan", "run_wizard"]
 
 T = TypeVar("T")
 
+#: Typed at any question, returns to the previous one.
+BACK = "back"
 #: Exclusions offered by default for the demo model: its classification head is freshly initialised.
 DEMO_EXCLUDE = ("head",)
-
-MODE_HELP = {
-    "median": "the base rank is the median rank of the adapted modules",
-    "budget": "total LoRA parameters equal flat LoRA at the base rank",
-}
-
-EXIT_DECLINED = 1
-EXIT_END_OF_INPUT = 1
+EXIT_DECLINED = EXIT_END_OF_INPUT = 1
 EXIT_NOT_INTERACTIVE = 2
 EXIT_INTERRUPTED = 130
-
 NOT_INTERACTIVE = (
-    "lightning-fisher wizard needs an interactive terminal; "
-    "use `lightning-fisher analyze --config ...` instead"
+    "lightning-fisher wizard needs an interactive terminal; use `lightning-fisher analyze --config ...` instead"
 )
 CANCELLED = "wizard cancelled, nothing written"
-
 FRAGILE_WARNING = """\
   ! WARNING: distilled / few-step ("turbo") models are fragile. Adaptive ranks adapt strongly,
     and that can destabilise such a model: loss spikes, outputs that turn to noise.
@@ -117,20 +68,12 @@ FRAGILE_WARNING = """\
     lower the learning rate (e.g. 1e-4 -> 5e-5) and check samples early."""
 
 
-# --------------------------------------------------------------------------------------------
-# Asking
-
-
-#: Typed at any question, returns to the previous one.
-BACK = "back"
-
-
 class GoBack(Exception):
     """The user typed ``back``: the previous question is asked again."""
 
 
 class Prompter:
-    """Asks questions through ``input_fn`` and ``output_fn``; re-asks until an answer is valid.
+    """All the wizard's terminal I/O: asks through ``input_fn``, prints through ``output_fn``, re-asks until valid.
 
     The answer ``back`` (any case) raises :class:`GoBack` from every kind of question.
 
@@ -151,39 +94,25 @@ class Prompter:
         self.output_fn(f"  ! {reason}")
 
     def ask(
-        self,
-        question: str,
-        *,
-        default: Optional[str] = None,
-        parse: Callable[[str], T] = str,  # type: ignore[assignment]
-        empty: Optional[str] = None,
+        self, question: str, *, default: Optional[str] = None, parse: Callable[[str], T] = str, empty: Optional[str] = None
     ) -> T:
         """Ask until ``parse`` accepts the answer; return what it returns.
 
         Args:
             question: the prompt, without the default.
-            default: taken for an empty answer and shown as ``[default]``; it goes through
-                ``parse`` like a typed answer.
+            default: taken for an empty answer and shown as ``[default]``; parsed like a typed answer.
             parse: turns the stripped answer into the value, or raises ``ValueError`` whose
                 message is shown before asking again.
             empty: what an empty answer means, shown as ``[Enter: empty]`` when there is no
-                default; the empty answer is then passed to ``parse`` as ``""``. Without
-                ``default`` or ``empty`` an empty answer is refused.
+                default; ``""`` is then passed to ``parse``. Without ``default`` or ``empty`` an
+                empty answer is refused.
         """
-        if default is not None:
-            prompt = f"{question} [{default}]: "
-        elif empty is not None:
-            prompt = f"{question} [Enter: {empty}]: "
-        else:
-            prompt = f"{question}: "
+        hint = f" [{default}]" if default is not None else f" [Enter: {empty}]" if empty is not None else ""
         while True:
-            answer = self._read(prompt)
-            if not answer:
-                if default is not None:
-                    answer = default
-                elif empty is None:
-                    self.warn("an answer is needed")
-                    continue
+            answer = self._read(f"{question}{hint}: ") or (default or "")
+            if not answer and default is None and empty is None:
+                self.warn("an answer is needed")
+                continue
             try:
                 return parse(answer)
             except ValueError as error:
@@ -197,15 +126,10 @@ class Prompter:
 
     def yes_no(self, question: str, *, default: bool) -> bool:
         """Ask a y/n question; Enter gives ``default``."""
-        prompt = f"{question} [{'Y/n' if default else 'y/N'}]: "
         while True:
-            answer = self._read(prompt).lower()
-            if not answer:
-                return default
-            if answer in ("y", "yes"):
-                return True
-            if answer in ("n", "no"):
-                return False
+            answer = self._read(f"{question} [{'Y/n' if default else 'y/N'}]: ").lower()
+            if answer in ("", "y", "yes", "n", "no"):
+                return default if not answer else answer.startswith("y")
             self.warn("answer y or n")
 
     def choice(self, question: str, options: Sequence[str], *, default: str) -> str:
@@ -215,9 +139,7 @@ class Prompter:
 
         def parse(text: str) -> str:
             text = text.lower()
-            matches = [option for option in options if option.lower() == text]
-            if not matches:
-                matches = [option for option in options if option.lower().startswith(text)]
+            matches = [o for o in options if o.lower() == text] or [o for o in options if o.lower().startswith(text)]
             if len(matches) != 1:
                 raise ValueError(f"{text!r} is not one of: {', '.join(options)}")
             return matches[0]
@@ -225,9 +147,49 @@ class Prompter:
         return self.ask(f"{question} ({'/'.join(options)})", default=default, parse=parse)
 
 
+@dataclass(frozen=True)
+class Ask:
+    """A question answered in text, read by ``parse`` (see :meth:`Prompter.ask`); ``help`` is shown above it."""
+
+    prompt: str
+    parse: Callable[[str], Any] = str
+    default: Optional[str] = None
+    empty: Optional[str] = None
+    help: str = ""
+
+    def run(self, p: Prompter) -> Any:
+        if self.help:
+            p.say(self.help)
+        return p.ask(self.prompt, default=self.default, parse=self.parse, empty=self.empty)
+
+
+@dataclass(frozen=True)
+class YesNo:
+    prompt: str
+    default: bool
+    help: str = ""
+
+    def run(self, p: Prompter) -> bool:
+        if self.help:
+            p.say(self.help)
+        return p.yes_no(self.prompt, default=self.default)
+
+
+@dataclass(frozen=True)
+class Choice:
+    prompt: str
+    options: Sequence[str]
+    default: str
+    help: str = ""
+
+    def run(self, p: Prompter) -> str:
+        if self.help:
+            p.say(self.help)
+        return p.choice(self.prompt, self.options, default=self.default)
+
 
 # --------------------------------------------------------------------------------------------
-# The flow
+# The question table and the flow
 
 
 @dataclass(frozen=True)
@@ -239,292 +201,245 @@ class WizardPlan:
     run_now: bool
 
 
-# What a question handler returns besides its normal ``None`` (answered).
-SKIPPED = "skipped"  # nothing asked: ``back`` from the next question goes further back
+SKIPPED = "skipped"  # a row that asked nothing (the summary, a check): ``back`` passes over it
 STOPPED = "stopped"  # the user stopped the wizard (the fragile-model warning)
 
 
 @dataclass(frozen=True)
 class Redo:
-    """Ask again from the earlier question ``question`` (an invalid rank budget, a refused overwrite)."""
+    """Ask again from the earlier question ``question`` (an invalid setting, a refused overwrite)."""
 
     question: str
 
 
-#: Step of each question (the ``[n/7]`` headers); ``arg:NAME`` questions belong to the model step.
-STEP_TITLES = {
-    1: "Model",
-    2: "Dataset",
-    3: "Timestep focus (diffusion / flow models)",
-    4: "Rank budget",
-    5: "Fragile model",
-    6: "Summary",
-    7: "Save and run",
-}
-QUESTION_STEPS = {
-    "model": 1, "checkpoint_dir": 1, "exclude": 1,
-    "dataset": 2, "batch_size": 2,
-    "focus": 3, "focus_range": 3,
-    "preset": 4, "rank": 4, "rank_min": 4, "rank_max": 4, "rank_mode": 4,
-    "fragile": 5, "fragile_confirm": 5,
-    "summary": 6,
-    "config_path": 7, "overwrite": 7, "run_now": 7,
-}
-_ARG = "arg:"
+@dataclass(frozen=True)
+class Question:
+    """A row of the question table.
+
+    Args:
+        name: what ``back`` and :class:`Redo` refer to, and where the answer goes (``state[name]``).
+        step: the title it is shown under (``[n/N] step``; the steps are numbered in table order).
+        ask: returns what to ask (an :class:`Ask`, :class:`YesNo` or :class:`Choice`, made when it
+            is asked, from the answers so far), or does something of its own and returns
+            ``None`` (answered), ``SKIPPED``, ``STOPPED`` or a :class:`Redo`.
+        skip: ``False`` to ask; ``True``, or a note to show, to skip it (its earlier answer is dropped).
+    """
+
+    name: str
+    step: str
+    ask: Callable[[], Any]
+    skip: Callable[[], Union[bool, str]] = lambda: False
+
+
+MODEL, DATASET, FOCUS, RANKS, STOPPING, FRAGILE, SUMMARY, SAVE = (
+    "Model", "Dataset", "Timestep focus (diffusion / flow models)", "Rank budget and criterion",
+    "Stopping rule and seed", "Fragile model", "Summary", "Save and run",
+)
 
 
 class Wizard:
-    """The questions, in order. :meth:`collect` returns the plan, or ``None`` when the user stops.
+    """Asks the questions of :meth:`questions` in order; :meth:`collect` returns the plan, or ``None`` when the user stops.
 
-    Each question is a method ``ask_<name>`` that reads and writes :attr:`state`. ``back`` at
-    any question asks the previous *asked* question again (those skipped, e.g. the timestep
-    focus of a model without a ``timestep_sampler``, are passed over); answers already given
-    further on are kept and offered again where they are defaults.
+    ``back`` asks the previous *asked* question again (skipped ones are passed over); answers
+    given further on are kept and offered again as defaults.
 
     Args:
         prompter: asks the questions.
         presets: rank presets by name (see :func:`load_presets`).
         save_config: default offered for where to save the config.
-        estimate: run-time estimate of a config text and sample count (for tests; default
-            :func:`estimate_run_time`).
+        estimate: run-time estimate of a config text and sample count (default :func:`estimate_run_time`).
+        allocation, stopping: the settings classes asked field by field.
     """
-
-    STEPS = len(STEP_TITLES)
 
     def __init__(
         self,
         prompter: Prompter,
         *,
-        presets: Optional[Mapping[str, RankSettings]] = None,
+        presets: Optional[Mapping[str, AllocationSettings]] = None,
         save_config: Optional[str] = None,
         estimate: Callable[[str, int], RunTimeEstimate] = estimate_run_time,
+        allocation: type = AllocationSettings,
+        stopping: type = StabilityRule,
     ) -> None:
-        self.prompter = prompter
-        self.presets = dict(presets or {})
-        self.save_config = save_config
-        self.estimate = estimate
-        self.state: dict[str, Any] = {}
+        self.prompter, self.presets, self.save_config, self.estimate = prompter, dict(presets or {}), save_config, estimate
+        self.allocation, self.stopping = allocation, stopping
+        self.state: dict[Any, Any] = {}
 
-    def _step(self, number: int, title: str) -> None:
-        self.prompter.say(f"\n[{number}/{self.STEPS}] {title}")
-
-    def _questions(self) -> list[str]:
-        arguments = [_ARG + argument.name for argument in self.state.get("required", [])]
+    def questions(self) -> list[Question]:
+        """The question table, in asking order (the model's required arguments depend on the model)."""
+        s = self.state
         return [
-            "model", *arguments, "checkpoint_dir", "exclude", "dataset", "batch_size", "focus", "focus_range",
-            "preset", "rank", "rank_min", "rank_max", "rank_mode", "fragile", "fragile_confirm", "summary",
-            "config_path", "overwrite", "run_now",
+            Question("model", MODEL, lambda: Ask("LightningModule class path", parse_model_class, s.get("model", DEMO_MODEL))),
+            *(Question(f"arg:{a.name}", MODEL, partial(self.typed, f"arg:{a.name}", a)) for a in self.required()),
+            Question("checkpoint_dir", MODEL, self.checkpoint_dir, skip=self.no_checkpoint_dir),
+            Question("include", MODEL, lambda: Ask(
+                "Include", parse_included, _joined(s.get("include")), "every nn.Linear", f"  Modules to analyse: {PATTERNS}.")),
+            Question("exclude", MODEL, self.exclude),
+            Question("dataset", DATASET, self.ask_dataset),
+            Question("batch_size", DATASET, lambda: Ask("Batch size", parse_positive_int, str(s.get("batch_size", DEFAULT_BATCH_SIZE)))),
+            Question("focus", FOCUS, self.focus, skip=self.no_timestep_sampler),
+            Question("focus_range", FOCUS, lambda: Ask("Range LO,HI", parse_focus_range, "0.2,0.5"), skip=lambda: s.get("focus") != "custom"),
+            Question("preset", RANKS, self.ask_preset, skip=lambda: not self.presets),
+            *self.settings_questions(self.allocation, RANKS),
+            Question("change_stopping", STOPPING, lambda: YesNo("Change the stopping rule?", False, help=(
+                f"  The analysis stops once the module ranking is stable: {_pairs(settings_flags(s[self.stopping]))}."))),
+            *self.settings_questions(self.stopping, STOPPING, skip=lambda: not s["change_stopping"]),
+            Question("seed", STOPPING, partial(self.typed, "seed", TypedQuestion("seed", Optional[int]), default=DEFAULT_SEED)),
+            Question("fragile", FRAGILE, lambda: YesNo("Is this a distilled / few-step ('turbo') model?", False)),
+            Question("fragile_confirm", FRAGILE, self.ask_fragile_confirm, skip=lambda: not s["fragile"]),
+            Question("summary", SUMMARY, self.show_summary),
+            Question("config_path", SAVE, lambda: Ask("Save the config to", parse_config_path, self.save_config or str(
+                Path(s["dataset"].path) / CONFIG_FILENAME))),
+            Question("overwrite", SAVE, self.ask_overwrite, skip=lambda: not s["config_path"].exists()),
+            Question("run_now", SAVE, lambda: YesNo("Run the analysis now?", True)),
         ]
+
+    def settings_questions(self, settings: type, step: str, skip: Callable[[], bool] = lambda: False) -> list[Question]:
+        """A question per field of ``settings`` (named by its flag), then the check that builds the object."""
+        fields = setting_questions(settings)
+        rows = [Question(q.key, step, partial(self.typed, q.key, q, settings=settings), skip) for q in fields]
+        return [*rows, Question(f"check:{settings.__name__}", step, partial(self.check_settings, settings, fields), skip)]
 
     def collect(self) -> Optional[WizardPlan]:
         p = self.prompter
         p.say("lightning-fisher wizard: set up a Fisher analysis, which writes fisher_map.json (per-module")
         p.say(f"LoRA ranks) into your dataset folder. Enter takes the [default]; '{BACK}' returns to the")
         p.say("previous question; Ctrl-C cancels. Nothing is written until the last question.")
-        self.state = {"ranks": RankSettings(), "preset": None, "init_args": {}}
+        self.state = {self.allocation: self.allocation(), self.stopping: self.stopping()}
         asked: list[str] = []
-        question: Optional[str] = "model"
-        shown_step = 0
-        while question is not None:
-            step = QUESTION_STEPS.get(question, 1)
-            if step != shown_step:
-                self._step(step, STEP_TITLES[step])
-                shown_step = step
+        name: Optional[str] = "model"
+        shown = None
+        while name is not None:
+            table = self.questions()
+            steps = list(dict.fromkeys(q.step for q in table))
+            question = next(q for q in table if q.name == name)
+            if question.step != shown:
+                p.say(f"\n[{steps.index(question.step) + 1}/{len(steps)}] {question.step}")
+                shown = question.step
             try:
                 outcome = self._ask(question)
             except GoBack:
-                if not asked:
+                if asked:
+                    name, shown = asked.pop(), None  # the step is shown again
+                else:
                     p.warn("this is the first question")
-                    continue
-                question = asked.pop()
-                shown_step = 0  # show where we are again
                 continue
             if outcome == STOPPED:
                 return None
             if isinstance(outcome, Redo):
-                while asked and asked[-1] != outcome.question:
-                    asked.pop()
-                if asked:
-                    asked.pop()
-                question = outcome.question
+                while asked and asked.pop() != outcome.question:
+                    pass
+                name = outcome.question
                 continue
             if outcome != SKIPPED:
-                asked.append(question)
-            questions = self._questions()
-            position = questions.index(question) + 1
-            question = questions[position] if position < len(questions) else None
-        return WizardPlan(self._answers(), self.state["config_path"], self.state["run_now"])
+                asked.append(name)
+            names = [q.name for q in self.questions()]
+            name = next(iter(names[names.index(name) + 1:]), None)
+        return WizardPlan(self.answers(), self.state["config_path"], self.state["run_now"])
 
-    def _ask(self, question: str) -> Any:
-        if question.startswith(_ARG):
-            return self.ask_init_argument(question[len(_ARG):])
-        return getattr(self, f"ask_{question}")()
-
-    def _answers(self) -> WizardAnswers:
-        state = self.state
-        dataset: DatasetFolder = state["dataset"]
-        required = [argument.name for argument in state.get("required", [])]
-        return WizardAnswers(
-            model=state["model"],
-            dataset_dir=dataset.path,
-            checkpoint_dir=state.get("checkpoint_dir"),
-            init_args={name: state["init_args"][name] for name in required},
-            exclude=state["exclude"],
-            num_samples=len(dataset.files),
-            batch_size=state["batch_size"],
-            timestep_focus=state.get("focus", "balanced"),
-            ranks=state["ranks"],
-            preset=state["preset"],
-            fragile=state["fragile"],
-        )
-
-    # -- step 1: model -----------------------------------------------------------------------
-
-    def ask_model(self) -> None:
-        model = self.prompter.ask(
-            "LightningModule class path", default=self.state.get("model", DEMO_MODEL), parse=parse_model_class
-        )
-        if model != self.state.get("model"):
-            self.state["init_args"] = {}
-        self.state["model"] = model
-        self.state["required"] = required_init_arguments(model)
-        if self.state["required"]:
-            names = ", ".join(argument.name for argument in self.state["required"])
-            self.prompter.say(f"  {model.rpartition('.')[2]} needs: {names}")
-
-    def ask_init_argument(self, name: str) -> None:
-        argument = next(a for a in self.state["required"] if a.name == name)
-        previous = self.state["init_args"].get(name)
-        self.state["init_args"][name] = self.prompter.ask(
-            f"{name} ({argument.describe()})",
-            default=None if previous is None else str(previous),
-            parse=argument.parse,
-        )
-
-    def ask_checkpoint_dir(self) -> Any:
-        model = self.state["model"]
-        if not accepts_checkpoint_dir(model):
-            self.prompter.say(f"  ({model.rpartition('.')[2]} takes no checkpoint_dir argument: no checkpoint folder to ask for)")
-            self.state["checkpoint_dir"] = None
+    def _ask(self, question: Question) -> Any:
+        skip = question.skip()
+        if skip:
+            if isinstance(skip, str):
+                self.prompter.say(skip)
+            self.state.pop(question.name, None)
             return SKIPPED
-        empty = None if requires_checkpoint_dir(model) else "the model's own default"
-        self.state["checkpoint_dir"] = self.prompter.ask("Checkpoint folder", parse=parse_folder, empty=empty)
-        return None
+        outcome = question.ask()
+        if isinstance(outcome, (Ask, YesNo, Choice)):
+            self.state[question.name] = outcome.run(self.prompter)
+            return None
+        return outcome
 
-    def ask_exclude(self) -> None:
-        p = self.prompter
-        p.say("  Modules to leave out of the analysis, e.g. a freshly initialised head")
-        p.say("  (comma-separated name patterns; 'none' for none).")
-        self.state["exclude"] = p.ask(
-            "Exclude",
-            default=",".join(DEMO_EXCLUDE) if self.state["model"] == DEMO_MODEL else None,
-            parse=parse_patterns,
-            empty="none",
+    def answers(self) -> WizardAnswers:
+        s = self.state
+        return WizardAnswers(
+            model=s["model"], dataset_dir=s["dataset"].path, checkpoint_dir=s.get("checkpoint_dir"),
+            init_args={a.name: s[f"arg:{a.name}"] for a in self.required()}, exclude=s["exclude"],
+            num_samples=len(s["dataset"].files), batch_size=s["batch_size"],
+            timestep_focus=s.get("focus_range") or s.get("focus", "balanced"), ranks=s[self.allocation],
+            preset=s.get("preset"), fragile=s["fragile"], stopping=s[self.stopping], seed=s["seed"], include=s["include"],
         )
 
-    # -- step 2: dataset ---------------------------------------------------------------------
+    # -- the asking that depends on the answers so far ------------------------------------------
+
+    def required(self) -> list[TypedQuestion]:
+        return required_init_arguments(self.state["model"]) if "model" in self.state else []
+
+    def typed(self, name: str, question: TypedQuestion, settings: Optional[type] = None, default: Any = None) -> Ask:
+        """A model argument, the seed or a settings field (whose default is the last valid object's, so Enter cannot loop)."""
+        if settings is not None:
+            default = getattr(self.state[settings], question.name)
+        elif name in self.state or default is not None:
+            default = self.state.get(name, default)
+        else:
+            return Ask(f"{question.key} ({question.describe()})", question.parse, help=self.needs(question))
+        text = json.dumps(default) if default is None or isinstance(default, bool) else str(default)
+        return Ask(f"{question.key} ({question.describe()})", question.parse, text, help=question.help and f"  {question.help}")
+
+    def needs(self, argument: TypedQuestion) -> str:
+        required = self.required()
+        first = required and required[0].name == argument.name
+        return f"  {_short(self.state['model'])} needs: {', '.join(a.name for a in required)}" if first else ""
+
+    def checkpoint_dir(self) -> Ask:
+        empty = None if requires_checkpoint_dir(self.state["model"]) else "the model's own default"
+        return Ask("Checkpoint folder", parse_folder, empty=empty)
+
+    def no_checkpoint_dir(self) -> Union[bool, str]:
+        model = self.state["model"]
+        return not accepts_checkpoint_dir(model) and f"  ({_short(model)} takes no checkpoint_dir argument: no checkpoint folder to ask for)"
+
+    def exclude(self) -> Ask:
+        default = self.state.get("exclude", DEMO_EXCLUDE if self.state["model"] == DEMO_MODEL else None)
+        help = f"  Modules to leave out of the analysis, e.g. a freshly initialised head\n  ({PATTERNS}; 'none' for none)."
+        return Ask("Exclude", parse_patterns, _joined(default), "none", help)
 
     def ask_dataset(self) -> None:
-        p = self.prompter
-        dataset = p.ask("Dataset folder (one .pt / .safetensors sample per file)", parse=parse_dataset_folder)
-        p.say(f"  found {dataset.describe()}")
-        existing_map = Path(dataset.path) / FISHER_MAP_FILENAME
-        if existing_map.exists():
-            p.warn(f"{existing_map} already exists; the analysis will replace it and keep it as {existing_map.name}.bak")
+        dataset = self.prompter.ask("Dataset folder (one .pt / .safetensors sample per file)", parse=parse_dataset_folder)
+        self.prompter.say(f"  found {dataset.describe()}")
+        existing = Path(dataset.path) / FISHER_MAP_FILENAME
+        if existing.exists():
+            self.prompter.warn(f"{existing} already exists; the analysis will replace it and keep it as {existing.name}.bak")
         self.state["dataset"] = dataset
 
-    def ask_batch_size(self) -> None:
-        default = str(self.state.get("batch_size", DEFAULT_BATCH_SIZE))
-        self.state["batch_size"] = self.prompter.ask("Batch size", default=default, parse=parse_positive_int)
+    def focus(self) -> Choice:
+        help = "\n".join(f"  {name:<10} {text}" for name, text in FOCUS_HELP.items())
+        return Choice("Timestep focus", list(FOCUS_HELP), "balanced", help)
 
-    # -- step 3: timestep focus --------------------------------------------------------------
-
-    def ask_focus(self) -> Any:
-        p = self.prompter
+    def no_timestep_sampler(self) -> Union[bool, str]:
         model = self.state["model"]
-        if not has_timestep_sampler(model):
-            p.say(f"  ({model.rpartition('.')[2]} has no timestep_sampler: the analysis draws what its training_step")
-            p.say("  draws, so there is no timestep focus to choose)")
-            self.state["focus"] = "balanced"
-            return SKIPPED
-        for name, text in FOCUS_HELP.items():
-            p.say(f"  {name:<10} {text}")
-        self.state["focus"] = p.choice("Timestep focus", list(FOCUS_HELP), default="balanced")
-        return None
+        return not has_timestep_sampler(model) and (
+            f"  ({_short(model)} has no timestep_sampler: the analysis draws what its training_step\n"
+            "  draws, so there is no timestep focus to choose)"
+        )
 
-    def ask_focus_range(self) -> Any:
-        if self.state["focus"] != "custom":
-            return SKIPPED
-        self.state["focus"] = self.prompter.ask("Range LO,HI", default="0.2,0.5", parse=parse_focus_range)
-        return None
-
-    # -- step 4: rank budget -----------------------------------------------------------------
-
-    def ask_preset(self) -> Any:
-        p = self.prompter
-        if not self.presets:
-            return SKIPPED
+    def ask_preset(self) -> None:
         for name, values in self.presets.items():
-            p.say(f"  {name:<10} {values.describe()}")
-        answer = p.choice("Start from a preset?", ["none", *self.presets], default="none")
-        self.state["ranks"], self.state["preset"] = (
-            (RankSettings(), None) if answer == "none" else (self.presets[answer], answer)
-        )
-        return None
+            self.prompter.say(f"  {name:<10} {values.describe()}")
+        answer = self.prompter.choice("Start from a preset?", ["none", *self.presets], default="none")
+        self.state[self.allocation] = self.presets.get(answer, self.allocation())
+        self.state["preset"] = answer if answer in self.presets else None
 
-    def ask_rank(self) -> None:
-        for mode, text in MODE_HELP.items():
-            self.prompter.say(f"  {mode:<10} {text}")
-        self.state["rank"] = self.prompter.ask(
-            "Base rank", default=str(self.state["ranks"].rank), parse=parse_positive_int
-        )
-
-    def ask_rank_min(self) -> None:
-        self.state["rank_min"] = self.prompter.ask(
-            "Minimum rank", default=str(self.state["ranks"].rank_min), parse=parse_positive_int
-        )
-
-    def ask_rank_max(self) -> None:
-        self.state["rank_max"] = self.prompter.ask(
-            "Maximum rank", default=str(self.state["ranks"].rank_max), parse=parse_positive_int
-        )
-
-    def ask_rank_mode(self) -> Any:
-        mode = self.prompter.choice("Rank mode", list(ALLOCATION_MODES), default=self.state["ranks"].mode)
+    def check_settings(self, settings: type, fields: list[TypedQuestion]) -> Union[str, Redo]:
+        """Build the settings object from the answers: its own check decides; an error re-asks from the field it names."""
         try:
-            # the defaults offered next time are the last valid budget, so Enter cannot loop
-            self.state["ranks"] = RankSettings(
-                self.state["rank"], self.state["rank_min"], self.state["rank_max"], mode
-            )
-        except ValueError as error:
-            self.prompter.warn(f"{error}; enter the rank budget again")
-            return Redo("rank")
-        return None
+            self.state[settings] = dataclasses.replace(self.state[settings], **{q.name: self.state[q.key] for q in fields})
+        except SettingsError as error:
+            again = next((q.key for q in fields if q.name == error.field), fields[0].key)
+            self.prompter.warn(f"{error}; answer again from {again}")
+            return Redo(again)
+        return SKIPPED
 
-    # -- step 5: fragile model ---------------------------------------------------------------
-
-    def ask_fragile(self) -> None:
-        self.state["fragile"] = self.prompter.yes_no("Is this a distilled / few-step ('turbo') model?", default=False)
-
-    def ask_fragile_confirm(self) -> Any:
-        if not self.state["fragile"]:
-            return SKIPPED
+    def ask_fragile_confirm(self) -> Optional[str]:
         self.prompter.say(FRAGILE_WARNING)
         self.prompter.say("  Any answer but 'yes' stops here without writing anything.")
-        answer = self.prompter.ask("Type 'yes' to continue with this model anyway", empty="stop")
-        if answer.lower() != "yes":
+        if self.prompter.ask("Type 'yes' to continue with this model anyway", empty="stop").lower() != "yes":
             self.prompter.say("stopped: nothing written. Prefer the base model, or train flat-rank LoRA without a map.")
             return STOPPED
         return None
 
-    # -- step 6: summary ---------------------------------------------------------------------
-
-    def ask_summary(self) -> str:
-        self.show_summary(self._answers(), self.state["dataset"])
-        return SKIPPED
-
-    def show_summary(self, answers: WizardAnswers, dataset: DatasetFolder) -> None:
-        p = self.prompter
+    def show_summary(self) -> str:
+        p, answers = self.prompter, self.answers()
         p.say("  estimating run time (loading the model and timing one batch)...")
         try:
             estimate = self.estimate(render_config(answers), answers.num_samples).describe()
@@ -533,43 +448,53 @@ class Wizard:
         except BaseException as error:  # noqa: BLE001 - any failure of the user's model is reported, not raised
             p.warn(f"could not time a batch: {short_reason(error)}")
             estimate = "unknown"
-        focus = TimestepFocus.parse(answers.timestep_focus)
-        focus_text = focus.describe()
-        ranks = answers.ranks.describe() + (f" (from preset {answers.preset})" if answers.preset else "")
         batches = max(1, math.ceil(answers.num_samples / answers.batch_size))
-        rows = [("model", answers.model)]
-        if answers.init_args:
-            rows.append(("model arguments", ", ".join(f"{k}={v!r}" for k, v in answers.init_args.items())))
-        rows += [
+        rows = [
+            ("model", answers.model),
+            ("model arguments", ", ".join(f"{k}={v!r}" for k, v in answers.init_args.items())),
             ("checkpoint", answers.checkpoint_dir or "(the model's own default)"),
-            ("exclude", ", ".join(answers.exclude) or "(nothing)"),
+            ("include", _joined(answers.include) or "(every nn.Linear)"),
+            ("exclude", _joined(answers.exclude) or "(nothing)"),
             ("dataset folder", answers.dataset_dir),
-            ("samples", dataset.describe()),
+            ("samples", self.state["dataset"].describe()),
             ("batch size", f"{answers.batch_size} ({batches} batches per pass)"),
-            ("timestep focus", focus_text),
-            ("rank budget", ranks),
+            ("timestep focus", TimestepFocus.parse(answers.timestep_focus).describe()),
+            ("rank budget", answers.ranks.describe() + (f" (from preset {answers.preset})" if answers.preset else "")),
+            ("allocation", _pairs(settings_flags(answers.ranks))),
+            ("stopping rule", _pairs(settings_flags(answers.stopping))),
+            ("seed", answers.seed),
             ("fragile model", "YES (opted in; see the warning above)" if answers.fragile else "no"),
             ("estimated run time", estimate),
         ]
         for label, value in rows:
-            p.say(f"  {label:<19} {value}")
+            if value != "":
+                p.say(f"  {label:<19} {value}")
         if answers.fragile:
             p.warn(f"fragile model: train on the map with `lightning-fisher fit ... {FRAGILE_FIT_FLAGS}`")
+        return SKIPPED
 
-    # -- step 7: save and run ----------------------------------------------------------------
-
-    def ask_config_path(self) -> None:
-        default = self.save_config or str(Path(self.state["dataset"].path) / CONFIG_FILENAME)
-        self.state["config_path"] = self.prompter.ask("Save the config to", default=default, parse=parse_config_path)
-
-    def ask_overwrite(self) -> Any:
+    def ask_overwrite(self) -> Optional[Redo]:
         path = self.state["config_path"]
-        if not path.exists():
-            return SKIPPED
         return None if self.prompter.yes_no(f"{path} exists. Overwrite it?", default=False) else Redo("config_path")
 
-    def ask_run_now(self) -> None:
-        self.state["run_now"] = self.prompter.yes_no("Run the analysis now?", default=True)
+
+PATTERNS = "comma-separated name patterns (regular expressions)"
+
+
+def parse_included(text: str) -> Optional[list[str]]:
+    return parse_patterns(text) or None  # none given: every nn.Linear
+
+
+def _joined(patterns: Optional[Sequence[str]]) -> Optional[str]:
+    return ",".join(patterns) if patterns else None
+
+
+def _pairs(flags: Mapping[str, Any]) -> str:
+    return ", ".join(f"{key} {value}" for key, value in flags.items())
+
+
+def _short(class_path: str) -> str:
+    return class_path.rpartition(".")[2]
 
 
 # --------------------------------------------------------------------------------------------
@@ -583,14 +508,10 @@ def _argument_parser() -> argparse.ArgumentParser:
         "`lightning-fisher analyze --config FILE`, and can run it.",
     )
     parser.add_argument(
-        "--save-config",
-        metavar="PATH",
-        help=f"where to save the YAML config (default offered: DATASET_FOLDER/{CONFIG_FILENAME})",
+        "--save-config", metavar="PATH", help=f"where to save the YAML config (default offered: DATASET_FOLDER/{CONFIG_FILENAME})"
     )
     parser.add_argument(
-        "--presets-dir",
-        metavar="DIR",
-        type=Path,
+        "--presets-dir", metavar="DIR", type=Path,
         help="folder of rank presets NAME.yaml (default: ./configs/presets, else the checkout's configs/presets)",
     )
     return parser
@@ -601,8 +522,7 @@ def run_wizard(argv: list[str]) -> int:
 
     Returns:
         The analysis' exit status when it is run; 0 when only the config is saved; 1 when the
-        user stops at the fragile-model warning or input ends; 2 without a terminal;
-        130 on Ctrl-C.
+        user stops at the fragile-model warning or input ends; 2 without a terminal; 130 on Ctrl-C.
     """
     args = _argument_parser().parse_args(argv)
     if args.presets_dir is not None and not args.presets_dir.is_dir():
@@ -625,9 +545,8 @@ def run_wizard(argv: list[str]) -> int:
         return EXIT_END_OF_INPUT
     if plan is None:
         return EXIT_DECLINED
-
     try:
-        write_config(plan.config_path, render_config(plan.answers))
+        write_text_atomic(plan.config_path, render_config(plan.answers), make_parents=True)
     except OSError as error:
         print(f"lightning-fisher wizard: error: cannot write {plan.config_path}: {error}", file=sys.stderr)
         return 1
