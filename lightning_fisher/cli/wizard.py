@@ -1,21 +1,17 @@
 """``lightning-fisher wizard``: an interactive front end that writes an ``analyze`` config.
 
-The wizard asks for what ``lightning-fisher analyze`` needs, checks each answer where it is
-given, shows a summary with an estimated run time, and saves a YAML config that
-``lightning-fisher analyze --config FILE`` reads; running the analysis from the wizard runs that
-command on that file. It ends with the exact ``analyze`` and ``fit`` commands.
+The wizard asks for what ``lightning-fisher analyze`` needs, checks each answer where it is given,
+shows a summary with an estimated run time, saves a YAML config that ``analyze --config FILE``
+reads (running the analysis from the wizard runs that command on that file), and ends with the
+exact ``analyze`` and ``fit`` commands. Nothing is written before the last question: Ctrl-C
+(exit status 130) or end of input (1) leaves no config and no map behind.
 
-The questions are one table, :meth:`Wizard.questions`: name, step, how it is asked, when it is
-skipped. The rank budget and criterion (:class:`~lightning_fisher.AllocationSettings`) and the
-stopping rule (:class:`~lightning_fisher.stability.StabilityRule`) are asked field by field,
-each question made from the field (see :func:`~lightning_fisher.cli.wizard_answers.setting_questions`)
-and checked by building the object, so the wizard asks whatever ``analyze`` takes from them.
-``back`` returns to the previous question asked. Nothing is written before the last question:
-Ctrl-C (exit status 130) or end of input (1) leaves no config and no map behind.
-
-:class:`Prompter` does all reading and printing; checking answers and making the config are the
-pure functions of :mod:`~lightning_fisher.cli.wizard_answers`; the run-time estimate is
-:mod:`~lightning_fisher.cli.wizard_estimate`.
+The questions are one table, :meth:`Wizard.questions`. The rank budget and criterion
+(:class:`~lightning_fisher.AllocationSettings`) and the stopping rule
+(:class:`~lightning_fisher.stability.StabilityRule`) are asked field by field, each question made
+from the field and checked by building the object, so the wizard asks whatever ``analyze`` reads
+from them. :class:`Prompter` does all reading and printing; the decisions are the pure functions
+of :mod:`~lightning_fisher.cli.wizard_answers`.
 """
 
 from __future__ import annotations
@@ -24,6 +20,7 @@ import argparse
 import dataclasses
 import json
 import math
+import shlex
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -33,12 +30,13 @@ from typing import Any, Callable, Optional, TypeVar, Union
 
 from lightning_fisher.allocation_settings import AllocationSettings
 from lightning_fisher.atomic_io import write_text_atomic
+from lightning_fisher.cli.model_class import (
+    accepts_checkpoint_dir, has_timestep_sampler, parse_model_class, required_init_arguments, requires_checkpoint_dir,
+)
 from lightning_fisher.cli.wizard_answers import (
-    CONFIG_FILENAME, DEFAULT_BATCH_SIZE, DEFAULT_SEED, DEMO_MODEL, FRAGILE_FIT_FLAGS, DatasetFolder, TypedQuestion,
-    WizardAnswers, accepts_checkpoint_dir, analyze_command, default_presets_dir, fit_command, has_timestep_sampler,
-    load_presets, parse_config_path, parse_dataset_folder, parse_focus_range, parse_folder, parse_model_class,
-    parse_patterns, parse_positive_int, parse_typed, render_config, required_init_arguments, requires_checkpoint_dir,
-    setting_questions, settings_flags,
+    CONFIG_FILENAME, DEFAULT_BATCH_SIZE, DEFAULT_SEED, DEMO_MODEL, FRAGILE_FIT_FLAGS, TypedQuestion, WizardAnswers,
+    default_presets_dir, fit_command, load_presets, parse_config_path, parse_dataset_folder, parse_focus_range,
+    parse_folder, parse_patterns, parse_positive_int, render_config, setting_questions, settings_flags,
 )
 from lightning_fisher.cli.wizard_estimate import RunTimeEstimate, estimate_run_time, short_reason
 from lightning_fisher.errors import SettingsError
@@ -49,18 +47,11 @@ from lightning_fisher.timesteps import FOCUS_HELP, TimestepFocus
 __all__ = ["BACK", "GoBack", "Prompter", "Question", "Wizard", "WizardPlan", "run_wizard"]
 
 T = TypeVar("T")
-
-#: Typed at any question, returns to the previous one.
-BACK = "back"
-#: Exclusions offered by default for the demo model: its classification head is freshly initialised.
-DEMO_EXCLUDE = ("head",)
-EXIT_DECLINED = EXIT_END_OF_INPUT = 1
-EXIT_NOT_INTERACTIVE = 2
-EXIT_INTERRUPTED = 130
-NOT_INTERACTIVE = (
-    "lightning-fisher wizard needs an interactive terminal; use `lightning-fisher analyze --config ...` instead"
-)
+BACK = "back"  # typed at any question, returns to the previous one
+DEMO_EXCLUDE = ("head",)  # offered for the demo model: its classification head is freshly initialised
+PATTERNS = "comma-separated name patterns (regular expressions)"
 CANCELLED = "wizard cancelled, nothing written"
+NOT_INTERACTIVE = "lightning-fisher wizard needs an interactive terminal; use `lightning-fisher analyze --config ...` instead"
 FRAGILE_WARNING = """\
   ! WARNING: distilled / few-step ("turbo") models are fragile. Adaptive ranks adapt strongly,
     and that can destabilise such a model: loss spikes, outputs that turn to noise.
@@ -78,14 +69,13 @@ class Prompter:
     The answer ``back`` (any case) raises :class:`GoBack` from every kind of question.
 
     Args:
-        input_fn: shows a prompt and returns the line typed (``input``). ``EOFError`` and
-            ``KeyboardInterrupt`` from it are passed on to the caller.
+        input_fn: shows a prompt and returns the line typed (``input``); its ``EOFError`` and
+            ``KeyboardInterrupt`` pass on to the caller.
         output_fn: prints one message (``print``).
     """
 
     def __init__(self, input_fn: Callable[[str], str] = input, output_fn: Callable[[str], None] = print) -> None:
-        self.input_fn = input_fn
-        self.output_fn = output_fn
+        self.input_fn, self.output_fn = input_fn, output_fn
 
     def say(self, text: str = "") -> None:
         self.output_fn(text)
@@ -101,11 +91,10 @@ class Prompter:
         Args:
             question: the prompt, without the default.
             default: taken for an empty answer and shown as ``[default]``; parsed like a typed answer.
-            parse: turns the stripped answer into the value, or raises ``ValueError`` whose
-                message is shown before asking again.
-            empty: what an empty answer means, shown as ``[Enter: empty]`` when there is no
-                default; ``""`` is then passed to ``parse``. Without ``default`` or ``empty`` an
-                empty answer is refused.
+            parse: turns the stripped answer into the value, or raises ``ValueError`` whose message
+                is shown before asking again.
+            empty: what an empty answer means (``""`` is then parsed), shown as ``[Enter: empty]``
+                when there is no default. Without either, an empty answer is refused.
         """
         hint = f" [{default}]" if default is not None else f" [Enter: {empty}]" if empty is not None else ""
         while True:
@@ -129,7 +118,7 @@ class Prompter:
         while True:
             answer = self._read(f"{question} [{'Y/n' if default else 'y/N'}]: ").lower()
             if answer in ("", "y", "yes", "n", "no"):
-                return default if not answer else answer.startswith("y")
+                return answer.startswith("y") if answer else default
             self.warn("answer y or n")
 
     def choice(self, question: str, options: Sequence[str], *, default: str) -> str:
@@ -147,62 +136,12 @@ class Prompter:
         return self.ask(f"{question} ({'/'.join(options)})", default=default, parse=parse)
 
 
-@dataclass(frozen=True)
-class Ask:
-    """A question answered in text, read by ``parse`` (see :meth:`Prompter.ask`); ``help`` is shown above it."""
-
-    prompt: str
-    parse: Callable[[str], Any] = str
-    default: Optional[str] = None
-    empty: Optional[str] = None
-    help: str = ""
-
-    def run(self, p: Prompter) -> Any:
-        if self.help:
-            p.say(self.help)
-        return p.ask(self.prompt, default=self.default, parse=self.parse, empty=self.empty)
-
-
-@dataclass(frozen=True)
-class YesNo:
-    prompt: str
-    default: bool
-    help: str = ""
-
-    def run(self, p: Prompter) -> bool:
-        if self.help:
-            p.say(self.help)
-        return p.yes_no(self.prompt, default=self.default)
-
-
-@dataclass(frozen=True)
-class Choice:
-    prompt: str
-    options: Sequence[str]
-    default: str
-    help: str = ""
-
-    def run(self, p: Prompter) -> str:
-        if self.help:
-            p.say(self.help)
-        return p.choice(self.prompt, self.options, default=self.default)
-
-
 # --------------------------------------------------------------------------------------------
 # The question table and the flow
 
-
-@dataclass(frozen=True)
-class WizardPlan:
-    """What the wizard decided: the answers, where to save them, and whether to run now."""
-
-    answers: WizardAnswers
-    config_path: Path
-    run_now: bool
-
-
-SKIPPED = "skipped"  # a row that asked nothing (the summary, a check): ``back`` passes over it
-STOPPED = "stopped"  # the user stopped the wizard (the fragile-model warning)
+#: Returned by a question's ``ask`` instead of an answer: nothing was asked (the summary, a check;
+#: ``back`` passes over it), or the user stopped (the fragile-model warning).
+SKIPPED, STOPPED = object(), object()
 
 
 @dataclass(frozen=True)
@@ -217,18 +156,27 @@ class Question:
     """A row of the question table.
 
     Args:
-        name: what ``back`` and :class:`Redo` refer to, and where the answer goes (``state[name]``).
+        name: what ``back`` and :class:`Redo` refer to; the answer is kept as ``state[name]``.
         step: the title it is shown under (``[n/N] step``; the steps are numbered in table order).
-        ask: returns what to ask (an :class:`Ask`, :class:`YesNo` or :class:`Choice`, made when it
-            is asked, from the answers so far), or does something of its own and returns
-            ``None`` (answered), ``SKIPPED``, ``STOPPED`` or a :class:`Redo`.
+        ask: asks and returns the answer, or ``SKIPPED``, ``STOPPED`` or a :class:`Redo`.
+        help: shown before asking (text, or a function of the answers so far).
         skip: ``False`` to ask; ``True``, or a note to show, to skip it (its earlier answer is dropped).
     """
 
     name: str
     step: str
     ask: Callable[[], Any]
+    help: Union[str, Callable[[], str]] = ""
     skip: Callable[[], Union[bool, str]] = lambda: False
+
+
+@dataclass(frozen=True)
+class WizardPlan:
+    """What the wizard decided: the answers, where to save them, and whether to run now."""
+
+    answers: WizardAnswers
+    config_path: Path
+    run_now: bool
 
 
 MODEL, DATASET, FOCUS, RANKS, STOPPING, FRAGILE, SUMMARY, SAVE = (
@@ -240,12 +188,12 @@ MODEL, DATASET, FOCUS, RANKS, STOPPING, FRAGILE, SUMMARY, SAVE = (
 class Wizard:
     """Asks the questions of :meth:`questions` in order; :meth:`collect` returns the plan, or ``None`` when the user stops.
 
-    ``back`` asks the previous *asked* question again (skipped ones are passed over); answers
-    given further on are kept and offered again as defaults.
+    ``back`` asks the previous *asked* question again (skipped ones are passed over); answers given
+    further on are kept and offered again as defaults.
 
     Args:
         prompter: asks the questions.
-        presets: rank presets by name (see :func:`load_presets`).
+        presets: rank presets by name (see :func:`~lightning_fisher.cli.wizard_answers.load_presets`).
         save_config: default offered for where to save the config.
         estimate: run-time estimate of a config text and sample count (default :func:`estimate_run_time`).
         allocation, stopping: the settings classes asked field by field.
@@ -266,46 +214,54 @@ class Wizard:
         self.state: dict[Any, Any] = {}
 
     def questions(self) -> list[Question]:
-        """The question table, in asking order (the model's required arguments depend on the model)."""
-        s = self.state
+        """The question table, in asking order (the model's arguments are known once the model is)."""
+        p, s = self.prompter, self.state
+        arguments = self.arguments()
         return [
-            Question("model", MODEL, lambda: Ask("LightningModule class path", parse_model_class, s.get("model", DEMO_MODEL))),
-            *(Question(f"arg:{a.name}", MODEL, partial(self.typed, f"arg:{a.name}", a)) for a in self.required()),
-            Question("checkpoint_dir", MODEL, self.checkpoint_dir, skip=self.no_checkpoint_dir),
-            Question("include", MODEL, lambda: Ask(
-                "Include", parse_included, _joined(s.get("include")), "every nn.Linear", f"  Modules to analyse: {PATTERNS}.")),
-            Question("exclude", MODEL, self.exclude),
+            Question("model", MODEL, lambda: p.ask("LightningModule class path", default=self.model, parse=parse_model_class)),
+            *(Question(f"arg:{a.name}", MODEL, partial(self.ask_typed, f"arg:{a.name}", a), "" if i else (
+                f"  {_short(self.model)} needs: {', '.join(a.name for a in arguments)}")) for i, a in enumerate(arguments)),
+            Question("checkpoint_dir", MODEL, self.ask_checkpoint_dir, skip=lambda: not accepts_checkpoint_dir(self.model)
+                     and f"  ({_short(self.model)} takes no checkpoint_dir argument: no checkpoint folder to ask for)"),
+            Question("include", MODEL, self.ask_include, f"  Modules to analyse: {PATTERNS}."),
+            Question("exclude", MODEL, self.ask_exclude,
+                     f"  Modules to leave out of the analysis, e.g. a freshly initialised head\n  ({PATTERNS}; 'none' for none)."),
             Question("dataset", DATASET, self.ask_dataset),
-            Question("batch_size", DATASET, lambda: Ask("Batch size", parse_positive_int, str(s.get("batch_size", DEFAULT_BATCH_SIZE)))),
-            Question("focus", FOCUS, self.focus, skip=self.no_timestep_sampler),
-            Question("focus_range", FOCUS, lambda: Ask("Range LO,HI", parse_focus_range, "0.2,0.5"), skip=lambda: s.get("focus") != "custom"),
+            Question("batch_size", DATASET, lambda: p.ask(
+                "Batch size", default=str(s.get("batch_size", DEFAULT_BATCH_SIZE)), parse=parse_positive_int)),
+            Question("focus", FOCUS, lambda: p.choice("Timestep focus", list(FOCUS_HELP), default="balanced"),
+                     "\n".join(f"  {name:<10} {text}" for name, text in FOCUS_HELP.items()), self.no_timestep_sampler),
+            Question("focus_range", FOCUS, lambda: p.ask("Range LO,HI", default="0.2,0.5", parse=parse_focus_range),
+                     skip=lambda: s.get("focus") != "custom"),
             Question("preset", RANKS, self.ask_preset, skip=lambda: not self.presets),
             *self.settings_questions(self.allocation, RANKS),
-            Question("change_stopping", STOPPING, lambda: YesNo("Change the stopping rule?", False, help=(
-                f"  The analysis stops once the module ranking is stable: {_pairs(settings_flags(s[self.stopping]))}."))),
+            Question("change_stopping", STOPPING, lambda: p.yes_no("Change the stopping rule?", default=False), lambda: (
+                f"  The analysis stops once the module ranking is stable: {_pairs(settings_flags(s[self.stopping]))}.")),
             *self.settings_questions(self.stopping, STOPPING, skip=lambda: not s["change_stopping"]),
-            Question("seed", STOPPING, partial(self.typed, "seed", TypedQuestion("seed", Optional[int]), default=DEFAULT_SEED)),
-            Question("fragile", FRAGILE, lambda: YesNo("Is this a distilled / few-step ('turbo') model?", False)),
-            Question("fragile_confirm", FRAGILE, self.ask_fragile_confirm, skip=lambda: not s["fragile"]),
+            Question("seed", STOPPING, partial(self.ask_typed, "seed", TypedQuestion("seed", Optional[int])),
+                     "  Seeds building the model, the sample order, noise and timesteps ('none': unseeded)."),
+            Question("fragile", FRAGILE, lambda: p.yes_no("Is this a distilled / few-step ('turbo') model?", default=False)),
+            Question("fragile_confirm", FRAGILE, self.ask_fragile_confirm, FRAGILE_WARNING, lambda: not s["fragile"]),
             Question("summary", SUMMARY, self.show_summary),
-            Question("config_path", SAVE, lambda: Ask("Save the config to", parse_config_path, self.save_config or str(
-                Path(s["dataset"].path) / CONFIG_FILENAME))),
-            Question("overwrite", SAVE, self.ask_overwrite, skip=lambda: not s["config_path"].exists()),
-            Question("run_now", SAVE, lambda: YesNo("Run the analysis now?", True)),
+            Question("config_path", SAVE, lambda: p.ask("Save the config to", parse=parse_config_path, default=(
+                self.save_config or str(Path(s["dataset"].path) / CONFIG_FILENAME)))),
+            Question("overwrite", SAVE, lambda: p.yes_no(f"{s['config_path']} exists. Overwrite it?", default=False)
+                     or Redo("config_path"), skip=lambda: not s["config_path"].exists()),
+            Question("run_now", SAVE, lambda: p.yes_no("Run the analysis now?", default=True)),
         ]
 
     def settings_questions(self, settings: type, step: str, skip: Callable[[], bool] = lambda: False) -> list[Question]:
         """A question per field of ``settings`` (named by its flag), then the check that builds the object."""
         fields = setting_questions(settings)
-        rows = [Question(q.key, step, partial(self.typed, q.key, q, settings=settings), skip) for q in fields]
-        return [*rows, Question(f"check:{settings.__name__}", step, partial(self.check_settings, settings, fields), skip)]
+        rows = [Question(q.key, step, partial(self.ask_typed, q.key, q, settings), f"  {q.help}", skip) for q in fields]
+        return [*rows, Question(f"check:{settings.__name__}", step, partial(self.check_settings, settings, fields), skip=skip)]
 
     def collect(self) -> Optional[WizardPlan]:
         p = self.prompter
         p.say("lightning-fisher wizard: set up a Fisher analysis, which writes fisher_map.json (per-module")
         p.say(f"LoRA ranks) into your dataset folder. Enter takes the [default]; '{BACK}' returns to the")
         p.say("previous question; Ctrl-C cancels. Nothing is written until the last question.")
-        self.state = {self.allocation: self.allocation(), self.stopping: self.stopping()}
+        self.state = {self.allocation: self.allocation(), self.stopping: self.stopping(), "seed": DEFAULT_SEED}
         asked: list[str] = []
         name: Optional[str] = "model"
         shown = None
@@ -317,110 +273,95 @@ class Wizard:
                 p.say(f"\n[{steps.index(question.step) + 1}/{len(steps)}] {question.step}")
                 shown = question.step
             try:
-                outcome = self._ask(question)
+                skip = question.skip()
+                note = skip if skip else question.help() if callable(question.help) else question.help
+                if isinstance(note, str) and note:
+                    p.say(note)
+                outcome = SKIPPED if skip else question.ask()
             except GoBack:
                 if asked:
                     name, shown = asked.pop(), None  # the step is shown again
                 else:
                     p.warn("this is the first question")
                 continue
-            if outcome == STOPPED:
+            if outcome is STOPPED:
                 return None
             if isinstance(outcome, Redo):
                 while asked and asked.pop() != outcome.question:
                     pass
                 name = outcome.question
                 continue
-            if outcome != SKIPPED:
+            if skip:
+                self.state.pop(name, None)
+            elif outcome is not SKIPPED:
+                self.state[name] = outcome
                 asked.append(name)
             names = [q.name for q in self.questions()]
             name = next(iter(names[names.index(name) + 1:]), None)
         return WizardPlan(self.answers(), self.state["config_path"], self.state["run_now"])
 
-    def _ask(self, question: Question) -> Any:
-        skip = question.skip()
-        if skip:
-            if isinstance(skip, str):
-                self.prompter.say(skip)
-            self.state.pop(question.name, None)
-            return SKIPPED
-        outcome = question.ask()
-        if isinstance(outcome, (Ask, YesNo, Choice)):
-            self.state[question.name] = outcome.run(self.prompter)
-            return None
-        return outcome
-
     def answers(self) -> WizardAnswers:
         s = self.state
         return WizardAnswers(
             model=s["model"], dataset_dir=s["dataset"].path, checkpoint_dir=s.get("checkpoint_dir"),
-            init_args={a.name: s[f"arg:{a.name}"] for a in self.required()}, exclude=s["exclude"],
+            init_args={a.name: s[f"arg:{a.name}"] for a in self.arguments()}, exclude=s["exclude"],
             num_samples=len(s["dataset"].files), batch_size=s["batch_size"],
             timestep_focus=s.get("focus_range") or s.get("focus", "balanced"), ranks=s[self.allocation],
             preset=s.get("preset"), fragile=s["fragile"], stopping=s[self.stopping], seed=s["seed"], include=s["include"],
         )
 
-    # -- the asking that depends on the answers so far ------------------------------------------
+    # -- what the answers so far decide ----------------------------------------------------------
 
-    def required(self) -> list[TypedQuestion]:
-        return required_init_arguments(self.state["model"]) if "model" in self.state else []
+    @property
+    def model(self) -> str:
+        return self.state.get("model", DEMO_MODEL)
 
-    def typed(self, name: str, question: TypedQuestion, settings: Optional[type] = None, default: Any = None) -> Ask:
-        """A model argument, the seed or a settings field (whose default is the last valid object's, so Enter cannot loop)."""
-        if settings is not None:
-            default = getattr(self.state[settings], question.name)
-        elif name in self.state or default is not None:
-            default = self.state.get(name, default)
-        else:
-            return Ask(f"{question.key} ({question.describe()})", question.parse, help=self.needs(question))
-        text = json.dumps(default) if default is None or isinstance(default, bool) else str(default)
-        return Ask(f"{question.key} ({question.describe()})", question.parse, text, help=question.help and f"  {question.help}")
+    def arguments(self) -> list[TypedQuestion]:
+        """The model's required ``__init__`` arguments, once the model is known."""
+        known = "model" in self.state
+        return [TypedQuestion(name, annotation) for name, annotation in (required_init_arguments(self.model) if known else {}).items()]
 
-    def needs(self, argument: TypedQuestion) -> str:
-        required = self.required()
-        first = required and required[0].name == argument.name
-        return f"  {_short(self.state['model'])} needs: {', '.join(a.name for a in required)}" if first else ""
+    def ask_typed(self, name: str, question: TypedQuestion, settings: Optional[type] = None) -> Any:
+        """A model argument, the seed, or a settings field (whose default is the last valid object's: Enter cannot loop)."""
+        value = getattr(self.state[settings], question.name) if settings else self.state.get(name)
+        default = None if settings is None and name not in self.state else _text(value)
+        return self.prompter.ask(f"{question.key} ({question.describe()})", default=default, parse=question.parse)
 
-    def checkpoint_dir(self) -> Ask:
-        empty = None if requires_checkpoint_dir(self.state["model"]) else "the model's own default"
-        return Ask("Checkpoint folder", parse_folder, empty=empty)
+    def ask_checkpoint_dir(self) -> Optional[str]:
+        empty = None if requires_checkpoint_dir(self.model) else "the model's own default"
+        return self.prompter.ask("Checkpoint folder", parse=parse_folder, empty=empty)
 
-    def no_checkpoint_dir(self) -> Union[bool, str]:
-        model = self.state["model"]
-        return not accepts_checkpoint_dir(model) and f"  ({_short(model)} takes no checkpoint_dir argument: no checkpoint folder to ask for)"
+    def ask_include(self) -> Optional[list[str]]:
+        default = _joined(self.state.get("include"))
+        return self.prompter.ask("Include", default=default, parse=lambda text: parse_patterns(text) or None, empty="every nn.Linear")
 
-    def exclude(self) -> Ask:
-        default = self.state.get("exclude", DEMO_EXCLUDE if self.state["model"] == DEMO_MODEL else None)
-        help = f"  Modules to leave out of the analysis, e.g. a freshly initialised head\n  ({PATTERNS}; 'none' for none)."
-        return Ask("Exclude", parse_patterns, _joined(default), "none", help)
+    def ask_exclude(self) -> list[str]:
+        default = _joined(self.state.get("exclude", DEMO_EXCLUDE if self.model == DEMO_MODEL else ()))
+        return self.prompter.ask("Exclude", default=default, parse=parse_patterns, empty="none")
 
-    def ask_dataset(self) -> None:
+    def ask_dataset(self) -> Any:
         dataset = self.prompter.ask("Dataset folder (one .pt / .safetensors sample per file)", parse=parse_dataset_folder)
         self.prompter.say(f"  found {dataset.describe()}")
         existing = Path(dataset.path) / FISHER_MAP_FILENAME
         if existing.exists():
             self.prompter.warn(f"{existing} already exists; the analysis will replace it and keep it as {existing.name}.bak")
-        self.state["dataset"] = dataset
-
-    def focus(self) -> Choice:
-        help = "\n".join(f"  {name:<10} {text}" for name, text in FOCUS_HELP.items())
-        return Choice("Timestep focus", list(FOCUS_HELP), "balanced", help)
+        return dataset
 
     def no_timestep_sampler(self) -> Union[bool, str]:
-        model = self.state["model"]
-        return not has_timestep_sampler(model) and (
-            f"  ({_short(model)} has no timestep_sampler: the analysis draws what its training_step\n"
+        return not has_timestep_sampler(self.model) and (
+            f"  ({_short(self.model)} has no timestep_sampler: the analysis draws what its training_step\n"
             "  draws, so there is no timestep focus to choose)"
         )
 
-    def ask_preset(self) -> None:
+    def ask_preset(self) -> Optional[str]:
+        """A preset's name (``None``: none); the rank questions then offer its values."""
         for name, values in self.presets.items():
             self.prompter.say(f"  {name:<10} {values.describe()}")
         answer = self.prompter.choice("Start from a preset?", ["none", *self.presets], default="none")
         self.state[self.allocation] = self.presets.get(answer, self.allocation())
-        self.state["preset"] = answer if answer in self.presets else None
+        return answer if answer in self.presets else None
 
-    def check_settings(self, settings: type, fields: list[TypedQuestion]) -> Union[str, Redo]:
+    def check_settings(self, settings: type, fields: list[TypedQuestion]) -> Union[object, Redo]:
         """Build the settings object from the answers: its own check decides; an error re-asks from the field it names."""
         try:
             self.state[settings] = dataclasses.replace(self.state[settings], **{q.name: self.state[q.key] for q in fields})
@@ -430,15 +371,14 @@ class Wizard:
             return Redo(again)
         return SKIPPED
 
-    def ask_fragile_confirm(self) -> Optional[str]:
-        self.prompter.say(FRAGILE_WARNING)
+    def ask_fragile_confirm(self) -> Any:
         self.prompter.say("  Any answer but 'yes' stops here without writing anything.")
         if self.prompter.ask("Type 'yes' to continue with this model anyway", empty="stop").lower() != "yes":
             self.prompter.say("stopped: nothing written. Prefer the base model, or train flat-rank LoRA without a map.")
             return STOPPED
-        return None
+        return True
 
-    def show_summary(self) -> str:
+    def show_summary(self) -> object:
         p, answers = self.prompter, self.answers()
         p.say("  estimating run time (loading the model and timing one batch)...")
         try:
@@ -449,44 +389,37 @@ class Wizard:
             p.warn(f"could not time a batch: {short_reason(error)}")
             estimate = "unknown"
         batches = max(1, math.ceil(answers.num_samples / answers.batch_size))
-        rows = [
-            ("model", answers.model),
-            ("model arguments", ", ".join(f"{k}={v!r}" for k, v in answers.init_args.items())),
-            ("checkpoint", answers.checkpoint_dir or "(the model's own default)"),
-            ("include", _joined(answers.include) or "(every nn.Linear)"),
-            ("exclude", _joined(answers.exclude) or "(nothing)"),
-            ("dataset folder", answers.dataset_dir),
-            ("samples", self.state["dataset"].describe()),
-            ("batch size", f"{answers.batch_size} ({batches} batches per pass)"),
-            ("timestep focus", TimestepFocus.parse(answers.timestep_focus).describe()),
-            ("rank budget", answers.ranks.describe() + (f" (from preset {answers.preset})" if answers.preset else "")),
-            ("allocation", _pairs(settings_flags(answers.ranks))),
-            ("stopping rule", _pairs(settings_flags(answers.stopping))),
-            ("seed", answers.seed),
-            ("fragile model", "YES (opted in; see the warning above)" if answers.fragile else "no"),
-            ("estimated run time", estimate),
-        ]
-        for label, value in rows:
+        rows = {
+            "model": answers.model,
+            "model arguments": ", ".join(f"{k}={v!r}" for k, v in answers.init_args.items()),
+            "checkpoint": answers.checkpoint_dir or "(the model's own default)",
+            "include": _joined(answers.include) or "(every nn.Linear)",
+            "exclude": _joined(answers.exclude) or "(nothing)",
+            "dataset folder": answers.dataset_dir,
+            "samples": self.state["dataset"].describe(),
+            "batch size": f"{answers.batch_size} ({batches} batches per pass)",
+            "timestep focus": TimestepFocus.parse(answers.timestep_focus).describe(),
+            "rank budget": answers.ranks.describe() + (f" (from preset {answers.preset})" if answers.preset else ""),
+            "allocation": _pairs(settings_flags(answers.ranks)),
+            "stopping rule": _pairs(settings_flags(answers.stopping)),
+            "seed": answers.seed,
+            "fragile model": "YES (opted in; see the warning above)" if answers.fragile else "no",
+            "estimated run time": estimate,
+        }
+        for label, value in rows.items():
             if value != "":
                 p.say(f"  {label:<19} {value}")
         if answers.fragile:
             p.warn(f"fragile model: train on the map with `lightning-fisher fit ... {FRAGILE_FIT_FLAGS}`")
         return SKIPPED
 
-    def ask_overwrite(self) -> Optional[Redo]:
-        path = self.state["config_path"]
-        return None if self.prompter.yes_no(f"{path} exists. Overwrite it?", default=False) else Redo("config_path")
 
-
-PATTERNS = "comma-separated name patterns (regular expressions)"
-
-
-def parse_included(text: str) -> Optional[list[str]]:
-    return parse_patterns(text) or None  # none given: every nn.Linear
+def _text(value: Any) -> str:
+    return json.dumps(value) if value is None or isinstance(value, bool) else str(value)  # none as YAML reads it: null
 
 
 def _joined(patterns: Optional[Sequence[str]]) -> Optional[str]:
-    return ",".join(patterns) if patterns else None
+    return ", ".join(patterns) if patterns else None
 
 
 def _pairs(flags: Mapping[str, Any]) -> str:
@@ -497,40 +430,28 @@ def _short(class_path: str) -> str:
     return class_path.rpartition(".")[2]
 
 
-# --------------------------------------------------------------------------------------------
-# The subcommand
+def run_wizard(argv: list[str]) -> int:
+    """``lightning-fisher wizard [--save-config PATH] [--presets-dir DIR]``.
 
-
-def _argument_parser() -> argparse.ArgumentParser:
+    Returns:
+        The analysis' exit status when it is run; 0 when only the config is saved; 1 when the user
+        stops at the fragile-model warning or input ends; 2 without a terminal; 130 on Ctrl-C.
+    """
     parser = argparse.ArgumentParser(
         prog="lightning-fisher wizard",
         description="Interactive set-up of a Fisher analysis: asks for the settings, saves a config for "
         "`lightning-fisher analyze --config FILE`, and can run it.",
     )
-    parser.add_argument(
-        "--save-config", metavar="PATH", help=f"where to save the YAML config (default offered: DATASET_FOLDER/{CONFIG_FILENAME})"
-    )
-    parser.add_argument(
-        "--presets-dir", metavar="DIR", type=Path,
-        help="folder of rank presets NAME.yaml (default: ./configs/presets, else the checkout's configs/presets)",
-    )
-    return parser
-
-
-def run_wizard(argv: list[str]) -> int:
-    """``lightning-fisher wizard [--save-config PATH] [--presets-dir DIR]``.
-
-    Returns:
-        The analysis' exit status when it is run; 0 when only the config is saved; 1 when the
-        user stops at the fragile-model warning or input ends; 2 without a terminal; 130 on Ctrl-C.
-    """
-    args = _argument_parser().parse_args(argv)
+    parser.add_argument("--save-config", metavar="PATH", help=f"where to save the YAML config (default offered: DATASET_FOLDER/{CONFIG_FILENAME})")
+    parser.add_argument("--presets-dir", metavar="DIR", type=Path,
+                        help="folder of rank presets NAME.yaml (default: ./configs/presets, else the checkout's configs/presets)")
+    args = parser.parse_args(argv)
     if args.presets_dir is not None and not args.presets_dir.is_dir():
         print(f"lightning-fisher wizard: error: --presets-dir {args.presets_dir} is not a folder", file=sys.stderr)
         return 2
     if not sys.stdin.isatty():
         print(NOT_INTERACTIVE, file=sys.stderr)
-        return EXIT_NOT_INTERACTIVE
+        return 2
     presets, problems = load_presets(args.presets_dir or default_presets_dir())
     prompter = Prompter()
     for problem in problems:
@@ -539,18 +460,18 @@ def run_wizard(argv: list[str]) -> int:
         plan = Wizard(prompter, presets=presets, save_config=args.save_config).collect()
     except KeyboardInterrupt:
         prompter.say(f"\n{CANCELLED}")
-        return EXIT_INTERRUPTED
+        return 130
     except EOFError:
         prompter.say(f"\n{CANCELLED} (end of input)")
-        return EXIT_END_OF_INPUT
+        return 1
     if plan is None:
-        return EXIT_DECLINED
+        return 1
     try:
         write_text_atomic(plan.config_path, render_config(plan.answers), make_parents=True)
     except OSError as error:
         print(f"lightning-fisher wizard: error: cannot write {plan.config_path}: {error}", file=sys.stderr)
         return 1
-    command = analyze_command(plan.config_path)
+    command = shlex.join(["lightning-fisher", "analyze", "--config", str(plan.config_path)])
     prompter.say(f"config saved to {plan.config_path}")
     fit_hint = "then train with the map (fit takes these flags, not the analysis config):\n  " + fit_command(plan.answers)
     if plan.answers.exclude and plan.answers.model != DEMO_MODEL:

@@ -1,17 +1,15 @@
 """The wizard's decisions, without a terminal: checking one answer, the questions a settings object
 makes, rank presets, and the ``analyze --config`` YAML the answers make.
 
-Every ``parse_*`` function turns one answer into a value or raises ``ValueError`` with the
-reason, which the wizard shows before asking again. :func:`setting_questions` makes one
-:class:`TypedQuestion` per field of a settings dataclass (:class:`~lightning_fisher.AllocationSettings`,
-:class:`~lightning_fisher.stability.StabilityRule`) from the field's flag, type and help, so a
-new setting or criterion is asked with no change here.
+Every ``parse_*`` function turns one answer into a value or raises ``ValueError`` with the reason,
+which the wizard shows before asking again. :func:`setting_questions` makes a :class:`TypedQuestion`
+per field of a settings dataclass from the field's flag, type and help, so a new setting or
+criterion is asked with no change here.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import os
 import re
@@ -27,17 +25,14 @@ import yaml
 
 import lightning_fisher
 from lightning_fisher.allocation_settings import AllocationSettings, field_help
-from lightning_fisher.cli.values import comma_list, import_class
+from lightning_fisher.cli.values import comma_list, parse_typed, type_name
 from lightning_fisher.errors import DatasetFolderError
 from lightning_fisher.stability import StabilityRule
 from lightning_fisher.tensor_folder import list_sample_files
 from lightning_fisher.timesteps import TimestepFocus
 
 __all__ = [
-    "DatasetFolder", "TypedQuestion", "WizardAnswers", "accepts_checkpoint_dir", "answers_to_config",
-    "default_presets_dir", "fit_command", "has_timestep_sampler", "load_preset", "load_presets", "parse_config_path",
-    "parse_dataset_folder", "parse_focus_range", "parse_folder", "parse_model_class", "parse_patterns",
-    "parse_positive_int", "parse_typed", "render_config", "required_init_arguments", "requires_checkpoint_dir",
+    "TypedQuestion", "WizardAnswers", "answers_to_config", "fit_command", "load_presets", "render_config",
     "setting_questions", "settings_flags",
 ]
 
@@ -53,96 +48,14 @@ DEMO_ADAPTER_ROOT = "encoder"
 #: Epochs in the fit command the wizard prints (Lightning's own default is 1000); edit as needed.
 FIT_EPOCHS = 3
 
-# --------------------------------------------------------------------------------------------
-# The model class, read without building the model
-
-
-def parse_model_class(text: str) -> str:
-    """Check that ``text`` names an importable ``LightningModule`` subclass; return the class path."""
-    from lightning.pytorch import LightningModule
-
-    model_class = import_class(text)
-    if not (isinstance(model_class, type) and issubclass(model_class, LightningModule)):
-        raise ValueError(f"{text} is a {type(model_class).__name__}, not a LightningModule subclass")
-    return text
-
-
-def _init_parameters(class_path: str) -> dict[str, inspect.Parameter]:
-    try:
-        return dict(inspect.signature(import_class(class_path).__init__).parameters)
-    except (TypeError, ValueError):
-        return {}
-
-
-def accepts_checkpoint_dir(class_path: str) -> bool:
-    """Whether the model's ``__init__`` takes ``checkpoint_dir`` (the ``--checkpoint-dir`` convention)."""
-    return "checkpoint_dir" in _init_parameters(class_path)
-
-
-def requires_checkpoint_dir(class_path: str) -> bool:
-    """Whether ``checkpoint_dir`` is an argument of the model's ``__init__`` without a default."""
-    parameter = _init_parameters(class_path).get("checkpoint_dir")
-    return parameter is not None and parameter.default is inspect.Parameter.empty
-
-
-def required_init_arguments(class_path: str) -> list[TypedQuestion]:
-    """The model's ``__init__`` arguments without a default (``checkpoint_dir`` has its own question).
-
-    Annotations are resolved (``from __future__ import annotations`` leaves strings); one that
-    cannot be resolved is taken as absent, so the answer is read as YAML.
-    """
-    try:
-        hints = typing.get_type_hints(import_class(class_path).__init__)
-    except Exception:  # a name only the type checker sees; the annotation is then unusable
-        hints = {}
-    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    return [
-        TypedQuestion(name, hints.get(name))
-        for name, parameter in _init_parameters(class_path).items()
-        if name not in ("self", "checkpoint_dir") and parameter.kind in kinds and parameter.default is inspect.Parameter.empty
-    ]
-
-
-def has_timestep_sampler(class_path: str) -> bool:
-    """Whether the model has a ``timestep_sampler`` (the timestep focus applies only then).
-
-    Read from the class: a class attribute, or the name in the source of the class or a base
-    class of the user's (where ``__init__`` or ``setup`` sets ``self.timestep_sampler``). When no
-    source can be read, the answer is yes: asking then is harmless, skipping wrongly is not.
-    """
-    from lightning.pytorch import LightningModule
-
-    model_class = import_class(class_path)
-    if hasattr(model_class, "timestep_sampler"):
-        return True
-    readable = False
-    for klass in model_class.__mro__:
-        if klass is LightningModule:
-            break
-        try:
-            source = inspect.getsource(klass)
-        except (OSError, TypeError):
-            continue
-        readable = True
-        if "timestep_sampler" in source:
-            return True
-    return not readable
-
-
-# --------------------------------------------------------------------------------------------
-# Questions asked by their type: the model's arguments, the settings objects' fields
-
 
 @dataclass(frozen=True)
 class TypedQuestion:
     """A value asked by its type: a required argument of the model, or a field of a settings object.
 
-    Args:
-        name: the argument's or the field's name.
-        annotation: its type; the answer is read by :func:`parse_typed` (``None``: as YAML).
-        field: the settings field, whose flag (the ``analyze`` flag and YAML key) is the question
-            and whose help is shown above it; whether a value is allowed is the settings
-            object's own check, when the object is built from the answers.
+    The answer is read by :func:`~lightning_fisher.cli.values.parse_typed`. A settings field's flag
+    (its ``analyze`` flag and YAML key) is the question and its help is shown above; whether a
+    value is allowed is the settings object's own check, when it is built from the answers.
     """
 
     name: str
@@ -158,13 +71,7 @@ class TypedQuestion:
         return field_help(self.field) if self.field else ""  # read when asked: every criterion registered by then
 
     def describe(self) -> str:
-        """The type as the question shows it, e.g. ``int``, ``Optional[int]`` or ``linear/cosine``."""
-        if self.annotation is None:
-            return "any YAML value"
-        if typing.get_origin(self.annotation) is typing.Literal:
-            return "/".join(str(value) for value in typing.get_args(self.annotation))
-        text = getattr(self.annotation, "__name__", None) if not typing.get_args(self.annotation) else None
-        return text or str(self.annotation).replace("typing.", "")
+        return type_name(self.annotation)
 
     def parse(self, text: str) -> Any:
         return parse_typed(text, self.annotation)
@@ -179,44 +86,6 @@ def setting_questions(settings: type) -> list[TypedQuestion]:
 def settings_flags(settings: Any) -> dict[str, Any]:
     """``{flag / YAML key: value}`` of a settings object, every field with a flag."""
     return {q.key: getattr(settings, q.name) for q in setting_questions(type(settings))}
-
-
-_TRUE, _FALSE, _NONE = ("true", "yes", "y"), ("false", "no", "n"), ("none", "null", "~")
-
-
-def parse_typed(text: str, annotation: Any) -> Any:
-    """An answer as a value of ``annotation``, or ``ValueError`` saying what was expected.
-
-    ``int``, ``float``, ``bool`` (true/false, yes/no), ``str`` and paths (kept as text),
-    ``Literal[...]`` (one of its values), ``Optional[X]`` (``none`` or an X); anything else,
-    or no annotation, is read as a YAML value (``[1, 2]``, ``{a: 1}``).
-    """
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin is typing.Union and type(None) in args:
-        if text.lower() in _NONE:
-            return None
-        rest = [a for a in args if a is not type(None)]
-        return parse_typed(text, rest[0] if len(rest) == 1 else typing.Union[tuple(rest)])
-    if origin is typing.Literal:
-        for value in args:
-            if text == str(value):
-                return value
-        raise ValueError(f"{text!r} is not one of: {', '.join(str(v) for v in args)}")
-    if annotation is bool:
-        if text.lower() in _TRUE + _FALSE:
-            return text.lower() in _TRUE
-        raise ValueError(f"{text!r}: answer true or false")
-    if annotation in (int, float):
-        try:
-            return annotation(text)
-        except ValueError:
-            raise ValueError(f"{text!r} is not {'a whole number' if annotation is int else 'a number'}") from None
-    if annotation is str or (isinstance(annotation, type) and issubclass(annotation, os.PathLike)):
-        return text
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        raise ValueError(f"{text!r} is not a YAML value: {error}") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -268,10 +137,9 @@ def parse_dataset_folder(text: str) -> DatasetFolder:
     """A folder that holds sample files (see :func:`~lightning_fisher.tensor_folder.list_sample_files`)."""
     folder = Path(text).expanduser()
     try:
-        files = list_sample_files(folder)
+        return DatasetFolder(str(folder.resolve()), tuple(list_sample_files(folder)))
     except DatasetFolderError as error:
         raise ValueError(str(error)) from None
-    return DatasetFolder(str(folder.resolve()), tuple(files))
 
 
 def parse_focus_range(text: str) -> str:
@@ -309,11 +177,7 @@ def default_presets_dir(cwd: Optional[Path] = None) -> Optional[Path]:
 
 
 def load_preset(path: Path, settings: type = AllocationSettings) -> Any:
-    """The ``settings`` a preset YAML gives (its keys are flags) over the defaults; other keys are ignored.
-
-    Raises:
-        ValueError: the file is not a YAML mapping, or a value is invalid.
-    """
+    """The ``settings`` a preset YAML gives (its keys are flags; others are ignored), or ``ValueError``."""
     try:
         content = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as error:
@@ -340,7 +204,7 @@ def load_presets(folder: Optional[Path]) -> tuple[dict[str, AllocationSettings],
 
 
 # --------------------------------------------------------------------------------------------
-# Answers -> config and commands
+# Answers -> config and the fit command
 
 
 @dataclass
@@ -409,11 +273,6 @@ def render_config(answers: WizardAnswers) -> str:
             "# and a lower learning rate. The base model is the recommended target.",
         ]
     return "\n".join(lines) + "\n" + yaml.safe_dump(answers_to_config(answers), sort_keys=False)
-
-
-def analyze_command(config_path: Path) -> str:
-    """The command that runs the analysis a saved config describes."""
-    return shlex.join(["lightning-fisher", "analyze", "--config", str(config_path)])
 
 
 def fit_command(answers: WizardAnswers) -> str:
