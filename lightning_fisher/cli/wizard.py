@@ -91,10 +91,9 @@ class Prompter:
         Args:
             question: the prompt, without the default.
             default: taken for an empty answer and shown as ``[default]``; parsed like a typed answer.
-            parse: turns the stripped answer into the value, or raises ``ValueError`` whose message
-                is shown before asking again.
-            empty: what an empty answer means (``""`` is then parsed), shown as ``[Enter: empty]``
-                when there is no default. Without either, an empty answer is refused.
+            parse: the stripped answer -> the value, or ``ValueError`` whose message is shown before asking again.
+            empty: what an empty answer means (``""`` is then parsed), shown as ``[Enter: empty]`` when there
+                is no default. Without either, an empty answer is refused.
         """
         hint = f" [{default}]" if default is not None else f" [Enter: {empty}]" if empty is not None else ""
         while True:
@@ -199,16 +198,9 @@ class Wizard:
         allocation, stopping: the settings classes asked field by field.
     """
 
-    def __init__(
-        self,
-        prompter: Prompter,
-        *,
-        presets: Optional[Mapping[str, AllocationSettings]] = None,
-        save_config: Optional[str] = None,
-        estimate: Callable[[str, int], RunTimeEstimate] = estimate_run_time,
-        allocation: type = AllocationSettings,
-        stopping: type = StabilityRule,
-    ) -> None:
+    def __init__(self, prompter: Prompter, *, presets: Optional[Mapping[str, AllocationSettings]] = None,
+                 save_config: Optional[str] = None, estimate: Callable[[str, int], RunTimeEstimate] = estimate_run_time,
+                 allocation: type = AllocationSettings, stopping: type = StabilityRule) -> None:
         self.prompter, self.presets, self.save_config, self.estimate = prompter, dict(presets or {}), save_config, estimate
         self.allocation, self.stopping = allocation, stopping
         self.state: dict[Any, Any] = {}
@@ -475,11 +467,8 @@ def run_wizard(argv: list[str]) -> int:
     prompter.say(f"config saved to {plan.config_path}")
     fit_hint = "then train with the map (fit takes these flags, not the analysis config):\n  " + fit_command(plan.answers)
     if plan.answers.exclude and plan.answers.model != DEMO_MODEL:
-        fit_hint += (
-            "\n  (modules you left out get no adapter; PEFT freezes every other weight under the adapter root, "
-            "so to train a new head fully add --adaptive_lora.adapter_root NAME of the submodule that holds the "
-            "adapted layers)"
-        )
+        fit_hint += ("\n  (modules you left out get no adapter; PEFT freezes every other weight under the adapter root, so to "
+                     "train a new head fully add --adaptive_lora.adapter_root NAME of the submodule that holds the adapted layers)")
     if not plan.run_now:
         prompter.say(f"run the analysis later with:\n  {command}\n{fit_hint}")
         return 0

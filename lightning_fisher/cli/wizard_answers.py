@@ -88,10 +88,6 @@ def settings_flags(settings: Any) -> dict[str, Any]:
     return {q.key: getattr(settings, q.name) for q in setting_questions(type(settings))}
 
 
-# --------------------------------------------------------------------------------------------
-# Checking the other answers
-
-
 def parse_positive_int(text: str) -> int:
     value = parse_typed(text, int)
     if value < 1:
@@ -162,10 +158,6 @@ def parse_config_path(text: str) -> Path:
     if not existing.is_dir() or not os.access(existing, os.W_OK):
         raise ValueError(f"cannot write {path}: {existing} is not a writable folder")
     return path
-
-
-# --------------------------------------------------------------------------------------------
-# Rank presets
 
 
 def default_presets_dir(cwd: Optional[Path] = None) -> Optional[Path]:
@@ -276,11 +268,8 @@ def render_config(answers: WizardAnswers) -> str:
 
 
 def fit_command(answers: WizardAnswers) -> str:
-    """The ``lightning-fisher fit`` command that trains on the map these answers produce.
-
-    ``fit`` takes no analyze config, so the command carries what the config says about the model
-    and the data (where ``fit`` finds the map), the fragile-model opt-in, the demo's adapter root.
-    """
+    """The ``lightning-fisher fit`` command that trains on the map these answers produce: ``fit`` takes no analyze
+    config, so it carries the model, the data (where the map is), the fragile opt-in, the demo's adapter root."""
     parts = ["lightning-fisher", "fit", "--model", answers.model]
     for name, value in answers.init_args.items():
         parts += [f"--model.init_args.{name}", value if isinstance(value, str) else json.dumps(value)]
