@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import shlex
 import sys
@@ -394,7 +393,7 @@ class Wizard:
             "rank budget": answers.ranks.describe() + (f" (from preset {answers.preset})" if answers.preset else ""),
             "allocation": _pairs(settings_flags(answers.ranks)),
             "stopping rule": _pairs(settings_flags(answers.stopping)),
-            "seed": answers.seed,
+            "seed": _text(answers.seed),
             "fragile model": "YES (opted in; see the warning above)" if answers.fragile else "no",
             "estimated run time": estimate,
         }
@@ -407,7 +406,7 @@ class Wizard:
 
 
 def _text(value: Any) -> str:
-    return json.dumps(value) if value is None or isinstance(value, bool) else str(value)  # none as YAML reads it: null
+    return "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _joined(patterns: Optional[Sequence[str]]) -> Optional[str]:
