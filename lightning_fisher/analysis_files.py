@@ -14,7 +14,6 @@ a Trainer, ``lightning-fisher analyze``), so each behaves the same:
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import random
 from collections.abc import Iterator

@@ -20,7 +20,7 @@ from lightning_fisher import (
 )
 from lightning_fisher.allocation_settings import resolve_settings
 from lightning_fisher.cli import main
-from lightning_fisher.cli.wizard_answers import RankSettings, load_preset
+from lightning_fisher.cli.wizard_answers import load_preset
 from lightning_fisher.errors import SettingsError
 
 TESTS = Path(__file__).parent
@@ -131,7 +131,6 @@ def test_flags_round_trip_and_name_the_yaml_keys():
     assert AllocationSettings.from_flags(settings.flags()) == settings
     assert AllocationSettings.from_flags({"rank_mode": "budget", "unrelated": 1}) == AllocationSettings(mode="budget")
     assert settings.describe() == "rank 8, min 2, max 32, mode budget"
-    assert RankSettings is AllocationSettings
 
 
 def test_an_object_and_changed_options_together_are_refused():

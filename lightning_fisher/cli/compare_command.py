@@ -13,7 +13,6 @@ data where there is none) is printed under the table.
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import shutil
@@ -30,6 +29,7 @@ from lightning_fisher.atomic_io import folders_to_create, unwritable_reason
 from lightning_fisher.cli.arguments import normalize_flags
 from lightning_fisher.cli.interrupts import interrupt_signal
 from lightning_fisher.cli.lightning_clis import TrainCLI, _args_from_caller, use_flag_spelling
+from lightning_fisher.cli.values import comma_list, import_class
 from lightning_fisher.compare_results import MONITOR, CompareResult
 from lightning_fisher.errors import CommandInterrupted, CompareError, FisherMapNotFoundError
 from lightning_fisher.fisher_map import FisherMap
@@ -106,9 +106,7 @@ class CompareCLI(TrainCLI):
         self.budgets = parse_list(self.config.budgets, float, "--budgets")
         self.seeds = parse_list(self.config.seeds, int, "--seeds")
         criteria = self.config.criteria
-        if isinstance(criteria, str):
-            criteria = criteria.split(",")
-        self.criteria = None if criteria is None else [c.strip() for c in criteria if c.strip()] or None
+        self.criteria = None if criteria is None else comma_list(criteria) or None
         out_of_range = [seed for seed in self.seeds if not 0 <= seed <= MAX_SEED]
         if out_of_range:
             raise CompareError(f"--seeds: each seed must be a whole number from 0 to {MAX_SEED}, got {out_of_range[0]}")
@@ -147,12 +145,8 @@ def parse_list(value: Any, cast: type, option: str, noun: str = "fraction") -> l
 
     Floats must be positive and finite (``noun`` names what they are in that message).
     """
-    items = value.split(",") if isinstance(value, str) else value if isinstance(value, (list, tuple)) else [value]
     parsed = []
-    for item in items:
-        text = str(item).strip()
-        if not text:
-            continue
+    for text in comma_list(value):
         try:
             number = cast(text) if cast is int else float(text)
         except ValueError:
@@ -244,10 +238,9 @@ def build_compare_cli(argv: list[str]) -> CompareCLI:
 
 
 def _import(class_path: str) -> Optional[type]:
-    module, _, name = class_path.rpartition(".")
     try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError):
+        return import_class(class_path)
+    except ValueError:  # not importable here: kept as given, for the parser to judge
         return None
 
 

@@ -31,6 +31,7 @@ from lightning_fisher.cli.interrupts import interrupt_signal
 from lightning_fisher.errors import CommandInterrupted
 from lightning_fisher.map_codec import resolve_map_path
 from lightning_fisher.wording import folders_created, plural
+from lightning_fisher.cli.values import comma_list
 from lightning_fisher.stability import StabilityRule
 from lightning_fisher.timesteps import FOCUS_HELP, TimestepFocus
 from lightning_fisher.training.adaptive_lora import AdaptiveLoRA, flag_spelling
@@ -188,10 +189,7 @@ def use_flag_spelling(trainer) -> None:
 
 
 def _patterns(value: Union[list[str], str, None]) -> Optional[list[str]]:
-    if value is None:
-        return None
-    items = value.split(",") if isinstance(value, str) else value
-    return [item.strip() for item in items if item.strip()]
+    return None if value is None else comma_list(value)
 
 
 @contextlib.contextmanager

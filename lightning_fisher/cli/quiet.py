@@ -29,19 +29,24 @@ path only says which file of ours raised it.
 
 (Lightning's "No seed found" warning is not filtered: the commands pass their seed instead.)
 Nothing here imports Lightning or bitsandbytes: the filters attach to their loggers by name.
+
+:func:`all_output_discarded` goes further, for the wizard's run-time estimate, which builds the
+user's model between two questions: everything printed or warned in the block is dropped.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
+import os
 import re
 import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["lightning_noise_filtered"]
+__all__ = ["all_output_discarded", "lightning_noise_filtered"]
 
 #: Loggers Lightning's ``rank_zero_info`` writes to (whichever of the two set it up last).
 _RANK_ZERO_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
@@ -122,3 +127,29 @@ def lightning_noise_filtered(command: str = "lightning-fisher") -> Iterator[None
     finally:
         for logger, drop in filters:
             logger.removeFilter(drop)
+
+
+@contextlib.contextmanager
+def all_output_discarded() -> Iterator[None]:
+    """Send file descriptors 1 and 2 to the null device, ``sys.stdout`` / ``sys.stderr`` nowhere, and ignore warnings.
+
+    Both levels: libraries log through handlers bound to the original streams (Hugging Face's
+    load report, Lightning's device summary), and a model's ``print`` goes to ``sys.stdout``.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    saved = [os.dup(1), os.dup(2)]
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for descriptor in (*saved, null):
+            os.close(descriptor)

@@ -1,116 +1,57 @@
 """``lightning-fisher wizard``: an interactive front end that writes an ``analyze`` config.
 
-The wizard asks, step by step, for what ``lightning-fisher analyze`` needs (model and its
-required ``__init__`` arguments, dataset folder, timestep focus, rank budget), checks each
-answer where it is given, shows a summary with an estimated run time, and saves a YAML config
-in exactly the format ``lightning-fisher analyze --config FILE`` reads. Running the analysis
-from the wizard calls that same command on that file, so the wizard is a way to *write* a
-config, never a second way to run the analysis. At the end it prints the exact ``analyze``
-and ``fit`` commands (``fit`` takes flags, not the analysis config).
+The wizard asks for what ``lightning-fisher analyze`` needs, checks each answer where it is given,
+shows a summary with an estimated run time, saves a YAML config that ``analyze --config FILE``
+reads (running the analysis from the wizard runs that command on that file), and ends with the
+exact ``analyze`` and ``fit`` commands. Nothing is written before the last question: Ctrl-C
+(exit status 130) or end of input (1) leaves no config and no map behind.
 
-``back`` at any question returns to the previous one. The timestep focus is asked only for a
-model with a ``timestep_sampler`` (read from its class, see
-:func:`~lightning_fisher.cli.wizard_answers.has_timestep_sampler`), the checkpoint folder only
-for one that takes ``checkpoint_dir``.
-
-Nothing is written before the last question is answered: Ctrl-C (exit status 130) or end of
-input (exit status 1) at any prompt leaves no config and no map behind. The saved config goes
-by default next to the map it produces, ``<dataset folder>/fisher_analyze.yaml``
-(``--save-config`` changes the default offered).
-
-The module is layered so that each part can be tested without a terminal:
-
-- :class:`Prompter`: one question with a default, a check and re-asking; yes/no; a choice.
-  It reads and writes through the callables it is given.
-- :mod:`~lightning_fisher.cli.wizard_answers`: checking one answer (``parse_*``), rank
-  presets, and :class:`WizardAnswers` -> config (pure).
-- :mod:`~lightning_fisher.cli.wizard_estimate`: the run-time estimate in the summary.
-- :class:`Wizard`: the order of the questions; :func:`run_wizard`: the subcommand.
+The questions are one table, :meth:`Wizard.questions`. The rank budget and criterion
+(:class:`~lightning_fisher.AllocationSettings`) and the stopping rule
+(:class:`~lightning_fisher.stability.StabilityRule`) are asked field by field, each question made
+from the field and checked by building the object, so the wizard asks whatever ``analyze`` reads
+from them. :class:`Prompter` does all reading and printing; the decisions are the pure functions
+of :mod:`~lightning_fisher.cli.wizard_answers`.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
+import shlex
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Callable, Optional, TypeVar, Union
 
-from lightning_fisher.allocation import ALLOCATION_MODES
-from lightning_fisher.cli.wizard_answers import (
-    CONFIG_FILENAME,
-    DEMO_MODEL,
-    DEFAULT_BATCH_SIZE,
-    FRAGILE_FIT_FLAGS,
-    DatasetFolder,
-    RankSettings,
-    WizardAnswers,
-    accepts_checkpoint_dir,
-    analyze_command,
-    answers_to_config,
-    fit_command,
-    has_timestep_sampler,
-    default_presets_dir,
-    load_presets,
-    parse_config_path,
-    parse_dataset_folder,
-    parse_focus_range,
-    parse_folder,
-    parse_model_class,
-    parse_patterns,
-    parse_positive_int,
-    render_config,
-    required_init_arguments,
-    requires_checkpoint_dir,
-    write_config,
+from lightning_fisher.allocation_settings import AllocationSettings
+from lightning_fisher.atomic_io import write_text_atomic
+from lightning_fisher.cli.model_class import (
+    accepts_checkpoint_dir, has_timestep_sampler, parse_model_class, required_init_arguments, requires_checkpoint_dir,
 )
-from lightning_fisher.cli.wizard_estimate import RunTimeEstimate, analysis_batches, estimate_run_time, short_reason
+from lightning_fisher.cli.wizard_answers import (
+    CONFIG_FILENAME, DEFAULT_BATCH_SIZE, DEFAULT_SEED, DEMO_MODEL, FRAGILE_FIT_FLAGS, TypedQuestion, WizardAnswers,
+    default_presets_dir, fit_command, load_presets, parse_config_path, parse_dataset_folder, parse_focus_range,
+    parse_folder, parse_patterns, parse_positive_int, render_config, setting_questions, settings_flags,
+)
+from lightning_fisher.cli.wizard_estimate import RunTimeEstimate, estimate_run_time, short_reason
+from lightning_fisher.errors import SettingsError
 from lightning_fisher.fisher_map import FISHER_MAP_FILENAME
+from lightning_fisher.stability import StabilityRule
 from lightning_fisher.timesteps import FOCUS_HELP, TimestepFocus
 from lightning_fisher.wording import plural
 
-__all__ = [
-    "BACK",
-    "GoBack",
-    "Prompter",
-    "RankSettings",
-    "RunTimeEstimate",
-    "Wizard",
-    "WizardAnswers",
-    "analysis_batches",
-    "answers_to_config",
-    "default_presets_dir",
-    "estimate_run_time",
-    "load_presets",
-    "parse_config_path",
-    "render_config",
-    "run_wizard",
-    "write_config",
-]
+__all__ = ["BACK", "GoBack", "Prompter", "Question", "Wizard", "WizardPlan", "run_wizard"]
 
 T = TypeVar("T")
-
-#: Exclusions offered by default for the demo model: its classification head is freshly initialised.
-DEMO_EXCLUDE = ("head",)
-
-MODE_HELP = {
-    "median": "the base rank is the median rank of the adapted modules",
-    "budget": "total LoRA parameters equal flat LoRA at the base rank",
-}
-
-EXIT_DECLINED = 1
-EXIT_END_OF_INPUT = 1
-EXIT_NOT_INTERACTIVE = 2
-EXIT_INTERRUPTED = 130
-
-NOT_INTERACTIVE = (
-    "lightning-fisher wizard needs an interactive terminal; "
-    "use `lightning-fisher analyze --config ...` instead"
-)
+BACK = "back"  # typed at any question, returns to the previous one
+DEMO_EXCLUDE = ("head",)  # offered for the demo model: its classification head is freshly initialised
+PATTERNS = "comma-separated name patterns (regular expressions)"
 CANCELLED = "wizard cancelled, nothing written"
-
+NOT_INTERACTIVE = "lightning-fisher wizard needs an interactive terminal; use `lightning-fisher analyze --config ...` instead"
 FRAGILE_WARNING = """\
   ! WARNING: distilled / few-step ("turbo") models are fragile. Adaptive ranks adapt strongly,
     and that can destabilise such a model: loss spikes, outputs that turn to noise.
@@ -118,32 +59,23 @@ FRAGILE_WARNING = """\
     lower the learning rate (e.g. 1e-4 -> 5e-5) and check samples early."""
 
 
-# --------------------------------------------------------------------------------------------
-# Asking
-
-
-#: Typed at any question, returns to the previous one.
-BACK = "back"
-
-
 class GoBack(Exception):
     """The user typed ``back``: the previous question is asked again."""
 
 
 class Prompter:
-    """Asks questions through ``input_fn`` and ``output_fn``; re-asks until an answer is valid.
+    """All the wizard's terminal I/O: asks through ``input_fn``, prints through ``output_fn``, re-asks until valid.
 
     The answer ``back`` (any case) raises :class:`GoBack` from every kind of question.
 
     Args:
-        input_fn: shows a prompt and returns the line typed (``input``). ``EOFError`` and
-            ``KeyboardInterrupt`` from it are passed on to the caller.
+        input_fn: shows a prompt and returns the line typed (``input``); its ``EOFError`` and
+            ``KeyboardInterrupt`` pass on to the caller.
         output_fn: prints one message (``print``).
     """
 
     def __init__(self, input_fn: Callable[[str], str] = input, output_fn: Callable[[str], None] = print) -> None:
-        self.input_fn = input_fn
-        self.output_fn = output_fn
+        self.input_fn, self.output_fn = input_fn, output_fn
 
     def say(self, text: str = "") -> None:
         self.output_fn(text)
@@ -152,39 +84,23 @@ class Prompter:
         self.output_fn(f"  ! {reason}")
 
     def ask(
-        self,
-        question: str,
-        *,
-        default: Optional[str] = None,
-        parse: Callable[[str], T] = str,  # type: ignore[assignment]
-        empty: Optional[str] = None,
+        self, question: str, *, default: Optional[str] = None, parse: Callable[[str], T] = str, empty: Optional[str] = None
     ) -> T:
         """Ask until ``parse`` accepts the answer; return what it returns.
 
         Args:
             question: the prompt, without the default.
-            default: taken for an empty answer and shown as ``[default]``; it goes through
-                ``parse`` like a typed answer.
-            parse: turns the stripped answer into the value, or raises ``ValueError`` whose
-                message is shown before asking again.
-            empty: what an empty answer means, shown as ``[Enter: empty]`` when there is no
-                default; the empty answer is then passed to ``parse`` as ``""``. Without
-                ``default`` or ``empty`` an empty answer is refused.
+            default: taken for an empty answer and shown as ``[default]``; parsed like a typed answer.
+            parse: the stripped answer -> the value, or ``ValueError`` whose message is shown before asking again.
+            empty: what an empty answer means (``""`` is then parsed), shown as ``[Enter: empty]`` when there
+                is no default. Without either, an empty answer is refused.
         """
-        if default is not None:
-            prompt = f"{question} [{default}]: "
-        elif empty is not None:
-            prompt = f"{question} [Enter: {empty}]: "
-        else:
-            prompt = f"{question}: "
+        hint = f" [{default}]" if default is not None else f" [Enter: {empty}]" if empty is not None else ""
         while True:
-            answer = self._read(prompt)
-            if not answer:
-                if default is not None:
-                    answer = default
-                elif empty is None:
-                    self.warn("an answer is needed")
-                    continue
+            answer = self._read(f"{question}{hint}: ") or (default or "")
+            if not answer and default is None and empty is None:
+                self.warn("an answer is needed")
+                continue
             try:
                 return parse(answer)
             except ValueError as error:
@@ -198,15 +114,10 @@ class Prompter:
 
     def yes_no(self, question: str, *, default: bool) -> bool:
         """Ask a y/n question; Enter gives ``default``."""
-        prompt = f"{question} [{'Y/n' if default else 'y/N'}]: "
         while True:
-            answer = self._read(prompt).lower()
-            if not answer:
-                return default
-            if answer in ("y", "yes"):
-                return True
-            if answer in ("n", "no"):
-                return False
+            answer = self._read(f"{question} [{'Y/n' if default else 'y/N'}]: ").lower()
+            if answer in ("", "y", "yes", "n", "no"):
+                return answer.startswith("y") if answer else default
             self.warn("answer y or n")
 
     def choice(self, question: str, options: Sequence[str], *, default: str) -> str:
@@ -216,9 +127,7 @@ class Prompter:
 
         def parse(text: str) -> str:
             text = text.lower()
-            matches = [option for option in options if option.lower() == text]
-            if not matches:
-                matches = [option for option in options if option.lower().startswith(text)]
+            matches = [o for o in options if o.lower() == text] or [o for o in options if o.lower().startswith(text)]
             if len(matches) != 1:
                 raise ValueError(f"{text!r} is not one of: {', '.join(options)}")
             return matches[0]
@@ -226,9 +135,38 @@ class Prompter:
         return self.ask(f"{question} ({'/'.join(options)})", default=default, parse=parse)
 
 
-
 # --------------------------------------------------------------------------------------------
-# The flow
+# The question table and the flow
+
+#: Returned by a question's ``ask`` instead of an answer: nothing was asked (the summary, a check;
+#: ``back`` passes over it), or the user stopped (the fragile-model warning).
+SKIPPED, STOPPED = object(), object()
+
+
+@dataclass(frozen=True)
+class Redo:
+    """Ask again from the earlier question ``question`` (an invalid setting, a refused overwrite)."""
+
+    question: str
+
+
+@dataclass(frozen=True)
+class Question:
+    """A row of the question table.
+
+    Args:
+        name: what ``back`` and :class:`Redo` refer to; the answer is kept as ``state[name]``.
+        step: the title it is shown under (``[n/N] step``; the steps are numbered in table order).
+        ask: asks and returns the answer, or ``SKIPPED``, ``STOPPED`` or a :class:`Redo`.
+        help: shown before asking (text, or a function of the answers so far).
+        skip: ``False`` to ask; ``True``, or a note to show, to skip it (its earlier answer is dropped).
+    """
+
+    name: str
+    step: str
+    ask: Callable[[], Any]
+    help: Union[str, Callable[[], str]] = ""
+    skip: Callable[[], Union[bool, str]] = lambda: False
 
 
 @dataclass(frozen=True)
@@ -240,292 +178,200 @@ class WizardPlan:
     run_now: bool
 
 
-# What a question handler returns besides its normal ``None`` (answered).
-SKIPPED = "skipped"  # nothing asked: ``back`` from the next question goes further back
-STOPPED = "stopped"  # the user stopped the wizard (the fragile-model warning)
-
-
-@dataclass(frozen=True)
-class Redo:
-    """Ask again from the earlier question ``question`` (an invalid rank budget, a refused overwrite)."""
-
-    question: str
-
-
-#: Step of each question (the ``[n/7]`` headers); ``arg:NAME`` questions belong to the model step.
-STEP_TITLES = {
-    1: "Model",
-    2: "Dataset",
-    3: "Timestep focus (diffusion / flow models)",
-    4: "Rank budget",
-    5: "Fragile model",
-    6: "Summary",
-    7: "Save and run",
-}
-QUESTION_STEPS = {
-    "model": 1, "checkpoint_dir": 1, "exclude": 1,
-    "dataset": 2, "batch_size": 2,
-    "focus": 3, "focus_range": 3,
-    "preset": 4, "rank": 4, "rank_min": 4, "rank_max": 4, "rank_mode": 4,
-    "fragile": 5, "fragile_confirm": 5,
-    "summary": 6,
-    "config_path": 7, "overwrite": 7, "run_now": 7,
-}
-_ARG = "arg:"
+MODEL, DATASET, FOCUS, RANKS, STOPPING, FRAGILE, SUMMARY, SAVE = (
+    "Model", "Dataset", "Timestep focus (diffusion / flow models)", "Rank budget and criterion",
+    "Stopping rule and seed", "Fragile model", "Summary", "Save and run",
+)
 
 
 class Wizard:
-    """The questions, in order. :meth:`collect` returns the plan, or ``None`` when the user stops.
+    """Asks the questions of :meth:`questions` in order; :meth:`collect` returns the plan, or ``None`` when the user stops.
 
-    Each question is a method ``ask_<name>`` that reads and writes :attr:`state`. ``back`` at
-    any question asks the previous *asked* question again (those skipped, e.g. the timestep
-    focus of a model without a ``timestep_sampler``, are passed over); answers already given
-    further on are kept and offered again where they are defaults.
+    ``back`` asks the previous *asked* question again (skipped ones are passed over); answers given
+    further on are kept and offered again as defaults.
 
     Args:
         prompter: asks the questions.
-        presets: rank presets by name (see :func:`load_presets`).
+        presets: rank presets by name (see :func:`~lightning_fisher.cli.wizard_answers.load_presets`).
         save_config: default offered for where to save the config.
-        estimate: run-time estimate of a config text and sample count (for tests; default
-            :func:`estimate_run_time`).
+        estimate: run-time estimate of a config text and sample count (default :func:`estimate_run_time`).
+        allocation, stopping: the settings classes asked field by field.
     """
 
-    STEPS = len(STEP_TITLES)
+    def __init__(self, prompter: Prompter, *, presets: Optional[Mapping[str, AllocationSettings]] = None,
+                 save_config: Optional[str] = None, estimate: Callable[[str, int], RunTimeEstimate] = estimate_run_time,
+                 allocation: type = AllocationSettings, stopping: type = StabilityRule) -> None:
+        self.prompter, self.presets, self.save_config, self.estimate = prompter, dict(presets or {}), save_config, estimate
+        self.allocation, self.stopping = allocation, stopping
+        self.state: dict[Any, Any] = {}
 
-    def __init__(
-        self,
-        prompter: Prompter,
-        *,
-        presets: Optional[Mapping[str, RankSettings]] = None,
-        save_config: Optional[str] = None,
-        estimate: Callable[[str, int], RunTimeEstimate] = estimate_run_time,
-    ) -> None:
-        self.prompter = prompter
-        self.presets = dict(presets or {})
-        self.save_config = save_config
-        self.estimate = estimate
-        self.state: dict[str, Any] = {}
-
-    def _step(self, number: int, title: str) -> None:
-        self.prompter.say(f"\n[{number}/{self.STEPS}] {title}")
-
-    def _questions(self) -> list[str]:
-        arguments = [_ARG + argument.name for argument in self.state.get("required", [])]
+    def questions(self) -> list[Question]:
+        """The question table, in asking order (the model's arguments are known once the model is)."""
+        p, s = self.prompter, self.state
+        arguments = self.arguments()
         return [
-            "model", *arguments, "checkpoint_dir", "exclude", "dataset", "batch_size", "focus", "focus_range",
-            "preset", "rank", "rank_min", "rank_max", "rank_mode", "fragile", "fragile_confirm", "summary",
-            "config_path", "overwrite", "run_now",
+            Question("model", MODEL, lambda: p.ask("LightningModule class path", default=self.model, parse=parse_model_class)),
+            *(Question(f"arg:{a.name}", MODEL, partial(self.ask_typed, f"arg:{a.name}", a), "" if i else (
+                f"  {_short(self.model)} needs: {', '.join(a.name for a in arguments)}")) for i, a in enumerate(arguments)),
+            Question("checkpoint_dir", MODEL, self.ask_checkpoint_dir, skip=lambda: not accepts_checkpoint_dir(self.model)
+                     and f"  ({_short(self.model)} takes no checkpoint_dir argument: no checkpoint folder to ask for)"),
+            Question("include", MODEL, self.ask_include, f"  Modules to analyse: {PATTERNS}."),
+            Question("exclude", MODEL, self.ask_exclude,
+                     f"  Modules to leave out of the analysis, e.g. a freshly initialised head\n  ({PATTERNS}; 'none' for none)."),
+            Question("dataset", DATASET, self.ask_dataset),
+            Question("batch_size", DATASET, lambda: p.ask(
+                "Batch size", default=str(s.get("batch_size", DEFAULT_BATCH_SIZE)), parse=parse_positive_int)),
+            Question("focus", FOCUS, lambda: p.choice("Timestep focus", list(FOCUS_HELP), default="balanced"),
+                     "\n".join(f"  {name:<10} {text}" for name, text in FOCUS_HELP.items()), self.no_timestep_sampler),
+            Question("focus_range", FOCUS, lambda: p.ask("Range LO,HI", default="0.2,0.5", parse=parse_focus_range),
+                     skip=lambda: s.get("focus") != "custom"),
+            Question("preset", RANKS, self.ask_preset, skip=lambda: not self.presets),
+            *self.settings_questions(self.allocation, RANKS),
+            Question("change_stopping", STOPPING, lambda: p.yes_no("Change the stopping rule?", default=False), lambda: (
+                f"  The analysis stops once the module ranking is stable: {_pairs(settings_flags(s[self.stopping]))}.")),
+            *self.settings_questions(self.stopping, STOPPING, skip=lambda: not s["change_stopping"]),
+            Question("seed", STOPPING, partial(self.ask_typed, "seed", TypedQuestion("seed", Optional[int])),
+                     "  Seeds building the model, the sample order, noise and timesteps ('none': unseeded)."),
+            Question("fragile", FRAGILE, lambda: p.yes_no("Is this a distilled / few-step ('turbo') model?", default=False)),
+            Question("fragile_confirm", FRAGILE, self.ask_fragile_confirm, FRAGILE_WARNING, lambda: not s["fragile"]),
+            Question("summary", SUMMARY, self.show_summary),
+            Question("config_path", SAVE, lambda: p.ask("Save the config to", parse=parse_config_path, default=(
+                self.save_config or str(Path(s["dataset"].path) / CONFIG_FILENAME)))),
+            Question("overwrite", SAVE, lambda: p.yes_no(f"{s['config_path']} exists. Overwrite it?", default=False)
+                     or Redo("config_path"), skip=lambda: not s["config_path"].exists()),
+            Question("run_now", SAVE, lambda: p.yes_no("Run the analysis now?", default=True)),
         ]
+
+    def settings_questions(self, settings: type, step: str, skip: Callable[[], bool] = lambda: False) -> list[Question]:
+        """A question per field of ``settings`` (named by its flag), then the check that builds the object."""
+        fields = setting_questions(settings)
+        rows = [Question(q.key, step, partial(self.ask_typed, q.key, q, settings), f"  {q.help}", skip) for q in fields]
+        return [*rows, Question(f"check:{settings.__name__}", step, partial(self.check_settings, settings, fields), skip=skip)]
 
     def collect(self) -> Optional[WizardPlan]:
         p = self.prompter
         p.say("lightning-fisher wizard: set up a Fisher analysis, which writes fisher_map.json (per-module")
         p.say(f"LoRA ranks) into your dataset folder. Enter takes the [default]; '{BACK}' returns to the")
         p.say("previous question; Ctrl-C cancels. Nothing is written until the last question.")
-        self.state = {"ranks": RankSettings(), "preset": None, "init_args": {}}
+        self.state = {self.allocation: self.allocation(), self.stopping: self.stopping(), "seed": DEFAULT_SEED}
         asked: list[str] = []
-        question: Optional[str] = "model"
-        shown_step = 0
-        while question is not None:
-            step = QUESTION_STEPS.get(question, 1)
-            if step != shown_step:
-                self._step(step, STEP_TITLES[step])
-                shown_step = step
+        name: Optional[str] = "model"
+        shown = None
+        while name is not None:
+            table = self.questions()
+            steps = list(dict.fromkeys(q.step for q in table))
+            question = next(q for q in table if q.name == name)
+            if question.step != shown:
+                p.say(f"\n[{steps.index(question.step) + 1}/{len(steps)}] {question.step}")
+                shown = question.step
             try:
-                outcome = self._ask(question)
+                skip = question.skip()
+                note = skip if skip else question.help() if callable(question.help) else question.help
+                if isinstance(note, str) and note:
+                    p.say(note)
+                outcome = SKIPPED if skip else question.ask()
             except GoBack:
-                if not asked:
+                if asked:
+                    name, shown = asked.pop(), None  # the step is shown again
+                else:
                     p.warn("this is the first question")
-                    continue
-                question = asked.pop()
-                shown_step = 0  # show where we are again
                 continue
-            if outcome == STOPPED:
+            if outcome is STOPPED:
                 return None
             if isinstance(outcome, Redo):
-                while asked and asked[-1] != outcome.question:
-                    asked.pop()
-                if asked:
-                    asked.pop()
-                question = outcome.question
+                while asked and asked.pop() != outcome.question:
+                    pass
+                name = outcome.question
                 continue
-            if outcome != SKIPPED:
-                asked.append(question)
-            questions = self._questions()
-            position = questions.index(question) + 1
-            question = questions[position] if position < len(questions) else None
-        return WizardPlan(self._answers(), self.state["config_path"], self.state["run_now"])
+            if skip:
+                self.state.pop(name, None)
+            elif outcome is not SKIPPED:
+                self.state[name] = outcome
+                asked.append(name)
+            names = [q.name for q in self.questions()]
+            name = next(iter(names[names.index(name) + 1:]), None)
+        return WizardPlan(self.answers(), self.state["config_path"], self.state["run_now"])
 
-    def _ask(self, question: str) -> Any:
-        if question.startswith(_ARG):
-            return self.ask_init_argument(question[len(_ARG):])
-        return getattr(self, f"ask_{question}")()
-
-    def _answers(self) -> WizardAnswers:
-        state = self.state
-        dataset: DatasetFolder = state["dataset"]
-        required = [argument.name for argument in state.get("required", [])]
+    def answers(self) -> WizardAnswers:
+        s = self.state
         return WizardAnswers(
-            model=state["model"],
-            dataset_dir=dataset.path,
-            checkpoint_dir=state.get("checkpoint_dir"),
-            init_args={name: state["init_args"][name] for name in required},
-            exclude=state["exclude"],
-            num_samples=len(dataset.files),
-            batch_size=state["batch_size"],
-            timestep_focus=state.get("focus", "balanced"),
-            ranks=state["ranks"],
-            preset=state["preset"],
-            fragile=state["fragile"],
+            model=s["model"], dataset_dir=s["dataset"].path, checkpoint_dir=s.get("checkpoint_dir"),
+            init_args={a.name: s[f"arg:{a.name}"] for a in self.arguments()}, exclude=s["exclude"],
+            num_samples=len(s["dataset"].files), batch_size=s["batch_size"],
+            timestep_focus=s.get("focus_range") or s.get("focus", "balanced"), ranks=s[self.allocation],
+            preset=s.get("preset"), fragile=s["fragile"], stopping=s[self.stopping], seed=s["seed"], include=s["include"],
         )
 
-    # -- step 1: model -----------------------------------------------------------------------
+    # -- what the answers so far decide ----------------------------------------------------------
 
-    def ask_model(self) -> None:
-        model = self.prompter.ask(
-            "LightningModule class path", default=self.state.get("model", DEMO_MODEL), parse=parse_model_class
+    @property
+    def model(self) -> str:
+        return self.state.get("model", DEMO_MODEL)
+
+    def arguments(self) -> list[TypedQuestion]:
+        """The model's required ``__init__`` arguments, once the model is known."""
+        known = "model" in self.state
+        return [TypedQuestion(name, annotation) for name, annotation in (required_init_arguments(self.model) if known else {}).items()]
+
+    def ask_typed(self, name: str, question: TypedQuestion, settings: Optional[type] = None) -> Any:
+        """A model argument, the seed, or a settings field (whose default is the last valid object's: Enter cannot loop)."""
+        value = getattr(self.state[settings], question.name) if settings else self.state.get(name)
+        default = None if settings is None and name not in self.state else _text(value)
+        return self.prompter.ask(f"{question.key} ({question.describe()})", default=default, parse=question.parse)
+
+    def ask_checkpoint_dir(self) -> Optional[str]:
+        empty = None if requires_checkpoint_dir(self.model) else "the model's own default"
+        return self.prompter.ask("Checkpoint folder", parse=parse_folder, empty=empty)
+
+    def ask_include(self) -> Optional[list[str]]:
+        default = _joined(self.state.get("include"))
+        return self.prompter.ask("Include", default=default, parse=lambda text: parse_patterns(text) or None, empty="every nn.Linear")
+
+    def ask_exclude(self) -> list[str]:
+        default = _joined(self.state.get("exclude", DEMO_EXCLUDE if self.model == DEMO_MODEL else ()))
+        return self.prompter.ask("Exclude", default=default, parse=parse_patterns, empty="none")
+
+    def ask_dataset(self) -> Any:
+        dataset = self.prompter.ask("Dataset folder (one .pt / .safetensors sample per file)", parse=parse_dataset_folder)
+        self.prompter.say(f"  found {dataset.describe()}")
+        existing = Path(dataset.path) / FISHER_MAP_FILENAME
+        if existing.exists():
+            self.prompter.warn(f"{existing} already exists; the analysis will replace it and keep it as {existing.name}.bak")
+        return dataset
+
+    def no_timestep_sampler(self) -> Union[bool, str]:
+        return not has_timestep_sampler(self.model) and (
+            f"  ({_short(self.model)} has no timestep_sampler: the analysis draws what its training_step\n"
+            "  draws, so there is no timestep focus to choose)"
         )
-        if model != self.state.get("model"):
-            self.state["init_args"] = {}
-        self.state["model"] = model
-        self.state["required"] = required_init_arguments(model)
-        if self.state["required"]:
-            names = ", ".join(argument.name for argument in self.state["required"])
-            self.prompter.say(f"  {model.rpartition('.')[2]} needs: {names}")
 
-    def ask_init_argument(self, name: str) -> None:
-        argument = next(a for a in self.state["required"] if a.name == name)
-        previous = self.state["init_args"].get(name)
-        self.state["init_args"][name] = self.prompter.ask(
-            f"{name} ({argument.describe()})",
-            default=None if previous is None else str(previous),
-            parse=argument.parse,
-        )
-
-    def ask_checkpoint_dir(self) -> Any:
-        model = self.state["model"]
-        if not accepts_checkpoint_dir(model):
-            self.prompter.say(f"  ({model.rpartition('.')[2]} takes no checkpoint_dir argument: no checkpoint folder to ask for)")
-            self.state["checkpoint_dir"] = None
-            return SKIPPED
-        empty = None if requires_checkpoint_dir(model) else "the model's own default"
-        self.state["checkpoint_dir"] = self.prompter.ask("Checkpoint folder", parse=parse_folder, empty=empty)
-        return None
-
-    def ask_exclude(self) -> None:
-        p = self.prompter
-        p.say("  Modules to leave out of the analysis, e.g. a freshly initialised head")
-        p.say("  (comma-separated name patterns; 'none' for none).")
-        self.state["exclude"] = p.ask(
-            "Exclude",
-            default=",".join(DEMO_EXCLUDE) if self.state["model"] == DEMO_MODEL else None,
-            parse=parse_patterns,
-            empty="none",
-        )
-
-    # -- step 2: dataset ---------------------------------------------------------------------
-
-    def ask_dataset(self) -> None:
-        p = self.prompter
-        dataset = p.ask("Dataset folder (one .pt / .safetensors sample per file)", parse=parse_dataset_folder)
-        p.say(f"  found {dataset.describe()}")
-        existing_map = Path(dataset.path) / FISHER_MAP_FILENAME
-        if existing_map.exists():
-            p.warn(f"{existing_map} already exists; the analysis will replace it and keep it as {existing_map.name}.bak")
-        self.state["dataset"] = dataset
-
-    def ask_batch_size(self) -> None:
-        default = str(self.state.get("batch_size", DEFAULT_BATCH_SIZE))
-        self.state["batch_size"] = self.prompter.ask("Batch size", default=default, parse=parse_positive_int)
-
-    # -- step 3: timestep focus --------------------------------------------------------------
-
-    def ask_focus(self) -> Any:
-        p = self.prompter
-        model = self.state["model"]
-        if not has_timestep_sampler(model):
-            p.say(f"  ({model.rpartition('.')[2]} has no timestep_sampler: the analysis draws what its training_step")
-            p.say("  draws, so there is no timestep focus to choose)")
-            self.state["focus"] = "balanced"
-            return SKIPPED
-        for name, text in FOCUS_HELP.items():
-            p.say(f"  {name:<10} {text}")
-        self.state["focus"] = p.choice("Timestep focus", list(FOCUS_HELP), default="balanced")
-        return None
-
-    def ask_focus_range(self) -> Any:
-        if self.state["focus"] != "custom":
-            return SKIPPED
-        self.state["focus"] = self.prompter.ask("Range LO,HI", default="0.2,0.5", parse=parse_focus_range)
-        return None
-
-    # -- step 4: rank budget -----------------------------------------------------------------
-
-    def ask_preset(self) -> Any:
-        p = self.prompter
-        if not self.presets:
-            return SKIPPED
+    def ask_preset(self) -> Optional[str]:
+        """A preset's name (``None``: none); the rank questions then offer its values."""
         for name, values in self.presets.items():
-            p.say(f"  {name:<10} {values.describe()}")
-        answer = p.choice("Start from a preset?", ["none", *self.presets], default="none")
-        self.state["ranks"], self.state["preset"] = (
-            (RankSettings(), None) if answer == "none" else (self.presets[answer], answer)
-        )
-        return None
+            self.prompter.say(f"  {name:<10} {values.describe()}")
+        answer = self.prompter.choice("Start from a preset?", ["none", *self.presets], default="none")
+        self.state[self.allocation] = self.presets.get(answer, self.allocation())
+        return answer if answer in self.presets else None
 
-    def ask_rank(self) -> None:
-        for mode, text in MODE_HELP.items():
-            self.prompter.say(f"  {mode:<10} {text}")
-        self.state["rank"] = self.prompter.ask(
-            "Base rank", default=str(self.state["ranks"].rank), parse=parse_positive_int
-        )
-
-    def ask_rank_min(self) -> None:
-        self.state["rank_min"] = self.prompter.ask(
-            "Minimum rank", default=str(self.state["ranks"].rank_min), parse=parse_positive_int
-        )
-
-    def ask_rank_max(self) -> None:
-        self.state["rank_max"] = self.prompter.ask(
-            "Maximum rank", default=str(self.state["ranks"].rank_max), parse=parse_positive_int
-        )
-
-    def ask_rank_mode(self) -> Any:
-        mode = self.prompter.choice("Rank mode", list(ALLOCATION_MODES), default=self.state["ranks"].mode)
+    def check_settings(self, settings: type, fields: list[TypedQuestion]) -> Union[object, Redo]:
+        """Build the settings object from the answers: its own check decides; an error re-asks from the field it names."""
         try:
-            # the defaults offered next time are the last valid budget, so Enter cannot loop
-            self.state["ranks"] = RankSettings(
-                self.state["rank"], self.state["rank_min"], self.state["rank_max"], mode
-            )
-        except ValueError as error:
-            self.prompter.warn(f"{error}; enter the rank budget again")
-            return Redo("rank")
-        return None
-
-    # -- step 5: fragile model ---------------------------------------------------------------
-
-    def ask_fragile(self) -> None:
-        self.state["fragile"] = self.prompter.yes_no("Is this a distilled / few-step ('turbo') model?", default=False)
-
-    def ask_fragile_confirm(self) -> Any:
-        if not self.state["fragile"]:
-            return SKIPPED
-        self.prompter.say(FRAGILE_WARNING)
-        self.prompter.say("  Any answer but 'yes' stops here without writing anything.")
-        answer = self.prompter.ask("Type 'yes' to continue with this model anyway", empty="stop")
-        if answer.lower() != "yes":
-            self.prompter.say("stopped: nothing written. Prefer the base model, or train flat-rank LoRA without a map.")
-            return STOPPED
-        return None
-
-    # -- step 6: summary ---------------------------------------------------------------------
-
-    def ask_summary(self) -> str:
-        self.show_summary(self._answers(), self.state["dataset"])
+            self.state[settings] = dataclasses.replace(self.state[settings], **{q.name: self.state[q.key] for q in fields})
+        except SettingsError as error:
+            again = next((q.key for q in fields if q.name == error.field), fields[0].key)
+            self.prompter.warn(f"{error}; answer again from {again}")
+            return Redo(again)
         return SKIPPED
 
-    def show_summary(self, answers: WizardAnswers, dataset: DatasetFolder) -> None:
-        p = self.prompter
+    def ask_fragile_confirm(self) -> Any:
+        self.prompter.say("  Any answer but 'yes' stops here without writing anything.")
+        if self.prompter.ask("Type 'yes' to continue with this model anyway", empty="stop").lower() != "yes":
+            self.prompter.say("stopped: nothing written. Prefer the base model, or train flat-rank LoRA without a map.")
+            return STOPPED
+        return True
+
+    def show_summary(self) -> object:
+        p, answers = self.prompter, self.answers()
         p.say("  estimating run time (loading the model and timing one batch)...")
         try:
             estimate = self.estimate(render_config(answers), answers.num_samples).describe()
@@ -534,84 +380,70 @@ class Wizard:
         except BaseException as error:  # noqa: BLE001 - any failure of the user's model is reported, not raised
             p.warn(f"could not time a batch: {short_reason(error)}")
             estimate = "unknown"
-        focus = TimestepFocus.parse(answers.timestep_focus)
-        focus_text = focus.describe()
-        ranks = answers.ranks.describe() + (f" (from preset {answers.preset})" if answers.preset else "")
         batches = max(1, math.ceil(answers.num_samples / answers.batch_size))
-        rows = [("model", answers.model)]
-        if answers.init_args:
-            rows.append(("model arguments", ", ".join(f"{k}={v!r}" for k, v in answers.init_args.items())))
-        rows += [
-            ("checkpoint", answers.checkpoint_dir or "(the model's own default)"),
-            ("exclude", ", ".join(answers.exclude) or "(nothing)"),
-            ("dataset folder", answers.dataset_dir),
-            ("samples", dataset.describe()),
-            ("batch size", f"{answers.batch_size} ({plural(batches, 'batch')} per pass)"),
-            ("timestep focus", focus_text),
-            ("rank budget", ranks),
-            ("fragile model", "YES (opted in; see the warning above)" if answers.fragile else "no"),
-            ("estimated run time", estimate),
-        ]
-        for label, value in rows:
-            p.say(f"  {label:<19} {value}")
+        rows = {
+            "model": answers.model,
+            "model arguments": ", ".join(f"{k}={v!r}" for k, v in answers.init_args.items()),
+            "checkpoint": answers.checkpoint_dir or "(the model's own default)",
+            "include": _joined(answers.include) or "(every nn.Linear)",
+            "exclude": _joined(answers.exclude) or "(nothing)",
+            "dataset folder": answers.dataset_dir,
+            "samples": self.state["dataset"].describe(),
+            "batch size": f"{answers.batch_size} ({plural(batches, 'batch')} per pass)",
+            "timestep focus": TimestepFocus.parse(answers.timestep_focus).describe(),
+            "rank budget": answers.ranks.describe() + (f" (from preset {answers.preset})" if answers.preset else ""),
+            "allocation": _pairs(settings_flags(answers.ranks)),
+            "stopping rule": _pairs(settings_flags(answers.stopping)),
+            "seed": _text(answers.seed),
+            "fragile model": "YES (opted in; see the warning above)" if answers.fragile else "no",
+            "estimated run time": estimate,
+        }
+        for label, value in rows.items():
+            if value != "":
+                p.say(f"  {label:<19} {value}")
         if answers.fragile:
             p.warn(f"fragile model: train on the map with `lightning-fisher fit ... {FRAGILE_FIT_FLAGS}`")
-
-    # -- step 7: save and run ----------------------------------------------------------------
-
-    def ask_config_path(self) -> None:
-        default = self.save_config or str(Path(self.state["dataset"].path) / CONFIG_FILENAME)
-        self.state["config_path"] = self.prompter.ask("Save the config to", default=default, parse=parse_config_path)
-
-    def ask_overwrite(self) -> Any:
-        path = self.state["config_path"]
-        if not path.exists():
-            return SKIPPED
-        return None if self.prompter.yes_no(f"{path} exists. Overwrite it?", default=False) else Redo("config_path")
-
-    def ask_run_now(self) -> None:
-        self.state["run_now"] = self.prompter.yes_no("Run the analysis now?", default=True)
+        return SKIPPED
 
 
-# --------------------------------------------------------------------------------------------
-# The subcommand
+def _text(value: Any) -> str:
+    return "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def _argument_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="lightning-fisher wizard",
-        description="Interactive set-up of a Fisher analysis: asks for the settings, saves a config for "
-        "`lightning-fisher analyze --config FILE`, and can run it.",
-    )
-    parser.add_argument(
-        "--save-config",
-        metavar="PATH",
-        help=f"where to save the YAML config (default offered: DATASET_FOLDER/{CONFIG_FILENAME})",
-    )
-    parser.add_argument(
-        "--presets-dir",
-        metavar="DIR",
-        type=Path,
-        help="folder of rank presets NAME.yaml (default: ./configs/presets, else the checkout's configs/presets)",
-    )
-    return parser
+def _joined(patterns: Optional[Sequence[str]]) -> Optional[str]:
+    return ", ".join(patterns) if patterns else None
+
+
+def _pairs(flags: Mapping[str, Any]) -> str:
+    return ", ".join(f"{key} {value}" for key, value in flags.items())
+
+
+def _short(class_path: str) -> str:
+    return class_path.rpartition(".")[2]
 
 
 def run_wizard(argv: list[str]) -> int:
     """``lightning-fisher wizard [--save-config PATH] [--presets-dir DIR]``.
 
     Returns:
-        The analysis' exit status when it is run; 0 when only the config is saved; 1 when the
-        user stops at the fragile-model warning or input ends; 2 without a terminal;
-        130 on Ctrl-C.
+        The analysis' exit status when it is run; 0 when only the config is saved; 1 when the user
+        stops at the fragile-model warning or input ends; 2 without a terminal; 130 on Ctrl-C.
     """
-    args = _argument_parser().parse_args(argv)
+    parser = argparse.ArgumentParser(
+        prog="lightning-fisher wizard",
+        description="Interactive set-up of a Fisher analysis: asks for the settings, saves a config for "
+        "`lightning-fisher analyze --config FILE`, and can run it.",
+    )
+    parser.add_argument("--save-config", metavar="PATH", help=f"where to save the YAML config (default offered: DATASET_FOLDER/{CONFIG_FILENAME})")
+    parser.add_argument("--presets-dir", metavar="DIR", type=Path,
+                        help="folder of rank presets NAME.yaml (default: ./configs/presets, else the checkout's configs/presets)")
+    args = parser.parse_args(argv)
     if args.presets_dir is not None and not args.presets_dir.is_dir():
         print(f"lightning-fisher wizard: error: --presets-dir {args.presets_dir} is not a folder", file=sys.stderr)
         return 2
     if not sys.stdin.isatty():
         print(NOT_INTERACTIVE, file=sys.stderr)
-        return EXIT_NOT_INTERACTIVE
+        return 2
     presets, problems = load_presets(args.presets_dir or default_presets_dir())
     prompter = Prompter()
     for problem in problems:
@@ -620,27 +452,23 @@ def run_wizard(argv: list[str]) -> int:
         plan = Wizard(prompter, presets=presets, save_config=args.save_config).collect()
     except KeyboardInterrupt:
         prompter.say(f"\n{CANCELLED}")
-        return EXIT_INTERRUPTED
+        return 130
     except EOFError:
         prompter.say(f"\n{CANCELLED} (end of input)")
-        return EXIT_END_OF_INPUT
+        return 1
     if plan is None:
-        return EXIT_DECLINED
-
+        return 1
     try:
-        write_config(plan.config_path, render_config(plan.answers))
+        write_text_atomic(plan.config_path, render_config(plan.answers), make_parents=True)
     except OSError as error:
         print(f"lightning-fisher wizard: error: cannot write {plan.config_path}: {error}", file=sys.stderr)
         return 1
-    command = analyze_command(plan.config_path)
+    command = shlex.join(["lightning-fisher", "analyze", "--config", str(plan.config_path)])
     prompter.say(f"config saved to {plan.config_path}")
     fit_hint = "then train with the map (fit takes these flags, not the analysis config):\n  " + fit_command(plan.answers)
     if plan.answers.exclude and plan.answers.model != DEMO_MODEL:
-        fit_hint += (
-            "\n  (modules you left out get no adapter; PEFT freezes every other weight under the adapter root, "
-            "so to train a new head fully add --adaptive_lora.adapter_root NAME of the submodule that holds the "
-            "adapted layers)"
-        )
+        fit_hint += ("\n  (modules you left out get no adapter; PEFT freezes every other weight under the adapter root, so to "
+                     "train a new head fully add --adaptive_lora.adapter_root NAME of the submodule that holds the adapted layers)")
     if not plan.run_now:
         prompter.say(f"run the analysis later with:\n  {command}\n{fit_hint}")
         return 0

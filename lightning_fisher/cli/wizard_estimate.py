@@ -6,21 +6,14 @@ batches the analysis can run with its settings, plus the time to build the model
 
 from __future__ import annotations
 
-import contextlib
-import io
 import math
-import os
-import sys
 import time
-import warnings
-from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Optional
 
-__all__ = ["RunTimeEstimate", "analysis_batches", "estimate_run_time", "short_reason"]
+from lightning_fisher.cli.quiet import all_output_discarded
 
-# --------------------------------------------------------------------------------------------
-# Run-time estimate
+__all__ = ["RunTimeEstimate", "analysis_batches", "estimate_run_time", "short_reason"]
 
 
 @dataclass(frozen=True)
@@ -82,56 +75,14 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-@contextlib.contextmanager
-def _output_discarded() -> Iterator[None]:
-    """Send file descriptors 1 and 2 to the null device, and ``sys.stdout`` / ``sys.stderr`` nowhere.
-
-    Both levels: libraries log through handlers bound to the original streams (Hugging Face's
-    load report, Lightning's device summary), and a model's ``print`` goes to ``sys.stdout``.
-    """
-    for stream in (sys.stdout, sys.stderr):
-        stream.flush()
-    saved = [os.dup(1), os.dup(2)]
-    null = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(null, 1)
-        os.dup2(null, 2)
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            yield
-    finally:
-        for stream in (sys.stdout, sys.stderr):
-            stream.flush()
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        for descriptor in (*saved, null):
-            os.close(descriptor)
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Silence start-up messages and warnings while the wizard builds the model: the questions stay readable."""
-    with warnings.catch_warnings(), _output_discarded():
-        warnings.simplefilter("ignore")
-        yield
-
-
-def _analyze_cli(args: list[str]) -> Any:
-    """The ``analyze`` parser, exactly as the command builds it, raising instead of exiting."""
-    from lightning_fisher.cli.lightning_clis import build_analyze_cli
-
-    return build_analyze_cli(args, exit_on_error=False)
-
-
 def _forward_backward(model: Any, batch: Any, device: Any) -> float:
     import torch
 
+    from lightning_fisher.training.analysis_module import _loss_from  # the analysis' own reading of the loss
+
     model.zero_grad(set_to_none=True)
     start = time.perf_counter()
-    output = model.training_step(batch, 0)
-    loss = output.get("loss") if isinstance(output, Mapping) else output
-    if not isinstance(loss, torch.Tensor):
-        raise ValueError(f"{type(model).__name__}.training_step returned {type(output).__name__}, not a loss tensor")
-    loss.backward()
+    _loss_from(model.training_step(batch, 0), type(model).__name__).backward()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - start
@@ -149,26 +100,25 @@ def estimate_run_time(config_text: str, num_samples: int) -> RunTimeEstimate:
     """
     from lightning.pytorch.utilities import move_data_to_device
 
-    with _quiet():
+    from lightning_fisher.cli.lightning_clis import build_analyze_cli
+
+    with all_output_discarded():
         start = time.perf_counter()
-        cli = _analyze_cli(["--config", config_text])  # jsonargparse reads a config given as text
+        # the parser exactly as `analyze` builds it (raising instead of exiting); it reads a config given as text
+        cli = build_analyze_cli(["--config", config_text], exit_on_error=False)
         load_seconds = time.perf_counter() - start
-        model, data, settings = cli.model, cli.datamodule, cli.config
-        device = cli.trainer.strategy.root_device
+        model, data, device = cli.model, cli.datamodule, cli.trainer.strategy.root_device
         model.to(device)
-        model.train(settings.train_mode)
+        model.train(cli.config.train_mode)
         data.setup("fit")
         start = time.perf_counter()
         batch = move_data_to_device(next(iter(data.train_dataloader())), device)
         load_batch = time.perf_counter() - start
         step = min(_forward_backward(model, batch, device) for _ in range(2))
         model.zero_grad(set_to_none=True)
+    rule = cli.stopping
     low, high = analysis_batches(
-        num_samples,
-        data.batch_size,
-        min_batches=settings.min_batches,
-        patience=settings.convergence_patience,
-        max_batches=settings.max_batches,
+        num_samples, data.batch_size, min_batches=rule.min_batches, patience=rule.patience, max_batches=rule.max_batches
     )
     return RunTimeEstimate(load_seconds, load_batch + step, low, high)
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Optional, Union
+from typing import Union
 
 from lightning_fisher.atomic_io import atomic_writer
 from lightning_fisher.compare_results import MONITOR, CompareResult
