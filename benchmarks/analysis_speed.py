@@ -98,7 +98,7 @@ def load_batch(spec: dict):
             "label": torch.randint(0, 9, (spec["batch"],), generator=generator),
         }
     from lightning_fisher.examples.drug_reviews import default_cache_dir, write_condition_dataset
-    from lightning_fisher.tensor_folder import TensorFolderDataset
+    from lightning_fisher.data.tensor_folder import TensorFolderDataset
 
     folder = write_condition_dataset(default_cache_dir() / "condition_train_128", split="train", max_length=128)
     dataset = TensorFolderDataset(folder)
@@ -197,7 +197,7 @@ class Runner:
         """The ``SpectrumSet`` of every candidate with ``method`` (``auto``, ``sketch``, ``exact``), built once."""
         if method not in self.spectra:
             from lightning_fisher import FisherCollector
-            from lightning_fisher.spectrum import SpectrumSet
+            from lightning_fisher.analysis.spectrum import SpectrumSet
 
             spectra = SpectrumSet(self.collectors["auto"].candidates, rank_max=SPECTRUM_RANK_MAX, method=method)
             self.spectra[method] = spectra
@@ -288,7 +288,7 @@ def measure_memory(variant: str, spec: dict) -> dict:
         with torch.device("meta"):
             load_model(spec)  # imports the model's code, so the start level below holds it
     from lightning_fisher import FisherAccumulator, FisherCollector  # noqa: F401  (likewise)
-    from lightning_fisher.spectrum import SpectrumSet  # noqa: F401
+    from lightning_fisher.analysis.spectrum import SpectrumSet  # noqa: F401
 
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     start = _status_kb("VmRSS")
@@ -383,7 +383,7 @@ def main() -> None:
         "cpu": platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
     }
-    from lightning_fisher.atomic_io import write_text_atomic  # here: the measured processes never import it
+    from lightning_fisher.data.atomic_io import write_text_atomic  # here: the measured processes never import it
 
     write_text_atomic(args.json, json.dumps(results, indent=2) + "\n", make_parents=True)
 

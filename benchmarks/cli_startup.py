@@ -25,7 +25,7 @@ from pathlib import Path
 from torch import nn
 
 from lightning_fisher import FisherMap
-from lightning_fisher.atomic_io import write_text_atomic
+from lightning_fisher.data.atomic_io import write_text_atomic
 
 TARGET = 1.5
 

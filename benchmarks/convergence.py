@@ -31,10 +31,10 @@ import torch
 from torchmetrics.functional import spearman_corrcoef
 
 from lightning_fisher import TensorDirectoryDataModule, allocate_ranks, analyze
-from lightning_fisher.atomic_io import write_text_atomic
+from lightning_fisher.data.atomic_io import write_text_atomic
 from lightning_fisher.examples.drug_reviews import default_cache_dir, write_condition_dataset
 from lightning_fisher.examples.text_classifier import MiniLMClassifier
-from lightning_fisher.tensor_folder import TensorFolderDataset
+from lightning_fisher.data.tensor_folder import TensorFolderDataset
 
 REFERENCE_TOOL_PASSES_PER_SAMPLE = 9  # batch size 1 x 3 module groups on separate passes x 3 runs
 QUIET = dict(accelerator="cpu", devices=1, enable_progress_bar=False)

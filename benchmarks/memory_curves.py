@@ -79,7 +79,7 @@ from pathlib import Path
 
 import torch
 
-from lightning_fisher.atomic_io import write_bytes_atomic, write_text_atomic
+from lightning_fisher.data.atomic_io import write_bytes_atomic, write_text_atomic
 
 sys.path.insert(0, str(Path(__file__).parent))
 import analysis_speed  # noqa: E402  (a sibling script, not a package)
@@ -90,7 +90,7 @@ ANALYSES = VARIANTS[1:]
 M_MMAP_THRESHOLD = -3  # mallopt parameter (glibc malloc.h)
 PRELOAD = [
     "torch", "transformers", "transformers.models.bert.modeling_bert", "transformers.models.llama.modeling_llama",
-    "lightning_fisher", "lightning_fisher.spectrum",
+    "lightning_fisher", "lightning_fisher.analysis.spectrum",
 ]
 
 
@@ -119,8 +119,8 @@ def _ints(text: str) -> list[int]:
 
 def describe(spec_text: str) -> dict:
     """Parameter counts and spectrum state sizes of a point's model, built on the meta device."""
-    from lightning_fisher.candidates import select_candidates
-    from lightning_fisher.spectrum import SpectrumAccumulator, sketch_width
+    from lightning_fisher.analysis.candidates import select_candidates
+    from lightning_fisher.analysis.spectrum import SpectrumAccumulator, sketch_width
 
     spec = analysis_speed.parse_model(spec_text)
     with torch.device("meta"):

@@ -38,7 +38,7 @@ import torch
 from torchmetrics.functional import spearman_corrcoef
 
 from lightning_fisher import AllocationSettings, FisherMap, TensorDirectoryDataModule, analyze
-from lightning_fisher.atomic_io import write_text_atomic
+from lightning_fisher.data.atomic_io import write_text_atomic
 from lightning_fisher.examples.drug_reviews import default_cache_dir, write_condition_dataset
 
 PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-true", "16-mixed")

@@ -23,12 +23,16 @@ if _sys.argv and _os.path.basename(_sys.argv[0]).removesuffix(".exe") == "lightn
 
     quiet_interrupt_while_starting()
 
+from lightning_fisher import _compat
+
+_compat.install()  # the modules' old paths (lightning_fisher.map_codec, ...) keep importing
+
 from lightning_fisher._version import __version__
-from lightning_fisher.accumulator import FisherAccumulator
-from lightning_fisher.allocation import allocate_ranks
-from lightning_fisher.allocation_settings import AllocationSettings
-from lightning_fisher.candidates import select_candidates
-from lightning_fisher.collector import FisherCollector
+from lightning_fisher.allocation.settings import AllocationSettings
+from lightning_fisher.allocation.trace_rule import allocate_ranks
+from lightning_fisher.analysis.accumulator import FisherAccumulator
+from lightning_fisher.analysis.candidates import select_candidates
+from lightning_fisher.analysis.collector import FisherCollector
 from lightning_fisher.errors import (
     AdapterRankMismatchError,
     CandidateSelectionError,
@@ -45,16 +49,16 @@ from lightning_fisher.errors import (
     ModelMismatchError,
     SettingsError,
 )
-from lightning_fisher.fisher_map import FisherMap
-from lightning_fisher.stability import (
+from lightning_fisher.analysis.stability import (
     StabilityRule,
     StabilityTracker,
     StopReason,
     spectrum_split_half_correlation,
     split_half_correlation,
 )
-from lightning_fisher.tensor_folder import TensorFolderDataset, write_sample_folder
-from lightning_fisher.timesteps import TimestepFocus, UniformTimestepSampler
+from lightning_fisher.analysis.timesteps import TimestepFocus, UniformTimestepSampler
+from lightning_fisher.data.tensor_folder import TensorFolderDataset, write_sample_folder
+from lightning_fisher.fisher_map.map import FisherMap
 
 # Imported on first use: the Lightning adapters (so a plain PyTorch loop does not load
 # Lightning) and the names that need PEFT (so reading or showing a map does not load PEFT).
@@ -68,7 +72,7 @@ _LAZY = {
     "FisherAnalysisModule": "lightning_fisher.training.analysis_module",
     "FisherStability": "lightning_fisher.training.stability_callback",
     "TensorDirectoryDataModule": "lightning_fisher.training.datamodule",
-    "analyze": "lightning_fisher.analysis_entry",
+    "analyze": "lightning_fisher.analysis.entry",
 }
 
 __all__ = [

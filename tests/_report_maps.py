@@ -5,7 +5,7 @@ import torch
 from _nets import CollidingNet, linear_names
 
 from lightning_fisher import FisherMap
-from lightning_fisher.fisher_map import AnalysisRecord, DatasetRecord, StabilityRecord, TimestepFocusRecord
+from lightning_fisher.fisher_map.map import AnalysisRecord, DatasetRecord, StabilityRecord, TimestepFocusRecord
 
 MINILM_BLOCKS = [f"encoder.layer.{i}" for i in range(6)]
 MINILM_KINDS = [

@@ -7,7 +7,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from lightning_fisher.timesteps import UniformTimestepSampler
+from lightning_fisher.analysis.timesteps import UniformTimestepSampler
 
 
 class TinyClassifier(pl.LightningModule):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lightning_fisher import write_sample_folder
-from lightning_fisher.allocation import allocate_ranks, lora_parameters
+from lightning_fisher.allocation.trace_rule import allocate_ranks, lora_parameters
 from lightning_fisher.cli import main
 
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_fisher.accumulator import FisherAccumulator
+from lightning_fisher.analysis.accumulator import FisherAccumulator
 from lightning_fisher.errors import FisherAnalysisError
 
 NAMES = ("a", "b", "c")

@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lightning_fisher import allocate_ranks
-from lightning_fisher.allocation import flat_lora_parameters, lora_parameters
+from lightning_fisher.allocation.trace_rule import flat_lora_parameters, lora_parameters
 
 positive = st.floats(min_value=1e-4, max_value=1e4, allow_nan=False, allow_infinity=False)
 

@@ -18,7 +18,7 @@ from lightning_fisher import (
     allocate_ranks,
     analyze,
 )
-from lightning_fisher.allocation_settings import resolve_settings
+from lightning_fisher.allocation.settings import resolve_settings
 from lightning_fisher.cli import main
 from lightning_fisher.cli.wizard_answers import load_preset
 from lightning_fisher.errors import SettingsError

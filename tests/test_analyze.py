@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_fisher import FisherMap, analyze
-from lightning_fisher.map_summary import rank_changes, replaced_map_note
+from lightning_fisher.fisher_map.summary import rank_changes, replaced_map_note
 
 QUIET = dict(enable_progress_bar=False, accelerator="cpu", devices=1)
 SETTINGS = dict(convergence_patience=2, min_batches=2, stability_threshold=0.0, trainer_kwargs=QUIET)

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-import lightning_fisher.atomic_io as atomic_io
-from lightning_fisher.atomic_io import (
+import lightning_fisher.data.atomic_io as atomic_io
+from lightning_fisher.data.atomic_io import (
     atomic_writer,
     folders_to_create,
     unwritable_reason,

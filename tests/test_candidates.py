@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from torch import nn
 
-from lightning_fisher.candidates import (
+from lightning_fisher.analysis.candidates import (
     is_supported,
     module_type_name,
     rank_cost,

@@ -11,11 +11,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lightning_fisher.accumulator import FisherAccumulator
-from lightning_fisher.candidates import select_candidates
-from lightning_fisher.collector import FisherCollector
+from lightning_fisher.analysis.accumulator import FisherAccumulator
+from lightning_fisher.analysis.candidates import select_candidates
+from lightning_fisher.analysis.collector import FisherCollector
 from lightning_fisher.errors import CandidateSelectionError, FisherAnalysisError
-from lightning_fisher.per_sample_norms import input_gram
+from lightning_fisher.analysis.per_sample_norms import input_gram
 
 VOCAB, DIM, HIDDEN, CLASSES = 11, 6, 5, 3
 
@@ -463,7 +463,7 @@ class SharedInput(nn.Module):
 
 @pytest.mark.parametrize("strategy", ["ghost", "auto"])
 def test_modules_reading_one_tensor_share_its_gram_exactly(strategy: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    import lightning_fisher.collector as collector_module
+    import lightning_fisher.analysis.collector as collector_module
 
     grams = []
     original = collector_module.input_gram
@@ -491,7 +491,7 @@ def test_gram_cache_is_keyed_by_the_captured_tensor_not_its_converted_copy() -> 
     # A bf16 input is copied to float32 before its Gram matrix is taken; the copy is freed after
     # use and the next module's copy may land at the same address (version 0 again). Simulated
     # deterministically: two "copies" over one buffer, written outside torch (no version bump).
-    from lightning_fisher.collector import _BatchState
+    from lightning_fisher.analysis.collector import _BatchState
 
     buffer = bytearray(2 * 3 * 4 * 4)
     first_source, second_source = torch.randn(2, 3, 4).bfloat16(), torch.randn(2, 3, 4).bfloat16()
@@ -510,7 +510,7 @@ def test_gram_cache_is_keyed_by_the_captured_tensor_not_its_converted_copy() -> 
 
 
 def test_low_precision_model_scores_do_not_depend_on_gram_sharing(monkeypatch: pytest.MonkeyPatch) -> None:
-    import lightning_fisher.collector as collector_module
+    import lightning_fisher.analysis.collector as collector_module
 
     torch.manual_seed(0)
     layers = [nn.Linear(32, 32) for _ in range(4)]

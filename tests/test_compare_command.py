@@ -200,7 +200,7 @@ class FixedLrClassifier(TinyClassifier):
 
 
 def test_compare_with_lrs_chooses_each_arms_lr_and_judges_at_the_best_and_at_equal_lrs(dataset, tmp_path, capsys):
-    from lightning_fisher.compare_results import choose_learning_rate
+    from lightning_fisher.compare.results import choose_learning_rate
 
     config = fit_config(tmp_path / "fit.yaml", dataset, tmp_path / "runs")
     output = tmp_path / "results.json"

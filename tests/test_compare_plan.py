@@ -5,7 +5,7 @@ import pytest
 from cli_models import TinyClassifier
 from compare_data import dataset  # noqa: F401 (a fixture)
 from lightning_fisher import FisherMap
-from lightning_fisher.compare_plan import check_budgets, check_seeds, plan_arms
+from lightning_fisher.compare.plan import check_budgets, check_seeds, plan_arms
 from lightning_fisher.errors import CompareError
 
 
@@ -58,7 +58,7 @@ def test_seeds_are_distinct_integers():
 
 
 def test_learning_rates_are_distinct_positive_numbers_sorted():
-    from lightning_fisher.compare_plan import check_lrs
+    from lightning_fisher.compare.plan import check_lrs
 
     assert check_lrs(None) is None
     assert check_lrs([1e-3, 1e-4, 3e-4]) == [1e-4, 3e-4, 1e-3]
@@ -71,7 +71,7 @@ def test_arms_for_each_criterion_and_budget():
     import dataclasses
 
     from lightning_fisher import AllocationSettings
-    from lightning_fisher.spectrum import ModuleSpectrum
+    from lightning_fisher.analysis.spectrum import ModuleSpectrum
 
     model = TinyClassifier()
     names = ["backbone.0", "backbone.2", "backbone.4", "backbone.6", "head"]

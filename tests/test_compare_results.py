@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from lightning_fisher.compare_plan import CompareArm
-from lightning_fisher.compare_results import CompareResult, FrontierPoint, RunResult
+from lightning_fisher.compare.plan import CompareArm
+from lightning_fisher.compare.results import CompareResult, FrontierPoint, RunResult
 from lightning_fisher.errors import CompareError
 
 
@@ -46,7 +46,7 @@ def test_save_writes_the_runs_and_verdicts(tmp_path):
 
 
 def test_choose_learning_rate_ties_diverged_runs_and_shared_seeds():
-    from lightning_fisher.compare_results import choose_learning_rate
+    from lightning_fisher.compare.results import choose_learning_rate
 
     # Lowest mean over seeds wins; a diverged seed (None, NaN, inf) makes its LR the worst.
     assert choose_learning_rate({1e-4: {0: 0.9, 1: 0.7}, 1e-3: {0: 0.5, 1: 0.6}, 1e-2: {0: 0.1, 1: None}}) == 1e-3

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_fisher
 from lightning_fisher import AllocationSettings, FisherMap, FisherMapSchemaError, SettingsError, analyze
-from lightning_fisher.criteria import (
+from lightning_fisher.allocation.criteria import (
     STOPPING_METHODS,
     Criterion,
     CriterionAllocation,
@@ -22,8 +22,8 @@ from lightning_fisher.criteria import (
     register_criterion,
     unregister_criterion,
 )
-from lightning_fisher.criteria.trace import split_half_correlation
-from lightning_fisher.map_summary import header_fields, stop_line
+from lightning_fisher.allocation.criteria.trace import split_half_correlation
+from lightning_fisher.fisher_map.summary import header_fields, stop_line
 
 QUIET = dict(enable_progress_bar=False, logger=False, accelerator="cpu", devices=1)
 

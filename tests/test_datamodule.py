@@ -11,7 +11,7 @@ import yaml
 from lightning.pytorch.cli import LightningCLI
 
 from lightning_fisher.errors import DatasetFolderError
-from lightning_fisher.tensor_folder import write_sample_folder
+from lightning_fisher.data.tensor_folder import write_sample_folder
 from lightning_fisher.training.datamodule import TensorDirectoryDataModule
 
 

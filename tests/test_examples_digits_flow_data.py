@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lightning_fisher.examples.digits_flow import digits_split, write_digits_dataset
-from lightning_fisher.tensor_folder import TensorFolderDataset, list_sample_files
+from lightning_fisher.data.tensor_folder import TensorFolderDataset, list_sample_files
 
 pytest.importorskip("sklearn")
 

@@ -14,7 +14,7 @@ from lightning_fisher.examples.digits_flow import (
     held_out_denoising_loss,
     single_threaded,
 )
-from lightning_fisher.timesteps import (
+from lightning_fisher.analysis.timesteps import (
     LogitNormalTimestepSampler,
     RecordingTimestepSampler,
     UniformTimestepSampler,

@@ -21,7 +21,7 @@ from lightning_fisher.examples.drug_reviews import (
     majority_rate,
     write_condition_dataset,
 )
-from lightning_fisher.tensor_folder import TensorFolderDataset, list_sample_files
+from lightning_fisher.data.tensor_folder import TensorFolderDataset, list_sample_files
 
 EXPECTED_LABELS = [
     "Birth Control", "Depression", "Pain", "Acne", "Bipolar Disorde", "Insomnia", "Anxiety", "Obesity", OTHER_LABEL,

@@ -19,7 +19,7 @@ from lightning_fisher import (
     FisherMapWriteError,
 )
 from lightning_fisher.errors import SettingsError
-from lightning_fisher.fisher_map import AnalysisRecord, DatasetRecord, StabilityRecord, TimestepFocusRecord
+from lightning_fisher.fisher_map.map import AnalysisRecord, DatasetRecord, StabilityRecord, TimestepFocusRecord
 
 
 def colliding_scores(model):
@@ -221,7 +221,7 @@ def test_failure_in_serializer_keeps_previous_map(fisher_map, tmp_path, monkeypa
     def exploding_dumps(*args, **kwargs):
         raise RuntimeError("serializer crashed")
 
-    monkeypatch.setattr("lightning_fisher.map_codec.json.dumps", exploding_dumps)
+    monkeypatch.setattr("lightning_fisher.fisher_map.codec.json.dumps", exploding_dumps)
     with pytest.raises(RuntimeError, match="serializer crashed"):
         fisher_map.save(tmp_path)
     assert path.read_bytes() == before

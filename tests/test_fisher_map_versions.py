@@ -11,8 +11,8 @@ import pytest
 from _nets import CollidingNet, linear_names
 
 from lightning_fisher import AllocationSettings, FisherMap, lora_config_from_fisher_map, verify_adapter_ranks
-from lightning_fisher.spectrum import ModuleSpectrum
-from lightning_fisher.spectrum_allocation import NO_DIRECTION
+from lightning_fisher.analysis.spectrum import ModuleSpectrum
+from lightning_fisher.allocation.spectrum_rule import NO_DIRECTION
 
 V1_MAP = Path(__file__).parent / "data" / "fisher_map_v1.json"
 

@@ -8,8 +8,8 @@ from _nets import CollidingNet, linear_names
 from torch import nn
 
 from lightning_fisher import FisherMap
-from lightning_fisher.fisher_map import AnalysisRecord, DatasetRecord, StabilityRecord, TimestepFocusRecord
-from lightning_fisher.map_summary import at_full_size, fit_summary, header_fields, plot_title, summary_line, times_flat
+from lightning_fisher.fisher_map.map import AnalysisRecord, DatasetRecord, StabilityRecord, TimestepFocusRecord
+from lightning_fisher.fisher_map.summary import at_full_size, fit_summary, header_fields, plot_title, summary_line, times_flat
 from lightning_fisher.peft_factory import MapApplication
 
 

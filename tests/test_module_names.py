@@ -7,8 +7,8 @@ from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
 
 from lightning_fisher import FisherMap, select_candidates
-from lightning_fisher.fingerprint import model_fingerprint
-from lightning_fisher.module_names import named_modules, unwrapped_model, user_name
+from lightning_fisher.analysis.fingerprint import model_fingerprint
+from lightning_fisher.analysis.module_names import named_modules, unwrapped_model, user_name
 from lightning_fisher.peft_factory import adapter_ranks
 from lightning_fisher.peft_factory.export import adapter_state_dict
 

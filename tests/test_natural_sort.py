@@ -1,6 +1,6 @@
 """natural_key: numbers compare by value, the order is total and the same everywhere."""
 
-from lightning_fisher.natural_sort import natural_key
+from lightning_fisher.data.natural_sort import natural_key
 
 
 def test_numbers_compare_by_value():

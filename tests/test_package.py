@@ -5,25 +5,25 @@ from _fresh_python import assert_runs_in_fresh_python
 import lightning_fisher
 
 CORE_MODULES = [
-    "lightning_fisher.accumulator",
-    "lightning_fisher.allocation",
-    "lightning_fisher.analysis_entry",
-    "lightning_fisher.analysis_files",
-    "lightning_fisher.analysis_session",
-    "lightning_fisher.atomic_io",
-    "lightning_fisher.candidates",
-    "lightning_fisher.collector",
-    "lightning_fisher.compare_plan",
-    "lightning_fisher.compare_results",
-    "lightning_fisher.fingerprint",
-    "lightning_fisher.fisher_map",
-    "lightning_fisher.map_backup",
-    "lightning_fisher.map_summary",
-    "lightning_fisher.natural_sort",
-    "lightning_fisher.patterns",
-    "lightning_fisher.per_sample_norms",
-    "lightning_fisher.plain_analysis",
-    "lightning_fisher.processes",
+    "lightning_fisher.analysis.accumulator",
+    "lightning_fisher.allocation.trace_rule",
+    "lightning_fisher.analysis.entry",
+    "lightning_fisher.analysis.files",
+    "lightning_fisher.analysis.session",
+    "lightning_fisher.data.atomic_io",
+    "lightning_fisher.analysis.candidates",
+    "lightning_fisher.analysis.collector",
+    "lightning_fisher.compare.plan",
+    "lightning_fisher.compare.results",
+    "lightning_fisher.analysis.fingerprint",
+    "lightning_fisher.fisher_map.map",
+    "lightning_fisher.fisher_map.backup",
+    "lightning_fisher.fisher_map.summary",
+    "lightning_fisher.data.natural_sort",
+    "lightning_fisher.fisher_map.patterns",
+    "lightning_fisher.analysis.per_sample_norms",
+    "lightning_fisher.analysis.plain_loop",
+    "lightning_fisher.analysis.processes",
     "lightning_fisher.peft_factory",
     "lightning_fisher.peft_factory.export",
     "lightning_fisher.peft_factory.flat",
@@ -34,9 +34,9 @@ CORE_MODULES = [
     "lightning_fisher.report.grid",
     "lightning_fisher.report.plot",
     "lightning_fisher.report.table",
-    "lightning_fisher.stability",
-    "lightning_fisher.tensor_folder",
-    "lightning_fisher.timesteps",
+    "lightning_fisher.analysis.stability",
+    "lightning_fisher.data.tensor_folder",
+    "lightning_fisher.analysis.timesteps",
     "lightning_fisher.wording",
 ]
 
@@ -69,7 +69,7 @@ def test_reading_and_showing_a_map_imports_no_peft_lightning_or_torchmetrics():
         "import lightning_fisher\n"
         "from lightning_fisher import FisherMap, AllocationSettings, allocate_ranks\n"
         "from lightning_fisher.peft_factory import fisher_map_path\n"
-        "import lightning_fisher.map_summary, lightning_fisher.report, lightning_fisher.cli\n"
+        "import lightning_fisher.fisher_map.summary, lightning_fisher.report, lightning_fisher.cli\n"
         "heavy = {'peft', 'lightning', 'torchmetrics', 'transformers'} & set(sys.modules)\n"
         "assert not heavy, heavy\n"
         "from lightning_fisher import lora_config_from_fisher_map\n"

@@ -5,7 +5,7 @@ from _nets import CollidingNet, linear_names
 from torch import nn
 
 from lightning_fisher import FisherMap, ModelMismatchError
-from lightning_fisher.fingerprint import shape_differences
+from lightning_fisher.analysis.fingerprint import shape_differences
 from lightning_fisher.peft_factory import check_model, model_differences
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_fisher.per_sample_norms import (
+from lightning_fisher.analysis.per_sample_norms import (
     compute_dtype,
     embedding_sq_norms,
     ghost_fraction,
@@ -33,7 +33,7 @@ def test_low_precision_inputs_compute_in_float32(dtype: torch.dtype) -> None:
 
 @pytest.mark.parametrize("chunk_elements", [1 << 25, 40])  # 40: one or two samples per chunk
 def test_kernels_agree(chunk_elements: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("lightning_fisher.per_sample_norms.CHUNK_ELEMENTS", chunk_elements)
+    monkeypatch.setattr("lightning_fisher.analysis.per_sample_norms.CHUNK_ELEMENTS", chunk_elements)
     torch.manual_seed(1)
     a = torch.randn(3, 6, 5, dtype=torch.float64)
     g = torch.randn(3, 6, 4, dtype=torch.float64)
@@ -55,7 +55,7 @@ def test_kernels_agree(chunk_elements: int, monkeypatch: pytest.MonkeyPatch) -> 
 
 
 def test_auto_picks_cheaper_kernel_per_layer(monkeypatch: pytest.MonkeyPatch) -> None:
-    import lightning_fisher.per_sample_norms as kernels
+    import lightning_fisher.analysis.per_sample_norms as kernels
 
     used = []
     for kernel in ("_ghost_sq", "_materialized_weight_sq"):
@@ -112,7 +112,7 @@ def test_block_triangular_ghost_equals_the_full_sum_across_block_edges(tokens: i
 
 @pytest.mark.parametrize("chunk_elements", [1 << 25, 40])
 def test_shared_input_gram_is_sliced_by_sample_chunk(chunk_elements: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("lightning_fisher.per_sample_norms.CHUNK_ELEMENTS", chunk_elements)
+    monkeypatch.setattr("lightning_fisher.analysis.per_sample_norms.CHUNK_ELEMENTS", chunk_elements)
     torch.manual_seed(3)
     a = torch.randn(5, 150, 6, dtype=torch.float64)
     g = torch.randn(5, 150, 3, dtype=torch.float64)

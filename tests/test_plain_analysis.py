@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from _fresh_python import assert_runs_in_fresh_python
 from lightning_fisher import AllocationSettings, FisherAnalysisError, FisherMap, UniformTimestepSampler, analyze
-from lightning_fisher.spectrum_allocation import allocate_ranks_from_spectra
+from lightning_fisher.allocation.spectrum_rule import allocate_ranks_from_spectra
 
 RANKS = dict(rank=4, rank_min=1, rank_max=16)
 WHOLE_DATA = dict(convergence_patience=10_000, min_batches=0, max_batches=None)
@@ -321,8 +321,8 @@ def test_a_datamodule_feeds_the_plain_loop_and_the_map_lands_beside_its_data(tmp
 
 
 def test_a_loop_of_your_own_drives_the_analysis_session_and_an_error_restores_the_model():
-    from lightning_fisher.analysis_session import AnalysisSession
-    from lightning_fisher.stability import StabilityRule, StabilityTracker
+    from lightning_fisher.analysis.session import AnalysisSession
+    from lightning_fisher.analysis.stability import StabilityRule, StabilityTracker
 
     model, rule = net(), StabilityRule(patience=2, min_batches=2, threshold=0.0)
     before = snapshot(model)

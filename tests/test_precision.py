@@ -18,9 +18,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_fisher import AdaptiveLoRA, AllocationSettings, FisherAnalysisModule, analyze
-from lightning_fisher.accumulator import FisherAccumulator
-from lightning_fisher.collector import FisherCollector
-from lightning_fisher.spectrum import SpectrumAccumulator
+from lightning_fisher.analysis.accumulator import FisherAccumulator
+from lightning_fisher.analysis.collector import FisherCollector
+from lightning_fisher.analysis.spectrum import SpectrumAccumulator
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:analysis did NOT converge"),

@@ -221,7 +221,7 @@ def test_remeasure_replaces_a_stored_run_and_keeps_its_numbers(tmp_path):
 
 
 def test_remeasure_reruns_fisher_runs_whose_map_stopped_by_an_older_rule(tmp_path, monkeypatch):
-    from lightning_fisher.map_records import STOPPING_METHODS
+    from lightning_fisher.fisher_map.records import STOPPING_METHODS
     from quality_bench import plan as plan_module
     from quality_bench.measures_report import remeasured_lines
 
@@ -356,7 +356,7 @@ def test_a_map_at_a_budget_spends_at_most_its_flat_twins_parameters():
     from torch import nn
 
     from lightning_fisher import AllocationSettings
-    from lightning_fisher.fisher_map import FisherMap
+    from lightning_fisher.fisher_map.map import FisherMap
     from quality_bench.frontier import twin
     from quality_bench.protocol import DIGITS
     from quality_bench.runs import arm_fisher_map, lora_parameter_count

@@ -15,10 +15,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_fisher import AdaptiveLoRA, AllocationSettings, analyze
-from lightning_fisher.candidates import num_parameters, rank_cost, weight_shape
-from lightning_fisher.fingerprint import model_fingerprint, parameter_count
+from lightning_fisher.analysis.candidates import num_parameters, rank_cost, weight_shape
+from lightning_fisher.analysis.fingerprint import model_fingerprint, parameter_count
 from lightning_fisher.peft_factory import adapter_ranks, check_model, quantization_declared, quantization_flags
-from lightning_fisher.spectrum import SpectrumSet
+from lightning_fisher.analysis.spectrum import SpectrumSet
 
 bnb = pytest.importorskip("bitsandbytes")
 

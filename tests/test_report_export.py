@@ -12,7 +12,7 @@ from lightning_fisher import AllocationSettings, FisherMap
 from lightning_fisher.cli import main
 from lightning_fisher.report import map_csv, map_json, module_rows
 from lightning_fisher.report.export import COLUMNS
-from lightning_fisher.spectrum import ModuleSpectrum
+from lightning_fisher.analysis.spectrum import ModuleSpectrum
 
 
 @pytest.fixture

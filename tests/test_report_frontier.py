@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-from lightning_fisher.compare_plan import CompareArm
-from lightning_fisher.compare_results import CompareResult, RunResult
+from lightning_fisher.compare.plan import CompareArm
+from lightning_fisher.compare.results import CompareResult, RunResult
 from lightning_fisher.errors import CompareError
 from lightning_fisher.report.frontier import check_frontier_destination, plot_frontier
 

@@ -62,7 +62,7 @@ def test_a_spectrum_map_gets_a_panel_of_singular_values_against_the_floor(tmp_pa
     from matplotlib.image import imread
 
     from lightning_fisher import AllocationSettings
-    from lightning_fisher.spectrum import ModuleSpectrum
+    from lightning_fisher.analysis.spectrum import ModuleSpectrum
 
     model = nn.Sequential(*[nn.Linear(8, 8) for _ in range(6)])
     names = [f"{i}" for i in range(6)]

@@ -153,7 +153,7 @@ def test_spectrum_maps_show_directions_above_the_floor_and_every_exclusion_reaso
     from torch import nn
 
     from lightning_fisher import AllocationSettings, FisherMap
-    from lightning_fisher.spectrum import ModuleSpectrum
+    from lightning_fisher.analysis.spectrum import ModuleSpectrum
 
     model = nn.Sequential(*[nn.Linear(8, 8) for _ in range(6)])
     names = [str(i) for i in range(6)]

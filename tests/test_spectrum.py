@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from lightning_fisher.allocation_settings import AllocationSettings
+from lightning_fisher.allocation.settings import AllocationSettings
 from lightning_fisher.errors import FisherAnalysisError
-from lightning_fisher.spectrum import NOISE_MARGIN, SpectrumAccumulator, sketch_width
-from lightning_fisher.spectrum_allocation import NO_DIRECTION, allocate_ranks_from_spectra
+from lightning_fisher.analysis.spectrum import NOISE_MARGIN, SpectrumAccumulator, sketch_width
+from lightning_fisher.allocation.spectrum_rule import NO_DIRECTION, allocate_ranks_from_spectra
 
 D_IN, D_OUT = 48, 32
 WIDTH = sketch_width(8)  # 18: ranks up to 8 plus the default oversampling
@@ -116,7 +116,7 @@ def test_exact_update_adds_the_product_in_bounded_blocks(monkeypatch):
     # would more than double a training step's weight-gradient memory: they come in row blocks.
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    import lightning_fisher.spectrum as spectrum
+    import lightning_fisher.analysis.spectrum as spectrum
 
     class NewTensors(TorchDispatchMode):
         def __init__(self):
@@ -195,7 +195,7 @@ def test_a_set_built_before_the_model_is_materialised_sums_where_the_batches_are
     # model: the weights may still be on the meta device. The sums follow the batches.
     from torch import nn
 
-    from lightning_fisher.spectrum import SpectrumSet
+    from lightning_fisher.analysis.spectrum import SpectrumSet
 
     with torch.device("meta"):
         meta = nn.Linear(12, 10)

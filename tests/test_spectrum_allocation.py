@@ -10,8 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lightning_fisher.allocation_settings import AllocationSettings
-from lightning_fisher.spectrum_allocation import NO_DIRECTION, OUT_OF_BUDGET, allocate_ranks_from_spectra
+from lightning_fisher.allocation.settings import AllocationSettings
+from lightning_fisher.allocation.spectrum_rule import NO_DIRECTION, OUT_OF_BUDGET, allocate_ranks_from_spectra
 
 value = st.floats(min_value=0.0, max_value=1e4, allow_nan=False, allow_infinity=False)
 

@@ -8,11 +8,11 @@ import lightning.pytorch as pl
 from torch import nn
 
 from lightning_fisher import AllocationSettings, analyze
-from lightning_fisher.map_summary import stop_line
-from lightning_fisher.spectrum import ModuleSpectrum, SpectrumAccumulator
+from lightning_fisher.fisher_map.summary import stop_line
+from lightning_fisher.analysis.spectrum import ModuleSpectrum, SpectrumAccumulator
 from lightning_fisher.errors import FisherAnalysisError
-from lightning_fisher.map_records import STOPPING_METHODS
-from lightning_fisher.stability import spectrum_split_half_correlation
+from lightning_fisher.fisher_map.records import STOPPING_METHODS
+from lightning_fisher.analysis.stability import spectrum_split_half_correlation
 from tests.test_spectrum import D_IN, D_OUT, WIDTH, accumulate, stream
 
 SETTINGS = AllocationSettings(rank=2, rank_min=1, rank_max=8, mode="median", criterion="spectrum")

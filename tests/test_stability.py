@@ -3,9 +3,9 @@ import math
 import pytest
 import torch
 
-from lightning_fisher.accumulator import FisherAccumulator
+from lightning_fisher.analysis.accumulator import FisherAccumulator
 from lightning_fisher.errors import SettingsError
-from lightning_fisher.stability import StabilityRule, StabilityTracker, StopReason, split_half_correlation
+from lightning_fisher.analysis.stability import StabilityRule, StabilityTracker, StopReason, split_half_correlation
 
 
 def fed(values_per_batch, names=("a", "b", "c", "d", "e")):

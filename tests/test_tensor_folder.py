@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import lightning_fisher.tensor_folder as tensor_folder
+import lightning_fisher.data.tensor_folder as tensor_folder
 from lightning_fisher.errors import DatasetFolderError, LightningFisherError
-from lightning_fisher.tensor_folder import (
+from lightning_fisher.data.tensor_folder import (
     SAMPLE_SUFFIXES,
     TensorFolderDataset,
     dataset_fingerprint,

@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_fisher import TimestepFocus, UniformTimestepSampler, analyze
-from lightning_fisher.timesteps import (
+from lightning_fisher.analysis.timesteps import (
     LogitNormalTimestepSampler,
     RecordingTimestepSampler,
     TimestepSampler,

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lightning_fisher.atomic_io import atomic_writer
+from lightning_fisher.data.atomic_io import atomic_writer
 
 from quality_bench.data import datamodule, folder_labels
 from quality_bench.measures import PRETRAINED_LOW_HALF, pretraining_half_loss
@@ -41,7 +41,7 @@ def majority(labels: list[int]) -> float:
 def frozen_features(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean-pooled last hidden states of the pretrained MiniLM (eval mode), exactly as the classifier pools."""
     from lightning_fisher.examples.text_classifier import MiniLMClassifier
-    from lightning_fisher.tensor_folder import TensorFolderDataset
+    from lightning_fisher.data.tensor_folder import TensorFolderDataset
 
     model = MiniLMClassifier(num_classes=9).eval()
     dataset = TensorFolderDataset(folder)

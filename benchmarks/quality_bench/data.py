@@ -10,7 +10,7 @@ from typing import Iterable, Optional
 
 import torch
 
-from lightning_fisher.atomic_io import write_text_atomic
+from lightning_fisher.data.atomic_io import write_text_atomic
 
 from quality_bench.protocol import SPLIT_SEED, TaskSpec
 
@@ -41,7 +41,7 @@ def split_folder(source: Path, train: Path, val: Path, val_count: int) -> tuple[
     Not ``TensorDirectoryDataModule(val_fraction=...)``: its one ``seed`` draws both the split
     and the training order, so the validation set would change with the run seed.
     """
-    from lightning_fisher.tensor_folder import list_sample_files
+    from lightning_fisher.data.tensor_folder import list_sample_files
 
     files = list_sample_files(source)
     order = torch.randperm(len(files), generator=torch.Generator().manual_seed(SPLIT_SEED)).tolist()
@@ -51,7 +51,7 @@ def split_folder(source: Path, train: Path, val: Path, val_count: int) -> tuple[
 
 
 def folder_labels(folder: Path) -> list[int]:
-    from lightning_fisher.tensor_folder import TensorFolderDataset
+    from lightning_fisher.data.tensor_folder import TensorFolderDataset
 
     dataset = TensorFolderDataset(folder)
     return [int(dataset[i]["label"]) for i in range(len(dataset))]
@@ -70,7 +70,7 @@ def prepare_reviews(workdir: Path) -> dict[str, Path]:
 def prepare_digits(workdir: Path) -> dict[str, Path]:
     """Digits 5-9 folders (train split 80/20 into train / validation, test) and the 0-4 checkpoint."""
     from lightning_fisher.examples.digits_flow import prepare_digits_example
-    from lightning_fisher.tensor_folder import list_sample_files
+    from lightning_fisher.data.tensor_folder import list_sample_files
 
     full, test, checkpoint = prepare_digits_example(workdir)
     count = max(1, math.floor(0.2 * len(list_sample_files(full)) + 0.5))

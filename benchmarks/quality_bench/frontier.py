@@ -19,7 +19,7 @@ import io
 from pathlib import Path
 from typing import Optional
 
-from lightning_fisher.atomic_io import write_bytes_atomic
+from lightning_fisher.data.atomic_io import write_bytes_atomic
 
 from quality_bench.measures_report import equal_lr_comparison
 from quality_bench.protocol import ARMS, DIGITS, REVIEWS, Arm, TaskSpec

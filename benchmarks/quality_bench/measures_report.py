@@ -11,8 +11,8 @@ import io
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from lightning_fisher.atomic_io import write_bytes_atomic
-from lightning_fisher.map_records import STOPPING_METHODS
+from lightning_fisher.data.atomic_io import write_bytes_atomic
+from lightning_fisher.fisher_map.records import STOPPING_METHODS
 
 from quality_bench.measures import PRETRAINED_LOW_HALF, forgetting
 from quality_bench.protocol import ARMS, HEAD_ONLY

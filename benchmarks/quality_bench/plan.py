@@ -13,7 +13,7 @@ from quality_bench.refit import refit_flat
 from quality_bench.selection import choose_lr
 from quality_bench.runs import run_one
 from quality_bench.store import ResultStore
-from lightning_fisher.map_records import STOPPING_METHODS
+from lightning_fisher.fisher_map.records import STOPPING_METHODS
 
 Plan = list[tuple[Arm, float, int, str]]
 

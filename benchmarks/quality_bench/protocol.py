@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from lightning_fisher.compare_results import LR_TIE_TOLERANCE
+from lightning_fisher.compare.results import LR_TIE_TOLERANCE
 
 RESULTS_DIR = Path(__file__).resolve().parent.parent / "results"
 SPLIT_SEED = 0  # the train/validation split; never a run seed

@@ -54,6 +54,6 @@ def refit_flat(store: ResultStore, task: TaskSpec, folders: dict[str, Path], wor
 
 
 def folder_size(folder: Path) -> int:
-    from lightning_fisher.tensor_folder import list_sample_files
+    from lightning_fisher.data.tensor_folder import list_sample_files
 
     return len(list_sample_files(folder))

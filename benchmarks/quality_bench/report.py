@@ -12,8 +12,8 @@ from typing import Optional
 
 import torch
 
-from lightning_fisher.atomic_io import write_text_atomic
-from lightning_fisher.map_records import STOPPING_METHODS
+from lightning_fisher.data.atomic_io import write_text_atomic
+from lightning_fisher.fisher_map.records import STOPPING_METHODS
 
 from quality_bench.frontier import frontier_section
 from quality_bench.measures_report import first_epoch_section, forgetting_figure, forgetting_section, remeasured_lines

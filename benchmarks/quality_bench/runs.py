@@ -18,7 +18,7 @@ from typing import Any, Iterable, Optional
 
 import torch
 
-from lightning_fisher.atomic_io import atomic_writer
+from lightning_fisher.data.atomic_io import atomic_writer
 
 from quality_bench.data import datamodule
 from quality_bench.measures import FirstEpochValidation, pretraining_half_loss
@@ -103,8 +103,8 @@ def base_fisher_map(
     same samples, so the same scores); it is cached under its own name.
     """
     from lightning_fisher import AllocationSettings
-    from lightning_fisher.fisher_map import FisherMap
-    from lightning_fisher.map_records import STOPPING_METHODS
+    from lightning_fisher.fisher_map.map import FisherMap
+    from lightning_fisher.fisher_map.records import STOPPING_METHODS
     from lightning_fisher.training.analyze import analyze
 
     tag = f"{task.name}_b{task.analysis_max_batches}_seed{seed}" + (f"_{focus}" if focus else "")
@@ -137,7 +137,7 @@ def base_fisher_map(
 
 def arm_fisher_map(arm: Arm, task: TaskSpec, base, model: torch.nn.Module):
     """Re-allocate the seed's scores with the arm's rank rule and criterion (no second analysis)."""
-    from lightning_fisher.fisher_map import FisherMap
+    from lightning_fisher.fisher_map.map import FisherMap
 
     rank = arm.base_rank(task)
     allocation = replace(base.allocation, rank=rank, rank_min=arm.min_rank(task), rank_max=task.rank_max,
@@ -196,8 +196,8 @@ def eva_initialise(task: TaskSpec, model, rank: int, folders: dict[str, Path], s
     is computed once per seed and cached in ``workdir``.
     """
     import peft
-    from lightning_fisher.candidates import select_candidates
-    from lightning_fisher.patterns import exact_target_regex
+    from lightning_fisher.analysis.candidates import select_candidates
+    from lightning_fisher.fisher_map.patterns import exact_target_regex
 
     root = model.encoder if task.name == "reviews" else model
     candidates = select_candidates(root)

@@ -7,7 +7,7 @@ import math
 import statistics
 from typing import Any, Optional
 
-from lightning_fisher.compare_results import choose_learning_rate
+from lightning_fisher.compare.results import choose_learning_rate
 
 from quality_bench.protocol import ARMS, HEAD_ONLY, TIE_TOLERANCE
 
@@ -30,7 +30,7 @@ def arm_rows(task: str, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def choose_lr(by_lr: dict[float, list[dict]]) -> tuple[float, list[dict]]:
     """The LR chosen on validation, and all of its runs (sorted by seed).
 
-    The rule is the library's (:func:`lightning_fisher.compare_results.choose_learning_rate`,
+    The rule is the library's (:func:`lightning_fisher.compare.results.choose_learning_rate`,
     also behind ``lightning-fisher compare --lrs``): lowest mean validation loss over the seeds
     every LR has (all seeds on a full grid, the first seed when the arm was staged), a diverged
     run counting as infinite; ties within ``TIE_TOLERANCE`` go to the higher validation accuracy.

@@ -7,8 +7,8 @@ import math
 from pathlib import Path
 from typing import Any, Optional
 
-from lightning_fisher.atomic_io import write_text_atomic
-from lightning_fisher.map_records import STOPPING_METHODS
+from lightning_fisher.data.atomic_io import write_text_atomic
+from lightning_fisher.fisher_map.records import STOPPING_METHODS
 
 from quality_bench.protocol import TaskSpec
 

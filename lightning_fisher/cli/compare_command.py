@@ -4,7 +4,7 @@ Takes exactly the ``--config fit.yaml`` and flags of ``lightning-fisher fit`` (i
 :class:`~lightning_fisher.cli.lightning_clis.TrainCLI` parser), plus ``--budgets``, ``--criteria``,
 ``--seeds``, ``--lrs``, ``--lr_key``, ``--max_steps``, ``--output`` and ``--plot``. Every fisher arm
 at a budget below or above the map's rank is judged against its flat twin at the same budget
-(see :mod:`lightning_fisher.compare_plan`). The config is parsed once and
+(see :mod:`lightning_fisher.compare.plan`). The config is parsed once and
 instantiated anew for every run (with ``--lrs``, with the run's learning rate written to the
 config key that holds it: ``--lr_key``, or found as described in :func:`learning_rate_key`); :mod:`lightning_fisher.training.compare_runner` does the rest. What compare changes so that the
 runs are short probes that leave no files behind (no checkpoints, logger or export; validation
@@ -25,14 +25,14 @@ from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import DeviceStatsMonitor, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
-from lightning_fisher.atomic_io import folders_to_create, unwritable_reason
+from lightning_fisher.data.atomic_io import folders_to_create, unwritable_reason
 from lightning_fisher.cli.arguments import normalize_flags
 from lightning_fisher.cli.interrupts import interrupt_signal
 from lightning_fisher.cli.lightning_clis import TrainCLI, _args_from_caller, use_flag_spelling
 from lightning_fisher.cli.values import comma_list, import_class
-from lightning_fisher.compare_results import MONITOR, CompareResult
+from lightning_fisher.compare.results import MONITOR, CompareResult
 from lightning_fisher.errors import CommandInterrupted, CompareError, FisherMapNotFoundError
-from lightning_fisher.fisher_map import FisherMap
+from lightning_fisher.fisher_map.map import FisherMap
 from lightning_fisher.peft_factory import fisher_map_path
 from lightning_fisher.report.frontier import check_frontier_destination, plot_frontier
 from lightning_fisher.training.compare_runner import compare_fisher_map

@@ -69,7 +69,7 @@ def run_demo(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     from lightning_fisher.examples.demo_pipeline import DemoSettings, prepare_demo_data, run_demo_pipeline
     from lightning_fisher.examples.drug_reviews import default_cache_dir
-    from lightning_fisher.timesteps import TimestepFocus
+    from lightning_fisher.analysis.timesteps import TimestepFocus
 
     TimestepFocus.parse(args.timestep_focus)
     values = dict(TASK_DEFAULTS[args.task])

@@ -24,16 +24,16 @@ from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_fisher.allocation_settings import AllocationSettings, field_help
-from lightning_fisher.atomic_io import folders_to_create
+from lightning_fisher.allocation.settings import AllocationSettings, field_help
+from lightning_fisher.data.atomic_io import folders_to_create
 from lightning_fisher.cli.arguments import ALIASES, normalize_flags
 from lightning_fisher.cli.interrupts import interrupt_signal
 from lightning_fisher.errors import CommandInterrupted
-from lightning_fisher.map_codec import resolve_map_path
+from lightning_fisher.fisher_map.codec import resolve_map_path
 from lightning_fisher.wording import folders_created, plural
 from lightning_fisher.cli.values import comma_list
-from lightning_fisher.stability import StabilityRule
-from lightning_fisher.timesteps import FOCUS_HELP, TimestepFocus
+from lightning_fisher.analysis.stability import StabilityRule
+from lightning_fisher.analysis.timesteps import FOCUS_HELP, TimestepFocus
 from lightning_fisher.training.adaptive_lora import AdaptiveLoRA, flag_spelling
 
 __all__ = ["AnalyzeCLI", "TrainCLI", "build_analyze_cli", "run_analyze", "run_trainer_subcommand"]

@@ -19,12 +19,12 @@ import os
 import typing
 from pathlib import Path
 
-from lightning_fisher.allocation_settings import AllocationSettings, field_help
-from lightning_fisher.atomic_io import folders_to_create, unwritable_reason
+from lightning_fisher.allocation.settings import AllocationSettings, field_help
+from lightning_fisher.data.atomic_io import folders_to_create, unwritable_reason
 from lightning_fisher.errors import FisherMapWriteError
-from lightning_fisher.fisher_map import FisherMap, resolve_map_path
-from lightning_fisher.map_codec import FISHER_MAP_FILENAME
-from lightning_fisher.map_backup import read_previous, save_keeping_previous
+from lightning_fisher.fisher_map.map import FisherMap, resolve_map_path
+from lightning_fisher.fisher_map.codec import FISHER_MAP_FILENAME
+from lightning_fisher.fisher_map.backup import read_previous, save_keeping_previous
 from lightning_fisher.wording import folders_created
 
 __all__ = ["build_parser", "run_reallocate"]

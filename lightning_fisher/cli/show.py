@@ -8,9 +8,9 @@ import shutil
 import sys
 from pathlib import Path
 
-from lightning_fisher.atomic_io import folders_to_create, unwritable_reason
+from lightning_fisher.data.atomic_io import folders_to_create, unwritable_reason
 from lightning_fisher.errors import ReportWriteError
-from lightning_fisher.fisher_map import FisherMap
+from lightning_fisher.fisher_map.map import FisherMap
 from lightning_fisher.report import format_map_table, map_csv, map_json, plot_map
 from lightning_fisher.report.plot import PLOT_INSTALL_HINT
 from lightning_fisher.wording import folders_created

@@ -8,7 +8,7 @@ exact ``analyze`` and ``fit`` commands. Nothing is written before the last quest
 
 The questions are one table, :meth:`Wizard.questions`. The rank budget and criterion
 (:class:`~lightning_fisher.AllocationSettings`) and the stopping rule
-(:class:`~lightning_fisher.stability.StabilityRule`) are asked field by field, each question made
+(:class:`~lightning_fisher.analysis.stability.StabilityRule`) are asked field by field, each question made
 from the field and checked by building the object, so the wizard asks whatever ``analyze`` reads
 from them. :class:`Prompter` does all reading and printing; the decisions are the pure functions
 of :mod:`~lightning_fisher.cli.wizard_answers`.
@@ -27,8 +27,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar, Union
 
-from lightning_fisher.allocation_settings import AllocationSettings
-from lightning_fisher.atomic_io import write_text_atomic
+from lightning_fisher.allocation.settings import AllocationSettings
+from lightning_fisher.data.atomic_io import write_text_atomic
 from lightning_fisher.cli.model_class import (
     accepts_checkpoint_dir, has_timestep_sampler, parse_model_class, required_init_arguments, requires_checkpoint_dir,
 )
@@ -39,9 +39,9 @@ from lightning_fisher.cli.wizard_answers import (
 )
 from lightning_fisher.cli.wizard_estimate import RunTimeEstimate, estimate_run_time, short_reason
 from lightning_fisher.errors import SettingsError
-from lightning_fisher.fisher_map import FISHER_MAP_FILENAME
-from lightning_fisher.stability import StabilityRule
-from lightning_fisher.timesteps import FOCUS_HELP, TimestepFocus
+from lightning_fisher.fisher_map.map import FISHER_MAP_FILENAME
+from lightning_fisher.analysis.stability import StabilityRule
+from lightning_fisher.analysis.timesteps import FOCUS_HELP, TimestepFocus
 from lightning_fisher.wording import plural
 
 __all__ = ["BACK", "GoBack", "Prompter", "Question", "Wizard", "WizardPlan", "run_wizard"]

@@ -24,12 +24,12 @@ from typing import Any, Optional
 import yaml
 
 import lightning_fisher
-from lightning_fisher.allocation_settings import AllocationSettings, field_help
+from lightning_fisher.allocation.settings import AllocationSettings, field_help
 from lightning_fisher.cli.values import comma_list, parse_typed, type_name
 from lightning_fisher.errors import DatasetFolderError
-from lightning_fisher.stability import StabilityRule
-from lightning_fisher.tensor_folder import list_sample_files
-from lightning_fisher.timesteps import TimestepFocus
+from lightning_fisher.analysis.stability import StabilityRule
+from lightning_fisher.data.tensor_folder import list_sample_files
+from lightning_fisher.analysis.timesteps import TimestepFocus
 
 __all__ = [
     "TypedQuestion", "WizardAnswers", "answers_to_config", "fit_command", "load_presets", "render_config",
@@ -130,7 +130,7 @@ class DatasetFolder:
 
 
 def parse_dataset_folder(text: str) -> DatasetFolder:
-    """A folder that holds sample files (see :func:`~lightning_fisher.tensor_folder.list_sample_files`)."""
+    """A folder that holds sample files (see :func:`~lightning_fisher.data.tensor_folder.list_sample_files`)."""
     folder = Path(text).expanduser()
     try:
         return DatasetFolder(str(folder.resolve()), tuple(list_sample_files(folder)))

@@ -36,7 +36,7 @@ from lightning_fisher.examples.drug_reviews import (
     write_condition_dataset,
 )
 from lightning_fisher.examples.text_classifier import MiniLMClassifier
-from lightning_fisher.fisher_map import FisherMap
+from lightning_fisher.fisher_map.map import FisherMap
 from lightning_fisher.training.adaptive_lora import AdaptiveLoRA
 from lightning_fisher.training.analyze import analyze
 from lightning_fisher.training.datamodule import TensorDirectoryDataModule

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional, Sequence, Union
 
-from lightning_fisher.atomic_io import write_text_atomic
+from lightning_fisher.data.atomic_io import write_text_atomic
 from lightning_fisher.errors import DatasetFolderError, LightningFisherError
 
 __all__ = [
@@ -324,7 +324,7 @@ def write_condition_dataset(
 
     Each review becomes one ``.pt`` file holding ``{"input_ids": int64[max_length],
     "attention_mask": int64[max_length], "label": int64 scalar}`` (padded / truncated to
-    ``max_length``), written with :func:`lightning_fisher.tensor_folder.write_sample_folder`.
+    ``max_length``), written with :func:`lightning_fisher.data.tensor_folder.write_sample_folder`.
     ``labels.json`` next to them records the label names, the settings and the data citation
     (UCI Drug Review Dataset, Gräßer et al. 2018, CC BY 4.0). It is written last, so its
     presence marks a complete folder: a second call with the same settings does nothing.
@@ -346,7 +346,7 @@ def write_condition_dataset(
         DatasetFolderError: ``out_dir`` holds sample files that this function did not write.
     """
     from lightning_fisher.examples.text_classifier import minilm_checkpoint_dir
-    from lightning_fisher.tensor_folder import write_sample_folder
+    from lightning_fisher.data.tensor_folder import write_sample_folder
 
     out = Path(out_dir)
     tokenizer_path = Path(tokenizer_dir).resolve() if tokenizer_dir is not None else minilm_checkpoint_dir()

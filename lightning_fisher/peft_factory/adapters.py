@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import peft
 
-from lightning_fisher.fisher_map import AlphaPolicy, FisherMap
+from lightning_fisher.fisher_map.map import AlphaPolicy, FisherMap
 
 __all__ = ["ADAPTER_CONFIGS", "AdapterType", "MAP_OWNED_OPTIONS", "alpha_option", "alpha_policy", "config_class"]
 
@@ -58,7 +58,7 @@ def alpha_policy(fisher_map: FisherMap, adapter: str, options: Mapping[str, Any]
     """The alpha policy a config built from ``fisher_map`` follows, with your options taken into account.
 
     Args:
-        fisher_map: its :class:`~lightning_fisher.fisher_map.AlphaPolicy` is the default.
+        fisher_map: its :class:`~lightning_fisher.fisher_map.map.AlphaPolicy` is the default.
         adapter: the adapter type; only LoRA can use rsLoRA.
         options: PEFT options you passed. Your alpha option (see :func:`alpha_option`) is read
             as the alpha at the map's base rank; your ``use_rslora`` replaces the map's.

@@ -6,7 +6,7 @@ tensors, which is a collective: every process must call it, in the same order. T
 then written by one process (:func:`save_adapter` with ``state=``), and loads into the
 unsharded base model like any PEFT adapter. Keys are the user's module names: components that
 wrappers add (activation checkpointing, ``torch.compile``) are left out, see
-:mod:`lightning_fisher.module_names`.
+:mod:`lightning_fisher.analysis.module_names`.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from lightning_fisher.atomic_io import write_bytes_atomic
-from lightning_fisher.module_names import unwrapped_model, user_name
+from lightning_fisher.data.atomic_io import write_bytes_atomic
+from lightning_fisher.analysis.module_names import unwrapped_model, user_name
 
 __all__ = ["adapter_state_dict", "save_adapter"]
 

@@ -13,11 +13,11 @@ from typing import Any, Optional
 
 from torch import nn
 
-from lightning_fisher.allocation import flat_lora_parameters
-from lightning_fisher.candidates import is_supported, rank_cost, select_candidates
-from lightning_fisher.fisher_map import FisherMap
-from lightning_fisher.module_names import named_modules
-from lightning_fisher.patterns import exact_target_regex
+from lightning_fisher.allocation.trace_rule import flat_lora_parameters
+from lightning_fisher.analysis.candidates import is_supported, rank_cost, select_candidates
+from lightning_fisher.fisher_map.map import FisherMap
+from lightning_fisher.analysis.module_names import named_modules
+from lightning_fisher.fisher_map.patterns import exact_target_regex
 from lightning_fisher.peft_factory.adapters import AdapterType, alpha_option, config_class
 
 __all__ = ["FLAT_RANK", "candidates_not_in", "flat_config", "flat_lora_on"]

@@ -6,7 +6,7 @@ import peft
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
-from lightning_fisher.module_names import unwrapped_model, user_name
+from lightning_fisher.analysis.module_names import unwrapped_model, user_name
 
 __all__ = ["adapter_parameters", "adapter_ranks", "count_adapter_parameters"]
 
@@ -23,7 +23,7 @@ def adapter_ranks(model: nn.Module, adapter_name: str = "default") -> dict[str, 
     """``{module name: rank}`` of the adapters named ``adapter_name`` injected in ``model``.
 
     Names are relative to the model PEFT injected into (a ``PeftModel`` is unwrapped), in the
-    user's words: without the components torch's wrappers add (:mod:`lightning_fisher.module_names`),
+    user's words: without the components torch's wrappers add (:mod:`lightning_fisher.analysis.module_names`),
     so a model wrapped for activation checkpointing after injection still reads as the map. The
     rank is read from the adapter's weights where they show it (LoRA's ``lora_A``), else from
     the layer's ``r``.

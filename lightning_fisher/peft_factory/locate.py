@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from lightning_fisher.errors import FisherMapNotFoundError
-from lightning_fisher.fisher_map import FisherMap, resolve_map_path
+from lightning_fisher.fisher_map.map import FisherMap, resolve_map_path
 
 __all__ = ["MapSource", "find_fisher_map", "fisher_map_path", "load_map"]
 

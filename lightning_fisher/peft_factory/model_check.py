@@ -1,7 +1,7 @@
 """Is this the model the map was made for? The fingerprint first, then a readable difference.
 
 The map records the analysed model's fingerprint (a hash of parameter names and shapes, see
-:mod:`lightning_fisher.fingerprint`) and every candidate module's weight shape. When the
+:mod:`lightning_fisher.analysis.fingerprint`) and every candidate module's weight shape. When the
 fingerprints differ, the candidate shapes say where: a module the map adapts that is missing
 cannot be applied at all; a shape that differs or a difference outside the candidates may be
 deliberate (a new head), so ``strict=False`` lets the map be applied anyway. This module
@@ -14,11 +14,11 @@ from typing import Optional
 
 from torch import nn
 
-from lightning_fisher.candidates import weight_shape
+from lightning_fisher.analysis.candidates import weight_shape
 from lightning_fisher.errors import CandidateSelectionError, ModelMismatchError
-from lightning_fisher.fingerprint import model_fingerprint, parameter_count, shape_differences
-from lightning_fisher.fisher_map import FisherMap
-from lightning_fisher.module_names import named_modules
+from lightning_fisher.analysis.fingerprint import model_fingerprint, parameter_count, shape_differences
+from lightning_fisher.fisher_map.map import FisherMap
+from lightning_fisher.analysis.module_names import named_modules
 
 __all__ = ["check_model", "model_differences"]
 

@@ -2,7 +2,7 @@
 
 :func:`lora_config_from_fisher_map` is the public factory. It fills ``target_modules``,
 ``rank_pattern`` and ``alpha_pattern`` from the map with keys that select exactly one module
-each (see :mod:`lightning_fisher.patterns`) and passes every other option through to
+each (see :mod:`lightning_fisher.fisher_map.patterns`) and passes every other option through to
 :class:`peft.LoraConfig`. Options the map decides (``r``, ``target_modules``, the patterns, and
 filters such as ``layers_to_transform`` that would change which modules are adapted) are not
 silently replaced: they are reported in a :class:`FisherMapOverrideWarning`.
@@ -10,7 +10,7 @@ silently replaced: they are reported in a :class:`FisherMapOverrideWarning`.
 ``lora_alpha`` and ``use_rslora`` are training choices, so yours win over the map's alpha
 policy: ``lora_alpha`` is read as the alpha at the map's base rank and spread over modules by
 the same policy (alpha/r constant, or alpha constant under rsLoRA; see
-:class:`~lightning_fisher.fisher_map.AlphaPolicy`).
+:class:`~lightning_fisher.fisher_map.map.AlphaPolicy`).
 
 DoRA is ``use_dora=True``. LoHa and LoKr, whose configs also take per-module
 ``rank_pattern`` / ``alpha_pattern``, are served by :func:`peft_config_from_fisher_map` with
@@ -27,7 +27,7 @@ from typing import Any, Optional
 
 import peft
 
-from lightning_fisher.patterns import exact_module_key, exact_target_regex
+from lightning_fisher.fisher_map.patterns import exact_module_key, exact_target_regex
 from lightning_fisher.peft_factory.adapter_root import rebase_names
 from lightning_fisher.peft_factory.adapters import MAP_OWNED_OPTIONS, AdapterType, alpha_option, alpha_policy, config_class
 from lightning_fisher.peft_factory.locate import MapSource, load_map

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Optional
 
-from lightning_fisher.fisher_map import FisherMap
+from lightning_fisher.fisher_map.map import FisherMap
 
 __all__ = ["applied_map_record"]
 

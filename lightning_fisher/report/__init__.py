@@ -11,7 +11,7 @@ One module per concern:
   ``lightning-fisher compare`` result (``plot_frontier``); imported from there, not here, so that
   reading a map does not load the comparison code.
 
-The header and title lines come from :mod:`lightning_fisher.map_summary`. Nothing here imports
+The header and title lines come from :mod:`lightning_fisher.fisher_map.summary`. Nothing here imports
 Lightning; matplotlib is imported only inside :func:`plot_map`, so text reports work without it.
 """
 

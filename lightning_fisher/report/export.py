@@ -18,7 +18,7 @@ import io
 import json
 from typing import Any, Literal, Optional
 
-from lightning_fisher.fisher_map import FisherMap, ModuleRecord
+from lightning_fisher.fisher_map.map import FisherMap, ModuleRecord
 from lightning_fisher.report.table import sorted_modules
 
 __all__ = ["COLUMNS", "map_csv", "map_json", "module_rows"]

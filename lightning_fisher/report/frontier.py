@@ -1,7 +1,7 @@
 """The quality frontier of a comparison: LoRA parameters against validation loss, one line per family, as a PNG.
 
 ``lightning-fisher compare --plot FILE`` draws it from a
-:class:`~lightning_fisher.compare_results.CompareResult`: every arm is a point at the adapter
+:class:`~lightning_fisher.compare.results.CompareResult`: every arm is a point at the adapter
 parameters counted in its runs (log x) and its mean ``val_loss`` with the sample std over
 seeds as an error bar (at the learning rate the arm chose, with ``--lrs``); the arms of one
 family (``flat`` with its twins ``flat@F``, ``fisher`` with ``fisher@F``, ``fisher-CRITERION``)
@@ -11,7 +11,7 @@ map spends that budget better than flat LoRA.
 matplotlib is imported only inside :func:`plot_frontier`; :func:`check_frontier_destination`
 lets a caller refuse a missing matplotlib or an unwritable file before anything is trained.
 The figure is drawn on matplotlib's Agg canvas and written with
-:func:`lightning_fisher.atomic_io.atomic_writer`.
+:func:`lightning_fisher.data.atomic_io.atomic_writer`.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import tempfile
 from pathlib import Path
 from typing import Union
 
-from lightning_fisher.atomic_io import atomic_writer
-from lightning_fisher.compare_results import MONITOR, CompareResult
+from lightning_fisher.data.atomic_io import atomic_writer
+from lightning_fisher.compare.results import MONITOR, CompareResult
 from lightning_fisher.errors import CompareError
 from lightning_fisher.report.plot import PLOT_INSTALL_HINT
 

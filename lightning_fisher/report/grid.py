@@ -21,8 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-from lightning_fisher.fisher_map import FisherMap, ModuleRecord
-from lightning_fisher.natural_sort import natural_key
+from lightning_fisher.fisher_map.map import FisherMap, ModuleRecord
+from lightning_fisher.data.natural_sort import natural_key
 
 __all__ = [
     "ALL_MODULES_BLOCK",

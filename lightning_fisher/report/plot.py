@@ -2,7 +2,7 @@
 
 matplotlib is imported only inside :func:`plot_map`, so the rest of the library works without
 it. The figure is drawn on matplotlib's Agg canvas and written with
-:func:`lightning_fisher.atomic_io.atomic_writer`.
+:func:`lightning_fisher.data.atomic_io.atomic_writer`.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional, Union
 
-from lightning_fisher.atomic_io import atomic_writer
-from lightning_fisher.fisher_map import FisherMap, ModuleRecord
-from lightning_fisher.map_summary import plot_title
+from lightning_fisher.data.atomic_io import atomic_writer
+from lightning_fisher.fisher_map.map import FisherMap, ModuleRecord
+from lightning_fisher.fisher_map.summary import plot_title
 from lightning_fisher.report.grid import ModuleGrid, column_labels, map_matrix, module_grid
 
 __all__ = ["PLOT_INSTALL_HINT", "plot_map"]

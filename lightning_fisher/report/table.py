@@ -1,7 +1,7 @@
 """A fisher map as plain text, for a terminal or a log (``lightning-fisher show``).
 
 :func:`format_map_table` renders three parts: a header (how the map was made and what it
-allocates, from :func:`lightning_fisher.map_summary.header_fields`); a table with one row per
+allocates, from :func:`lightning_fisher.fisher_map.summary.header_fields`); a table with one row per
 candidate module; and, when the names have blocks (layers), a block x kind matrix of ranks
 laid out by :mod:`lightning_fisher.report.grid`.
 """
@@ -13,9 +13,9 @@ import textwrap
 from collections.abc import Sequence
 from typing import Literal, Optional
 
-from lightning_fisher.fisher_map import FisherMap, ModuleRecord
-from lightning_fisher.map_summary import header_fields
-from lightning_fisher.natural_sort import natural_key
+from lightning_fisher.fisher_map.map import FisherMap, ModuleRecord
+from lightning_fisher.fisher_map.summary import header_fields
+from lightning_fisher.data.natural_sort import natural_key
 from lightning_fisher.report.grid import column_labels, is_number, map_matrix, module_grid, split_module_name
 
 __all__ = ["format_map_table", "sorted_modules"]

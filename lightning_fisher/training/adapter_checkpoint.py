@@ -34,7 +34,7 @@ from typing import Any, Callable, Optional
 import lightning.pytorch as pl
 
 from lightning_fisher.errors import ModelMismatchError
-from lightning_fisher.fisher_map import FisherMap
+from lightning_fisher.fisher_map.map import FisherMap
 from lightning_fisher.peft_factory.verify import changed_modules
 
 __all__ = ["CHECKPOINT_KEY", "check_resumed_ranks", "checkpoint_entry", "guard_checkpoint_loading"]

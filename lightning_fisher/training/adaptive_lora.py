@@ -44,8 +44,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from lightning_fisher.errors import FragileModelError, LightningFisherError
-from lightning_fisher.fisher_map import FisherMap
-from lightning_fisher.map_summary import fit_summary
+from lightning_fisher.fisher_map.map import FisherMap
+from lightning_fisher.fisher_map.summary import fit_summary
 from lightning_fisher.peft_factory.record import applied_map_record
 from lightning_fisher.peft_factory import (
     MapApplication,

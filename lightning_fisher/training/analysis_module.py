@@ -2,12 +2,12 @@
 
 :class:`FisherAnalysisModule` runs under ``Trainer.fit`` so that progress bars, loggers,
 devices and strategies (DDP included) come from Lightning. It is a thin adapter: the analysis
-itself is :class:`~lightning_fisher.analysis_session.AnalysisSession` (plain PyTorch, also what
+itself is :class:`~lightning_fisher.analysis.session.AnalysisSession` (plain PyTorch, also what
 :func:`~lightning_fisher.analyze` runs for a model that is not a LightningModule); this module
 maps Lightning's hooks onto its steps. It never steps an optimizer and
 never writes a weight: for the duration of the run it freezes every parameter of the wrapped
 module (exact per-sample Fisher needs no weight gradients, which makes a batch cheaper than a
-training step), installs the :class:`~lightning_fisher.collector.FisherCollector` hooks, and
+training step), installs the :class:`~lightning_fisher.analysis.collector.FisherCollector` hooks, and
 swaps in the timestep focus; on teardown it restores all three, so the wrapped module comes
 back bit-identical and trainable as before. That holds under every ``Trainer(precision=...)``:
 a "true" precision (``bf16-true``, ``16-true``, ``64-true``) converts the whole module to that
@@ -36,22 +36,22 @@ from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch import nn
 
-from lightning_fisher.allocation_settings import (
+from lightning_fisher.allocation.settings import (
     ALLOCATION_OPTIONS,
     AllocationSettings,
     allocation_from_options,
     settings_or_options,
 )
-from lightning_fisher.analysis_session import (
+from lightning_fisher.analysis.session import (
     SCORE_DESCRIPTION,
     AnalysisSession,
     map_metrics,
     no_gradient_note,
 )
 from lightning_fisher.errors import FisherAnalysisError
-from lightning_fisher.fisher_map import DatasetRecord, FisherMap, StabilityRecord
-from lightning_fisher.stability import StopReason
-from lightning_fisher.timesteps import TimestepFocus
+from lightning_fisher.fisher_map.map import DatasetRecord, FisherMap, StabilityRecord
+from lightning_fisher.analysis.stability import StopReason
+from lightning_fisher.analysis.timesteps import TimestepFocus
 
 __all__ = ["FisherAnalysisModule", "SCORE_DESCRIPTION"]
 
@@ -73,12 +73,12 @@ class FisherAnalysisModule(LightningModule):
         score_power: exponent of the score-to-rank rule.
         exclude_threshold: modules scoring below this fraction of the median get no adapter.
         criterion: how ranks follow from the analysis, a registered criterion's name
-            (:mod:`lightning_fisher.criteria`): ``"trace"`` or ``"spectrum"``; it also says what
+            (:mod:`lightning_fisher.allocation.criteria`): ``"trace"`` or ``"spectrum"``; it also says what
             the analysis gathers besides the trace and how it checks that it may stop.
         lora_alpha: alpha at the base rank recorded in the map; default ``2 * rank``.
         use_rslora: alpha policy recorded in the map.
         timestep_focus: ``balanced``, ``texture``, ``structure`` or ``"LO,HI"``; acts on a task
-            that exposes ``timestep_sampler`` (see :mod:`lightning_fisher.timesteps`).
+            that exposes ``timestep_sampler`` (see :mod:`lightning_fisher.analysis.timesteps`).
         loss_reduction: ``"mean"`` when the loss is the mean of per-sample losses, ``"sum"``
             for a sum.
         norm_strategy: how per-sample norms are computed; ``"auto"`` picks per layer.
@@ -206,7 +206,9 @@ class FisherAnalysisModule(LightningModule):
         self.session.keep_tensors()
 
     def on_fit_start(self) -> None:
-        self.session.start()
+        # the mode is set before every batch (on_train_batch_start): Lightning's fit loop puts
+        # the module in train mode as it starts, and warns about modules it finds in eval mode
+        self.session.start(set_mode=False)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # Lightning puts the whole module in train mode when the fit loop starts.
@@ -246,7 +248,7 @@ class FisherAnalysisModule(LightningModule):
     def split_half_correlation(self) -> Optional[float]:
         """The stopping rule's agreement between the two sample halves after the latest batch.
 
-        The criterion's own check (:meth:`~lightning_fisher.criteria.Criterion.split_half_correlation`):
+        The criterion's own check (:meth:`~lightning_fisher.allocation.criteria.Criterion.split_half_correlation`):
         under ``"trace"`` the Spearman correlation of the halves' module scores, under
         ``"spectrum"`` that of the ranks the spectrum allocation gives each half. May be a
         collective under DDP (the spectrum's half sketches are summed over processes), so every

@@ -1,10 +1,10 @@
 """``analyze()`` on the Trainer path: a LightningModule analysed through its ``training_step``.
 
-:func:`lightning_fisher.analyze` (:mod:`lightning_fisher.analysis_entry`) sends a LightningModule
+:func:`lightning_fisher.analyze` (:mod:`lightning_fisher.analysis.entry`) sends a LightningModule
 given without ``loss_fn`` here; any other model goes to the plain loop
-(:mod:`lightning_fisher.plain_analysis`). Both run the same
-:class:`~lightning_fisher.analysis_session.AnalysisSession` and write the map the same way
-(:mod:`lightning_fisher.analysis_files`).
+(:mod:`lightning_fisher.analysis.plain_loop`). Both run the same
+:class:`~lightning_fisher.analysis.session.AnalysisSession` and write the map the same way
+(:mod:`lightning_fisher.analysis.files`).
 """
 
 from __future__ import annotations
@@ -21,14 +21,14 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
-from lightning_fisher.allocation_settings import (
+from lightning_fisher.allocation.settings import (
     ALLOCATION_OPTIONS,
     AllocationSettings,
     allocation_from_options,
     resolve_settings,
     settings_or_options,
 )
-from lightning_fisher.analysis_files import (
+from lightning_fisher.analysis.files import (
     BACKUP_SUFFIX,
     check_writable,
     dataset_record,
@@ -37,9 +37,9 @@ from lightning_fisher.analysis_files import (
     seeded_run,
 )
 from lightning_fisher.errors import FisherAnalysisError
-from lightning_fisher.fisher_map import FisherMap
-from lightning_fisher.stability import STOPPING_OPTIONS, StabilityRule
-from lightning_fisher.timesteps import TimestepFocus
+from lightning_fisher.fisher_map.map import FisherMap
+from lightning_fisher.analysis.stability import STOPPING_OPTIONS, StabilityRule
+from lightning_fisher.analysis.timesteps import TimestepFocus
 from lightning_fisher.training.analysis_module import FisherAnalysisModule
 from lightning_fisher.training.analysis_progress import use_analysis_progress_bar
 from lightning_fisher.training.stability_callback import FisherStability, say_why_it_stopped
@@ -125,7 +125,7 @@ def analyze(
         score_power: exponent of the score-to-rank rule.
         exclude_threshold: relative score below which a module gets no adapter.
         criterion: how ranks follow from the analysis: ``"trace"``, ``"spectrum"`` or another
-            registered criterion's name (:mod:`lightning_fisher.criteria`).
+            registered criterion's name (:mod:`lightning_fisher.allocation.criteria`).
         lora_alpha: alpha at the base rank recorded in the map; default ``2 * rank``.
         use_rslora: alpha policy recorded in the map.
         trainer_kwargs: extra ``Trainer`` arguments (``accelerator``, ``devices``,

@@ -1,11 +1,11 @@
 """Does the fisher map help on this data? Short fits of flat LoRA and of the map, side by side.
 
 :func:`compare_fisher_map` plans the arms (``flat``, ``fisher``, ``fisher@F`` and its flat twin
-``flat@F`` at the same budget: see :mod:`lightning_fisher.compare_plan`), runs every (arm, seed)
-pair as a fresh fit followed by a validation, and returns a :class:`~lightning_fisher.compare_results.CompareResult` (a table, a
+``flat@F`` at the same budget: see :mod:`lightning_fisher.compare.plan`), runs every (arm, seed)
+pair as a fresh fit followed by a validation, and returns a :class:`~lightning_fisher.compare.results.CompareResult` (a table, a
 verdict, the raw runs). With ``lrs`` every arm runs at every learning rate with every seed and
 is compared at the learning rate it chose on validation
-(:func:`~lightning_fisher.compare_results.choose_learning_rate`) and at equal ones.
+(:func:`~lightning_fisher.compare.results.choose_learning_rate`) and at equal ones.
 
 Every arm uses the same alpha scaling (the map's alpha policy, or your ``lora_alpha`` read as
 the alpha at rank ``r``), so the arms differ only in where the adapters go and how large they
@@ -26,11 +26,11 @@ from typing import Any, Optional, Union
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_fisher.compare_plan import CompareArm, check_budgets, check_lrs, check_seeds, plan_arms
-from lightning_fisher.compare_results import MONITOR, CompareResult, RunResult
+from lightning_fisher.compare.plan import CompareArm, check_budgets, check_lrs, check_seeds, plan_arms
+from lightning_fisher.compare.results import MONITOR, CompareResult, RunResult
 from lightning_fisher.errors import CompareError
-from lightning_fisher.fisher_map import FisherMap
-from lightning_fisher.patterns import exact_target_regex
+from lightning_fisher.fisher_map.map import FisherMap
+from lightning_fisher.fisher_map.patterns import exact_target_regex
 from lightning_fisher.peft_factory import (
     MAP_OWNED_OPTIONS,
     adapter_ranks,
@@ -229,7 +229,7 @@ def compare_fisher_map(
         output: if set, the raw results are written there as JSON after every run.
         notes: lines to carry into the result (what the caller changed in the setup).
         criteria: allocation criteria of the fisher arms (default the map's own); see
-            :func:`~lightning_fisher.compare_plan.plan_arms`.
+            :func:`~lightning_fisher.compare.plan.plan_arms`.
 
     Returns:
         The :class:`CompareResult`; ``print(result)`` shows the table, the verdicts and the

@@ -1,4 +1,4 @@
-"""Lightning adapter for dataset folders (see :mod:`lightning_fisher.tensor_folder`).
+"""Lightning adapter for dataset folders (see :mod:`lightning_fisher.data.tensor_folder`).
 
 The analysis writes ``fisher_map.json`` into the training folder, and adaptive training finds it
 there through this datamodule's :attr:`TensorDirectoryDataModule.dataset_dir`::
@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from lightning_fisher.errors import DatasetFolderError
-from lightning_fisher.tensor_folder import TensorFolderDataset, list_sample_files
+from lightning_fisher.data.tensor_folder import TensorFolderDataset, list_sample_files
 
 __all__ = ["TensorDirectoryDataModule"]
 

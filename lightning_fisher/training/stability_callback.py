@@ -8,10 +8,10 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from lightning_fisher.allocation_settings import resolve_settings, settings_or_options
-from lightning_fisher.fisher_map import FisherMap
-from lightning_fisher.map_summary import stop_line
-from lightning_fisher.stability import StabilityRule, StabilityTracker, StopReason
+from lightning_fisher.allocation.settings import resolve_settings, settings_or_options
+from lightning_fisher.fisher_map.map import FisherMap
+from lightning_fisher.fisher_map.summary import stop_line
+from lightning_fisher.analysis.stability import StabilityRule, StabilityTracker, StopReason
 
 __all__ = ["FisherStability", "say_why_it_stopped"]
 
@@ -20,7 +20,7 @@ class FisherStability(Callback):
     r"""Stop the Fisher analysis when the module ranking has settled.
 
     After every batch the scores of the two independent sample halves are rank-correlated
-    over all candidate modules (Spearman, see :mod:`lightning_fisher.stability` for why halves
+    over all candidate modules (Spearman, see :mod:`lightning_fisher.analysis.stability` for why halves
     and not consecutive running means); under ``criterion="spectrum"`` it is the ranks the
     spectrum allocation gives each half that are correlated. The run stops when the correlation has stayed at or
     above ``threshold`` for ``patience`` consecutive batches, and at ``max_batches`` in any

@@ -12,7 +12,7 @@ per concern:
   :func:`prepare_digits_example`, which writes everything the adaptation needs.
 
 The timestep samplers the model draws from are the library's
-(:mod:`lightning_fisher.timesteps`). Every name stays importable from this package
+(:mod:`lightning_fisher.analysis.timesteps`). Every name stays importable from this package
 (``lightning_fisher.examples.digits_flow.DigitsFlowMatching`` is the class path the configs
 use).
 """
@@ -30,7 +30,7 @@ from lightning_fisher.examples.digits_flow.pretraining import (
     prepare_digits_example,
     pretrain_digits_flow,
 )
-from lightning_fisher.timesteps import LogitNormalTimestepSampler
+from lightning_fisher.analysis.timesteps import LogitNormalTimestepSampler
 
 __all__ = [
     "CHECKPOINT_NAME",

@@ -16,7 +16,7 @@ from typing import Literal, Union
 
 import torch
 
-from lightning_fisher.atomic_io import write_text_atomic
+from lightning_fisher.data.atomic_io import write_text_atomic
 from lightning_fisher.errors import DatasetFolderError
 
 __all__ = ["DigitsHalf", "digits_split", "write_digits_dataset"]
@@ -84,7 +84,7 @@ def write_digits_dataset(
 ) -> Path:
     """Write one split of one half as a dataset folder: ``{"x": float32[1, 8, 8], "label": int64}`` per file.
 
-    Files are written with :func:`lightning_fisher.tensor_folder.write_sample_folder`, then a
+    Files are written with :func:`lightning_fisher.data.tensor_folder.write_sample_folder`, then a
     ``digits.json`` manifest; a folder that already holds the same complete split is left as is.
 
     Args:
@@ -98,7 +98,7 @@ def write_digits_dataset(
     Raises:
         DatasetFolderError: ``out_dir`` holds sample files this function did not write.
     """
-    from lightning_fisher.tensor_folder import write_sample_folder
+    from lightning_fisher.data.tensor_folder import write_sample_folder
 
     out = Path(out_dir)
     images, labels = digits_split(half).split(split)

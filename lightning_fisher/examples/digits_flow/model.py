@@ -5,7 +5,7 @@ attention uses separate ``q``/``k``/``v``/``out`` ``nn.Linear`` layers and its M
 ``nn.Linear`` layers, so LoRA can target each of them by name (``blocks.0.attn.q``,
 ``blocks.0.mlp.fc1``, ...).
 
-Flow convention (as :mod:`lightning_fisher.timesteps`): ``t = 0`` is clean data, ``t = 1``
+Flow convention (as :mod:`lightning_fisher.analysis.timesteps`): ``t = 0`` is clean data, ``t = 1``
 pure noise, ``x_t = (1 - t) * x0 + t * noise``, and the model predicts the velocity
 ``noise - x0``. Training timesteps come from ``self.timestep_sampler(batch_size, device)``,
 so the Fisher analysis can focus them.
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_fisher.timesteps import LogitNormalTimestepSampler, TimestepSampler, UniformTimestepSampler
+from lightning_fisher.analysis.timesteps import LogitNormalTimestepSampler, TimestepSampler, UniformTimestepSampler
 
 __all__ = ["CHECKPOINT_NAME", "DigitsFlowMatching", "denoising_loss", "held_out_denoising_loss", "single_threaded"]
 
@@ -150,7 +150,7 @@ class DigitsFlowMatching(pl.LightningModule):
     :func:`write_digits_dataset`.
 
     ``self.timestep_sampler`` is the sampler :meth:`training_step` draws ``t`` from (protocol
-    of :mod:`lightning_fisher.timesteps`); noise comes from ``torch.randn`` on the global
+    of :mod:`lightning_fisher.analysis.timesteps`); noise comes from ``torch.randn`` on the global
     generator. Validation and test losses use timesteps and noise from a generator seeded per
     batch (``eval_seed + batch_idx``), so held-out losses are comparable across runs.
 

@@ -13,7 +13,7 @@ from typing import Any, Union
 import lightning.pytorch as pl
 import torch
 
-from lightning_fisher.atomic_io import atomic_writer
+from lightning_fisher.data.atomic_io import atomic_writer
 from lightning_fisher.examples.digits_flow.data import digits_split, write_digits_dataset
 from lightning_fisher.examples.digits_flow.model import (
     CHECKPOINT_NAME,
