@@ -319,7 +319,7 @@ def test_spectrum_statistics_carry_the_seed_and_the_loss_reduction():
 
 
 def spectrum_records():
-    return [record("a", 1.0, shape=(16, 2), sigma_sq=(9.0, 8.0, 7.0), noise_floor=1.0),
+    return [record("a", 1.0, shape=(16, 1), sigma_sq=(9.0, 8.0, 7.0), noise_floor=1.0),
             record("b", 1.0, sigma_sq=(6.0, 5.0, 4.0), noise_floor=1.0),
             record("c", 1.0, sigma_sq=(0.5,), noise_floor=1.0)]
 
@@ -328,7 +328,7 @@ def test_spectrum_allocation_uses_the_settings_and_the_module_sizes():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         result = criterion_named("spectrum").allocate(spectrum_records(), SPECTRUM_SETTINGS)
-    assert result.ranks == {"a": 2, "b": 1}  # a: 3 directions above its floor, but it fits rank 2
+    assert result.ranks == {"a": 1, "b": 2}  # a: the cheapest second direction, but it fits rank 1 only
     assert set(result.excluded) == {"c"}
 
 
@@ -357,6 +357,9 @@ def test_a_spectrum_stopping_at_its_stored_length_warns_with_the_budget_reached(
     assert "the map stores 4 singular values per module" in message
     assert "3 module(s) stop at 4 below rank_max 8 (e.g. a, b, c)" in message
     assert "the budget reaches 260 of 456 parameters (0.57x)" in message
+    with pytest.warns(UserWarning) as caught:  # median mode: no budget to report
+        criterion_named("spectrum").allocate(short, dataclasses.replace(settings, mode="median", rank=3))
+    assert "below rank_max 8 (e.g. a, b, c). Analyse again with --rank-max 8" in str(caught[0].message)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing short when each module could take no more
         criterion_named("spectrum").allocate(short, dataclasses.replace(settings, rank_max=1, rank_min=1, rank=1))
