@@ -257,3 +257,8 @@ def test_rounding_goes_on_past_a_group_that_cannot_move():
     continuous = {"a": 2.9, "b": 2.5, "c": 3.4}
     costs = {"a": 10, "b": 1, "c": 1}
     assert _round_within_budget(continuous, costs, 26, {n: 8 for n in continuous}) == {"a": 2, "b": 2, "c": 4}
+
+
+def test_rounding_never_lifts_a_module_past_its_ceiling():
+    # a sits at its ceiling 4 (no fraction left); the spare unit after b's step must not go to a
+    assert _round_within_budget({"a": 4.0, "b": 2.5}, {"a": 1, "b": 1}, 8, {"a": 4, "b": 8}) == {"a": 4, "b": 3}
