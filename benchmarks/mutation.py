@@ -65,7 +65,7 @@ MODULES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         ("lightning_fisher/stability.py",),
         ("tests/test_stability.py", "tests/test_spectrum_stopping.py"),
     ),
-    "patterns": (("lightning_fisher/patterns.py",), ("tests/test_patterns.py", "tests/test_peft_factory.py")),
+    "patterns": (("lightning_fisher/patterns.py",), ("tests/test_patterns.py",)),
     "atomic_io": (("lightning_fisher/atomic_io.py",), ("tests/test_atomic_io.py",)),
     "module_names": (("lightning_fisher/module_names.py",), ("tests/test_module_names.py",)),
     "map_codec": (
@@ -74,7 +74,7 @@ MODULES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     ),
     "fingerprint": (
         ("lightning_fisher/fingerprint.py",),
-        ("tests/test_fingerprint.py", "tests/test_peft_factory_model_check.py"),
+        ("tests/test_fingerprint.py", "tests/test_module_names.py", "tests/test_peft_factory_model_check.py"),
     ),
 }
 
