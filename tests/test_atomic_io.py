@@ -137,3 +137,15 @@ def test_folder_sync_unsupported_by_the_file_system_is_not_an_error(tmp_path: Pa
         pytest.skip("needs /proc to tell a folder descriptor from a file one")
     monkeypatch.setattr(atomic_io.os, "fsync", no_folder_sync)
     assert write_bytes_atomic(tmp_path / "a.bin", b"a").read_bytes() == b"a"
+
+
+def test_windows_skips_the_folder_sync(tmp_path: Path, monkeypatch) -> None:
+    # found by mutation testing: no test ran the Windows branch, so its os.name test could be anything
+    from lightning_fisher import atomic_io
+
+    def no_folder_handles(*args, **kwargs):
+        raise AssertionError("a folder was opened")
+
+    monkeypatch.setattr(atomic_io.os, "name", "nt")
+    monkeypatch.setattr(atomic_io.os, "open", no_folder_handles)
+    assert atomic_io._fsync_folder(tmp_path) is None
