@@ -358,3 +358,18 @@ def test_records_keep_what_the_file_says_not_todays_defaults(fisher_map, model, 
     at_rank_min = FisherMap.from_scores(colliding_scores(model), model, rank=8, rank_min=3, rank_max=32)
     assert 3 in at_rank_min.ranks.values()
     assert FisherMap.load(at_rank_min.save(tmp_path / "min")).ranks == at_rank_min.ranks
+
+
+def test_a_map_without_a_focus_range_or_a_duration_writes_none_and_leaves_seconds_out(fisher_map):
+    from lightning_fisher.fisher_map import TimestepFocusRecord as Focus
+
+    analysis = dataclasses.replace(fisher_map.analysis, timestep_focus=Focus(), seconds=None)
+    document = dataclasses.replace(fisher_map, analysis=analysis).to_dict()
+    assert (document["analysis"]["timestep_focus"]["range"], document["analysis"]["timestep_focus"]["observed_range"]) == (None, None)
+    assert "seconds" not in document["analysis"]
+
+
+def test_a_stability_record_without_history_reads_as_an_empty_history(fisher_map, tmp_path):
+    document = fisher_map.to_dict()
+    del document["analysis"]["stability"]["history"]  # optional in the schema (maps written before it existed)
+    assert FisherMap.load(write_document(tmp_path, document)).analysis.stability.history == ()
