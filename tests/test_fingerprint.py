@@ -40,3 +40,13 @@ def test_shape_differences_name_each_side():
         "not in map: d [7, 7]",
     ]
     assert shape_differences(expected, {"a": [2, 3], "b": [4], "c": [1]}) == []  # lists from JSON compare as tuples
+
+
+def test_a_packed_weight_counts_at_its_logical_shape():
+    # what a quantized layer looks like: the weight tensor is packed, the layer's sizes are the real ones
+    packed = net()
+    packed[0].weight = nn.Parameter(torch.zeros(3, 1, dtype=torch.uint8), requires_grad=False)
+    assert parameter_shapes(packed)["0.weight"] == (3, 2)
+    assert parameter_shapes(packed)["0.bias"] == (3,)  # other parameters keep their own shape
+    assert model_fingerprint(packed) == model_fingerprint(net())
+    assert parameter_count(packed) == parameter_count(net())
