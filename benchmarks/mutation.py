@@ -235,7 +235,9 @@ def markdown(results: dict[str, dict]) -> str:
         "",
         "mutmut 3, each module against the test files listed for it in `benchmarks/mutation.py`. "
         "Kill rate = killed / (killed + survived + no tests + timeout); equivalent mutants "
-        "(`benchmarks/mutation_equivalent.txt`) are left out of it and listed below.",
+        "(`benchmarks/mutation_equivalent.txt`) are left out of it and listed below. `raise` and "
+        "`warnings.warn` statements are not mutated (only their wording could change; "
+        "`--mutate-messages` mutates them too).",
         "",
         "| module | mutants | killed | survived | no tests | timeout | equivalent | kill rate | run time | run |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -269,7 +271,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mutate-messages", action="store_true",
                         help="also mutate raise / warnings.warn statements (their wording; see MESSAGE_PATTERNS)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave benchmarks/results alone")
+    parser.add_argument("--report", action="store_true",
+                        help="only rewrite results/mutation.md from results/mutation.json (no mutmut run)")
     args = parser.parse_args(argv)
+    if args.report:
+        write_text_atomic(RESULTS_MD, markdown(json.loads(RESULTS_JSON.read_text())))
+        return 0
     if shutil.which("mutmut") is None and not (Path(sys.executable).parent / "mutmut").exists():
         raise SystemExit('mutmut is not installed: pip install -e ".[mutation]"')
 
