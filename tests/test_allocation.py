@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from lightning_fisher import allocate_ranks
 from lightning_fisher.allocation import flat_lora_parameters, lora_parameters
+from lightning_fisher.allocation import _round_within_budget
 
 positive = st.floats(min_value=1e-4, max_value=1e4, allow_nan=False, allow_infinity=False)
 
@@ -197,7 +198,6 @@ def test_a_bad_rank_limit_is_refused_by_name(limit):
 
 # --- what mutation testing (benchmarks/mutation.py) found untested -----------------------------
 
-from lightning_fisher.allocation import _round_within_budget  # noqa: E402
 
 
 def test_only_a_mapping_of_finite_non_negative_numbers_is_a_score_set():

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_fisher
 from lightning_fisher import AllocationSettings, FisherMap, FisherMapSchemaError, SettingsError, analyze
+from lightning_fisher.accumulator import FisherAccumulator
 from lightning_fisher.criteria import (
     STOPPING_METHODS,
     Criterion,
@@ -20,11 +21,16 @@ from lightning_fisher.criteria import (
     criterion_for_stopping_method,
     criterion_named,
     criterion_names,
+    rank_agreement,
     register_criterion,
+    registry,
     unregister_criterion,
 )
+from lightning_fisher.criteria.spectrum import spectrum_split_half_correlation
 from lightning_fisher.criteria.trace import split_half_correlation
+from lightning_fisher.map_records import ModuleRecord
 from lightning_fisher.map_summary import header_fields, stop_line
+from tests.test_spectrum_stopping import COSTS, SETTINGS as SPECTRUM_SETTINGS, pair
 
 QUIET = dict(enable_progress_bar=False, logger=False, accelerator="cpu", devices=1)
 
@@ -190,10 +196,6 @@ def test_only_the_criteria_modules_compare_criterion_names():
 
 # --- what mutation testing (benchmarks/mutation.py) found untested -----------------------------
 
-from lightning_fisher.criteria import rank_agreement, registry  # noqa: E402
-from lightning_fisher.criteria.spectrum import spectrum_split_half_correlation  # noqa: E402
-from lightning_fisher.map_records import ModuleRecord  # noqa: E402
-from lightning_fisher.accumulator import FisherAccumulator  # noqa: E402
 
 
 def halves_fed(first, second):
@@ -264,16 +266,6 @@ def test_the_built_ins_are_rebuilt_from_their_import_paths(monkeypatch):
         "spectrum": "split-half spearman of the spectrum allocation's ranks over all modules",
     })
     unregister_criterion("never-registered")  # nothing to remove: no error
-
-
-SPECTRUM_SETTINGS = AllocationSettings(rank=2, rank_min=1, rank_max=8, mode="median", criterion="spectrum")
-COSTS = {name: 10 for name in "abcd"}
-
-
-def pair(name, one, two, floor=1.0):
-    from lightning_fisher.spectrum import ModuleSpectrum
-
-    return ModuleSpectrum(name, tuple(one), floor, 8), ModuleSpectrum(name, tuple(two), floor, 8)
 
 
 def test_spectrum_split_half_allocates_each_half_within_the_module_sizes():

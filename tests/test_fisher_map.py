@@ -19,6 +19,7 @@ from lightning_fisher import (
     FisherMapWriteError,
 )
 from lightning_fisher.errors import SettingsError
+from lightning_fisher import map_codec
 from lightning_fisher.fisher_map import AnalysisRecord, DatasetRecord, StabilityRecord, TimestepFocusRecord
 
 
@@ -268,7 +269,6 @@ def test_a_map_never_gives_a_module_more_rank_than_it_has(tmp_path):
 
 # --- what mutation testing (benchmarks/mutation.py) found untested -----------------------------
 
-from lightning_fisher import map_codec  # noqa: E402
 
 
 def excluding_everything(d):
