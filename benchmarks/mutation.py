@@ -78,6 +78,7 @@ MODULES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         ("lightning_fisher/fingerprint.py",),
         ("tests/test_fingerprint.py", "tests/test_module_names.py", "tests/test_peft_factory_model_check.py"),
     ),
+    "accumulator": (("lightning_fisher/accumulator.py",), ("tests/test_accumulator.py",)),
 }
 
 STATUS = {  # mutmut's exit codes (mutmut/stats.py)
