@@ -109,3 +109,41 @@ def test_bad_shapes_are_rejected() -> None:
         acc.update(torch.ones(2, 4))
     with pytest.raises(FisherAnalysisError, match="finite mask"):
         acc.update(torch.ones(3, 4), finite=torch.ones(3, dtype=torch.bool))
+
+
+# --- what mutation testing (benchmarks/mutation.py) found untested -----------------------------
+
+
+def test_float32_values_are_summed_in_float64():
+    acc = FisherAccumulator(["a"])
+    acc.update(torch.tensor([[1e8, 0.0, 1.0, 0.0]], dtype=torch.float32))  # half 0: 1e8 and 1, lost in float32
+    assert acc.half_scores()[0, 0].item() == (1e8 + 1.0) / 2
+
+
+def test_a_sample_the_mask_allows_is_still_skipped_when_not_finite():
+    acc = FisherAccumulator(["a", "b"])
+    acc.update(torch.tensor([[math.nan, 2.0, 4.0], [1.0, 1.0, 1.0]]), finite=torch.tensor([True, True, True]))
+    assert (acc.num_samples, acc.num_skipped) == (2, 1)
+    assert torch.isfinite(acc.half_scores()).all()
+
+
+def test_one_sample_per_half_is_that_samples_value_and_two_samples_have_a_stderr():
+    acc = FisherAccumulator(["a"])
+    acc.update(torch.tensor([[3.0, 5.0]]))
+    assert acc.half_scores().tolist() == [[3.0], [5.0]]
+    assert acc.stderr()["a"] == pytest.approx(1.0)  # sample variance 2 over 2 samples
+
+
+def test_the_state_tensor_goes_to_the_device_asked_for():
+    acc = FisherAccumulator(["a"])
+    acc.update(torch.tensor([[3.0, 5.0]]))
+    assert acc.state_tensor().device.type == "cpu"
+    assert acc.state_tensor(device="meta").device.type == "meta"
+
+
+def test_a_float32_state_and_an_integer_mask_are_converted():
+    acc = FisherAccumulator(["a"])
+    acc.load_state_tensor(torch.zeros(8, dtype=torch.float32))  # e.g. reduced by a float32 collective
+    acc.update(torch.tensor([[1e8, 0.0, 1.0, 0.0]]), finite=torch.tensor([1, 1, 1, 1]))
+    assert acc.half_scores()[0, 0].item() == (1e8 + 1.0) / 2  # still summed in float64
+    assert acc.state_tensor().dtype == torch.float64

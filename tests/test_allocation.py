@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lightning_fisher import allocate_ranks
-from lightning_fisher.allocation.trace_rule import flat_lora_parameters, lora_parameters
+from lightning_fisher.allocation.trace_rule import _round_within_budget, flat_lora_parameters, lora_parameters
 
 positive = st.floats(min_value=1e-4, max_value=1e4, allow_nan=False, allow_infinity=False)
 
@@ -193,3 +193,71 @@ def test_a_budget_out_of_reach_because_of_limits_says_so():
 def test_a_bad_rank_limit_is_refused_by_name(limit):
     with pytest.raises(ValueError, match=r"rank_limits\['a'\]: must be a positive integer"):
         allocate_ranks({"a": 1.0, "b": 2.0}, rank=4, rank_min=1, rank_max=8, rank_limits={"a": limit})
+
+
+# --- what mutation testing (benchmarks/mutation.py) found untested -----------------------------
+
+
+
+def test_only_a_mapping_of_finite_non_negative_numbers_is_a_score_set():
+    with pytest.raises(ValueError, match="scores: need a non-empty mapping"):
+        allocate_ranks([("a", 1.0), ("b", 2.0)])
+    with pytest.raises(ValueError, match=r"scores\['a'\]"):
+        allocate_ranks({"a": True, "b": 2.0})
+
+
+@pytest.mark.parametrize("cost", [8.0, True, 0])
+def test_a_rank_cost_must_be_a_positive_integer(cost):
+    with pytest.raises(ValueError, match=r"rank_costs\['a'\]"):
+        allocate_ranks({"a": 1.0, "b": 2.0}, mode="budget", rank_costs={"a": cost, "b": 8})
+
+
+def test_a_rank_cost_of_one_is_valid():
+    assert allocate_ranks({"a": 1.0, "b": 1.0}, mode="budget", rank=4, rank_min=1, rank_max=8,
+                          rank_costs={"a": 1, "b": 1}) == {"a": 4, "b": 4}
+
+
+def test_the_exclusion_reference_is_the_median_of_the_positive_scores_only():
+    # positive median 1 -> cutoff 0.5 drops f; with the zeros in, the median would be 0.2 and keep it
+    scores = {"a": 0.0, "b": 0.0, "c": 0.0, "d": 1.0, "e": 10.0, "f": 0.4}
+    assert set(allocate_ranks(scores, exclude_threshold=0.5, rank=4, rank_min=1, rank_max=16)) == {"d", "e"}
+
+
+def test_a_score_exactly_at_the_cutoff_is_kept():
+    ranks = allocate_ranks({"a": 1.0, "b": 2.0, "c": 4.0}, exclude_threshold=0.5, rank=4, rank_min=1, rank_max=16)
+    assert set(ranks) == {"a", "b", "c"}  # cutoff 0.5 x median 2 = 1.0 = a's score
+
+
+def test_the_budget_is_met_exactly_with_tiny_scores_and_costs():
+    # weight x cost far below 1: the scale must still be solved on its segment, not left at a breakpoint
+    scores = {"a": 0.01, "b": 0.01}
+    assert allocate_ranks(scores, mode="budget", rank=5, rank_min=1, rank_max=100, score_power=1.0,
+                          rank_costs={"a": 1, "b": 1}) == {"a": 5, "b": 5}
+
+
+def test_an_unreachable_budget_warning_names_module_sizes_only_when_they_bind():
+    with pytest.warns(UserWarning) as caught:
+        allocate_ranks({"a": 1.0, "b": 2.0}, mode="budget", rank=4, rank_min=1, rank_max=4, exclude_threshold=0.9,
+                       rank_costs={"a": 10, "b": 10})
+    assert "every kept module at rank_max=4 gives only 40;" in str(caught[0].message)
+    with pytest.warns(UserWarning) as caught:
+        allocate_ranks({"a": 1.0, "b": 2.0, "c": 3.0}, mode="budget", rank=4, rank_min=1, rank_max=4,
+                       rank_costs={"a": 10, "b": 10, "c": 10}, rank_limits={"a": 2, "b": 1, "c": 4})
+    assert "rank_max=4 (2 module(s) at their size, min(d_in, d_out)) gives only 70;" in str(caught[0].message)
+
+
+def test_rounding_raises_the_larger_of_two_equal_remainders_first():
+    # 2.5 and 3.5, room for one step: the higher-scoring module gets it (ranks stay in score order)
+    assert _round_within_budget({"a": 2.5, "b": 3.5}, {"a": 1, "b": 1}, 6, {"a": 8, "b": 8}) == {"a": 2, "b": 4}
+
+
+def test_rounding_goes_on_past_a_group_that_cannot_move():
+    # a does not fit (cost 10), b shares a's floor so waits, c on another floor still takes the last unit
+    continuous = {"a": 2.9, "b": 2.5, "c": 3.4}
+    costs = {"a": 10, "b": 1, "c": 1}
+    assert _round_within_budget(continuous, costs, 26, {n: 8 for n in continuous}) == {"a": 2, "b": 2, "c": 4}
+
+
+def test_rounding_never_lifts_a_module_past_its_ceiling():
+    # a sits at its ceiling 4 (no fraction left); the spare unit after b's step must not go to a
+    assert _round_within_budget({"a": 4.0, "b": 2.5}, {"a": 1, "b": 1}, 8, {"a": 4, "b": 8}) == {"a": 4, "b": 3}

@@ -153,3 +153,15 @@ def test_folders_to_create_and_unwritable_reason(tmp_path, monkeypatch):
     assert unwritable_reason("a_file/x/m.json") == f"{tmp_path / 'a_file'} is not a folder"
     (tmp_path / "a_dir").mkdir()
     assert unwritable_reason("a_dir") == "a_dir is a folder"
+
+
+def test_windows_skips_the_folder_sync(tmp_path: Path, monkeypatch) -> None:
+    # found by mutation testing: no test ran the Windows branch, so its os.name test could be anything
+    from lightning_fisher.data import atomic_io
+
+    def no_folder_handles(*args, **kwargs):
+        raise AssertionError("a folder was opened")
+
+    monkeypatch.setattr(atomic_io.os, "name", "nt")
+    monkeypatch.setattr(atomic_io.os, "open", no_folder_handles)
+    assert atomic_io._fsync_folder(tmp_path) is None

@@ -19,6 +19,7 @@ from lightning_fisher import (
     FisherMapWriteError,
 )
 from lightning_fisher.errors import SettingsError
+from lightning_fisher.fisher_map import codec as map_codec
 from lightning_fisher.fisher_map.map import AnalysisRecord, DatasetRecord, StabilityRecord, TimestepFocusRecord
 
 
@@ -279,3 +280,124 @@ def test_a_map_never_gives_a_module_more_rank_than_it_has(tmp_path):
     assert wide.ranks == {"0": 4, "2": 4, "3": 64}
     written = FisherMap.load(wide.save(tmp_path))
     assert written.ranks == wide.ranks
+
+
+# --- what mutation testing (benchmarks/mutation.py) found untested -----------------------------
+
+
+
+def excluding_everything(d):
+    for m in d["modules"]:
+        m.update(rank=None, alpha=None, excluded=True, exclusion_reason="test")
+
+
+@pytest.mark.parametrize(
+    "edit, json_path, message",
+    [
+        (excluding_everything, "$.modules", ": every module is excluded; a map must adapt at least one module"),
+        (lambda d: d["budget"].__setitem__("lora_parameters", d["budget"]["lora_parameters"] + 1),
+         "$.budget.lora_parameters", "is 2786 but the module ranks give 2785"),
+        (lambda d: d.__setitem__("target_modules", "(?:q)"), "$.target_modules",
+         ": does not agree with the module records; regenerate the map, or edit the records and this field together"),
+        (lambda d: d["rank_pattern"].__setitem__("^layers\\.1\\.q", 31), "$.rank_pattern", "(keys ['^layers\\\\.1\\\\.q'])"),
+        (lambda d: d["alpha_pattern"].__setitem__("^extra", 4.0), "$.alpha_pattern", "(keys ['^extra'])"),
+        (lambda d: d["modules"][4].__setitem__("name", d["modules"][5]["name"]), "$.modules[5].name",
+         "duplicate module name 'layers.1.dense'"),
+        (lambda d: (d["modules"][2].__setitem__("rank", 99), d["modules"][2].__setitem__("alpha", 198.0)),
+         "$.modules[2].rank",
+         "rank 99 of 'layers.0.q' is outside [rank_min, rank_max] = [2, 32]; the module's size min(d_in, d_out) is 8"),
+        (lambda d: d["modules"][2].__setitem__("rank", 5), "$.modules[2].rank",
+         "rank 5 of 'layers.0.q' was changed alone: its alpha 8 and $.rank_pattern still give rank 4. Change a rank "
+         "with `lightning-fisher reallocate` (or edit the rank, alpha, rank_pattern, alpha_pattern and "
+         "budget.lora_parameters together)"),
+        (lambda d: d["budget"].update(rank_min=40, rank=40), "$.budget.rank_min", "rank_min (40) is greater than rank_max (32)"),
+        (lambda d: d["rank_pattern"].update(dict.fromkeys(["^d", "^c", "^b", "^a"], 4)), "$.rank_pattern",
+         "(keys ['^a', '^b', '^c'])"),
+    ],
+)
+def test_an_inconsistent_map_says_what_disagrees(fisher_map, tmp_path, edit, json_path, message):
+    document = fisher_map.to_dict()
+    edit(document)
+    path = write_document(tmp_path, document)
+    with pytest.raises(FisherMapSchemaError) as excinfo:
+        FisherMap.load(path)
+    assert excinfo.value.json_path == json_path, str(excinfo.value)
+    assert str(excinfo.value).startswith(f"{path}: {json_path}: ")
+    assert str(excinfo.value).endswith(message)  # the whole text, not a word of it
+
+
+@pytest.mark.parametrize("version", [True, None, "2"])
+def test_a_schema_version_that_is_not_an_integer_is_a_schema_error(fisher_map, version):
+    # negative cases for the version field itself: a bool is not version 1, a missing one is not the current one
+    document = fisher_map.to_dict()
+    if version is None:
+        del document["schema_version"]
+    else:
+        document["schema_version"] = version
+    with pytest.raises(FisherMapSchemaError) as excinfo:
+        map_codec.validate_document(document, None)
+    assert str(excinfo.value).startswith("fisher map: $")
+    assert "schema_version" in str(excinfo.value)
+
+
+def test_the_written_file_is_indented_json_and_refuses_nan(fisher_map, tmp_path):
+    path = fisher_map.save(tmp_path / "a" / "b")  # missing parents are created
+    text = path.read_text()
+    assert text.startswith('{\n  "schema_version": 2,\n  "created": ') and text.endswith("}\n")
+    document = fisher_map.to_dict()
+    document["analysis"]["seconds"] = float("nan")
+    with pytest.raises(ValueError):
+        map_codec.write_document(document, tmp_path / "nan")
+    assert not (tmp_path / "nan" / "fisher_map.json").exists()
+
+
+def test_save_names_the_file_it_refuses_to_write(fisher_map, tmp_path):
+    broken = dataclasses.replace(fisher_map, created=20261202)
+    with pytest.raises(FisherMapSchemaError) as excinfo:
+        broken.save(tmp_path)
+    assert str(excinfo.value).startswith(f"{tmp_path / 'fisher_map.json'}: $.created")
+
+
+def test_a_folder_named_like_a_json_file_holds_the_map(tmp_path):
+    folder = tmp_path / "maps.json"
+    folder.mkdir()
+    assert map_codec.resolve_map_path(folder) == folder / "fisher_map.json"
+    assert map_codec.resolve_map_path(tmp_path / "mine.JSON") == tmp_path / "mine.JSON"
+
+
+def test_records_keep_what_the_file_says_not_todays_defaults(fisher_map, model, tmp_path):
+    document = fisher_map.to_dict()
+    document["created"] = "2020-01-02T03:04:05+00:00"
+    document["versions"] = dict.fromkeys(document["versions"], "0.0.1")
+    document["analysis"]["timestep_focus"].update(range=None, observed_range=None)
+    loaded = FisherMap.load(write_document(tmp_path, document))
+    assert (loaded.created, loaded.versions) == (document["created"], document["versions"])
+    assert (loaded.analysis.timestep_focus.range, loaded.analysis.timestep_focus.observed_range) == (None, None)
+    assert FisherMap.from_dict(document).path is None
+    at_rank_min = FisherMap.from_scores(colliding_scores(model), model, rank=8, rank_min=3, rank_max=32)
+    assert 3 in at_rank_min.ranks.values()
+    assert FisherMap.load(at_rank_min.save(tmp_path / "min")).ranks == at_rank_min.ranks
+
+
+def test_a_map_without_a_focus_range_or_a_duration_writes_none_and_leaves_seconds_out(fisher_map):
+    from lightning_fisher.fisher_map.map import TimestepFocusRecord as Focus
+
+    analysis = dataclasses.replace(fisher_map.analysis, timestep_focus=Focus(), seconds=None)
+    document = dataclasses.replace(fisher_map, analysis=analysis).to_dict()
+    assert (document["analysis"]["timestep_focus"]["range"], document["analysis"]["timestep_focus"]["observed_range"]) == (None, None)
+    assert "seconds" not in document["analysis"]
+
+
+def test_a_stability_record_without_history_reads_as_an_empty_history(fisher_map, tmp_path):
+    document = fisher_map.to_dict()
+    del document["analysis"]["stability"]["history"]  # optional in the schema (maps written before it existed)
+    assert FisherMap.load(write_document(tmp_path, document)).analysis.stability.history == ()
+
+
+def test_a_rank_out_of_bounds_names_the_module_size_only_when_it_is_the_bound(model, tmp_path):
+    narrow_bounds = FisherMap.from_scores(colliding_scores(model), model, rank=4, rank_min=2, rank_max=8)
+    document = narrow_bounds.to_dict()
+    document["modules"][2].update(rank=99, alpha=198.0)
+    with pytest.raises(FisherMapSchemaError) as excinfo:
+        FisherMap.load(write_document(tmp_path, document))
+    assert str(excinfo.value).endswith("rank 99 of 'layers.0.q' is outside [rank_min, rank_max] = [2, 8]")

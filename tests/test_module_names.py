@@ -71,3 +71,25 @@ def test_adapters_of_checkpoint_wrapped_layers_keep_their_names_and_are_exported
     assert set(exported) == set(expected) == {f"base_model.model.{m}.lora_{f}.weight" for m in ("0", "2.1") for f in "AB"}
     for key, value in expected.items():
         assert torch.equal(exported[key], value), key
+
+
+# --- what mutation testing (benchmarks/mutation.py) found untested -----------------------------
+
+
+def test_only_a_compiled_module_is_unwrapped_through_orig_mod_and_fsdp1_roots_are_unwrapped():
+    class Holder(nn.Module):  # a user's module that happens to keep a module under that name
+        def __init__(self):
+            super().__init__()
+            self._orig_mod = nn.Linear(2, 2)
+
+    holder = Holder()
+    assert unwrapped_model(holder) is holder
+
+    class FakeFSDP1(nn.Module):  # what FSDP1's root looks like to unwrapped_model
+        def __init__(self, inner):
+            super().__init__()
+            self._fsdp_wrapped_module = inner
+
+    inner = nn.Sequential(nn.Linear(2, 2))
+    assert unwrapped_model(FakeFSDP1(inner)) is inner
+    assert [name for name, _ in named_modules(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))] == ["0", "1"]  # no root

@@ -195,3 +195,49 @@ def test_rank_limits_cut_a_module_to_its_size_and_its_entry_unit_too():
     # what the narrow module cannot take lets the wide one in (without the limit it stayed out)
     assert "wide" not in free.ranks and limited.ranks["wide"] == 4
     assert limited.parameters == 3 * 68 + 4 * 128 <= limited.budget
+
+
+# --- what mutation testing (benchmarks/mutation.py) found untested -----------------------------
+
+
+def median(rank, rank_min=1, rank_max=8):
+    return AllocationSettings(rank=rank, rank_min=rank_min, rank_max=rank_max, mode="median")
+
+
+def test_below_the_floor_the_budget_goes_by_margin_per_parameter():
+    # a's second direction is 4 below its floor over 10 parameters (-0.4 each), b's 8 below over 40
+    # (-0.2 each): b's comes first, and only one fits (c, excluded, still counts in the budget)
+    result = allocate_ranks_from_spectra(
+        {"a": [9, 1], "b": [20, 1], "c": [0.0]}, {"a": 5, "b": 9, "c": 1}, {"a": 10, "b": 40, "c": 40},
+        settings=AllocationSettings(rank=1, rank_min=1, rank_max=8, mode="budget"),
+    )
+    assert (result.ranks, result.parameters, result.threshold) == ({"a": 1, "b": 2}, 90, -0.2)
+
+
+def test_median_mode_stops_as_soon_as_half_the_modules_reach_rank():
+    # two modules: one at rank 2 is half of them already
+    result = allocate_ranks_from_spectra({"a": [9, 8, 7, 6], "b": [9, 8, 7, 6]}, {"a": 1, "b": 1}, {"a": 10, "b": 10},
+                                         settings=median(2))
+    assert result.ranks == {"a": 2, "b": 1}
+
+
+def test_median_mode_with_rank_min_at_rank_takes_nothing_more():
+    spectra = {name: [9, 8, 7, 6, 5] for name in "abc"}
+    result = allocate_ranks_from_spectra(spectra, dict.fromkeys(spectra, 1), dict.fromkeys(spectra, 10),
+                                         settings=median(2, rank_min=2))
+    assert result.ranks == {"a": 2, "b": 2, "c": 2}
+
+
+def test_median_mode_goes_on_while_modules_too_small_for_rank_keep_half_out_of_reach():
+    # a, b, c fit rank 1 only: one module at rank 2 of four is not half, so d takes every direction it has
+    spectra = {name: [9, 8, 7, 6, 5] for name in "abcd"}
+    result = allocate_ranks_from_spectra(spectra, dict.fromkeys(spectra, 1), dict.fromkeys(spectra, 10),
+                                         settings=median(2, rank_min=2), rank_limits={"a": 1, "b": 1, "c": 1})
+    assert result.ranks == {"a": 1, "b": 1, "c": 1, "d": 5}
+
+
+def test_nothing_taken_has_threshold_zero_and_a_cost_of_one_is_valid():
+    assert allocate_ranks_from_spectra({"a": [0.5]}, {"a": 1}, {"a": 1}, settings=median(2)).threshold == 0.0
+    result = allocate_ranks_from_spectra({"a": [3.0, 2.0]}, {"a": 1}, {"a": 1},
+                                         settings=AllocationSettings(rank=2, rank_min=1, rank_max=8, mode="budget"))
+    assert (result.ranks, result.threshold) == ({"a": 2}, 1.0)

@@ -98,3 +98,31 @@ def test_correlation_is_finite_with_ties():
     acc = fed([torch.tensor([[1.0, 1.0], [1.0, 1.0], [2.0, 2.0], [3.0, 3.0], [0.0, 0.0]])])
     rho = split_half_correlation(acc)
     assert rho is not None and math.isfinite(rho) and rho == pytest.approx(1.0)
+
+
+# --- what mutation testing (benchmarks/mutation.py) found untested -----------------------------
+
+
+@pytest.mark.parametrize("change", [
+    dict(patience=True), dict(min_batches=True), dict(max_batches=True), dict(max_batches=8.0),
+    dict(threshold=-1.5), dict(threshold=1.01), dict(max_batches=4, min_batches=5),
+])
+def test_a_stopping_rule_refuses_bools_floats_and_out_of_range_values(change):
+    from lightning_fisher.errors import SettingsError
+
+    with pytest.raises(SettingsError):
+        StabilityRule(**change)
+
+
+@pytest.mark.parametrize("change", [
+    dict(threshold=0.0), dict(threshold=1.0), dict(max_batches=1, min_batches=0), dict(max_batches=5, min_batches=5),
+    dict(min_batches=0), dict(max_batches=None),
+])
+def test_a_stopping_rule_accepts_the_ends_of_each_range(change):
+    rule = StabilityRule(**change)
+    assert all(getattr(rule, key) == value for key, value in change.items())
+
+
+def test_a_correlation_exactly_at_the_threshold_counts_as_stable():
+    tracker = StabilityTracker(StabilityRule(patience=2, threshold=0.9, min_batches=0, max_batches=None))
+    assert [tracker.update(0.9), tracker.update(0.9)] == [None, StopReason.CONVERGED]
