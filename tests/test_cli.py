@@ -351,11 +351,23 @@ def test_show_prints_table_and_writes_plot(dataset, tmp_path, capsys):
 
 
 def console_script(*argv, **popen):
-    """The installed ``lightning-fisher`` as a user starts it, with ``cli_models`` importable."""
+    """The installed ``lightning-fisher`` as a user starts it from a terminal, with ``cli_models`` importable."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")])))
     script = Path(sys.executable).parent / "lightning-fisher"
     return subprocess.Popen([str(script), *argv], env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            **popen)
+                            preexec_fn=ctrl_c_as_in_a_terminal, **popen)
+
+
+def ctrl_c_as_in_a_terminal():
+    """In the child, before it starts: Ctrl-C's default action, as a command typed at a terminal has.
+
+    A test suite started in the background by a non-interactive shell (as a CI job can be)
+    inherits SIGINT *ignored*, and Python keeps an ignored SIGINT ignored: without this the
+    interrupt tests would send a signal nobody hears.
+    """
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def interrupted_analysis(dataset, signal_number):

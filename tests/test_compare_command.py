@@ -269,6 +269,8 @@ def test_compare_output_has_no_lines_a_user_cannot_act_on(dataset, tmp_path):
 
 
 def test_an_interrupted_compare_says_which_runs_it_kept(dataset, tmp_path):
+    from test_cli import ctrl_c_as_in_a_terminal  # SIGINT heard even when the suite runs in the background
+
     import os
     import signal
     import subprocess
@@ -282,7 +284,8 @@ def test_an_interrupted_compare_says_which_runs_it_kept(dataset, tmp_path):
          "--model.init_args.delay", "0.5", "--dataset-dir", str(dataset), "--data.batch_size", "8",
          "--adaptive_lora.adapter_root", "backbone", "--max-steps", "2", "--seeds", "0", "--output", str(output),
          "--trainer.enable_progress_bar", "false"],
-        env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path)
+        env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path,
+        preexec_fn=ctrl_c_as_in_a_terminal)
     first_done = False
     for line in process.stdout:
         first_done = first_done or line.startswith("compare [1/2]")
