@@ -76,3 +76,43 @@ def test_reading_and_showing_a_map_imports_no_peft_lightning_or_torchmetrics():
         "assert 'peft' in sys.modules\n"
     )
     assert_runs_in_fresh_python(code)
+
+
+def test_the_map_modules_import_no_circle():
+    """The map object uses its records, codec and summaries; those read the records only (issue: codec and
+    summary typed against ``FisherMap`` while ``fisher_map.map`` imported them). Every import counts, those
+    under ``TYPE_CHECKING`` and inside functions too."""
+    import ast
+    from pathlib import Path
+
+    folder = Path(lightning_fisher.__file__).parent / "fisher_map"
+    names = {p.stem for p in folder.glob("*.py") if p.stem != "__init__"}
+    graph = {}
+    for name in names:
+        tree = ast.parse((folder / f"{name}.py").read_text())
+        found = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                targets = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+            elif isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            else:
+                continue
+            found |= {t.split(".")[2] for t in targets if t.startswith("lightning_fisher.fisher_map.")
+                      and t.split(".")[2] in names}
+        graph[name] = found - {name}
+    assert graph["map"] >= {"codec", "records", "summary"}  # the map is built on them
+    visiting, done = set(), set()
+
+    def visit(node, trail):
+        assert node not in visiting, " -> ".join([*trail, node])
+        if node in done:
+            return
+        visiting.add(node)
+        for other in sorted(graph[node]):
+            visit(other, [*trail, node])
+        visiting.discard(node)
+        done.add(node)
+
+    for name in sorted(names):
+        visit(name, [])

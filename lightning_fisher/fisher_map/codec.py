@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import Any, Optional, Union
 
 import jsonschema
 
@@ -36,11 +36,8 @@ from lightning_fisher.errors import (
     FisherMapWriteError,
     SettingsError,
 )
-from lightning_fisher import map_records as records
-from lightning_fisher.fisher_map.patterns import exact_module_key
-
-if TYPE_CHECKING:  # pragma: no cover
-    from lightning_fisher.fisher_map.map import FisherMap
+import lightning_fisher.fisher_map.records as records
+from lightning_fisher.fisher_map.patterns import exact_module_key, peft_patterns
 
 __all__ = [
     "FISHER_MAP_FILENAME",
@@ -74,7 +71,7 @@ def resolve_map_path(path: PathLike) -> Path:
 
 
 # ---------------------------------------------------------------------------- records <-> JSON
-def document_of(fisher_map: "FisherMap") -> dict[str, Any]:
+def document_of(fisher_map: records.MapContent) -> dict[str, Any]:
     """The JSON document of a map (schema version :data:`SCHEMA_VERSION`)."""
     analysis = None
     if fisher_map.analysis is not None:
@@ -103,9 +100,7 @@ def document_of(fisher_map: "FisherMap") -> dict[str, Any]:
         "alpha": dataclasses.asdict(fisher_map.alpha),
         "analysis": analysis,
         "modules": modules,
-        "target_modules": fisher_map.target_modules,
-        "rank_pattern": fisher_map.rank_pattern,
-        "alpha_pattern": fisher_map.alpha_pattern,
+        **peft_patterns(records.ranks_of(fisher_map.modules), records.alphas_of(fisher_map.modules)),
     }
 
 
@@ -263,7 +258,7 @@ def validate_document(document: Any, path: Optional[PathLike]) -> None:
         )
 
 
-def check_consistency(fisher_map: "FisherMap", document: Mapping[str, Any], path: Optional[PathLike]) -> None:
+def check_consistency(fisher_map: records.MapContent, document: Mapping[str, Any], path: Optional[PathLike]) -> None:
     """Checks the schema cannot express: unique names, ranks in bounds, derived fields agree.
 
     Raises:
@@ -311,19 +306,21 @@ def check_consistency(fisher_map: "FisherMap", document: Mapping[str, Any], path
                 f"alpha {module.alpha} of {module.name!r} does not follow the alpha policy in $.alpha "
                 f"(expected {expected_alpha:g})",
             )
-    if not fisher_map.ranks:
+    ranks = records.ranks_of(fisher_map.modules)
+    if not ranks:
         fail("$.modules", "every module is excluded; a map must adapt at least one module")
     hint = "does not agree with the module records; regenerate the map, or edit the records and this field together"
-    if document["target_modules"] != fisher_map.target_modules:
+    derived = peft_patterns(ranks, records.alphas_of(fisher_map.modules))
+    if document["target_modules"] != derived["target_modules"]:
         fail("$.target_modules", hint)
     for key in ("rank_pattern", "alpha_pattern"):
-        expected = getattr(fisher_map, key)
+        expected = derived[key]
         actual = document[key]
         if set(actual) != set(expected) or any(not math.isclose(actual[k], expected[k], rel_tol=1e-9) for k in actual):
             wrong = sorted(k for k in set(actual) ^ set(expected)) or sorted(
                 k for k in actual if not math.isclose(actual[k], expected[k], rel_tol=1e-9)
             )
             fail(f"$.{key}", f"{hint} (keys {wrong[:3]})")
-    lora = lora_parameters(fisher_map.ranks, fisher_map.rank_costs)
+    lora = lora_parameters(ranks, records.rank_costs_of(fisher_map.modules))
     if lora != budget.lora_parameters:
         fail("$.budget.lora_parameters", f"is {budget.lora_parameters} but the module ranks give {lora}")

@@ -62,9 +62,12 @@ from lightning_fisher.fisher_map.records import (
     RankBudget,
     StabilityRecord,
     TimestepFocusRecord,
+    alphas_of,
+    rank_costs_of,
+    ranks_of,
 )
 from lightning_fisher.fisher_map.summary import summary_line
-from lightning_fisher.fisher_map.patterns import exact_module_key, exact_target_regex
+from lightning_fisher.fisher_map.patterns import peft_patterns
 
 __all__ = [
     "FISHER_MAP_FILENAME",
@@ -295,12 +298,12 @@ class FisherMap:
     @property
     def ranks(self) -> dict[str, int]:
         """``{module name: rank}`` for the modules that get an adapter."""
-        return {m.name: m.rank for m in self.modules if m.rank is not None}
+        return ranks_of(self.modules)
 
     @property
     def alphas(self) -> dict[str, float]:
         """``{module name: alpha}`` for the modules that get an adapter."""
-        return {m.name: m.alpha for m in self.modules if m.alpha is not None}
+        return alphas_of(self.modules)
 
     @property
     def excluded(self) -> list[str]:
@@ -310,22 +313,22 @@ class FisherMap:
     @property
     def rank_costs(self) -> dict[str, int]:
         """``{module name: adapter parameters per unit of rank}`` for every candidate."""
-        return {m.name: m.rank_cost for m in self.modules}
+        return rank_costs_of(self.modules)
 
     @property
     def target_modules(self) -> str:
         """PEFT ``target_modules``: a full-match regex selecting exactly the adapted modules."""
-        return exact_target_regex(self.ranks)
+        return peft_patterns(self.ranks, {})["target_modules"]
 
     @property
     def rank_pattern(self) -> dict[str, int]:
         """PEFT ``rank_pattern`` with one exact key per adapted module."""
-        return {exact_module_key(name): r for name, r in self.ranks.items()}
+        return peft_patterns(self.ranks, {})["rank_pattern"]
 
     @property
     def alpha_pattern(self) -> dict[str, float]:
         """PEFT ``alpha_pattern`` with one exact key per adapted module."""
-        return {exact_module_key(name): a for name, a in self.alphas.items()}
+        return peft_patterns({}, self.alphas)["alpha_pattern"]
 
     def summary(self) -> str:
         """One line: adapted modules, rank range and median, parameters versus flat LoRA."""

@@ -20,14 +20,25 @@ module and no other, whatever the other module names are:
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
-__all__ = ["exact_module_key", "exact_target_regex"]
+__all__ = ["exact_module_key", "exact_target_regex", "peft_patterns"]
 
 
 def exact_module_key(name: str) -> str:
     """A ``rank_pattern`` / ``alpha_pattern`` key that selects module ``name`` only."""
     return "^" + re.escape(name)
+
+
+def peft_patterns(ranks: Mapping[str, int], alphas: Mapping[str, float]) -> dict[str, Any]:
+    """PEFT's ``target_modules`` (one full-match regex of exactly these modules), ``rank_pattern``
+    and ``alpha_pattern`` (one exact key per module), from ``{module: rank}`` and ``{module: alpha}``."""
+    return {
+        "target_modules": exact_target_regex(ranks),
+        "rank_pattern": {exact_module_key(name): r for name, r in ranks.items()},
+        "alpha_pattern": {exact_module_key(name): a for name, a in alphas.items()},
+    }
 
 
 def exact_target_regex(names: Iterable[str]) -> str:

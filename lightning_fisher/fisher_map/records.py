@@ -8,13 +8,19 @@ the alpha policy, how the analysis ran, and what was analysed. Reading and writi
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Literal, Optional
+from pathlib import Path
+from typing import Literal, Optional, Protocol
 
 from lightning_fisher.allocation.settings import AllocationSettings
 from lightning_fisher.analysis.timesteps import TimestepFocus
 
 __all__ = [
+    "MapContent",
+    "alphas_of",
+    "rank_costs_of",
+    "ranks_of",
     "AlphaPolicy",
     "AnalysisRecord",
     "DatasetRecord",
@@ -178,6 +184,37 @@ class ModelRecord:
     class_name: str
     num_parameters: int
 
+
+
+class MapContent(Protocol):
+    """What a fisher map is made of: its records. The file codec and the printed summaries read
+    these and nothing else, so they do not depend on :class:`~lightning_fisher.FisherMap` (which
+    uses them)."""
+
+    modules: tuple[ModuleRecord, ...]
+    budget: RankBudget
+    alpha: AlphaPolicy
+    model: ModelRecord
+    analysis: Optional[AnalysisRecord]
+    dataset: Optional[DatasetRecord]
+    versions: Mapping[str, Optional[str]]
+    created: str
+    path: Optional[Path]
+
+
+def ranks_of(modules: Iterable[ModuleRecord]) -> dict[str, int]:
+    """``{module: rank}`` of the adapted modules, in record order."""
+    return {m.name: m.rank for m in modules if m.rank is not None}
+
+
+def alphas_of(modules: Iterable[ModuleRecord]) -> dict[str, float]:
+    """``{module: alpha}`` of the adapted modules, in record order."""
+    return {m.name: m.alpha for m in modules if m.alpha is not None}
+
+
+def rank_costs_of(modules: Iterable[ModuleRecord]) -> dict[str, int]:
+    """``{module: adapter parameters per unit of rank}`` of every candidate."""
+    return {m.name: m.rank_cost for m in modules}
 
 def __getattr__(name: str):
     # STOPPING_METHODS moved to the criteria registry (each criterion names its stopping rule);

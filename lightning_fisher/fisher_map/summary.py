@@ -28,8 +28,9 @@ from typing import TYPE_CHECKING, Optional, Union
 
 from lightning_fisher.wording import plural
 
-if TYPE_CHECKING:  # fisher_map imports this module for FisherMap.summary()
-    from lightning_fisher.fisher_map.map import FisherMap, TimestepFocusRecord
+if TYPE_CHECKING:  # the records only (a FisherMap is one): the map module imports this one
+    from lightning_fisher.fisher_map.records import MapContent as FisherMap
+    from lightning_fisher.fisher_map.records import TimestepFocusRecord
     from lightning_fisher.peft_factory import MapApplication
 
 __all__ = [
@@ -58,8 +59,13 @@ def _bounds(bounds: Optional[Sequence[float]]) -> str:
     return "-" if bounds is None else f"{bounds[0]:g}-{bounds[1]:g}"
 
 
+def _ranks(fisher_map: FisherMap) -> dict[str, int]:
+    # as records.ranks_of, which this stdlib-only module does not import
+    return {m.name: m.rank for m in fisher_map.modules if m.rank is not None}
+
+
 def _adapted(fisher_map: FisherMap, noun: str) -> str:
-    return f"{len(fisher_map.ranks)}/{len(fisher_map.modules)} {noun}"
+    return f"{len(_ranks(fisher_map))}/{len(fisher_map.modules)} {noun}"
 
 
 def summary_line(fisher_map: FisherMap) -> str:
@@ -71,7 +77,7 @@ def summary_line(fisher_map: FisherMap) -> str:
         fisher_map: the map to summarise.
     """
     budget = fisher_map.budget
-    spread = _spread(fisher_map.ranks.values())
+    spread = _spread(_ranks(fisher_map).values())
     ranks = f", ranks {spread[0]} (median {spread[1]})" if spread else ""
     line = (
         f"{_adapted(fisher_map, 'modules adapted')}{ranks}, {budget.lora_parameters:,} LoRA parameters = "
@@ -205,7 +211,7 @@ def header_fields(fisher_map: FisherMap) -> list[tuple[str, str]]:
     policy = "rsLoRA" if alpha.use_rslora else "alpha/rank constant"
     fields.append(("alpha", f"{alpha.lora_alpha:g} at rank {budget.rank}, {policy}"))
     adapted = _adapted(fisher_map, "candidate modules")
-    spread = _spread(fisher_map.ranks.values())
+    spread = _spread(_ranks(fisher_map).values())
     if spread:
         adapted += f", ranks {spread[0]}, median {spread[1]}"
     fields.append(("adapted", adapted))
@@ -339,7 +345,7 @@ def fit_summary(
 def _rank_text(fisher_map: FisherMap, name: str, names: set[str]) -> str:
     if name not in names:
         return "absent"
-    rank = fisher_map.ranks.get(name)
+    rank = _ranks(fisher_map).get(name)
     return "excluded" if rank is None else str(rank)
 
 
