@@ -67,7 +67,7 @@ from lightning_fisher.fisher_map.records import (
     ranks_of,
 )
 from lightning_fisher.fisher_map.summary import summary_line
-from lightning_fisher.fisher_map.patterns import peft_patterns
+from lightning_fisher.fisher_map.patterns import exact_keys, exact_target_regex
 
 __all__ = [
     "FISHER_MAP_FILENAME",
@@ -318,17 +318,17 @@ class FisherMap:
     @property
     def target_modules(self) -> str:
         """PEFT ``target_modules``: a full-match regex selecting exactly the adapted modules."""
-        return peft_patterns(self.ranks, {})["target_modules"]
+        return exact_target_regex(self.ranks)
 
     @property
     def rank_pattern(self) -> dict[str, int]:
         """PEFT ``rank_pattern`` with one exact key per adapted module."""
-        return peft_patterns(self.ranks, {})["rank_pattern"]
+        return exact_keys(self.ranks)
 
     @property
     def alpha_pattern(self) -> dict[str, float]:
         """PEFT ``alpha_pattern`` with one exact key per adapted module."""
-        return peft_patterns({}, self.alphas)["alpha_pattern"]
+        return exact_keys(self.alphas)
 
     def summary(self) -> str:
         """One line: adapted modules, rank range and median, parameters versus flat LoRA."""

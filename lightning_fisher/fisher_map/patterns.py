@@ -23,7 +23,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-__all__ = ["exact_module_key", "exact_target_regex", "peft_patterns"]
+__all__ = ["exact_keys", "exact_module_key", "exact_target_regex", "peft_patterns"]
 
 
 def exact_module_key(name: str) -> str:
@@ -36,9 +36,14 @@ def peft_patterns(ranks: Mapping[str, int], alphas: Mapping[str, float]) -> dict
     and ``alpha_pattern`` (one exact key per module), from ``{module: rank}`` and ``{module: alpha}``."""
     return {
         "target_modules": exact_target_regex(ranks),
-        "rank_pattern": {exact_module_key(name): r for name, r in ranks.items()},
-        "alpha_pattern": {exact_module_key(name): a for name, a in alphas.items()},
+        "rank_pattern": exact_keys(ranks),
+        "alpha_pattern": exact_keys(alphas),
     }
+
+
+def exact_keys(values: Mapping[str, Any]) -> dict[str, Any]:
+    """``{module: value}`` with each name as its exact PEFT key (``rank_pattern``, ``alpha_pattern``)."""
+    return {exact_module_key(name): value for name, value in values.items()}
 
 
 def exact_target_regex(names: Iterable[str]) -> str:
