@@ -5,8 +5,8 @@ a Trainer, ``lightning-fisher analyze``), so each behaves the same:
 
 * the map goes to ``output``, else the dataset folder (:func:`map_destination`), checked
   writable before the analysis (:func:`check_writable`);
-* a map already there is kept as ``<name>.bak``
-  (:func:`~lightning_fisher.fisher_map.backup.save_keeping_previous`, also imported here);
+* a map already there is kept as ``<name>.bak`` by
+  :func:`~lightning_fisher.fisher_map.backup.save_keeping_previous` (the same code ``reallocate`` uses);
 * a dataset folder is fingerprinted into the map (:func:`dataset_record`);
 * the run is seeded without changing the caller's random streams (:func:`seeded_run`).
 """
@@ -26,13 +26,12 @@ import torch
 from lightning_fisher.data.atomic_io import unwritable_reason
 from lightning_fisher.errors import DatasetFolderError, FisherMapWriteError
 from lightning_fisher.fisher_map.map import DatasetRecord
-from lightning_fisher.fisher_map.backup import BACKUP_SUFFIX, save_keeping_previous
 from lightning_fisher.fisher_map.codec import resolve_map_path
 from lightning_fisher.peft_factory.locate import fisher_map_path
 from lightning_fisher.data.tensor_folder import dataset_fingerprint, list_sample_files
 
 __all__ = [
-    "BACKUP_SUFFIX", "check_writable", "dataset_record", "map_destination", "save_keeping_previous", "seeded_run",
+    "check_writable", "dataset_record", "map_destination", "seeded_run",
 ]
 
 # Lightning's seed_everything records the seed here; put back after the run like the generators.

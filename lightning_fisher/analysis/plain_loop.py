@@ -28,15 +28,10 @@ import torch
 from torch import nn
 
 from lightning_fisher.allocation.settings import AllocationSettings
-from lightning_fisher.analysis.files import (
-    check_writable,
-    dataset_record,
-    map_destination,
-    save_keeping_previous,
-    seeded_run,
-)
+from lightning_fisher.analysis.files import check_writable, dataset_record, map_destination, seeded_run
 from lightning_fisher.analysis.session import AnalysisSession, map_metrics, no_gradient_note
 from lightning_fisher.errors import FisherAnalysisError
+from lightning_fisher.fisher_map.backup import save_keeping_previous
 from lightning_fisher.fisher_map.map import FisherMap
 from lightning_fisher.fisher_map.summary import stop_line
 from lightning_fisher.analysis.processes import TorchProcesses, info_on_rank_zero, is_global_zero, warn_on_rank_zero

@@ -29,8 +29,7 @@ from typing import TYPE_CHECKING, Optional, Union
 from lightning_fisher.wording import plural
 
 if TYPE_CHECKING:  # the records only (a FisherMap is one): the map module imports this one
-    from lightning_fisher.fisher_map.records import MapContent as FisherMap
-    from lightning_fisher.fisher_map.records import TimestepFocusRecord
+    from lightning_fisher.fisher_map.records import MapContent, TimestepFocusRecord
     from lightning_fisher.peft_factory import MapApplication
 
 __all__ = [
@@ -59,16 +58,16 @@ def _bounds(bounds: Optional[Sequence[float]]) -> str:
     return "-" if bounds is None else f"{bounds[0]:g}-{bounds[1]:g}"
 
 
-def _ranks(fisher_map: FisherMap) -> dict[str, int]:
+def _ranks(fisher_map: MapContent) -> dict[str, int]:
     # as records.ranks_of, which this stdlib-only module does not import
     return {m.name: m.rank for m in fisher_map.modules if m.rank is not None}
 
 
-def _adapted(fisher_map: FisherMap, noun: str) -> str:
+def _adapted(fisher_map: MapContent, noun: str) -> str:
     return f"{len(_ranks(fisher_map))}/{len(fisher_map.modules)} {noun}"
 
 
-def summary_line(fisher_map: FisherMap) -> str:
+def summary_line(fisher_map: MapContent) -> str:
     """One line: adapted modules, rank range and median, LoRA parameters versus flat LoRA.
 
     ``35/36 modules adapted, ranks 2-24 (median 7), 331,776 LoRA parameters = 1.00x flat rank 8 (331,776)``
@@ -96,7 +95,7 @@ def summary_line(fisher_map: FisherMap) -> str:
     return line
 
 
-def at_full_size(fisher_map: FisherMap) -> dict[str, int]:
+def at_full_size(fisher_map: MapContent) -> dict[str, int]:
     """``{module: rank}`` of the adapted modules whose rank is their size, ``min(d_in, d_out)``,
     below ``rank_max``: the allocation stopped there because a larger adapter would not fit."""
     rank_max = fisher_map.budget.rank_max
@@ -104,7 +103,7 @@ def at_full_size(fisher_map: FisherMap) -> dict[str, int]:
             if m.rank is not None and m.rank_limit < rank_max and m.rank == m.rank_limit}
 
 
-def stop_line(fisher_map: FisherMap) -> str:
+def stop_line(fisher_map: MapContent) -> str:
     """Why the analysis ended, in one sentence, and what to do when it did not converge.
 
     ``analysis converged after 7 batches (112 samples): split-half Spearman 0.95, at least 0.9
@@ -148,7 +147,7 @@ def _correlation_of(method: str) -> Optional[str]:
     return None if criterion.correlation_of == "module scores" else criterion.correlation_of
 
 
-def header_fields(fisher_map: FisherMap) -> list[tuple[str, str]]:
+def header_fields(fisher_map: MapContent) -> list[tuple[str, str]]:
     """``(label, text)`` pairs describing how a map was made and what it allocates.
 
     Labels, in order (those in brackets only when the map records it): ``[map]`` (its file),
@@ -244,7 +243,7 @@ def _focus_field(focus: TimestepFocusRecord) -> str:
     return text
 
 
-def plot_title(fisher_map: FisherMap) -> str:
+def plot_title(fisher_map: MapContent) -> str:
     """Two lines: the model, then the analysis (focus, samples, stop) and the allocation.
 
     Args:
@@ -264,7 +263,7 @@ def plot_title(fisher_map: FisherMap) -> str:
 
 
 def fit_summary(
-    fisher_map: Optional[FisherMap],
+    fisher_map: Optional[MapContent],
     application: Optional[MapApplication],
     *,
     ranks: Mapping[str, int],
@@ -342,14 +341,14 @@ def fit_summary(
     return "\n".join(lines)
 
 
-def _rank_text(fisher_map: FisherMap, name: str, names: set[str]) -> str:
+def _rank_text(fisher_map: MapContent, name: str, names: set[str]) -> str:
     if name not in names:
         return "absent"
     rank = _ranks(fisher_map).get(name)
     return "excluded" if rank is None else str(rank)
 
 
-def rank_changes(old: FisherMap, new: FisherMap) -> list[str]:
+def rank_changes(old: MapContent, new: MapContent) -> list[str]:
     """``"name OLD->NEW"`` for every module whose rank differs between two maps, in ``new``'s order.
 
     A rank reads ``excluded`` for a candidate without adapter and ``absent`` for a module that
@@ -371,7 +370,7 @@ def rank_changes(old: FisherMap, new: FisherMap) -> list[str]:
     return changes
 
 
-def replaced_map_note(old: Optional[FisherMap], new: FisherMap, backup: str, problem: str = "") -> str:
+def replaced_map_note(old: Optional[MapContent], new: MapContent, backup: str, problem: str = "") -> str:
     """One line when ``new`` replaced an earlier map, which was kept as ``backup``.
 
     ``fisher map replaced: the previous one (created 2026-01-01T10:00:00Z) is kept as

@@ -28,15 +28,9 @@ from lightning_fisher.allocation.settings import (
     resolve_settings,
     settings_or_options,
 )
-from lightning_fisher.analysis.files import (
-    BACKUP_SUFFIX,
-    check_writable,
-    dataset_record,
-    map_destination,
-    save_keeping_previous,
-    seeded_run,
-)
+from lightning_fisher.analysis.files import check_writable, dataset_record, map_destination, seeded_run
 from lightning_fisher.errors import FisherAnalysisError
+from lightning_fisher.fisher_map.backup import BACKUP_SUFFIX, save_keeping_previous
 from lightning_fisher.fisher_map.map import FisherMap
 from lightning_fisher.analysis.stability import STOPPING_OPTIONS, StabilityRule
 from lightning_fisher.analysis.timesteps import TimestepFocus
