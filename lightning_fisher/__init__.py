@@ -31,6 +31,7 @@ from lightning_fisher._version import __version__
 from lightning_fisher.allocation.settings import AllocationSettings
 from lightning_fisher.allocation.trace_rule import allocate_ranks
 from lightning_fisher.analysis.accumulator import FisherAccumulator
+from lightning_fisher.analysis.options import AnalysisOptions
 from lightning_fisher.analysis.candidates import select_candidates
 from lightning_fisher.analysis.collector import FisherCollector
 from lightning_fisher.errors import (
@@ -79,6 +80,7 @@ __all__ = [
     "AdapterRankMismatchError",
     "AdaptiveLoRA",
     "AllocationSettings",
+    "AnalysisOptions",
     "CandidateSelectionError",
     "DatasetFolderError",
     "FisherAccumulator",

@@ -10,7 +10,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from _fresh_python import assert_runs_in_fresh_python
-from lightning_fisher import AllocationSettings, FisherAnalysisError, FisherMap, UniformTimestepSampler, analyze
+from lightning_fisher import (
+    AllocationSettings, AnalysisOptions, FisherAnalysisError, FisherMap, UniformTimestepSampler, analyze,
+)
 from lightning_fisher.allocation.spectrum_rule import allocate_ranks_from_spectra
 
 RANKS = dict(rank=4, rank_min=1, rank_max=16)
@@ -327,7 +329,7 @@ def test_a_loop_of_your_own_drives_the_analysis_session_and_an_error_restores_th
     model, rule = net(), StabilityRule(patience=2, min_batches=2, threshold=0.0)
     before = snapshot(model)
     tracker = StabilityTracker(rule)
-    with AnalysisSession(model, allocation=AllocationSettings(**RANKS), seed=0) as session:
+    with AnalysisSession(model, allocation=AllocationSettings(**RANKS), options=AnalysisOptions(seed=0)) as session:
         assert not any(p.requires_grad for p in model.parameters()) and not model.training
         for batch in loader():
             session.measure(lambda: cross_entropy(model, batch), source="my loop")

@@ -32,6 +32,7 @@ from lightning_fisher.allocation.settings import (
     settings_or_options,
 )
 from lightning_fisher.fisher_map.map import FisherMap
+from lightning_fisher.analysis.options import ANALYSIS_OPTIONS, AnalysisOptions, options_from
 from lightning_fisher.analysis.plain_loop import analyze_plain
 from lightning_fisher.analysis.stability import STOPPING_OPTIONS, StabilityRule
 from lightning_fisher.analysis.timesteps import TimestepFocus
@@ -41,6 +42,7 @@ __all__ = ["analyze"]
 
 @settings_or_options("allocation", AllocationSettings, ALLOCATION_OPTIONS)
 @settings_or_options("stopping", StabilityRule, STOPPING_OPTIONS)
+@settings_or_options("options", AnalysisOptions, ANALYSIS_OPTIONS)
 def analyze(
     model: nn.Module,
     data: Any,
@@ -52,29 +54,30 @@ def analyze(
     rank_min: int = AllocationSettings.rank_min,
     rank_max: int = AllocationSettings.rank_max,
     rank_mode: Literal["median", "budget"] = AllocationSettings.mode,
-    timestep_focus: Union[str, TimestepFocus] = "balanced",
+    timestep_focus: Union[str, TimestepFocus] = AnalysisOptions.timestep_focus,
     timestep_sampler: Optional[Callable[..., torch.Tensor]] = None,
     convergence_patience: int = StabilityRule.patience,
     stability_threshold: float = StabilityRule.threshold,
     min_batches: int = StabilityRule.min_batches,
     max_batches: Optional[int] = StabilityRule.max_batches,
     max_epochs: int = 1,
-    seed: Optional[int] = 0,
-    include: Optional[Sequence[str]] = None,
-    exclude: Sequence[str] = (),
-    module_types: Optional[Sequence[type]] = None,
-    loss_reduction: Literal["mean", "sum"] = "mean",
-    train_mode: bool = False,
+    seed: Optional[int] = AnalysisOptions.seed,
+    include: Optional[Sequence[str]] = AnalysisOptions.include,
+    exclude: Sequence[str] = AnalysisOptions.exclude,
+    module_types: Optional[Sequence[type]] = AnalysisOptions.module_types,
+    loss_reduction: Literal["mean", "sum"] = AnalysisOptions.loss_reduction,
+    train_mode: bool = AnalysisOptions.train_mode,
     score_power: float = AllocationSettings.score_power,
     exclude_threshold: float = AllocationSettings.exclude_threshold,
     criterion: str = AllocationSettings.criterion,
-    lora_alpha: Optional[float] = None,
-    use_rslora: bool = False,
+    lora_alpha: Optional[float] = AnalysisOptions.lora_alpha,
+    use_rslora: bool = AnalysisOptions.use_rslora,
     logger: Any = None,
     trainer_kwargs: Optional[dict[str, Any]] = None,
     trainer: Any = None,
     allocation: Optional[AllocationSettings] = None,
     stopping: Optional[StabilityRule] = None,
+    options: Optional[AnalysisOptions] = None,
 ) -> FisherMap:
     """Analyse ``model`` on ``data`` and return (and, given a folder, write) the fisher map.
 
@@ -137,6 +140,10 @@ def analyze(
         stopping: the stopping options (``convergence_patience``, ``stability_threshold``,
             ``min_batches``, ``max_batches``) as one :class:`~lightning_fisher.StabilityRule`;
             then pass none of those.
+        options: the analysis options (``include``, ``exclude``, ``module_types``,
+            ``timestep_focus``, ``loss_reduction``, ``train_mode``, ``seed``, ``lora_alpha``,
+            ``use_rslora``) as one :class:`~lightning_fisher.AnalysisOptions`; then pass none
+            of those.
 
     Returns:
         The map (on every process under DDP / ``torch.distributed``; only rank zero writes it).
@@ -151,7 +158,10 @@ def analyze(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"analyze(): model must be an nn.Module (or a LightningModule), got {type(model).__name__}")
-    focus = TimestepFocus.parse(timestep_focus)
+    options = options_from(
+        options, "analyze", include=include, exclude=exclude, module_types=module_types, timestep_focus=timestep_focus,
+        loss_reduction=loss_reduction, train_mode=train_mode, seed=seed, lora_alpha=lora_alpha, use_rslora=use_rslora,
+    )
     allocation = allocation_from_options(
         allocation, "analyze", rank, rank_min, rank_max, rank_mode, score_power, exclude_threshold, criterion
     )
@@ -163,9 +173,8 @@ def analyze(
         owner="analyze",
     )
     common = dict(
-        dataset_dir=dataset_dir, output=output, max_epochs=max_epochs, seed=seed, include=include, exclude=exclude,
-        module_types=module_types, loss_reduction=loss_reduction, train_mode=train_mode, lora_alpha=lora_alpha,
-        use_rslora=use_rslora, allocation=allocation, stopping=stopping,
+        dataset_dir=dataset_dir, output=output, max_epochs=max_epochs, allocation=allocation, stopping=stopping,
+        options=options,
     )
     if loss_fn is None and _is_lightning_module(model):
         if timestep_sampler is not None:
@@ -179,9 +188,7 @@ def analyze(
             trainer_kwargs = {**(trainer_kwargs or {}), "logger": logger}
         from lightning_fisher.training.analyze import analyze as analyze_with_trainer
 
-        return analyze_with_trainer(
-            model, data, timestep_focus=focus, trainer_kwargs=trainer_kwargs, trainer=trainer, **common
-        )
+        return analyze_with_trainer(model, data, trainer_kwargs=trainer_kwargs, trainer=trainer, **common)
     if trainer is not None or trainer_kwargs:
         raise ValueError(
             f"analyze(): trainer and trainer_kwargs apply to a LightningModule analysed through its training_step; "
@@ -189,9 +196,7 @@ def analyze(
             + (" (loss_fn was given)" if loss_fn is not None else "")
             + ": leave them out (the plain loop runs on the model's device, under torch.distributed when initialised)"
         )
-    return analyze_plain(
-        model, data, loss_fn, timestep_focus=focus, timestep_sampler=timestep_sampler, logger=logger, **common
-    )
+    return analyze_plain(model, data, loss_fn, timestep_sampler=timestep_sampler, logger=logger, **common)
 
 
 def _is_lightning_module(model: Any) -> bool:

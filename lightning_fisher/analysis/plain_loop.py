@@ -21,8 +21,8 @@ process whose batches run out ends the pass for all. Only rank 0 writes the map.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Callable, Literal, Optional, Union
+from collections.abc import Iterable, Mapping
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import nn
@@ -36,7 +36,7 @@ from lightning_fisher.fisher_map.map import FisherMap
 from lightning_fisher.fisher_map.summary import stop_line
 from lightning_fisher.analysis.processes import TorchProcesses, info_on_rank_zero, is_global_zero, warn_on_rank_zero
 from lightning_fisher.analysis.stability import StabilityRule, StabilityTracker, StopReason
-from lightning_fisher.analysis.timesteps import TimestepFocus
+from lightning_fisher.analysis.options import AnalysisOptions
 
 __all__ = ["LossFn", "analyze_plain", "model_output_loss"]
 
@@ -76,17 +76,9 @@ def analyze_plain(
     *,
     allocation: AllocationSettings,
     stopping: StabilityRule,
-    timestep_focus: TimestepFocus,
+    options: AnalysisOptions,
     timestep_sampler: Optional[Callable[..., torch.Tensor]] = None,
     max_epochs: int = 1,
-    seed: Optional[int] = 0,
-    include: Optional[Sequence[str]] = None,
-    exclude: Sequence[str] = (),
-    module_types: Optional[Sequence[type]] = None,
-    loss_reduction: Literal["mean", "sum"] = "mean",
-    train_mode: bool = False,
-    lora_alpha: Optional[float] = None,
-    use_rslora: bool = False,
     dataset_dir: Union[str, os.PathLike, None] = None,
     output: Union[str, os.PathLike, None] = None,
     logger: Any = None,
@@ -112,21 +104,13 @@ def analyze_plain(
     session = AnalysisSession(
         model,
         allocation=allocation,
-        include=include,
-        exclude=exclude,
-        module_types=module_types,
-        lora_alpha=lora_alpha,
-        use_rslora=use_rslora,
-        timestep_focus=timestep_focus,
+        options=options,
         timestep_sampler=timestep_sampler,
-        loss_reduction=loss_reduction,
-        train_mode=train_mode,
-        seed=seed,
         dataset=dataset_record(dataset_dir if dataset_dir is not None else getattr(data, "dataset_dir", None)),
         processes=processes,
     )
     tracker = StabilityTracker(stopping)
-    with seeded_run(seed):
+    with seeded_run(options.seed):
         batches = _batches_of(data, processes)  # seeded too: a datamodule may split or shuffle in setup
         with session:
             session.record_stability(stopping, tracker)
@@ -154,11 +138,11 @@ def analyze_plain(
     _log(logger, map_metrics(fisher_map), fisher_map.analysis.batches)
     note = no_gradient_note(fisher_map)
     if note is not None:
-        warn_on_rank_zero(note, stacklevel=_USER)
+        warn_on_rank_zero(note)
     if fisher_map.analysis.converged:
         info_on_rank_zero(stop_line(fisher_map))
     else:
-        warn_on_rank_zero(stop_line(fisher_map), stacklevel=_USER)
+        warn_on_rank_zero(stop_line(fisher_map))
     if destination is not None:
         if is_global_zero():
             saved = save_keeping_previous(fisher_map, destination)
@@ -172,8 +156,6 @@ def analyze_plain(
 
 
 _END = object()
-#: The warnings' stack level that points at the caller of analyze (via analysis_entry.analyze).
-_USER = 4
 
 
 def _batches_of(data: Any, processes: TorchProcesses) -> Iterable:

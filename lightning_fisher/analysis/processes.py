@@ -13,8 +13,10 @@ and the Lightning adapter provides it from its Trainer's strategy. The rank-zero
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import warnings
-from typing import Any, Protocol
+from typing import Any, Optional, Protocol
 
 import torch
 import torch.distributed as dist
@@ -103,7 +105,23 @@ def info_on_rank_zero(message: str) -> None:
         _logger().info(message)
 
 
-def warn_on_rank_zero(message: str, stacklevel: int = 3) -> None:
-    """Warn ``message`` (``UserWarning``) on rank zero only (Lightning's ``rank_zero_warn``)."""
+def warn_on_rank_zero(message: str, stacklevel: Optional[int] = None) -> None:
+    """Warn ``message`` (``UserWarning``) on rank zero only (Lightning's ``rank_zero_warn``).
+
+    Args:
+        stacklevel: as for ``warnings.warn``; default the first caller outside this package
+            (the user's line, however many of the package's wrappers lie between).
+    """
     if is_global_zero():
-        warnings.warn(message, UserWarning, stacklevel=stacklevel)
+        warnings.warn(message, UserWarning, stacklevel=stacklevel or _first_level_outside_package())
+
+
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _first_level_outside_package() -> int:
+    # Level 1 is warn_on_rank_zero itself (warnings.warn's stacklevel=1); count up from there.
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE + os.sep):
+        frame, level = frame.f_back, level + 1
+    return level

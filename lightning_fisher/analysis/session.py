@@ -27,13 +27,14 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Mapping, Sequence
-from typing import Any, Callable, Literal, Optional, Union
+from collections.abc import Mapping
+from typing import Any, Callable, Literal, Optional
 
 import torch
 from torch import nn
 
 from lightning_fisher.analysis.accumulator import FisherAccumulator
+from lightning_fisher.analysis.options import AnalysisOptions
 from lightning_fisher.allocation.settings import AllocationSettings
 from lightning_fisher.analysis.candidates import select_candidates
 from lightning_fisher.analysis.collector import FisherCollector
@@ -66,22 +67,13 @@ class AnalysisSession:
     Args:
         model: the model; candidate names in the map are relative to it.
         allocation: the allocation settings (they also name the criterion).
-        include: name patterns of candidate modules (PEFT-style); default every module of
-            ``module_types``.
-        exclude: name patterns to leave out.
-        module_types: candidate module classes; default ``(nn.Linear,)``.
-        lora_alpha: alpha at the base rank recorded in the map; default ``2 * rank``.
-        use_rslora: alpha policy recorded in the map.
-        timestep_focus: ``balanced``, ``texture``, ``structure`` or ``"LO,HI"``; acts on the
-            model's ``timestep_sampler`` (see :mod:`lightning_fisher.analysis.timesteps`).
+        options: what to analyse and record (candidates, timestep focus, loss reduction, mode,
+            seed, alpha policy): :class:`~lightning_fisher.analysis.options.AnalysisOptions`;
+            the seed seeds the spectrum's sketches here (seeding the run is the runner's).
         timestep_sampler: the sampler the loss draws timesteps through, when the model has no
             ``timestep_sampler`` of its own (or to use another for the analysis): it is the
             model's ``timestep_sampler`` for the run, focused, and removed afterwards.
-        loss_reduction: ``"mean"`` when the loss is the mean of per-sample losses, ``"sum"``
-            for a sum.
         norm_strategy: how per-sample norms are computed; ``"auto"`` picks per layer.
-        train_mode: run the model in train mode (dropout active); default eval mode.
-        seed: recorded in the map, and seeds the spectrum's sketches.
         dataset: the analysed dataset folder, recorded in the map.
         processes: the processes the analysis runs in; default :class:`TorchProcesses` (the
             ``torch.distributed`` group when one is initialised, else this process alone).
@@ -92,17 +84,9 @@ class AnalysisSession:
         model: nn.Module,
         *,
         allocation: AllocationSettings,
-        include: Optional[Sequence[str]] = None,
-        exclude: Sequence[str] = (),
-        module_types: Optional[Sequence[type]] = None,
-        lora_alpha: Optional[float] = None,
-        use_rslora: bool = False,
-        timestep_focus: Union[str, TimestepFocus] = "balanced",
+        options: Optional[AnalysisOptions] = None,
         timestep_sampler: Optional[Callable[..., torch.Tensor]] = None,
-        loss_reduction: Literal["mean", "sum"] = "mean",
         norm_strategy: Literal["auto", "ghost", "materialize"] = "auto",
-        train_mode: bool = False,
-        seed: Optional[int] = None,
         dataset: Optional[DatasetRecord] = None,
         processes: Optional[Processes] = None,
     ) -> None:
@@ -114,14 +98,17 @@ class AnalysisSession:
         self.allocation = allocation
         #: The criterion the settings name (what it gathers, how it stops and allocates).
         self.criterion = criterion_named(allocation.criterion)
-        self.candidate_selection = dict(include=include, exclude=exclude, module_types=module_types)
-        self.alpha_policy = dict(lora_alpha=lora_alpha, use_rslora=use_rslora)
-        self.timestep_focus = TimestepFocus.parse(timestep_focus)
+        self.options = options if options is not None else AnalysisOptions()
+        if not isinstance(self.options, AnalysisOptions):
+            raise TypeError(f"options must be an AnalysisOptions, got {type(self.options).__name__}")
+        self.candidate_selection = self.options.candidate_selection
+        self.alpha_policy = dict(lora_alpha=self.options.lora_alpha, use_rslora=self.options.use_rslora)
+        self.timestep_focus: TimestepFocus = self.options.timestep_focus
         self.timestep_sampler = timestep_sampler
-        self.loss_reduction = loss_reduction
+        self.loss_reduction = self.options.loss_reduction
         self.norm_strategy = norm_strategy
-        self.train_mode = train_mode
-        self.seed = seed
+        self.train_mode = self.options.train_mode
+        self.seed = self.options.seed
         self.dataset = dataset
         self.processes: Processes = processes if processes is not None else TorchProcesses(_device_of(model))
         #: Set up by :meth:`prepare`: the hooks, this process's running sums, and the sums over

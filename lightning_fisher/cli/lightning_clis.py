@@ -18,7 +18,7 @@ import sys
 import typing
 import warnings
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
@@ -33,7 +33,8 @@ from lightning_fisher.fisher_map.codec import resolve_map_path
 from lightning_fisher.wording import folders_created, plural
 from lightning_fisher.cli.values import comma_list
 from lightning_fisher.analysis.stability import StabilityRule
-from lightning_fisher.analysis.timesteps import FOCUS_HELP, TimestepFocus
+from lightning_fisher.analysis.options import AnalysisOptions
+from lightning_fisher.training.defaults import TRAINER_DEFAULTS
 from lightning_fisher.training.adaptive_lora import AdaptiveLoRA, flag_spelling
 
 __all__ = ["AnalyzeCLI", "TrainCLI", "build_analyze_cli", "run_analyze", "run_trainer_subcommand"]
@@ -111,41 +112,41 @@ class AnalyzeCLI(LightningCLI):
         add = parser.add_argument
         add("--output", type=Optional[str], default=None, help="Map file or folder (default: the dataset folder).")
         _add_settings_flags(parser, AllocationSettings, only=("rank", "rank_min", "rank_max", "mode", "criterion"))
-        add(
-            "--timestep_focus",
-            type=str,
-            default="balanced",
-            help="Diffusion / flow models: " + "; ".join(f"{k}: {v}" for k, v in FOCUS_HELP.items()) + ".",
-        )
+        _add_option_flag(parser, "timestep_focus", str)
         _add_settings_flags(parser, StabilityRule)
-        add("--seed", type=Optional[int], default=0, help="Seeds building the model, sample order, noise and timesteps.")
+        _add_option_flag(parser, "seed", Optional[int])
         # One seed option: --seed also seeds building the model (Lightning's seed_everything).
         parser.link_arguments("seed", "seed_everything", compute_fn=_seed_or_false, apply_on="parse")
-        add(
-            "--include",
-            type=Optional[Union[list[str], str]],
-            default=None,
-            help="Candidate module name patterns, comma-separated or a list (default: every nn.Linear).",
-        )
-        add(
-            "--exclude",
-            type=Union[list[str], str],
-            default=[],
-            help="Module name patterns to leave out, comma-separated or a list (e.g. a freshly initialised head).",
-        )
-        add("--loss_reduction", type=Literal["mean", "sum"], default="mean", help="The loss is the mean or the sum over samples.")
-        add("--train_mode", type=bool, default=False, help="Analyse with dropout on (default: eval mode).")
+        _add_option_flag(parser, "include", Optional[Union[list[str], str]])
+        _add_option_flag(parser, "exclude", Union[list[str], str], default=[])
+        _add_option_flag(parser, "loss_reduction", Literal["mean", "sum"])
+        _add_option_flag(parser, "train_mode", bool)
         _add_settings_flags(parser, AllocationSettings, only=("score_power", "exclude_threshold"))
-        add("--lora_alpha", type=Optional[float], default=None, help="Alpha at the base rank recorded in the map (default 2 * rank).")
-        add("--use_rslora", type=bool, default=False, help="Record the rsLoRA alpha policy in the map.")
+        _add_option_flag(parser, "lora_alpha", Optional[float])
+        _add_option_flag(parser, "use_rslora", bool)
 
     def before_instantiate_classes(self) -> None:
         # Parsed and checked once, before the model is built; run_analyze passes the objects on.
         config = self.config
         _refuse_shortcuts_in_config(config)
-        self.timestep_focus = TimestepFocus.parse(config.timestep_focus)
+        self.options = AnalysisOptions(
+            **{name: config[name] for name in _OPTION_FLAGS},
+            include=_patterns(config.include),
+            exclude=_patterns(config.exclude) or (),
+        )
         self.allocation = _settings_from(config, AllocationSettings)
         self.stopping = _settings_from(config, StabilityRule)
+
+
+# The analysis options given as flags under their own names (include / exclude are parsed as lists).
+_OPTION_FLAGS = ("timestep_focus", "seed", "loss_reduction", "train_mode", "lora_alpha", "use_rslora")
+
+
+def _add_option_flag(parser, name: str, cli_type: Any, **overrides: Any) -> None:
+    """``--NAME`` for one :class:`AnalysisOptions` field: default and help from the field; the type as parsed."""
+    option = next(f for f in AnalysisOptions.fields() if f.name == name)
+    kwargs = {"type": cli_type, "default": option.default, "help": option.metadata["help"], **overrides}
+    parser.add_argument(f"--{option.metadata['flag']}", **kwargs)
 
 
 def _seed_or_false(seed: Optional[int]) -> Union[bool, int]:
@@ -221,17 +222,9 @@ def build_analyze_cli(args: list[str], *, exit_on_error: bool = True) -> Analyze
             run=False,
             auto_configure_optimizers=False,
             save_config_callback=None,
-            trainer_defaults=dict(
-                # Lightning's default logger, as for fit (CSV under lightning_logs/, or TensorBoard
-                # when installed), one row a batch; --trainer.logger false turns it off.
-                logger=True,
-                log_every_n_steps=1,
-                enable_checkpointing=False,
-                enable_model_summary=False,
-                max_epochs=1,
-                num_sanity_val_steps=0,
-                limit_val_batches=0,
-            ),
+            # Lightning's default logger, as for fit (CSV under lightning_logs/, or TensorBoard when
+            # installed), one row a batch; --trainer.logger false turns it off.
+            trainer_defaults={**TRAINER_DEFAULTS, "logger": True},
             args=normalize_flags(args),
             parser_kwargs=parser_kwargs,
         )
@@ -267,14 +260,7 @@ def _analyze(cli: AnalyzeCLI):
         output=c.output,
         allocation=cli.allocation,
         stopping=cli.stopping,
-        timestep_focus=cli.timestep_focus,
-        seed=c.seed,
-        include=_patterns(c.include),
-        exclude=_patterns(c.exclude) or (),
-        loss_reduction=c.loss_reduction,
-        train_mode=c.train_mode,
-        lora_alpha=c.lora_alpha,
-        use_rslora=c.use_rslora,
+        options=cli.options,
         trainer=cli.trainer,
     )
 

@@ -42,6 +42,7 @@ from lightning_fisher.allocation.settings import (
     allocation_from_options,
     settings_or_options,
 )
+from lightning_fisher.analysis.options import ANALYSIS_OPTIONS, AnalysisOptions, options_from
 from lightning_fisher.analysis.session import (
     SCORE_DESCRIPTION,
     AnalysisSession,
@@ -85,20 +86,24 @@ class FisherAnalysisModule(LightningModule):
         train_mode: run the task in train mode (dropout active, Fisher under sampled masks).
             Default ``False``: eval mode, the pretrained model's deterministic Fisher.
         seed: recorded in the map (seeding itself is done by :func:`~lightning_fisher.analyze`
-            or by you, with ``lightning.seed_everything``).
+            or by you, with ``lightning.seed_everything``); ``None`` by default here, because
+            this module seeds nothing (``AnalysisOptions.seed``, 0, is what ``analyze`` seeds with).
         dataset: the analysed dataset folder, recorded in the map.
         allocation: the allocation options (``rank`` ... ``criterion``) as one
             :class:`~lightning_fisher.AllocationSettings`; then pass none of those.
+        options: the analysis options (``include`` ... ``seed``, ``lora_alpha``, ``use_rslora``)
+            as one :class:`~lightning_fisher.AnalysisOptions`; then pass none of those.
     """
 
     @settings_or_options("allocation", AllocationSettings, ALLOCATION_OPTIONS)
+    @settings_or_options("options", AnalysisOptions, ANALYSIS_OPTIONS)
     def __init__(
         self,
         task: LightningModule,
         *,
-        include: Optional[Sequence[str]] = None,
-        exclude: Sequence[str] = (),
-        module_types: Optional[Sequence[type]] = None,
+        include: Optional[Sequence[str]] = AnalysisOptions.include,
+        exclude: Sequence[str] = AnalysisOptions.exclude,
+        module_types: Optional[Sequence[type]] = AnalysisOptions.module_types,
         rank: int = AllocationSettings.rank,
         rank_min: int = AllocationSettings.rank_min,
         rank_max: int = AllocationSettings.rank_max,
@@ -106,15 +111,16 @@ class FisherAnalysisModule(LightningModule):
         score_power: float = AllocationSettings.score_power,
         exclude_threshold: float = AllocationSettings.exclude_threshold,
         criterion: str = AllocationSettings.criterion,
-        lora_alpha: Optional[float] = None,
-        use_rslora: bool = False,
-        timestep_focus: Union[str, TimestepFocus] = "balanced",
-        loss_reduction: Literal["mean", "sum"] = "mean",
+        lora_alpha: Optional[float] = AnalysisOptions.lora_alpha,
+        use_rslora: bool = AnalysisOptions.use_rslora,
+        timestep_focus: Union[str, TimestepFocus] = AnalysisOptions.timestep_focus,
+        loss_reduction: Literal["mean", "sum"] = AnalysisOptions.loss_reduction,
         norm_strategy: Literal["auto", "ghost", "materialize"] = "auto",
-        train_mode: bool = False,
+        train_mode: bool = AnalysisOptions.train_mode,
         seed: Optional[int] = None,
         dataset: Optional[DatasetRecord] = None,
         allocation: Optional[AllocationSettings] = None,
+        options: Optional[AnalysisOptions] = None,
     ) -> None:
         super().__init__()
         if not isinstance(task, LightningModule):
@@ -141,16 +147,12 @@ class FisherAnalysisModule(LightningModule):
                 allocation, "FisherAnalysisModule", rank, rank_min, rank_max, rank_mode, score_power,
                 exclude_threshold, criterion,
             ),
-            include=include,
-            exclude=exclude,
-            module_types=module_types,
-            lora_alpha=lora_alpha,
-            use_rslora=use_rslora,
-            timestep_focus=timestep_focus,
-            loss_reduction=loss_reduction,
+            options=options_from(
+                options, "FisherAnalysisModule", include=include, exclude=exclude, module_types=module_types, lora_alpha=lora_alpha,
+                use_rslora=use_rslora, timestep_focus=timestep_focus, loss_reduction=loss_reduction,
+                train_mode=train_mode, seed=seed,
+            ),
             norm_strategy=norm_strategy,
-            train_mode=train_mode,
-            seed=seed,
             dataset=dataset,
             processes=_TrainerProcesses(self),
         )

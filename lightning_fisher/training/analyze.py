@@ -28,6 +28,7 @@ from lightning_fisher.allocation.settings import (
     resolve_settings,
     settings_or_options,
 )
+from lightning_fisher.analysis.options import ANALYSIS_OPTIONS, AnalysisOptions, options_from
 from lightning_fisher.analysis.files import check_writable, dataset_record, map_destination, seeded_run
 from lightning_fisher.errors import FisherAnalysisError
 from lightning_fisher.fisher_map.backup import BACKUP_SUFFIX, save_keeping_previous
@@ -35,6 +36,7 @@ from lightning_fisher.fisher_map.map import FisherMap
 from lightning_fisher.analysis.stability import STOPPING_OPTIONS, StabilityRule
 from lightning_fisher.analysis.timesteps import TimestepFocus
 from lightning_fisher.training.analysis_module import FisherAnalysisModule
+from lightning_fisher.training.defaults import TRAINER_DEFAULTS
 from lightning_fisher.training.analysis_progress import use_analysis_progress_bar
 from lightning_fisher.training.stability_callback import FisherStability, say_why_it_stopped
 
@@ -52,6 +54,7 @@ _QUIET = (
 
 @settings_or_options("allocation", AllocationSettings, ALLOCATION_OPTIONS)
 @settings_or_options("stopping", StabilityRule, STOPPING_OPTIONS)
+@settings_or_options("options", AnalysisOptions, ANALYSIS_OPTIONS)
 def analyze(
     task: pl.LightningModule,
     data: Union[pl.LightningDataModule, DataLoader],
@@ -62,27 +65,28 @@ def analyze(
     rank_min: int = AllocationSettings.rank_min,
     rank_max: int = AllocationSettings.rank_max,
     rank_mode: Literal["median", "budget"] = AllocationSettings.mode,
-    timestep_focus: Union[str, TimestepFocus] = "balanced",
+    timestep_focus: Union[str, TimestepFocus] = AnalysisOptions.timestep_focus,
     convergence_patience: int = StabilityRule.patience,
     stability_threshold: float = StabilityRule.threshold,
     min_batches: int = StabilityRule.min_batches,
     max_batches: Optional[int] = StabilityRule.max_batches,
     max_epochs: int = 1,
-    seed: Optional[int] = 0,
-    include: Optional[Sequence[str]] = None,
-    exclude: Sequence[str] = (),
-    module_types: Optional[Sequence[type]] = None,
-    loss_reduction: Literal["mean", "sum"] = "mean",
-    train_mode: bool = False,
+    seed: Optional[int] = AnalysisOptions.seed,
+    include: Optional[Sequence[str]] = AnalysisOptions.include,
+    exclude: Sequence[str] = AnalysisOptions.exclude,
+    module_types: Optional[Sequence[type]] = AnalysisOptions.module_types,
+    loss_reduction: Literal["mean", "sum"] = AnalysisOptions.loss_reduction,
+    train_mode: bool = AnalysisOptions.train_mode,
     score_power: float = AllocationSettings.score_power,
     exclude_threshold: float = AllocationSettings.exclude_threshold,
     criterion: str = AllocationSettings.criterion,
-    lora_alpha: Optional[float] = None,
-    use_rslora: bool = False,
+    lora_alpha: Optional[float] = AnalysisOptions.lora_alpha,
+    use_rslora: bool = AnalysisOptions.use_rslora,
     trainer_kwargs: Optional[dict[str, Any]] = None,
     trainer: Optional[pl.Trainer] = None,
     allocation: Optional[AllocationSettings] = None,
     stopping: Optional[StabilityRule] = None,
+    options: Optional[AnalysisOptions] = None,
 ) -> FisherMap:
     """Analyse ``task`` on ``data`` and return (and, given a folder, write) the fisher map.
 
@@ -133,6 +137,9 @@ def analyze(
         stopping: the stopping options (``convergence_patience``, ``stability_threshold``,
             ``min_batches``, ``max_batches``) as one :class:`~lightning_fisher.StabilityRule`;
             then pass none of those.
+        options: the analysis options (``include`` ... ``seed``, ``lora_alpha``,
+            ``use_rslora``) as one :class:`~lightning_fisher.AnalysisOptions`; then pass none
+            of those.
 
     Returns:
         The map (on every process under DDP; only global rank zero writes it).
@@ -142,7 +149,10 @@ def analyze(
         FisherAnalysisError: no usable loss or gradients, or the Trainer stopped before the analysis finished.
     """
     # Every setting is parsed and checked here, once, before anything runs.
-    focus = TimestepFocus.parse(timestep_focus)
+    options = options_from(
+        options, "analyze", include=include, exclude=exclude, module_types=module_types, timestep_focus=timestep_focus,
+        loss_reduction=loss_reduction, train_mode=train_mode, seed=seed, lora_alpha=lora_alpha, use_rslora=use_rslora,
+    )
     allocation = allocation_from_options(
         allocation, "analyze", rank, rank_min, rank_max, rank_mode, score_power, exclude_threshold, criterion
     )
@@ -156,23 +166,15 @@ def analyze(
     destination = map_destination(data, dataset_dir, output)
     if destination is not None:
         check_writable(destination)
-    with seeded_run(seed, functools.partial(pl.seed_everything, workers=True, verbose=False)):
+    with seeded_run(options.seed, functools.partial(pl.seed_everything, workers=True, verbose=False)):
         fisher_map, trainer = _run_analysis(
             task, data, trainer=trainer, trainer_kwargs=trainer_kwargs, max_epochs=max_epochs,
             # analyze says why it stopped itself, once the progress bar is gone
             stability=FisherStability(rule=stopping, verbose=False),
             module=FisherAnalysisModule(
                 task,
-                include=include,
-                exclude=exclude,
-                module_types=module_types,
                 allocation=allocation,
-                lora_alpha=lora_alpha,
-                use_rslora=use_rslora,
-                timestep_focus=focus,
-                loss_reduction=loss_reduction,
-                train_mode=train_mode,
-                seed=seed,
+                options=options,
                 dataset=dataset_record(dataset_dir if dataset_dir is not None else getattr(data, "dataset_dir", None)),
             ),
         )
@@ -201,16 +203,7 @@ def _run_analysis(
     module: FisherAnalysisModule,
 ) -> tuple[FisherMap, pl.Trainer]:
     if trainer is None:
-        kwargs = dict(
-            max_epochs=max_epochs,
-            logger=False,
-            log_every_n_steps=1,  # one row a batch when a logger is given
-            enable_checkpointing=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            limit_val_batches=0,
-        )
-        kwargs.update(trainer_kwargs or {})
+        kwargs = {**TRAINER_DEFAULTS, "max_epochs": max_epochs, **(trainer_kwargs or {})}
         kwargs["callbacks"] = [stability, *list(kwargs.get("callbacks") or [])]
         trainer = pl.Trainer(**kwargs)
     elif trainer_kwargs:
