@@ -26,8 +26,8 @@ from typing import Any, Literal, Mapping, Optional, TypeVar
 from lightning_fisher.errors import SettingsError
 from lightning_fisher.wording import a_or_an
 
-__all__ = ["ALLOCATION_MODES", "CRITERIA", "AllocationSettings", "allocation_from_options", "field_help", "resolve_settings",
-           "settings_or_options"]
+__all__ = ["ALLOCATION_MODES", "CRITERIA", "AllocationSettings", "allocation_from_options", "field_help",
+           "other_spellings", "resolve_settings", "settings_or_options"]
 
 ALLOCATION_MODES = ("median", "budget")
 #: The built-in criteria's names; every registered one is ``lightning_fisher.allocation.criteria.criterion_names()``.
@@ -123,6 +123,11 @@ class AllocationSettings:
         if isinstance(threshold, bool) or not (isinstance(threshold, (int, float)) and 0 <= threshold < 1):
             raise SettingsError(f"exclude_threshold: must be in [0, 1), got {threshold!r}", field="exclude_threshold")
 
+    @property
+    def rank_mode(self) -> str:
+        """``mode`` under its command-line name (``AllocationSettings(rank_mode=...)`` works too)."""
+        return self.mode
+
     def describe(self) -> str:
         """One line for people: ``rank 8, min 2, max 32, mode budget`` (plus ``, criterion spectrum``)."""
         text = f"rank {self.rank}, min {self.rank_min}, max {self.rank_max}, mode {self.mode}"
@@ -172,6 +177,40 @@ def _criterion_help() -> str:
     from lightning_fisher.allocation.criteria import criterion_named, criterion_names
 
     return "; ".join(f"{name}: {criterion_named(name).help}" for name in criterion_names()) + "."
+
+
+def other_spellings(**spellings: str) -> Callable[[_F], _F]:
+    """Accept an option under another spelling: ``@other_spellings(rank_mode="mode")``.
+
+    One name per option across Python, YAML and the command line: the command line's names
+    (``rank_mode``, ``convergence_patience``, ``stability_threshold``) work in every Python
+    call, and the older Python spellings (``mode``, ``patience``, ``threshold``) keep working
+    where they were accepted. Giving both spellings of one option is refused. Outermost of a
+    function's decorators, so the others see the parameter's own name.
+
+    Args:
+        spellings: ``{other spelling: the parameter's name}``.
+    """
+
+    def decorate(function: _F) -> _F:
+        owner = function.__qualname__.replace(".__init__", "")
+
+        @functools.wraps(function)
+        def accepting(*args: Any, **kwargs: Any) -> Any:
+            for spelling, name in spellings.items():
+                if spelling in kwargs:
+                    if name in kwargs:
+                        raise TypeError(f"{owner}: {spelling} and {name} are one option; give it once")
+                    kwargs[name] = kwargs.pop(spelling)
+            return function(*args, **kwargs)
+
+        return accepting  # type: ignore[return-value]
+
+    return decorate
+
+
+# The command line's name works in Python too.
+AllocationSettings.__init__ = other_spellings(rank_mode="mode")(AllocationSettings.__init__)  # type: ignore[method-assign]
 
 
 def settings_or_options(settings: str, cls: type, options: Sequence[str]) -> Callable[[_F], _F]:

@@ -46,6 +46,7 @@ from lightning_fisher.allocation.settings import (
     ALLOCATION_OPTIONS,
     AllocationSettings,
     allocation_from_options,
+    other_spellings,
     settings_or_options,
 )
 
@@ -60,6 +61,7 @@ __all__ = [
 _D = AllocationSettings  # the defaults below are the settings' own
 
 
+@other_spellings(rank_mode="mode")
 @settings_or_options("settings", AllocationSettings, ALLOCATION_OPTIONS)
 def allocate_ranks(
     scores: Mapping[str, float],

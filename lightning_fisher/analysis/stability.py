@@ -35,6 +35,7 @@ from lightning_fisher.allocation.criteria import criterion_named
 # Each criterion's split-half check lives with the criterion; importable from here as before.
 from lightning_fisher.allocation.criteria.spectrum import spectrum_split_half_correlation
 from lightning_fisher.allocation.criteria.trace import split_half_correlation
+from lightning_fisher.allocation.settings import other_spellings
 from lightning_fisher.errors import SettingsError
 
 __all__ = [
@@ -111,6 +112,22 @@ class StabilityRule:
                     f"max_batches ({self.max_batches}) is smaller than min_batches ({self.min_batches})", field="max_batches"
                 )
 
+
+    @property
+    def convergence_patience(self) -> int:
+        """``patience`` under its command-line name (``StabilityRule(convergence_patience=...)`` works too)."""
+        return self.patience
+
+    @property
+    def stability_threshold(self) -> float:
+        """``threshold`` under its command-line name (``StabilityRule(stability_threshold=...)`` works too)."""
+        return self.threshold
+
+
+# The command line's names work in Python too.
+StabilityRule.__init__ = other_spellings(  # type: ignore[method-assign]
+    convergence_patience="patience", stability_threshold="threshold"
+)(StabilityRule.__init__)
 
 #: The stopping options that ``analyze`` takes one by one beside ``stopping=`` (the command line's names).
 STOPPING_OPTIONS = ("convergence_patience", "stability_threshold", "min_batches", "max_batches")

@@ -35,6 +35,7 @@ from lightning_fisher.allocation.settings import (
     ALLOCATION_OPTIONS,
     AllocationSettings,
     allocation_from_options,
+    other_spellings,
     settings_or_options,
 )
 from lightning_fisher.allocation.criteria import criterion_named
@@ -119,6 +120,7 @@ class FisherMap:
 
     # ------------------------------------------------------------------ building
     @classmethod
+    @other_spellings(rank_mode="mode")
     @settings_or_options("allocation", AllocationSettings, ALLOCATION_OPTIONS)
     def from_scores(
         cls,

@@ -40,6 +40,7 @@ from lightning_fisher.allocation.settings import (
     ALLOCATION_OPTIONS,
     AllocationSettings,
     allocation_from_options,
+    other_spellings,
     settings_or_options,
 )
 from lightning_fisher.analysis.options import ANALYSIS_OPTIONS, AnalysisOptions, options_from
@@ -95,6 +96,7 @@ class FisherAnalysisModule(LightningModule):
             as one :class:`~lightning_fisher.AnalysisOptions`; then pass none of those.
     """
 
+    @other_spellings(mode="rank_mode")
     @settings_or_options("allocation", AllocationSettings, ALLOCATION_OPTIONS)
     @settings_or_options("options", AnalysisOptions, ANALYSIS_OPTIONS)
     def __init__(

@@ -25,6 +25,7 @@ from lightning_fisher.allocation.settings import (
     ALLOCATION_OPTIONS,
     AllocationSettings,
     allocation_from_options,
+    other_spellings,
     resolve_settings,
     settings_or_options,
 )
@@ -52,6 +53,7 @@ _QUIET = (
 )
 
 
+@other_spellings(mode="rank_mode", patience="convergence_patience", threshold="stability_threshold")
 @settings_or_options("allocation", AllocationSettings, ALLOCATION_OPTIONS)
 @settings_or_options("stopping", StabilityRule, STOPPING_OPTIONS)
 @settings_or_options("options", AnalysisOptions, ANALYSIS_OPTIONS)

@@ -8,7 +8,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from lightning_fisher.allocation.settings import resolve_settings, settings_or_options
+from lightning_fisher.allocation.settings import other_spellings, resolve_settings, settings_or_options
 from lightning_fisher.fisher_map.map import FisherMap
 from lightning_fisher.fisher_map.summary import stop_line
 from lightning_fisher.analysis.stability import StabilityRule, StabilityTracker, StopReason
@@ -44,6 +44,7 @@ class FisherStability(Callback):
         trainer.fit(FisherAnalysisModule(task), datamodule)
     """
 
+    @other_spellings(convergence_patience="patience", stability_threshold="threshold")
     @settings_or_options("rule", StabilityRule, ("patience", "threshold", "min_batches", "max_batches"))
     def __init__(
         self,

@@ -1,0 +1,85 @@
+"""One name per option: the command line's names work in every Python call; the older spellings still do."""
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_fisher import (
+    AllocationSettings,
+    FisherAnalysisModule,
+    FisherMap,
+    FisherStability,
+    StabilityRule,
+    allocate_ranks,
+    analyze,
+)
+
+SCORES = {"a": 1.0, "b": 16.0, "c": 4.0}
+COSTS = {"a": 10, "b": 10, "c": 10}
+
+
+def test_the_settings_objects_take_and_give_the_command_line_names():
+    allocation = AllocationSettings(rank=4, rank_min=1, rank_max=8, rank_mode="budget")
+    assert allocation == AllocationSettings(rank=4, rank_min=1, rank_max=8, mode="budget")
+    assert allocation.rank_mode == allocation.mode == "budget"
+    rule = StabilityRule(convergence_patience=3, stability_threshold=0.5)
+    assert rule == StabilityRule(patience=3, threshold=0.5)
+    assert (rule.convergence_patience, rule.stability_threshold) == (3, 0.5)
+    # the flags a settings object writes are the same names
+    assert allocation.flags()["rank_mode"] == "budget"
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: AllocationSettings(rank_mode="budget", mode="median"),
+        lambda: StabilityRule(patience=2, convergence_patience=3),
+        lambda: FisherStability(threshold=0.5, stability_threshold=0.6),
+        lambda: allocate_ranks(SCORES, mode="budget", rank_mode="budget"),
+    ],
+)
+def test_both_spellings_of_one_option_are_refused(call):
+    with pytest.raises(TypeError, match="are one option; give it once"):
+        call()
+
+
+def test_allocation_functions_take_either_spelling_with_the_same_result():
+    ranks = dict(rank=2, rank_min=1, rank_max=4, rank_costs=COSTS)
+    budget = allocate_ranks(SCORES, rank_mode="budget", **ranks)
+    assert budget == allocate_ranks(SCORES, mode="budget", **ranks)
+    assert budget != allocate_ranks(SCORES, **ranks)  # the option acts: median mode gives other ranks
+    assert FisherStability(convergence_patience=2, stability_threshold=0.5).rule == StabilityRule(patience=2, threshold=0.5)
+
+
+def test_analyze_and_the_analysis_module_take_the_older_spellings_too():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2))
+    data = [(torch.randn(8, 4), torch.randint(0, 2, (8,))) for _ in range(4)]
+
+    def loss(m, batch):
+        return nn.functional.cross_entropy(m(batch[0]), batch[1])
+
+    common = dict(rank=2, rank_min=1, rank_max=4, max_batches=4, min_batches=0)
+    new = analyze(model, data, loss, rank_mode="budget", convergence_patience=2, stability_threshold=0.5, **common)
+    old = analyze(model, data, loss, mode="budget", patience=2, threshold=0.5, **common)
+    assert new.budget.mode == old.budget.mode == "budget" and new.ranks == old.ranks
+    assert (old.analysis.stability.patience, old.analysis.stability.threshold) == (2, 0.5)
+    with pytest.raises(TypeError, match="analyze: mode and rank_mode are one option"):
+        analyze(model, data, loss, mode="budget", rank_mode="budget")
+    from_scores = FisherMap.from_scores({"0": 1.0, "2": 3.0}, model, rank_mode="budget", rank=2, rank_min=1, rank_max=4)
+    assert from_scores.budget.mode == "budget"
+
+
+def test_the_analysis_module_takes_mode_as_rank_mode():
+    from lightning.pytorch import LightningModule
+
+    class Task(LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.Linear(3, 2)
+
+        def training_step(self, batch, batch_idx):
+            return self.layer(batch).sum()
+
+    module = FisherAnalysisModule(Task(), mode="budget", rank=2, rank_min=1, rank_max=4)
+    assert module.session.allocation.mode == "budget"
