@@ -122,7 +122,7 @@ def test_wizard_session_writes_config_and_runs_analyze(dataset, tmp_path):
     child.expect_exact("fisher map written to", timeout=300)
     assert finish(child) == 0
     out = transcript(child)
-    assert "found 48 samples (.pt: 48)" in out
+    assert "found 48 samples (.pt) in" in out
     # a text classifier has no timestep_sampler: no focus question
     assert "TinyClassifier has no timestep_sampler" in out and "Timestep focus (balanced" not in out
     fit = f"lightning-fisher fit --model {MODEL} --dataset-dir {dataset.resolve()} --data.batch_size 16 --trainer.max_epochs 3"

@@ -28,12 +28,13 @@ from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar, Union
 
 from lightning_fisher.allocation.settings import AllocationSettings
+from lightning_fisher.analysis.options import AnalysisOptions
 from lightning_fisher.data.atomic_io import write_text_atomic
 from lightning_fisher.cli.model_class import (
     accepts_checkpoint_dir, has_timestep_sampler, parse_model_class, required_init_arguments, requires_checkpoint_dir,
 )
 from lightning_fisher.cli.wizard_answers import (
-    CONFIG_FILENAME, DEFAULT_BATCH_SIZE, DEFAULT_SEED, DEMO_MODEL, FRAGILE_FIT_FLAGS, TypedQuestion, WizardAnswers,
+    CONFIG_FILENAME, DEFAULT_BATCH_SIZE, DEMO_MODEL, FRAGILE_FIT_FLAGS, TypedQuestion, WizardAnswers,
     default_presets_dir, fit_command, load_presets, parse_config_path, parse_dataset_folder, parse_focus_range,
     parse_folder, parse_patterns, parse_positive_int, render_config, setting_questions, settings_flags,
 )
@@ -231,12 +232,12 @@ class Wizard:
                 f"  The analysis stops once the module ranking is stable: {_pairs(settings_flags(s[self.stopping]))}.")),
             *self.settings_questions(self.stopping, STOPPING, skip=lambda: not s["change_stopping"]),
             Question("seed", STOPPING, partial(self.ask_typed, "seed", TypedQuestion("seed", Optional[int])),
-                     "  Seeds building the model, the sample order, noise and timesteps ('none': unseeded)."),
+                     f"  {_help(AnalysisOptions, 'seed')[:-1]} ('none': unseeded)."),
             Question("fragile", FRAGILE, lambda: p.yes_no("Is this a distilled / few-step ('turbo') model?", default=False)),
             Question("fragile_confirm", FRAGILE, self.ask_fragile_confirm, FRAGILE_WARNING, lambda: not s["fragile"]),
             Question("summary", SUMMARY, self.show_summary),
             Question("config_path", SAVE, lambda: p.ask("Save the config to", parse=parse_config_path, default=(
-                self.save_config or str(Path(s["dataset"].path) / CONFIG_FILENAME)))),
+                self.save_config or str(s["dataset"].dataset_dir / CONFIG_FILENAME)))),
             Question("overwrite", SAVE, lambda: p.yes_no(f"{s['config_path']} exists. Overwrite it?", default=False)
                      or Redo("config_path"), skip=lambda: not s["config_path"].exists()),
             Question("run_now", SAVE, lambda: p.yes_no("Run the analysis now?", default=True)),
@@ -253,7 +254,7 @@ class Wizard:
         p.say("lightning-fisher wizard: set up a Fisher analysis, which writes fisher_map.json (per-module")
         p.say(f"LoRA ranks) into your dataset folder. Enter takes the [default]; '{BACK}' returns to the")
         p.say("previous question; Ctrl-C cancels. Nothing is written until the last question.")
-        self.state = {self.allocation: self.allocation(), self.stopping: self.stopping(), "seed": DEFAULT_SEED}
+        self.state = {self.allocation: self.allocation(), self.stopping: self.stopping(), "seed": AnalysisOptions.seed}
         asked: list[str] = []
         name: Optional[str] = "model"
         shown = None
@@ -295,7 +296,7 @@ class Wizard:
     def answers(self) -> WizardAnswers:
         s = self.state
         return WizardAnswers(
-            model=s["model"], dataset_dir=s["dataset"].path, checkpoint_dir=s.get("checkpoint_dir"),
+            model=s["model"], dataset_dir=str(s["dataset"].dataset_dir), checkpoint_dir=s.get("checkpoint_dir"),
             init_args={a.name: s[f"arg:{a.name}"] for a in self.arguments()}, exclude=s["exclude"],
             num_samples=len(s["dataset"].files), batch_size=s["batch_size"],
             timestep_focus=s.get("focus_range") or s.get("focus", "balanced"), ranks=s[self.allocation],
@@ -334,7 +335,7 @@ class Wizard:
     def ask_dataset(self) -> Any:
         dataset = self.prompter.ask("Dataset folder (one .pt / .safetensors sample per file)", parse=parse_dataset_folder)
         self.prompter.say(f"  found {dataset.describe()}")
-        existing = Path(dataset.path) / FISHER_MAP_FILENAME
+        existing = dataset.dataset_dir / FISHER_MAP_FILENAME
         if existing.exists():
             self.prompter.warn(f"{existing} already exists; the analysis will replace it and keep it as {existing.name}.bak")
         return dataset
@@ -404,6 +405,10 @@ class Wizard:
         if answers.fragile:
             p.warn(f"fragile model: train on the map with `lightning-fisher fit ... {FRAGILE_FIT_FLAGS}`")
         return SKIPPED
+
+
+def _help(settings: type, name: str) -> str:
+    return next(f.metadata["help"] for f in dataclasses.fields(settings) if f.name == name)
 
 
 def _text(value: Any) -> str:

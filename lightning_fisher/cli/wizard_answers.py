@@ -15,7 +15,6 @@ import os
 import re
 import shlex
 import typing
-from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +26,9 @@ import lightning_fisher
 from lightning_fisher.allocation.settings import AllocationSettings, field_help
 from lightning_fisher.cli.values import comma_list, parse_typed, type_name
 from lightning_fisher.errors import DatasetFolderError
+from lightning_fisher.analysis.options import AnalysisOptions
 from lightning_fisher.analysis.stability import StabilityRule
-from lightning_fisher.data.tensor_folder import list_sample_files
+from lightning_fisher.data.tensor_folder import TensorFolderDataset
 from lightning_fisher.analysis.timesteps import TimestepFocus
 
 __all__ = [
@@ -39,7 +39,6 @@ __all__ = [
 DEMO_MODEL = "lightning_fisher.examples.text_classifier.MiniLMClassifier"
 DATA_CLASS = "lightning_fisher.TensorDirectoryDataModule"
 DEFAULT_BATCH_SIZE = 16
-DEFAULT_SEED = 0  # analyze's --seed default
 CONFIG_FILENAME = "fisher_analyze.yaml"
 #: What ``fit`` needs for a model the user marked fragile (written into the config's comments).
 FRAGILE_FIT_FLAGS = "--adaptive_lora.fragile true --adaptive_lora.allow_fragile true"
@@ -116,24 +115,10 @@ def parse_patterns(text: str) -> list[str]:
     return patterns
 
 
-@dataclass(frozen=True)
-class DatasetFolder:
-    """A checked dataset folder: its absolute path and its sample files."""
-
-    path: str
-    files: tuple[Path, ...]
-
-    def describe(self) -> str:
-        """E.g. ``48 samples (.pt: 48)``."""
-        kinds = sorted(Counter(path.suffix.lower() for path in self.files).items())
-        return f"{len(self.files)} samples ({', '.join(f'{suffix}: {count}' for suffix, count in kinds)})"
-
-
-def parse_dataset_folder(text: str) -> DatasetFolder:
-    """A folder that holds sample files (see :func:`~lightning_fisher.data.tensor_folder.list_sample_files`)."""
-    folder = Path(text).expanduser()
+def parse_dataset_folder(text: str) -> TensorFolderDataset:
+    """A folder that holds sample files, as the analysis will read it (its files listed, none loaded yet)."""
     try:
-        return DatasetFolder(str(folder.resolve()), tuple(list_sample_files(folder)))
+        return TensorFolderDataset(Path(text).expanduser().resolve(), validate="none")
     except DatasetFolderError as error:
         raise ValueError(str(error)) from None
 
@@ -227,7 +212,7 @@ class WizardAnswers:
     preset: Optional[str] = None
     fragile: bool = False
     stopping: StabilityRule = field(default_factory=StabilityRule)
-    seed: Optional[int] = DEFAULT_SEED
+    seed: Optional[int] = AnalysisOptions.seed
     include: Optional[list[str]] = None
 
 
