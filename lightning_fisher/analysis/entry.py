@@ -4,7 +4,7 @@ One entry point, two runners of the same analysis
 (:class:`~lightning_fisher.analysis.session.AnalysisSession`):
 
 * a LightningModule without ``loss_fn``: its ``training_step`` gives the loss, under a fresh
-  ``Trainer`` (:mod:`lightning_fisher.training.analyze`; devices, strategies, loggers and the
+  ``Trainer`` (:func:`lightning_fisher.training.analyze.analyze_with_trainer`; devices, strategies, loggers and the
   progress bar from Lightning);
 * any other ``nn.Module`` (a Hugging Face model, a diffusers model, a plain ``nn.Sequential``),
   or a LightningModule given a ``loss_fn``: a plain loop (:mod:`lightning_fisher.analysis.plain_loop`),
@@ -188,7 +188,7 @@ def analyze(
             if trainer is not None:
                 raise ValueError("analyze(): pass the logger to your trainer, not beside it")
             trainer_kwargs = {**(trainer_kwargs or {}), "logger": logger}
-        from lightning_fisher.training.analyze import analyze as analyze_with_trainer
+        from lightning_fisher.training.analyze import analyze_with_trainer
 
         return analyze_with_trainer(model, data, trainer_kwargs=trainer_kwargs, trainer=trainer, **common)
     if trainer is not None or trainer_kwargs:

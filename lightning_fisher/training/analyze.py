@@ -1,7 +1,8 @@
-"""``analyze()`` on the Trainer path: a LightningModule analysed through its ``training_step``.
+"""The Trainer path of ``analyze()``: a LightningModule analysed through its ``training_step``.
 
-:func:`lightning_fisher.analyze` (:mod:`lightning_fisher.analysis.entry`) sends a LightningModule
-given without ``loss_fn`` here; any other model goes to the plain loop
+:func:`lightning_fisher.analyze` (:mod:`lightning_fisher.analysis.entry`; importable from here
+as ``analyze`` too, its older home) sends a LightningModule given without ``loss_fn`` to
+:func:`analyze_with_trainer`; any other model goes to the plain loop
 (:mod:`lightning_fisher.analysis.plain_loop`). Both run the same
 :class:`~lightning_fisher.analysis.session.AnalysisSession` and write the map the same way
 (:mod:`lightning_fisher.analysis.files`).
@@ -14,34 +15,27 @@ import functools
 import logging
 import os
 import warnings
-from collections.abc import Iterator, Sequence
-from typing import Any, Literal, Optional, Union
+from collections.abc import Iterator
+from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
-from lightning_fisher.allocation.settings import (
-    ALLOCATION_OPTIONS,
-    AllocationSettings,
-    allocation_from_options,
-    other_spellings,
-    resolve_settings,
-    settings_or_options,
-)
-from lightning_fisher.analysis.options import ANALYSIS_OPTIONS, AnalysisOptions, options_from
+from lightning_fisher.allocation.settings import AllocationSettings
+from lightning_fisher.analysis.entry import analyze
+from lightning_fisher.analysis.options import AnalysisOptions
 from lightning_fisher.analysis.files import check_writable, dataset_record, map_destination, seeded_run
 from lightning_fisher.errors import FisherAnalysisError
 from lightning_fisher.fisher_map.backup import BACKUP_SUFFIX, save_keeping_previous
 from lightning_fisher.fisher_map.map import FisherMap
-from lightning_fisher.analysis.stability import STOPPING_OPTIONS, StabilityRule
-from lightning_fisher.analysis.timesteps import TimestepFocus
+from lightning_fisher.analysis.stability import StabilityRule
 from lightning_fisher.training.analysis_module import FisherAnalysisModule
 from lightning_fisher.training.defaults import TRAINER_DEFAULTS
 from lightning_fisher.training.analysis_progress import use_analysis_progress_bar
 from lightning_fisher.training.stability_callback import FisherStability, say_why_it_stopped
 
-__all__ = ["BACKUP_SUFFIX", "analyze", "map_destination"]
+__all__ = ["BACKUP_SUFFIX", "analyze", "analyze_with_trainer", "map_destination"]
 
 # Lightning's advice that does not apply to a run that trains nothing.
 _QUIET = (
@@ -53,118 +47,30 @@ _QUIET = (
 )
 
 
-@other_spellings(mode="rank_mode", patience="convergence_patience", threshold="stability_threshold")
-@settings_or_options("allocation", AllocationSettings, ALLOCATION_OPTIONS)
-@settings_or_options("stopping", StabilityRule, STOPPING_OPTIONS)
-@settings_or_options("options", AnalysisOptions, ANALYSIS_OPTIONS)
-def analyze(
+def analyze_with_trainer(
     task: pl.LightningModule,
     data: Union[pl.LightningDataModule, DataLoader],
     *,
+    allocation: AllocationSettings,
+    stopping: StabilityRule,
+    options: AnalysisOptions,
+    max_epochs: int = 1,
     dataset_dir: Union[str, os.PathLike, None] = None,
     output: Union[str, os.PathLike, None] = None,
-    rank: int = AllocationSettings.rank,
-    rank_min: int = AllocationSettings.rank_min,
-    rank_max: int = AllocationSettings.rank_max,
-    rank_mode: Literal["median", "budget"] = AllocationSettings.mode,
-    timestep_focus: Union[str, TimestepFocus] = AnalysisOptions.timestep_focus,
-    convergence_patience: int = StabilityRule.patience,
-    stability_threshold: float = StabilityRule.threshold,
-    min_batches: int = StabilityRule.min_batches,
-    max_batches: Optional[int] = StabilityRule.max_batches,
-    max_epochs: int = 1,
-    seed: Optional[int] = AnalysisOptions.seed,
-    include: Optional[Sequence[str]] = AnalysisOptions.include,
-    exclude: Sequence[str] = AnalysisOptions.exclude,
-    module_types: Optional[Sequence[type]] = AnalysisOptions.module_types,
-    loss_reduction: Literal["mean", "sum"] = AnalysisOptions.loss_reduction,
-    train_mode: bool = AnalysisOptions.train_mode,
-    score_power: float = AllocationSettings.score_power,
-    exclude_threshold: float = AllocationSettings.exclude_threshold,
-    criterion: str = AllocationSettings.criterion,
-    lora_alpha: Optional[float] = AnalysisOptions.lora_alpha,
-    use_rslora: bool = AnalysisOptions.use_rslora,
     trainer_kwargs: Optional[dict[str, Any]] = None,
     trainer: Optional[pl.Trainer] = None,
-    allocation: Optional[AllocationSettings] = None,
-    stopping: Optional[StabilityRule] = None,
-    options: Optional[AnalysisOptions] = None,
 ) -> FisherMap:
-    """Analyse ``task`` on ``data`` and return (and, given a folder, write) the fisher map.
+    """Analyse ``task`` through its ``training_step`` under a ``Trainer``; return (and, given a destination, write) the map.
 
-    Runs :class:`FisherAnalysisModule` under a fresh ``Trainer`` with a
-    :class:`FisherStability` callback. The task's weights are left as they were.
-
-    Args:
-        task: your LightningModule (its ``training_step`` gives the loss).
-        data: a LightningDataModule (its ``train_dataloader``) or a DataLoader.
-        dataset_dir: folder to write ``fisher_map.json`` into and to fingerprint; default the
-            datamodule's ``dataset_dir`` attribute when it has one. With neither (and no
-            ``output``) nothing is written.
-        output: explicit map file or folder, overriding the dataset folder as destination.
-            A map already at the destination is kept as ``fisher_map.json.bak`` (see
-            :data:`BACKUP_SUFFIX`) and the ranks that changed are logged.
-        rank: base rank (median, or flat-equivalent with ``rank_mode="budget"``).
-        rank_min: smallest rank of an adapted module.
-        rank_max: largest rank of an adapted module.
-        rank_mode: ``"median"`` or ``"budget"``.
-        timestep_focus: ``balanced``, ``texture``, ``structure`` or ``"LO,HI"``.
-        convergence_patience: stable batches before stopping (``FisherStability.patience``).
-        stability_threshold: split-half Spearman correlation counted as stable.
-        min_batches: never stop before this many batches.
-        max_batches: stop after this many batches regardless (``None``: when data runs out).
-        max_epochs: passes over the data at most (more than one helps only when the loss is
-            random, e.g. diffusion noise and timesteps).
-        seed: seeds sample order, noise and timesteps (``lightning.seed_everything``); ``None``
-            leaves the random state alone.
-        include: candidate name patterns (default: every ``nn.Linear``).
-        exclude: name patterns to leave out.
-        module_types: candidate module classes.
-        loss_reduction: ``"mean"`` or ``"sum"`` over samples.
-        train_mode: analyse in train mode (dropout on); default eval mode.
-        score_power: exponent of the score-to-rank rule.
-        exclude_threshold: relative score below which a module gets no adapter.
-        criterion: how ranks follow from the analysis: ``"trace"``, ``"spectrum"`` or another
-            registered criterion's name (:mod:`lightning_fisher.allocation.criteria`).
-        lora_alpha: alpha at the base rank recorded in the map; default ``2 * rank``.
-        use_rslora: alpha policy recorded in the map.
-        trainer_kwargs: extra ``Trainer`` arguments (``accelerator``, ``devices``,
-            ``strategy="ddp"``, ``logger``, ``callbacks``, ``precision``, ...).
-        trainer: a ready ``Trainer`` to run the analysis with instead (the stability callback
-            is added to it); exclusive with ``trainer_kwargs``. Give it
-            ``enable_checkpointing=False``: the analysis has nothing worth checkpointing.
-        allocation: the allocation options (``rank``, ``rank_min``, ``rank_max``,
-            ``rank_mode``, ``score_power``, ``exclude_threshold``, ``criterion``) as one
-            :class:`~lightning_fisher.AllocationSettings`; then pass none of those.
-        stopping: the stopping options (``convergence_patience``, ``stability_threshold``,
-            ``min_batches``, ``max_batches``) as one :class:`~lightning_fisher.StabilityRule`;
-            then pass none of those.
-        options: the analysis options (``include`` ... ``seed``, ``lora_alpha``,
-            ``use_rslora``) as one :class:`~lightning_fisher.AnalysisOptions`; then pass none
-            of those.
-
-    Returns:
-        The map (on every process under DDP; only global rank zero writes it).
+    Called by :func:`~lightning_fisher.analyze`, which parses and checks the settings; the
+    arguments mean what they mean there. Runs :class:`FisherAnalysisModule` under a fresh
+    ``Trainer`` (:data:`~lightning_fisher.training.defaults.TRAINER_DEFAULTS` and
+    ``trainer_kwargs``), or under ``trainer``, with a :class:`FisherStability` callback.
 
     Raises:
         FisherMapWriteError: the destination is not writable (checked before analysing).
         FisherAnalysisError: no usable loss or gradients, or the Trainer stopped before the analysis finished.
     """
-    # Every setting is parsed and checked here, once, before anything runs.
-    options = options_from(
-        options, "analyze", include=include, exclude=exclude, module_types=module_types, timestep_focus=timestep_focus,
-        loss_reduction=loss_reduction, train_mode=train_mode, seed=seed, lora_alpha=lora_alpha, use_rslora=use_rslora,
-    )
-    allocation = allocation_from_options(
-        allocation, "analyze", rank, rank_min, rank_max, rank_mode, score_power, exclude_threshold, criterion
-    )
-    stopping = resolve_settings(
-        StabilityRule,
-        stopping,
-        dict(patience=convergence_patience, threshold=stability_threshold, min_batches=min_batches,
-             max_batches=max_batches),
-        owner="analyze",
-    )
     destination = map_destination(data, dataset_dir, output)
     if destination is not None:
         check_writable(destination)
