@@ -21,7 +21,7 @@ The whole program, as a diffusers user writes it, on a model small enough for a 
 What diffusers' loader needs: keys ``unet.`` + the module's name in the UNet (the name the map
 uses, since the UNet itself was analysed) + ``.lora_A.weight`` / ``.lora_B.weight``. Without
 the metadata it infers each rank from ``lora_B``'s shape (ranks survive) but sets every alpha
-to its rank (scale 1), dropping the map's alphas; with the metadata (written here, and by
+to its rank (scale 1; diffusers 0.42), dropping the map's alphas; with the metadata (written here, and by
 ``unet.save_lora_adapter``) it rebuilds the map's ``LoraConfig`` exactly.
 
 Data: scikit-learn's 8x8 digits (:mod:`lightning_fisher.examples.digits_flow.data`), upsampled
