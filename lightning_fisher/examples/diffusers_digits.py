@@ -49,12 +49,13 @@ __all__ = [
     "ADAPTER_NAME",
     "NoisePredictionLoss",
     "digit_batches",
+    "held_out_loss",
     "lora_layout",
     "main",
     "make_scheduler",
     "make_unet",
-    "pretrain",
     "run",
+    "train_steps",
 ]
 
 IMAGE_SIZE = 16
@@ -140,7 +141,7 @@ class NoisePredictionLoss:
         return nn.functional.mse_loss(model(noisy, steps, encoder_hidden_states=condition).sample, noise)
 
 
-def pretrain(model: nn.Module, loss_fn: NoisePredictionLoss, batches: list, steps: int, lr: float = 3e-3) -> list:
+def train_steps(model: nn.Module, loss_fn: NoisePredictionLoss, batches: list, steps: int, lr: float = 3e-3) -> list:
     """A few AdamW steps over ``batches`` (cycled) on every trainable parameter; the losses."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     model.train()
@@ -217,7 +218,7 @@ def _run(out: Path, focus: str, pretrain_steps: int, steps: int, max_batches: in
     scheduler = make_scheduler()
     loss_fn = NoisePredictionLoss(scheduler)
     unet = make_unet()
-    pretrain_losses = pretrain(unet, loss_fn, digit_batches("low", samples=256), pretrain_steps)
+    pretrain_losses = train_steps(unet, loss_fn, digit_batches("low", samples=256), pretrain_steps)
     unet.save_pretrained(out / "base")
 
     before = _weights(unet)
@@ -234,7 +235,7 @@ def _run(out: Path, focus: str, pretrain_steps: int, steps: int, max_batches: in
     verify_adapter_ranks(unet, fisher_map, adapter_name=ADAPTER_NAME)
     test = digit_batches("high", "test", samples=64)
     loss_before = held_out_loss(unet, loss_fn, test)
-    fit_losses = pretrain(unet, loss_fn, digit_batches("high", samples=256), steps, lr=1e-2)
+    fit_losses = train_steps(unet, loss_fn, digit_batches("high", samples=256), steps, lr=1e-2)
     loss_after = held_out_loss(unet, loss_fn, test)
     trained = lora_layout(unet, ADAPTER_NAME)
 
@@ -282,6 +283,7 @@ def _run(out: Path, focus: str, pretrain_steps: int, steps: int, max_batches: in
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
+    """The command line (the module docstring's usage); prints one line and returns the record."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path, help="folder for the map, the base model, the LoRA and record.json")
     parser.add_argument("--focus", default="texture", help="timestep_focus: balanced, texture, structure or LO,HI")
