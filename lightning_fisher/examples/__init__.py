@@ -11,6 +11,9 @@ MiniLM checkpoint, scikit-learn) are only needed by the task you use.
   with a linear head as a LightningModule.
 - :mod:`lightning_fisher.examples.digits_flow`: ``DigitsFlowMatching``, a small rectified-flow
   transformer on scikit-learn's 8x8 digits, for timestep-focus tests and benchmarks.
+- :mod:`lightning_fisher.examples.diffusers_digits`: a diffusers ``UNet2DConditionModel`` on
+  the same digits with a ``DDPMScheduler``: the map applied with ``add_adapter``, the LoRA saved
+  and loaded with diffusers' own functions (``pip install 'lightning-fisher[diffusers]'``).
 - :mod:`lightning_fisher.examples.demo_pipeline`: the demo's steps (write the data, analyse,
   fine-tune, test) for either task; ``lightning-fisher demo`` (:mod:`lightning_fisher.cli.demo`)
   is its command line.
