@@ -20,8 +20,9 @@ Usage::
     python -m lightning_fisher.examples.hf_trainer OUT_DIR [--max-steps 20] [--max-batches 30]
 
 writes ``OUT_DIR/fisher_map.json``, ``OUT_DIR/adapter/`` (the adapter and the head) and
-``OUT_DIR/run.json`` (the callback's record and the losses). Runs on a CPU in about a minute
-with the defaults; nothing is downloaded but the drug-review data (once, cached).
+``OUT_DIR/run.json`` (the callback's record and the losses). With the defaults the analysis
+stops after about 5 batches (the ranking is stable) and the loss falls from about 2.2 to 1.7;
+a minute or two on a CPU. Nothing is downloaded but the drug-review data (once, cached).
 """
 
 from __future__ import annotations
