@@ -10,7 +10,6 @@ peft = pytest.importorskip("peft")
 
 from lightning_fisher import FisherMap, verify_adapter_ranks  # noqa: E402
 from lightning_fisher.examples import hf_trainer  # noqa: E402
-from lightning_fisher.integrations.hf_trainer import FisherMapCallback  # noqa: E402
 
 # Small enough for a CPU test: 8 reviews of 64 tokens a batch, 3 analysis batches, 2 steps.
 BATCH, MAX_LENGTH, MAX_BATCHES, STEPS = 8, 64, 3, 2
@@ -34,18 +33,20 @@ def test_analysis_leaves_the_base_unchanged_and_the_saved_adapter_reloads_with_t
     samples, names = condition_data
     model = hf_trainer.load_classifier(len(names))
     before = {key: value.clone() for key, value in model.state_dict().items()}
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
     fisher_map = hf_trainer.analyze_classifier(model, samples, tmp_path, BATCH, MAX_BATCHES)
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[key], before[key]) for key in before)
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == flags and not model.training
     assert fisher_map.analysis.batches == MAX_BATCHES and fisher_map.analysis.samples == MAX_BATCHES * BATCH
     written = FisherMap.load(tmp_path)
     assert written.ranks == fisher_map.ranks and len(set(written.ranks.values())) > 1  # adaptive, not flat
     assert "bert.pooler.dense" in written.scores and "classifier" not in written.scores  # the new head: not analysed
 
-    peft_model, trainer = hf_trainer.finetune(model, fisher_map, samples, tmp_path, STEPS, BATCH)
-    assert trainer.state.global_step == STEPS
-    callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, FisherMapCallback))
+    peft_model, trainer, callback = hf_trainer.finetune(model, fisher_map, samples, tmp_path, STEPS, BATCH)
+    assert trainer.state.global_step == STEPS and callback in trainer.callback_handler.callbacks
     assert callback.record["fisher_map"]["ranks"] == written.ranks
+    assert callback.record["fisher_map"]["trainable_adapter_parameters"] == written.budget.lora_parameters
     trained = {key: value.clone() for key, value in peft_model.state_dict().items() if "lora_" in key or "modules_to_save" in key}
     lora_b = {key: value for key, value in trained.items() if "lora_B" in key}
     assert len(lora_b) == len(written.ranks)

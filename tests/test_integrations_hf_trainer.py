@@ -1,6 +1,7 @@
 """FisherMapCallback under a real transformers Trainer and real PEFT, on a small BERT built from a config."""
 
 import json
+import logging
 
 import peft
 import pytest
@@ -9,7 +10,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from _fresh_python import assert_runs_in_fresh_python  # noqa: E402
-from lightning_fisher import AdapterRankMismatchError, FisherMap, analyze, lora_config_from_fisher_map  # noqa: E402
+from lightning_fisher import AdapterRankMismatchError, analyze, lora_config_from_fisher_map  # noqa: E402
 from lightning_fisher.integrations.hf_trainer import FisherMapCallback  # noqa: E402
 
 LABELS = 3
@@ -48,11 +49,13 @@ def trainer_for(model, samples, out, callback, **arguments):
     return transformers.Trainer(model=model, args=args, train_dataset=samples, callbacks=[callback])
 
 
-def test_train_start_verifies_the_adapters_and_records_the_map(fisher_map, samples, tmp_path):
+def test_train_start_verifies_the_adapters_and_records_the_map(fisher_map, samples, tmp_path, caplog):
     model = peft.get_peft_model(tiny_bert(), lora_config_from_fisher_map(fisher_map, task_type="SEQ_CLS"))
     callback = FisherMapCallback(fisher_map.path.parent)  # the folder, as the user has it
     assert callback.record is None
-    trainer_for(model, samples, tmp_path / "run", callback).train()
+    with caplog.at_level(logging.INFO, logger="lightning_fisher"):
+        trainer_for(model, samples, tmp_path / "run", callback).train()
+    assert f"Adapters match the fisher map {fisher_map.path}: {fisher_map.summary()}" in caplog.text
     record = callback.record["fisher_map"]
     assert record["ranks"] == fisher_map.ranks and len(record["ranks"]) == record["modules_adapted"] > 0
     assert "classifier" not in record["ranks"]  # the new head is trained in full, not adapted
@@ -61,7 +64,7 @@ def test_train_start_verifies_the_adapters_and_records_the_map(fisher_map, sampl
         fisher_map.budget.criterion, 4, 1, 8)
     assert record["model_fingerprint"] == fisher_map.model.fingerprint
     lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
-    assert record["trainable_adapter_parameters"] >= lora > 0
+    assert record["trainable_adapter_parameters"] == lora > 0  # the LoRA factors, not the head
     json.dumps(callback.record)  # JSON-ready, as trainer_state.json needs
 
 
@@ -87,7 +90,8 @@ def test_a_checkpoint_holds_the_record_and_resuming_restores_the_callback(fisher
     state = json.loads((tmp_path / "run" / "checkpoint-1" / "trainer_state.json").read_text())
     saved = state["stateful_callbacks"]["FisherMapCallback"]
     assert saved["attributes"]["record"] == callback.record
-    assert saved["args"] == {"fisher_map": str(fisher_map.path.resolve()), "adapter_name": "default", "adapter_root": None}
+    assert saved["args"] == {
+        "fisher_map": str(fisher_map.path.resolve()), "adapter_name": "default", "adapter_root": None, "verbose": True}
 
     resumed = trainer_for(model, samples, tmp_path / "run", FisherMapCallback(fisher_map), max_steps=2,
                           save_strategy="steps", save_steps=1, restore_callback_states_from_checkpoint=True)

@@ -30,12 +30,19 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from torch import nn
 
 from lightning_fisher.examples.drug_reviews import condition_label_names, condition_labels, load_drug_reviews
 from lightning_fisher.examples.minilm_checkpoint import minilm_checkpoint_dir, quiet_transformers
+from lightning_fisher.fisher_map.map import FisherMap
+
+if TYPE_CHECKING:
+    import peft
+    import transformers
+
+    from lightning_fisher.integrations.hf_trainer import FisherMapCallback
 
 __all__ = ["HEAD", "analyze_classifier", "condition_samples", "finetune", "load_classifier", "main", "run"]
 
@@ -47,7 +54,7 @@ def load_classifier(num_labels: int) -> nn.Module:
     """all-MiniLM-L6-v2 with a new ``num_labels``-way head, from the packaged checkpoint."""
     from transformers import AutoModelForSequenceClassification
 
-    with quiet_transformers():  # the report lists the new head's weights as missing: they are
+    with quiet_transformers():  # the load report would list the new head's weights as missing, as they are
         return AutoModelForSequenceClassification.from_pretrained(str(minilm_checkpoint_dir()), num_labels=num_labels)
 
 
@@ -68,8 +75,16 @@ def condition_samples(max_length: int = 64) -> tuple[list[dict[str, Any]], list[
 
 
 def analyze_classifier(model: nn.Module, samples: list[dict[str, Any]], out: Path, batch_size: int = 8,
-                       max_batches: int = 30) -> Any:
-    """Analyse the pretrained layers on the samples (the model's own loss) and write ``out/fisher_map.json``."""
+                       max_batches: int = 30) -> FisherMap:
+    """Analyse the pretrained layers with the model's own loss and write ``out/fisher_map.json``.
+
+    Args:
+        model: the classifier; its weights, ``requires_grad`` flags and mode come back as they were.
+        samples: tokenized reviews with ``labels`` (batched in order, the first ``max_batches``).
+        out: folder for the map.
+        batch_size: samples per batch.
+        max_batches: batches at most; the analysis stops earlier once the ranking is stable.
+    """
     from torch.utils.data import DataLoader
     from transformers import default_data_collator
 
@@ -80,12 +95,22 @@ def analyze_classifier(model: nn.Module, samples: list[dict[str, Any]], out: Pat
                    min_batches=min(5, max_batches), rank=8, rank_min=2, rank_max=32)
 
 
-def finetune(model: nn.Module, fisher_map: Any, samples: list[dict[str, Any]], out: Path, max_steps: int = 20,
-             batch_size: int = 8) -> tuple[Any, Any]:
+def finetune(
+    model: nn.Module, fisher_map: FisherMap, samples: list[dict[str, Any]], out: Path, max_steps: int = 20,
+    batch_size: int = 8,
+) -> tuple["peft.PeftModel", "transformers.Trainer", "FisherMapCallback"]:
     """Apply the map with PEFT, train ``max_steps`` Trainer steps, save the adapter to ``out/adapter``.
 
+    Args:
+        model: the analysed classifier (adapters are injected into it).
+        fisher_map: its map (written: the callback records its path).
+        samples: the training samples.
+        out: ``out/adapter`` gets the adapter, ``out/trainer`` is the Trainer's output folder.
+        max_steps: Trainer steps.
+        batch_size: samples per step.
+
     Returns:
-        The ``PeftModel`` and the ``Trainer``.
+        The ``PeftModel``, the ``Trainer`` and the :class:`FisherMapCallback` that checked it.
     """
     import peft
     from transformers import Trainer, TrainingArguments
@@ -98,13 +123,13 @@ def finetune(model: nn.Module, fisher_map: Any, samples: list[dict[str, Any]], o
     peft_model = peft.get_peft_model(model, config)
     args = TrainingArguments(
         output_dir=str(out / "trainer"), max_steps=max_steps, per_device_train_batch_size=batch_size,
-        learning_rate=1e-3, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0,
-        disable_tqdm=True,
+        learning_rate=1e-3, logging_steps=1, save_strategy="no", report_to=[], seed=0, disable_tqdm=True,
     )
-    trainer = Trainer(model=peft_model, args=args, train_dataset=samples, callbacks=[FisherMapCallback(fisher_map)])
+    callback = FisherMapCallback(fisher_map)  # at train start: every adapter has the map's rank
+    trainer = Trainer(model=peft_model, args=args, train_dataset=samples, callbacks=[callback])
     trainer.train()
-    peft_model.save_pretrained(str(out / "adapter"))
-    return peft_model, trainer
+    peft_model.save_pretrained(str(out / "adapter"))  # adapter_config.json carries the map's rank_pattern
+    return peft_model, trainer, callback
 
 
 def run(out: Path, max_steps: int = 20, max_batches: int = 30, batch_size: int = 8, max_length: int = 64) -> dict:
@@ -117,13 +142,10 @@ def run(out: Path, max_steps: int = 20, max_batches: int = 30, batch_size: int =
         batch_size: samples per batch, analysis and training alike.
         max_length: tokens per review.
     """
-    from lightning_fisher.integrations.hf_trainer import FisherMapCallback
-
     samples, names = condition_samples(max_length)
     model = load_classifier(len(names))
     fisher_map = analyze_classifier(model, samples, out, batch_size, max_batches)
-    _, trainer = finetune(model, fisher_map, samples, out, max_steps, batch_size)
-    callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, FisherMapCallback))
+    _, trainer, callback = finetune(model, fisher_map, samples, out, max_steps, batch_size)
     record = {
         **callback.record,
         "losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],

@@ -26,7 +26,6 @@ This module is the only one of the package that imports ``transformers``.
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -35,6 +34,7 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ExportableState
 
+from lightning_fisher.analysis.processes import info_on_rank_zero
 from lightning_fisher.fisher_map.map import FisherMap
 from lightning_fisher.peft_factory.injected import count_adapter_parameters
 from lightning_fisher.peft_factory.locate import load_map
@@ -42,8 +42,6 @@ from lightning_fisher.peft_factory.record import applied_map_record
 from lightning_fisher.peft_factory.verify import verify_adapter_ranks
 
 __all__ = ["FisherMapCallback"]
-
-log = logging.getLogger(__name__)
 
 
 class FisherMapCallback(TrainerCallback, ExportableState):
@@ -57,6 +55,8 @@ class FisherMapCallback(TrainerCallback, ExportableState):
         adapter_name: the PEFT adapter to check.
         adapter_root: as in :func:`~lightning_fisher.lora_config_from_fisher_map`, when the
             model trained is a submodule of the analysed model.
+        verbose: say at train start, on rank zero, which map the adapters were checked against
+            and its summary line (the ``lightning_fisher`` logger, at INFO).
 
     Attributes:
         record: ``{"fisher_map": {...}}`` once training has begun: the map's path, model
@@ -72,6 +72,7 @@ class FisherMapCallback(TrainerCallback, ExportableState):
         fisher_map: Union[FisherMap, str, os.PathLike],
         adapter_name: str = "default",
         adapter_root: Optional[str] = None,
+        verbose: bool = True,
     ) -> None:
         if isinstance(fisher_map, FisherMap) and fisher_map.path is None:
             raise ValueError(
@@ -81,6 +82,7 @@ class FisherMapCallback(TrainerCallback, ExportableState):
         self.fisher_map = load_map(fisher_map)
         self.adapter_name = adapter_name
         self.adapter_root = adapter_root
+        self.verbose = verbose
         self.record: Optional[dict[str, Any]] = None
 
     def on_train_begin(
@@ -104,8 +106,8 @@ class FisherMapCallback(TrainerCallback, ExportableState):
             model, self.fisher_map, adapter_name=self.adapter_name, adapter_root=self.adapter_root
         )
         self.record = applied_map_record(self.fisher_map, ranks, count_adapter_parameters(model))
-        if state.is_world_process_zero:
-            log.info("%s; adapters verified against %s", self.fisher_map.summary(), self.fisher_map.path)
+        if self.verbose:
+            info_on_rank_zero(f"Adapters match the fisher map {self.fisher_map.path}: {self.fisher_map.summary()}")
 
     def state(self) -> dict[str, Any]:
         """What the Trainer writes into a checkpoint's ``trainer_state.json`` and resumes from."""
@@ -114,6 +116,7 @@ class FisherMapCallback(TrainerCallback, ExportableState):
                 "fisher_map": str(Path(self.fisher_map.path).resolve()),
                 "adapter_name": self.adapter_name,
                 "adapter_root": self.adapter_root,
+                "verbose": self.verbose,
             },
             "attributes": {"record": self.record},
         }
