@@ -118,3 +118,20 @@ def test_the_callback_is_public_and_the_analysis_imports_no_transformers():
         "assert FisherMapCallback.__module__ == 'lightning_fisher.integrations.hf_trainer'\n"
         "assert 'transformers' in sys.modules and 'lightning' not in sys.modules\n"
     )
+
+
+def test_no_module_outside_the_examples_and_this_adapter_imports_transformers():
+    import ast
+    from pathlib import Path
+
+    import lightning_fisher
+
+    package = Path(lightning_fisher.__file__).parent
+    importing = set()
+    for path in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([node.module or ""] if isinstance(node, ast.ImportFrom)
+                     else [alias.name for alias in node.names] if isinstance(node, ast.Import) else [])
+            if any(name.split(".")[0] == "transformers" for name in names):
+                importing.add(path.relative_to(package).as_posix())
+    assert {name for name in importing if not name.startswith("examples/")} == {"integrations/hf_trainer.py"}

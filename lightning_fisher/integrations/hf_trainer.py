@@ -21,7 +21,7 @@ callback passed to the Trainer; the Trainer gives a callback no way into them. T
 plain JSON-ready dict: pass it on where you want it (``wandb.config.update(callback.record)``
 once training has begun, or ``json.dump`` next to the adapter).
 
-This module is the only one of the package that imports ``transformers``.
+Outside the examples, this is the one module of the package that imports ``transformers``.
 """
 
 from __future__ import annotations
