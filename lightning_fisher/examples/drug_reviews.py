@@ -345,7 +345,7 @@ def write_condition_dataset(
     Raises:
         DatasetFolderError: ``out_dir`` holds sample files that this function did not write.
     """
-    from lightning_fisher.examples.text_classifier import minilm_checkpoint_dir
+    from lightning_fisher.examples.minilm_checkpoint import minilm_checkpoint_dir
     from lightning_fisher.data.tensor_folder import write_sample_folder
 
     out = Path(out_dir)

