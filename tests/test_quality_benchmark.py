@@ -241,6 +241,7 @@ def test_remeasure_reruns_fisher_runs_whose_map_stopped_by_an_older_rule(tmp_pat
                       **measured)
 
     monkeypatch.setattr(plan_module, "run_one", fake_run)
+    monkeypatch.setattr(plan_module, "current_allocation", lambda *args: {})  # the allocation is unchanged
     plan = [(ARM[name], 1e-3, 0, "") for name in ("fisher_spectrum", "fisher_budget", "flat")]
     digits = replace(REVIEWS, name="digits")
     plan_module.run_plan(store, digits, plan, {}, tmp_path, "test")
@@ -251,6 +252,42 @@ def test_remeasure_reruns_fisher_runs_whose_map_stopped_by_an_older_rule(tmp_pat
     assert remeasured_lines(runs) == [
         "- 1 Fisher runs re-run (`--remeasure`) because their map's analysis now stops by another rule "
         f"({STOPPING_METHODS['spectrum']}); the replaced runs' numbers are kept in the JSON under `previous`"
+    ]
+
+
+def test_remeasure_reruns_fisher_runs_whose_map_the_allocator_now_gives_other_ranks(tmp_path, monkeypatch):
+    from lightning_fisher.fisher_map.records import STOPPING_METHODS
+    from quality_bench import plan as plan_module
+    from quality_bench.measures_report import remeasured_lines
+
+    measured = dict(first_epoch_val_loss=0.8, pretrain_test_loss=0.6, analysis_stop_method=STOPPING_METHODS["trace"])
+    old = {"modules": 22, "min": 1, "median": 3.0, "max": 16}  # a rank above a 4-wide module's size
+    capped = {"modules": 22, "min": 1, "median": 3.0, "max": 8}
+    store = ResultStore(tmp_path / "q.json")
+    store.add_run(record("fisher_budget", 1e-3, 0, 0.70, task="digits", ranks=old, map_lora_parameters=12288, **measured))
+    store.add_run(record("fisher_budget_50", 1e-3, 0, 0.71, task="digits", ranks=capped, map_lora_parameters=6100,
+                         **measured))
+    current = {"fisher_budget": {"ranks": capped, "map_lora_parameters": 12300, "map_ranks": {"a": 8}},
+               "fisher_budget_50": {"ranks": capped, "map_lora_parameters": 6100, "map_ranks": {"a": 8}}}
+    assert store.allocated_otherwise(("digits", "fisher_budget", 1e-3, 0, ""), current["fisher_budget"])
+    # compared on the fields the stored run has: an older run without map_ranks is not stale for lacking it
+    assert not store.allocated_otherwise(("digits", "fisher_budget_50", 1e-3, 0, ""), current["fisher_budget_50"])
+    ran = []
+
+    def fake_run(arm, task, lr, seed, focus, folders, workdir):
+        ran.append(arm.name)
+        return record(arm.name, lr, seed, 0.69, task="digits", **current[arm.name], **measured)
+
+    monkeypatch.setattr(plan_module, "run_one", fake_run)
+    monkeypatch.setattr(plan_module, "current_allocation", lambda arm, *args: current[arm.name])
+    plan = [(ARM[name], 1e-3, 0, "") for name in ("fisher_budget", "fisher_budget_50")]
+    plan_module.run_plan(store, replace(REVIEWS, name="digits"), plan, {}, tmp_path, "test", remeasure=True)
+    assert ran == ["fisher_budget"]
+    rerun = next(r for r in store.runs("digits") if r["arm"] == "fisher_budget")
+    assert rerun["previous"]["ranks"] == old and rerun["previous"]["test_loss"] == 0.70 and rerun["test_loss"] == 0.69
+    assert remeasured_lines(store.runs("digits")) == [
+        "- 1 Fisher runs re-run (`--remeasure`) because this version allocates their map other ranks (no rank above a "
+        "module's size since Dec 2026); the replaced runs' numbers are kept in the JSON under `previous`"
     ]
 
 

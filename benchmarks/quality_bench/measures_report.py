@@ -202,14 +202,16 @@ def forgetting_figure(rows: list[dict], baselines: dict, path: Path) -> Optional
 def remeasured_lines(runs: list[dict]) -> list[str]:
     """Did the runs re-measured with ``--remeasure`` reproduce the stored ones they replaced?
 
-    Runs replaced because their map's analysis now stops by another rule are counted apart:
-    their map changed, so they are not expected to reproduce the old numbers.
+    Runs replaced because their map's analysis now stops by another rule, or because the
+    allocator now gives their map other ranks, are counted apart: their map changed, so they are
+    not expected to reproduce the old numbers.
     """
     again = [r for r in runs if r.get("previous")]
     if not again:
         return []
     new_rule = [r for r in again if _previous_stop_method(r) != r.get("analysis_stop_method")]
-    same_rule = [r for r in again if r not in new_rule]
+    new_ranks = [r for r in again if r not in new_rule and r["previous"].get("ranks", r.get("ranks")) != r.get("ranks")]
+    same_rule = [r for r in again if r not in new_rule and r not in new_ranks]
     lines = []
     if same_rule:
         keys = ("val_loss", "test_loss", "val_acc", "test_acc", "lora_parameters")
@@ -224,6 +226,10 @@ def remeasured_lines(runs: list[dict]) -> list[str]:
         lines.append(f"- {len(new_rule)} Fisher runs re-run (`--remeasure`) because their map's analysis now stops "
                      f"by another rule ({'; '.join(methods)}); the replaced runs' numbers are kept in the JSON "
                      "under `previous`")
+    if new_ranks:
+        lines.append(f"- {len(new_ranks)} Fisher runs re-run (`--remeasure`) because this version allocates their map "
+                     "other ranks (no rank above a module's size since Dec 2026); the replaced runs' numbers are kept "
+                     "in the JSON under `previous`")
     return lines
 
 

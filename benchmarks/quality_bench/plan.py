@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -11,7 +12,7 @@ from quality_bench.measures import MEASURES
 from quality_bench.protocol import Arm, TaskSpec
 from quality_bench.refit import refit_flat
 from quality_bench.selection import choose_lr
-from quality_bench.runs import run_one
+from quality_bench.runs import current_allocation, run_one
 from quality_bench.store import ResultStore
 from lightning_fisher.fisher_map.records import STOPPING_METHODS
 
@@ -70,15 +71,26 @@ def run_plan(store: ResultStore, task: TaskSpec, plan: Plan, folders: dict[str, 
     """Run every planned run not yet in the store, saving each as it finishes.
 
     With ``remeasure``, stored runs made before this version's measurements (``MEASURES``), and
-    Fisher runs whose map's analysis stopped by another rule than this version's for their
-    criterion, run again and replace the stored ones (same protocol and seed; the old numbers
-    are kept).
+    Fisher runs whose map this version would make otherwise (its analysis stopped by another
+    rule than this version's for the criterion, or the allocator now gives other ranks, e.g.
+    since ranks are capped at a module's size), run again and replace the stored ones (same
+    protocol and seed; the old numbers are kept).
     """
+    @functools.lru_cache(maxsize=None)
+    def allocation(arm: Arm, seed: int, focus: str) -> dict:
+        return current_allocation(arm, task, seed, focus, folders, workdir / task.name)
+
     def missing(arm: Arm, key: tuple) -> bool:
         if not store.has(key):
             return True
-        stale_map = arm.kind == "fisher" and store.stopped_by_another_rule(key, STOPPING_METHODS[arm.criterion])
-        return remeasure and (store.lacks(key, MEASURES[task.name]) or stale_map)
+        if not remeasure:
+            return False
+        if store.lacks(key, MEASURES[task.name]):
+            return True
+        return arm.kind == "fisher" and (
+            store.stopped_by_another_rule(key, STOPPING_METHODS[arm.criterion])
+            or store.allocated_otherwise(key, allocation(arm, key[3], key[4]))
+        )
 
     todo = [p for p in plan if missing(p[0], (task.name, p[0].name, float(p[1]), p[2], p[3]))]
     print(f"[{task.name} {phase}] {len(plan) - len(todo)} of {len(plan)} runs already done; {len(todo)} to go",

@@ -74,7 +74,12 @@ def lora_parameter_count(model: torch.nn.Module) -> int:
 def adapter_rank_summary(model: torch.nn.Module) -> dict[str, Any]:
     from lightning_fisher.peft_factory import adapter_ranks
 
-    ranks = sorted(adapter_ranks(model).values())
+    return rank_summary(adapter_ranks(model).values())
+
+
+def rank_summary(values: Iterable[int]) -> dict[str, Any]:
+    """``{"modules", "min", "median", "max"}`` of some ranks (``{"modules": 0}`` for none)."""
+    ranks = sorted(values)
     if not ranks:
         return {"modules": 0}
     return {"modules": len(ranks), "min": ranks[0], "median": statistics.median(ranks), "max": ranks[-1]}
@@ -175,7 +180,7 @@ def attach_adapters(arm: Arm, task: TaskSpec, model, seed: int, focus: str, fold
     fisher_map = arm_fisher_map(arm, task, base, model)
     lora_kwargs = {"use_rslora": True, "lora_alpha": 2.0 * math.sqrt(rank)} if arm.rslora else {}
     facts = {
-        "map_lora_parameters": fisher_map.budget.lora_parameters,
+        **allocation_facts(fisher_map),
         "map_flat_parameters": fisher_map.budget.flat_lora_parameters,
         "analysis_batches": base.analysis.batches,
         "analysis_stop": base.analysis.stop_reason,
@@ -184,6 +189,21 @@ def attach_adapters(arm: Arm, task: TaskSpec, model, seed: int, focus: str, fold
         "excluded": len(fisher_map.excluded),
     }
     return [AdaptiveLoRA(fisher_map=fisher_map, lora_kwargs=lora_kwargs, **common)], facts
+
+
+def allocation_facts(fisher_map) -> dict[str, Any]:
+    """What a Fisher run records of its map besides the adapters' rank summary: every rank, the LoRA parameters."""
+    return {"map_ranks": dict(fisher_map.ranks), "map_lora_parameters": fisher_map.budget.lora_parameters}
+
+
+def current_allocation(arm: Arm, task: TaskSpec, seed: int, focus: str, folders, workdir: Path) -> dict[str, Any]:
+    """What a run of the Fisher arm would record of its map with this version's allocator (the cached analysis).
+
+    The adapters' rank summary (``ranks``) is the map's: the run injects exactly the map's ranks.
+    """
+    base = base_fisher_map(task, seed, focus, folders, workdir, criterion=arm.criterion)
+    fisher_map = arm_fisher_map(arm, task, base, build_model(task, 1e-3, seed, folders))
+    return {**allocation_facts(fisher_map), "ranks": rank_summary(fisher_map.ranks.values())}
 
 
 def eva_initialise(task: TaskSpec, model, rank: int, folders: dict[str, Path], seed: int, workdir: Path) -> None:

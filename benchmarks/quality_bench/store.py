@@ -14,7 +14,7 @@ from quality_bench.protocol import TaskSpec
 
 
 #: What a re-measured run keeps of the run it replaces, to show whether it reproduced it.
-PREVIOUS_FIELDS = ("val_loss", "test_loss", "val_acc", "test_acc", "lora_parameters", "finished", "ranks",
+PREVIOUS_FIELDS = ("val_loss", "test_loss", "val_acc", "test_acc", "lora_parameters", "map_lora_parameters", "finished", "ranks",
                    "analysis_batches", "analysis_stop", "analysis_stop_method")
 
 
@@ -63,6 +63,16 @@ class ResultStore:
     def lacks(self, key: tuple, fields: tuple[str, ...]) -> bool:
         """The stored run ``key`` was made before ``fields`` were measured (a measured value may be ``None``)."""
         return any(run_key(r) == key and not all(f in r for f in fields) for r in self.data["runs"])
+
+    def allocated_otherwise(self, key: tuple, current: dict[str, Any]) -> bool:
+        """The stored Fisher run ``key`` trained a map other than the one this version allocates.
+
+        ``current``: what a run records of its map (:func:`quality_bench.runs.allocation_facts`):
+        the rank summary, the map's LoRA parameters and, for runs recorded since, every rank. A
+        stored run is compared on the fields it has (older runs lack ``map_ranks``).
+        """
+        return any(run_key(r) == key and any(field in r and r[field] != value for field, value in current.items())
+                   for r in self.data["runs"])
 
     def stopped_by_another_rule(self, key: tuple, method: str) -> bool:
         """The stored Fisher run ``key`` used a map whose analysis stopped by another rule than ``method``.

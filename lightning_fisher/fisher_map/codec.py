@@ -17,6 +17,7 @@ import dataclasses
 import json
 import math
 import os
+import warnings
 from collections.abc import Mapping
 from functools import lru_cache
 from importlib import resources
@@ -271,14 +272,18 @@ def check_consistency(fisher_map: records.MapContent, document: Mapping[str, Any
 
     budget = fisher_map.budget
     seen: set[str] = set()
+    oversized: list[str] = []
     for index, module in enumerate(fisher_map.modules):
         if module.name in seen:
             fail(f"$.modules[{index}].name", f"duplicate module name {module.name!r}")
         seen.add(module.name)
         if module.rank is None:
             continue
-        # a module narrower than the bounds is cut to its size, min(d_in, d_out)
-        low, high = min(budget.rank_min, module.rank_limit), min(budget.rank_max, module.rank_limit)
+        # A module narrower than the bounds is cut to its size, min(d_in, d_out); a rank above the
+        # size but within the bounds is a map from before that rule: it loads, with a warning below.
+        low, high = min(budget.rank_min, module.rank_limit), budget.rank_max
+        if module.rank_limit < module.rank <= high:
+            oversized.append(f"{module.name} {module.rank} > {module.rank_limit}")
         if not low <= module.rank <= high:
             limit = f"; the module's size min(d_in, d_out) is {module.rank_limit}" if module.rank_limit < budget.rank_max else ""
             fail(
@@ -324,3 +329,12 @@ def check_consistency(fisher_map: records.MapContent, document: Mapping[str, Any
     lora = lora_parameters(ranks, records.rank_costs_of(fisher_map.modules))
     if lora != budget.lora_parameters:
         fail("$.budget.lora_parameters", f"is {budget.lora_parameters} but the module ranks give {lora}")
+    if oversized:
+        warnings.warn(
+            f"{where}: {len(oversized)} module(s) with a rank above their size min(d_in, d_out) "
+            f"({', '.join(oversized[:5])}{', ...' if len(oversized) > 5 else ''}): a map written before ranks were "
+            "capped at a module's size. It applies as written (the rank above the size adds parameters, not "
+            "capacity); `lightning-fisher reallocate` on it writes the capped ranks",
+            UserWarning,
+            stacklevel=2,
+        )
