@@ -2,16 +2,20 @@
 
 :class:`Task` puts a network in a LightningModule the way most tests need one: cross-entropy on
 ``(x, y)`` batches, optionally a head, an optimizer, a logged or a recorded loss.
-:func:`classification_data` makes seeded batches for it.
+:func:`classification_data` makes seeded batches for it; :func:`write_dataset` writes seeded
+samples as a dataset folder, for the command line.
 """
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Optional
 
 import lightning.pytorch as pl
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_fisher import write_sample_folder
 
 
 class Task(pl.LightningModule):
@@ -99,3 +103,11 @@ def classification_data(
     if classes == 4:
         y = y + 2 * (x[:, 1] > 0).long()
     return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle)
+
+
+def write_dataset(folder: Path, n: int = 64) -> Path:
+    """A dataset folder of ``n`` seeded samples: ``x`` (8 values), ``label`` (how many of the first two are > 0)."""
+    generator = torch.Generator().manual_seed(0)
+    xs = torch.randn(n, 8, generator=generator)
+    write_sample_folder(folder, [{"x": x, "label": torch.tensor(int(x[0] > 0) + int(x[1] > 0))} for x in xs])
+    return folder
