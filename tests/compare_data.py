@@ -1,20 +1,12 @@
 """Shared by the compare tests: a dataset folder with a map from `lightning-fisher analyze`, and independent parameter counts."""
 
 import pytest
-import torch
+from _tasks import write_dataset
 
-from lightning_fisher import write_sample_folder
 from lightning_fisher.allocation.trace_rule import allocate_ranks, lora_parameters
 from lightning_fisher.cli import main
 
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
-
-
-def write_dataset(folder):
-    generator = torch.Generator().manual_seed(0)
-    xs = torch.randn(64, 8, generator=generator)
-    write_sample_folder(folder, [{"x": x, "label": torch.tensor(int(x[0] > 0) + int(x[1] > 0))} for x in xs])
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,12 @@
 import dataclasses
 import logging
 
+import _tasks
 import lightning.pytorch as pl
 import peft
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_fisher import (
     AdapterRankMismatchError,
@@ -36,36 +36,19 @@ class Net(nn.Module):
         return self.out(x)  # pooler unused: its score is zero, so the map excludes it
 
 
-class Task(pl.LightningModule):
+class Task(_tasks.Task):
+    """``Net`` as ``task.model`` and a head, the same weights each time; the tests below subclass it."""
+
     def __init__(self, lr=1e-2, classes=4):
-        super().__init__()
-        torch.manual_seed(0)
-        self.model = Net(classes=classes)
-        self.head = nn.Linear(classes, classes)
-        self.lr = lr
-
-    def forward(self, x):
-        return self.head(self.model(x))
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = nn.functional.cross_entropy(self(x), y)
-        self.log("train_loss", loss)
-        return loss
+        super().__init__(lambda: Net(classes=classes), head=lambda: nn.Linear(classes, classes), lr=lr, log_loss=True)
 
     def validation_step(self, batch, batch_idx):
         x, y = batch
         self.log("val_loss", nn.functional.cross_entropy(self(x), y))
 
-    def configure_optimizers(self):
-        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.lr)
 
-
-def data(n=64):
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(n, 6, generator=generator)
-    y = (x[:, 0] > 0).long() + 2 * (x[:, 1] > 0).long()
-    return DataLoader(TensorDataset(x, y), batch_size=8)
+def data():
+    return _tasks.classification_data(64, 6, classes=4)
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,10 @@
 import json
+from functools import partial
 
 import lightning.pytorch as pl
 import pytest
 import torch
+from _tasks import classification_data
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -36,11 +38,7 @@ class Task(pl.LightningModule):
         return {"loss": loss}
 
 
-def loader(n=96, batch_size=8, seed=0, dtype=torch.float32, shuffle=False):
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 6, generator=generator, dtype=dtype)
-    y = (x[:, 0] > 0).long() + 2 * (x[:, 1] > 0).long()
-    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle)
+loader = partial(classification_data, n=96, features=6, classes=4)
 
 
 def no_early_stop(**kwargs):

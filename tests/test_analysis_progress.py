@@ -1,9 +1,9 @@
 """The analysis' progress bar: no epoch total, and the numbers the user waits for."""
 
 import lightning.pytorch as pl
-import torch
+from _tasks import Task, classification_data
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
-from torch.utils.data import DataLoader, TensorDataset
+from torch import nn
 
 from lightning_fisher import FisherAnalysisModule, FisherStability
 from lightning_fisher.training.analysis_progress import (
@@ -11,16 +11,6 @@ from lightning_fisher.training.analysis_progress import (
     AnalysisRichProgressBar,
     use_analysis_progress_bar,
 )
-
-
-class Task(pl.LightningModule):
-    def __init__(self):
-        super().__init__()
-        self.net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return torch.nn.functional.cross_entropy(self.net(x), y)
 
 
 def test_lightnings_default_bars_are_swapped_and_a_chosen_one_is_kept():
@@ -42,13 +32,13 @@ def test_lightnings_default_bars_are_swapped_and_a_chosen_one_is_kept():
 
 
 def test_the_bar_shows_samples_split_half_and_stable_k_of_patience():
-    x = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
-    data = DataLoader(TensorDataset(x, (x[:, 0] > 0).long()), batch_size=8)
+    data = classification_data(64, 4)
     bar = AnalysisProgressBar()
     stability = FisherStability(patience=3, min_batches=3, threshold=0.0)
     trainer = pl.Trainer(callbacks=[stability, bar], logger=False, enable_checkpointing=False, max_epochs=1,
                          enable_model_summary=False)
-    module = FisherAnalysisModule(Task(), rank=2, rank_min=1, rank_max=4)
+    task = Task(lambda: nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)), attribute="net", seed=None)
+    module = FisherAnalysisModule(task, rank=2, rank_min=1, rank_max=4)
     trainer.fit(module, train_dataloaders=data)
     metrics = bar.get_metrics(trainer, module)
     assert metrics["samples"] == "24" and metrics["stable"] == "3/3"

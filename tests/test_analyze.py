@@ -3,11 +3,9 @@
 import json
 import logging
 
-import lightning.pytorch as pl
 import pytest
-import torch
+from _tasks import Task, classification_data
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_fisher import FisherMap, analyze
 from lightning_fisher.fisher_map.summary import rank_changes, replaced_map_note
@@ -16,21 +14,14 @@ QUIET = dict(enable_progress_bar=False, accelerator="cpu", devices=1)
 SETTINGS = dict(convergence_patience=2, min_batches=2, stability_threshold=0.0, trainer_kwargs=QUIET)
 
 
-class Task(pl.LightningModule):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.layers = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4))
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return nn.functional.cross_entropy(self.layers(x), y)
+def new_task():
+    """Three linear layers, ``layers.0`` / ``.2`` / ``.4``, the same weights each time."""
+    return Task(lambda: nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4)),
+                attribute="layers")
 
 
 def data():
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(64, 6, generator=generator)
-    return DataLoader(TensorDataset(x, (x[:, 0] > 0).long()), batch_size=8)
+    return classification_data(64, 6)
 
 
 @pytest.fixture
@@ -40,10 +31,10 @@ def messages(caplog):
 
 
 def test_a_new_analysis_keeps_the_previous_map_as_bak(tmp_path, messages):
-    first = analyze(Task(), data(), output=tmp_path, rank=4, rank_min=1, rank_max=16, **SETTINGS)
+    first = analyze(new_task(), data(), output=tmp_path, rank=4, rank_min=1, rank_max=16, **SETTINGS)
     assert not (tmp_path / "fisher_map.json.bak").exists()
     first_text = (tmp_path / "fisher_map.json").read_text()
-    second = analyze(Task(), data(), output=tmp_path, rank=8, rank_min=8, rank_max=8, **SETTINGS)
+    second = analyze(new_task(), data(), output=tmp_path, rank=8, rank_min=8, rank_max=8, **SETTINGS)
     assert (tmp_path / "fisher_map.json.bak").read_text() == first_text  # byte for byte
     # rank 8 everywhere, cut to the size of the 6-input and 4-output layers
     assert FisherMap.load(tmp_path / "fisher_map.json").ranks == second.ranks == {
@@ -56,7 +47,7 @@ def test_a_new_analysis_keeps_the_previous_map_as_bak(tmp_path, messages):
         f"{tmp_path / 'fisher_map.json.bak'}; ranks changed in {len(changed)} of 3 modules: {', '.join(changed)}"
     ]
     # the third run keeps the second map: one backup, the latest previous map
-    analyze(Task(), data(), output=tmp_path / "fisher_map.json", rank=8, rank_min=8, rank_max=8, **SETTINGS)
+    analyze(new_task(), data(), output=tmp_path / "fisher_map.json", rank=8, rank_min=8, rank_max=8, **SETTINGS)
     assert json.loads((tmp_path / "fisher_map.json.bak").read_text())["created"] == second.created
     assert messages()[-1].endswith("; ranks unchanged in all 3 modules")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fisher_map.json", "fisher_map.json.bak"]
@@ -64,7 +55,7 @@ def test_a_new_analysis_keeps_the_previous_map_as_bak(tmp_path, messages):
 
 def test_an_unreadable_previous_file_is_kept_too(tmp_path, messages):
     (tmp_path / "fisher_map.json").write_text("{ truncated")
-    analyze(Task(), data(), output=tmp_path, rank=4, rank_min=1, rank_max=16, **SETTINGS)
+    analyze(new_task(), data(), output=tmp_path, rank=4, rank_min=1, rank_max=16, **SETTINGS)
     assert (tmp_path / "fisher_map.json.bak").read_text() == "{ truncated"
     assert FisherMap.load(tmp_path).budget.rank == 4
     assert [m for m in messages() if m.startswith("fisher map replaced")] == [
@@ -74,16 +65,16 @@ def test_an_unreadable_previous_file_is_kept_too(tmp_path, messages):
 
 
 def test_rank_changes_name_excluded_and_absent_modules(tmp_path):
-    first = analyze(Task(), data(), rank=4, rank_min=1, rank_max=16, **SETTINGS)
-    second = analyze(Task(), data(), rank=4, rank_min=1, rank_max=16, exclude=["layers.4"], **SETTINGS)
+    first = analyze(new_task(), data(), rank=4, rank_min=1, rank_max=16, **SETTINGS)
+    second = analyze(new_task(), data(), rank=4, rank_min=1, rank_max=16, exclude=["layers.4"], **SETTINGS)
     assert [c for c in rank_changes(first, second) if c.startswith("layers.4")] == [
         f"layers.4 {first.ranks['layers.4']}->absent"]
     assert replaced_map_note(first, first, "x.bak").endswith("ranks unchanged in all 3 modules")
 
 
 def test_the_replaced_note_says_when_the_criterion_changed():
-    trace = analyze(Task(), data(), rank=4, rank_min=1, rank_max=16, **SETTINGS)
-    spectrum = analyze(Task(), data(), rank=4, rank_min=1, rank_max=16, criterion="spectrum", rank_mode="budget",
+    trace = analyze(new_task(), data(), rank=4, rank_min=1, rank_max=16, **SETTINGS)
+    spectrum = analyze(new_task(), data(), rank=4, rank_min=1, rank_max=16, criterion="spectrum", rank_mode="budget",
                        **{**SETTINGS, "max_batches": 8})
     note = replaced_map_note(trace, spectrum, "x.bak")
     assert note.startswith(f"fisher map replaced: the previous one (created {trace.created}) is kept as x.bak; "

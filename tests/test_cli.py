@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from _tasks import write_dataset
 from safetensors.torch import load_file
 
-from lightning_fisher import FisherMap, write_sample_folder
+from lightning_fisher import FisherMap
 from lightning_fisher.cli import main
 from lightning_fisher.cli.arguments import normalize_flags
 
@@ -21,12 +22,7 @@ QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=
 
 @pytest.fixture
 def dataset(tmp_path):
-    generator = torch.Generator().manual_seed(0)
-    xs = torch.randn(64, 8, generator=generator)
-    samples = [{"x": x, "label": torch.tensor(int(x[0] > 0) + int(x[1] > 0))} for x in xs]
-    folder = tmp_path / "data"
-    write_sample_folder(folder, samples)
-    return folder
+    return write_dataset(tmp_path / "data")
 
 
 def analyze_args(dataset, *extra):

@@ -5,11 +5,10 @@ import warnings
 import dataclasses
 from pathlib import Path
 
-import lightning.pytorch as pl
 import pytest
 import torch
+from _tasks import Task, classification_data
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_fisher
 from lightning_fisher import AllocationSettings, FisherMap, FisherMapSchemaError, SettingsError, analyze
@@ -35,23 +34,15 @@ from tests.test_spectrum_stopping import COSTS, SETTINGS as SPECTRUM_SETTINGS, p
 QUIET = dict(enable_progress_bar=False, logger=False, accelerator="cpu", devices=1)
 
 
-class Task(pl.LightningModule):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.layers = nn.Sequential(
-            nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 4)
-        )
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return nn.functional.cross_entropy(self.layers(x), y)
+def new_task():
+    """Four linear layers, ``layers.0`` / ``.2`` / ``.4`` / ``.6``, the same weights each time."""
+    return Task(lambda: nn.Sequential(
+        nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 4)
+    ), attribute="layers")
 
 
 def data():
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(96, 6, generator=generator)
-    return DataLoader(TensorDataset(x, (x[:, 0] > 0).long()), batch_size=8)
+    return classification_data(96, 6)
 
 
 class SampleCounts:
@@ -134,7 +125,7 @@ def test_a_criterion_is_registered_once_with_its_own_stopping_method(top_half):
 def test_a_third_criterion_runs_end_to_end(top_half, tmp_path):
     settings = AllocationSettings(criterion="top-half", rank=4, rank_min=1, rank_max=8, mode="budget")
     fisher_map = analyze(
-        Task(), data(), output=tmp_path, allocation=settings, convergence_patience=2, min_batches=3,
+        new_task(), data(), output=tmp_path, allocation=settings, convergence_patience=2, min_batches=3,
         stability_threshold=0.0, trainer_kwargs=QUIET,
     )
     # gathered its own statistics through the collector's observer, from every analysed sample
@@ -167,7 +158,7 @@ def test_a_third_criterion_runs_end_to_end(top_half, tmp_path):
 
 def test_analyze_takes_the_criterion_like_every_other_allocation_option():
     fisher_map = analyze(
-        Task(), data(), criterion="spectrum", rank=4, rank_min=1, rank_max=8, rank_mode="budget",
+        new_task(), data(), criterion="spectrum", rank=4, rank_min=1, rank_max=8, rank_mode="budget",
         convergence_patience=2, min_batches=3, max_batches=6, stability_threshold=0.0, trainer_kwargs=QUIET,
     )
     assert fisher_map.budget.criterion == "spectrum" and fisher_map.spectra

@@ -14,6 +14,7 @@ import peft
 import pytest
 import safetensors.torch
 import torch
+from _tasks import Task
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -52,22 +53,9 @@ class Net(nn.Module):
         return self.out(h.mean(dim=1))
 
 
-class Task(pl.LightningModule):
-    def __init__(self, lr=1e-2):
-        super().__init__()
-        torch.manual_seed(0)
-        self.model = Net()
-        self.lr = lr
-        self.losses = []
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = nn.functional.cross_entropy(self.model(x), y)
-        self.losses.append(float(loss.detach()))
-        return loss
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.lr)
+def new_task():
+    """``Net`` as ``task.model``, the same weights each time; AdamW at 1e-2, each step's loss in ``task.losses``."""
+    return Task(Net, lr=1e-2, record_losses=True)
 
 
 def data(n=48, overflow_fp16=()):
@@ -80,7 +68,7 @@ def data(n=48, overflow_fp16=()):
 
 
 def analysed(precision, **kwargs):
-    return analyze(Task(), data(**kwargs), allocation=ALLOCATION, trainer_kwargs={**QUIET, "precision": precision},
+    return analyze(new_task(), data(**kwargs), allocation=ALLOCATION, trainer_kwargs={**QUIET, "precision": precision},
                    **STOP)
 
 
@@ -124,7 +112,7 @@ def test_16_mixed_on_cpu_is_lightnings_bf16_mixed(recwarn):
 
 
 def test_a_true_precision_gives_the_task_back_in_float32_bit_for_bit():
-    task = Task()
+    task = new_task()
     before = {name: t.clone() for name, t in task.state_dict().items()}
     analyze(task, data(), trainer_kwargs={**QUIET, "precision": "bf16-true"}, max_batches=2, min_batches=0)
     after = task.state_dict()
@@ -164,7 +152,7 @@ class DtypeSpy(pl.Callback):
 @pytest.mark.parametrize("precision, weights", [("bf16-true", torch.bfloat16), ("bf16-mixed", torch.float32)])
 def test_accumulators_stay_float64_and_norms_float32_whatever_the_weights(precision, weights, monkeypatch):
     spy = DtypeSpy(monkeypatch)
-    module = FisherAnalysisModule(Task(), allocation=ALLOCATION)
+    module = FisherAnalysisModule(new_task(), allocation=ALLOCATION)
     pl.Trainer(max_epochs=1, limit_train_batches=2, callbacks=[spy], enable_checkpointing=False,
                **{**QUIET, "precision": precision}).fit(module, data())
     # Observer and norms are float32 and outside autocast; the collector hands float64 values on.
@@ -198,17 +186,17 @@ def test_autocast_around_the_backward_does_not_change_the_norms():
 
 
 def test_fp16_overflow_is_skipped_and_counted_end_to_end():
-    fmap = analyze(Task(), data(overflow_fp16=[3, 20]), trainer_kwargs={**QUIET, "precision": "16-true"}, **STOP)
+    fmap = analyze(new_task(), data(overflow_fp16=[3, 20]), trainer_kwargs={**QUIET, "precision": "16-true"}, **STOP)
     assert fmap.analysis.skipped_samples == 2 and fmap.analysis.samples == 46
     assert all(math.isfinite(v) and v > 0 for v in fmap.scores.values())
     assert fmap.summary().endswith("; 2 non-finite samples skipped")
     # the same samples are finite in bf16 (float32's range)
-    assert analyze(Task(), data(overflow_fp16=[3, 20]), trainer_kwargs={**QUIET, "precision": "bf16-true"},
+    assert analyze(new_task(), data(overflow_fp16=[3, 20]), trainer_kwargs={**QUIET, "precision": "bf16-true"},
                    **STOP).analysis.skipped_samples == 0
 
 
 def fit_and_export(fisher_map, precision, folder):
-    task = Task()
+    task = new_task()
     callback = AdaptiveLoRA(fisher_map=fisher_map, adapter_root="model", export_dir=folder, verbose=False)
     trainer = pl.Trainer(max_epochs=2, callbacks=[callback], enable_checkpointing=False, **{**QUIET, "precision": precision})
     trainer.fit(task, data())
@@ -228,7 +216,7 @@ def test_bf16_true_fit_trains_the_adapters_and_exports_what_a_float32_base_loads
     weights = safetensors.torch.load_file(tmp_path / "bf16" / "adapter_model.safetensors")
     assert weights.keys() == safetensors.torch.load_file(tmp_path / "fp32" / "adapter_model.safetensors").keys()
     assert {w.dtype for w in weights.values()} == {torch.bfloat16}
-    loaded = peft.PeftModel.from_pretrained(Task().model, str(tmp_path / "bf16"))
+    loaded = peft.PeftModel.from_pretrained(new_task().model, str(tmp_path / "bf16"))
     loaded_lora = {name: p for name, p in loaded.named_parameters() if "lora_" in name}
     assert {p.dtype for p in loaded_lora.values()} == {torch.float32}
     assert all(torch.equal(loaded_lora[f"base_model.model.{name}"], p.float()) for name, p in lora.items())
@@ -236,5 +224,5 @@ def test_bf16_true_fit_trains_the_adapters_and_exports_what_a_float32_base_loads
     with torch.no_grad():
         trained = task.model.float()(x)  # the bf16 run's base weights are the float32 ones rounded to bf16
         assert torch.allclose(loaded(x), trained, atol=3e-2)
-        assert not torch.allclose(loaded(x), Task().model(x), atol=1e-3)
+        assert not torch.allclose(loaded(x), new_task().model(x), atol=1e-3)
     assert reference.model.embed.lora_A["default"].weight.dtype == torch.float32

@@ -11,8 +11,8 @@ import peft
 import pytest
 import safetensors.torch
 import torch
+from _tasks import Task, classification_data
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_fisher import AdaptiveLoRA, AllocationSettings, analyze
 from lightning_fisher.analysis.candidates import num_parameters, rank_cost, weight_shape
@@ -57,37 +57,16 @@ class Net(nn.Module):
         return x
 
 
-class Task(pl.LightningModule):
+def new_task(kind=None, lr=1e-2):
     """A base of three linear layers (quantized unless ``kind`` is None) and a full-precision head."""
-
-    def __init__(self, kind=None, lr=1e-2):
-        super().__init__()
-        torch.manual_seed(0)
-        self.model = Net()
-        self.head = nn.Linear(WIDTH, 4)
-        if kind is not None:
-            quantize(self.model, kind)
-        self.lr = lr
-        self.losses = []
-
-    def forward(self, x):
-        return self.head(self.model(x))
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = nn.functional.cross_entropy(self(x), y)
-        self.losses.append(loss.item())
-        return loss
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.lr)
+    task = Task(Net, head=lambda: nn.Linear(WIDTH, 4), lr=lr, record_losses=True)
+    if kind is not None:
+        quantize(task.model, kind)
+    return task
 
 
-def data(n=128):
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(n, WIDTH, generator=generator)
-    y = (x[:, 0] > 0).long() + 2 * (x[:, 1] > 0).long()
-    return DataLoader(TensorDataset(x, y), batch_size=16)
+def data():
+    return classification_data(128, WIDTH, classes=4, batch_size=16)
 
 
 def run_analysis(task, criterion="trace"):
@@ -98,7 +77,7 @@ def run_analysis(task, criterion="trace"):
 
 @pytest.fixture(scope="module")
 def maps():
-    return {kind: run_analysis(Task(kind)) for kind in (None, "nf4", "fp4", "int8")}
+    return {kind: run_analysis(new_task(kind)) for kind in (None, "nf4", "fp4", "int8")}
 
 
 @pytest.mark.parametrize("kind", ["nf4", "fp4", "int8"])
@@ -134,17 +113,17 @@ def test_trace_map_of_a_quantized_base_matches_the_full_precision_one(maps, kind
         assert 0.8 < q.score / f.score < 1.25, name
     assert quantized.model.fingerprint == full.model.fingerprint
     assert quantized.model.num_parameters == full.model.num_parameters == 3 * (WIDTH * WIDTH + WIDTH) + WIDTH * 4 + 4
-    assert check_model(full, Task(kind)) is None  # a map made in full precision applies to the quantized base
+    assert check_model(full, new_task(kind)) is None  # a map made in full precision applies to the quantized base
 
 
 @pytest.fixture(scope="module")
 def full_precision_spectrum_map():
-    return run_analysis(Task(), criterion="spectrum")
+    return run_analysis(new_task(), criterion="spectrum")
 
 
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
 def test_spectrum_criterion_on_a_quantized_base(full_precision_spectrum_map, kind):
-    fisher_map = run_analysis(Task(kind), criterion="spectrum")
+    fisher_map = run_analysis(new_task(kind), criterion="spectrum")
     full = {m.name: m for m in full_precision_spectrum_map.modules}
     for record in fisher_map.modules:
         assert len(record.sigma_sq) == len(full[record.name].sigma_sq) == min(8, *record.shape)  # rank_max values
@@ -154,7 +133,7 @@ def test_spectrum_criterion_on_a_quantized_base(full_precision_spectrum_map, kin
 
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
 def test_adaptive_lora_trains_and_exports_on_a_quantized_base(maps, kind, tmp_path):
-    task = Task(kind, lr=1e-2)
+    task = new_task(kind, lr=1e-2)
     packed = task.model.layers[1].weight.detach().clone()
     callback = AdaptiveLoRA(fisher_map=maps["nf4"], adapter_root="model", export_dir=tmp_path / "adapter")
     trainer = pl.Trainer(max_epochs=3, callbacks=[callback], enable_checkpointing=False, **QUIET)
@@ -176,7 +155,7 @@ def test_adaptive_lora_trains_and_exports_on_a_quantized_base(maps, kind, tmp_pa
     ranks = {key[len("base_model.model."):-len(".lora_A.weight")]: value.shape[0]
              for key, value in saved.items() if key.endswith("lora_A.weight")}
     assert ranks == expected
-    base = Task(kind).model  # the same seed: the same quantized weights
+    base = new_task(kind).model  # the same seed: the same quantized weights
     with quantization_declared(base):
         loaded = peft.PeftModel.from_pretrained(base, str(tmp_path / "adapter"))
     assert adapter_ranks(loaded) == expected and isinstance(base.layers[0], bnb_layer)

@@ -13,8 +13,9 @@ import pexpect
 import pytest
 import torch
 import yaml
+from _tasks import write_dataset
 
-from lightning_fisher import AllocationSettings, FisherMap, write_sample_folder
+from lightning_fisher import AllocationSettings, FisherMap
 from lightning_fisher.cli import wizard, wizard_answers
 from lightning_fisher.cli.lightning_clis import build_analyze_cli
 from lightning_fisher.cli.quiet import all_output_discarded
@@ -39,11 +40,7 @@ FLOW = "cli_models.TinyFlow"  # has a timestep_sampler and required __init__ arg
 
 @pytest.fixture
 def dataset(tmp_path):
-    generator = torch.Generator().manual_seed(0)
-    xs = torch.randn(48, 8, generator=generator)
-    folder = tmp_path / "data"
-    write_sample_folder(folder, [{"x": x, "label": torch.tensor(int(x[0] > 0) + int(x[1] > 0))} for x in xs])
-    return folder
+    return write_dataset(tmp_path / "data", n=48)
 
 
 def _env():
