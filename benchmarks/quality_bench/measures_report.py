@@ -210,7 +210,8 @@ def remeasured_lines(runs: list[dict]) -> list[str]:
     if not again:
         return []
     new_rule = [r for r in again if _previous_stop_method(r) != r.get("analysis_stop_method")]
-    new_ranks = [r for r in again if r not in new_rule and r["previous"].get("ranks", r.get("ranks")) != r.get("ranks")]
+    new_ranks = [r for r in again if r not in new_rule and any(
+        r["previous"].get(key, r.get(key)) != r.get(key) for key in ("ranks", "lora_parameters", "map_lora_parameters"))]
     same_rule = [r for r in again if r not in new_rule and r not in new_ranks]
     lines = []
     if same_rule:
