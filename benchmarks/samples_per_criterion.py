@@ -287,7 +287,8 @@ def frontier(results: dict[str, Any]) -> list[dict[str, Any]]:
         crit = key.split("/")[0]
         row = {"arm": arm, "map": key, "lr": runs[0]["lr"], "lora_parameters": runs[0]["lora_parameters"],
                "test_loss": stats(runs, "test_loss"), "seeds": sorted(r["seed"] for r in runs), "versus": {}}
-        for other in (f"{crit}/full",) if "@" in key else (f"{crit}/full", f"{crit}/even"):
+        # the full-data map is the reference; the odd half also meets the even half
+        for other in (f"{crit}/full", f"{crit}/even") if key == f"{crit}/odd" else (f"{crit}/full",):
             if other != key and (arm, other) in groups:
                 row["versus"][other] = judge(runs, groups[(arm, other)], "test_loss", higher_is_better=False)
         rows.append(row)
@@ -312,14 +313,19 @@ def markdown(results: dict[str, Any]) -> str:
                 continue
             curve = " ".join(fmt(c, 2) for c in m["history"])
             lines.append(f"| {key} | {m['batches']} | {m['samples']} ({m['data_samples']}) | {m['stop_reason']} | {curve} |")
-        lines += ["", f"Where other rules would have stopped on the full-data curve (min_batches 5; "
-                  "'—': not within this curve, i.e. not before the default rule's stop):", "",
-                  "| criterion | rule | batches | samples |", "|---|---|---|---|"]
+        columns = sorted({(r["min_batches"], r["threshold"]) for r in maps["trace/full"]["replayed_rules"]},
+                         key=lambda c: (-c[0], -c[1]))
+        lines += ["", "Where other rules would have stopped on the full-data curve, batches (samples); '—': not "
+                  "within the curve (the default rule stopped first, or the data ran out):", "",
+                  "| criterion | patience | " + " | ".join(f"threshold {t}, min {m}" for m, t in columns) + " |",
+                  "|---|---|" + "---|" * len(columns)]
         for criterion in CRITERIA:
-            for r in maps[f"{criterion}/full"]["replayed_rules"]:
-                if r["min_batches"] == 5:
-                    lines.append(f"| {criterion} | patience {r['patience']}, threshold {r['threshold']} | "
-                                 f"{r['batches'] or '—'} | {r['samples'] or '—'} |")
+            replays = {(r["min_batches"], r["threshold"], r["patience"]): r
+                       for r in maps[f"{criterion}/full"]["replayed_rules"]}
+            for patience in sorted({k[2] for k in replays}, reverse=True):
+                cells = [replays[(m, t, patience)] for m, t in columns]
+                lines.append(f"| {criterion} | {patience} | " + " | ".join(
+                    "—" if c["batches"] is None else f"{c['batches']} ({c['samples']})" for c in cells) + " |")
         lines += ["", f"## {name}: map-to-map agreement", "",
                   "| maps | budget | Spearman of ranks | equal ranks | L1 rank difference | LoRA parameters |",
                   "|---|---|---|---|---|---|"]
@@ -356,10 +362,16 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=["digits", "reviews"], choices=["digits", "reviews"])
     parser.add_argument("--no-50", action="store_true", help="fit the digits maps at the base budget only")
     parser.add_argument("--no-fits", action="store_true", help="analyses and agreement only")
+    parser.add_argument("--report-only", action="store_true", help="rewrite the .md from the .json, run nothing")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
     results: dict[str, Any] = json.loads(args.json.read_text()) if args.json.is_file() else {}
+    if args.report_only:
+        if results.get("fits"):
+            results["frontier"] = frontier(results)
+        write_text_atomic(args.json.with_suffix(".md"), markdown(results) + "\n", make_parents=True)
+        return
     results.update(quality_json=str(args.quality_json), status="partial")
     results.setdefault("tasks", {})
 

@@ -92,6 +92,8 @@ def test_frontier_judges_each_map_against_the_full_data_map_by_the_seed_spread()
     rows = {row["map"]: row for row in spc.frontier(results)}
     assert rows["spectrum/full"]["test_loss"]["mean"] == pytest.approx(0.590)
     assert rows["spectrum/full"]["test_loss"]["std"] == pytest.approx(0.002)
+    assert rows["spectrum/full"]["versus"] == {}  # the reference
+    assert list(rows["spectrum/even"]["versus"]) == ["spectrum/full"]
     even = rows["spectrum/even"]["versus"]["spectrum/full"]
     assert even["difference"] == pytest.approx(0.010) and even["word"] == "worse"
     odd = rows["spectrum/odd"]["versus"]
