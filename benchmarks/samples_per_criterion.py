@@ -372,6 +372,8 @@ def main() -> None:
             results["frontier"] = frontier(results)
         write_text_atomic(args.json.with_suffix(".md"), markdown(results) + "\n", make_parents=True)
         return
+    if results.get("workdir") != str(args.workdir):  # its maps are elsewhere: start afresh
+        results = {"workdir": str(args.workdir)}
     results.update(quality_json=str(args.quality_json), status="partial")
     results.setdefault("tasks", {})
 
@@ -389,7 +391,9 @@ def main() -> None:
             save()
     if "digits" in args.tasks and not args.no_fits:
         fit_digits(results, args.workdir, (1.0,) if args.no_50 else (1.0, 0.5), save)
-    results["status"] = "complete"
+    results["status"] = "complete" + ("" if len(args.tasks) == 2 and not args.no_fits and not args.no_50 else
+                                      f" for {' '.join(args.tasks)}" + (", no fits" if args.no_fits else "")
+                                      + (", fits at 100 % only" if args.no_50 and not args.no_fits else ""))
     save()
     print(f"results: {args.json} and {args.json.with_suffix('.md')}")
 
