@@ -99,6 +99,16 @@ def task_threads(task: TaskSpec):
 
 
 
+def map_path(task: TaskSpec, seed: int, focus: str, workdir: Path, criterion: str = "trace") -> Path:
+    """Where :func:`base_fisher_map` caches the seed's map (a map placed there is used as it is)."""
+    tag = f"{task.name}_b{task.analysis_max_batches}_seed{seed}" + (f"_{focus}" if focus else "")
+    if criterion != "trace":
+        tag += f"_{criterion}"
+    if task.limit_train_batches is not None:
+        tag += f"_limit{task.limit_train_batches}"
+    return workdir / "maps" / f"{tag}.json"
+
+
 def base_fisher_map(
     task: TaskSpec, seed: int, focus: str, folders: dict[str, Path], workdir: Path, criterion: str = "trace"
 ):
@@ -112,12 +122,7 @@ def base_fisher_map(
     from lightning_fisher.fisher_map.records import STOPPING_METHODS
     from lightning_fisher.training.analyze import analyze
 
-    tag = f"{task.name}_b{task.analysis_max_batches}_seed{seed}" + (f"_{focus}" if focus else "")
-    if criterion != "trace":
-        tag += f"_{criterion}"
-    if task.limit_train_batches is not None:
-        tag += f"_limit{task.limit_train_batches}"
-    path = workdir / "maps" / f"{tag}.json"
+    path = map_path(task, seed, focus, workdir, criterion)
     if path.is_file():
         cached = FisherMap.load(path)
         stability = cached.analysis.stability if cached.analysis else None
