@@ -33,6 +33,11 @@ Run:  python benchmarks/analysis_speed.py [--rounds 11] [--json benchmarks/resul
 needed) instead, for the cost at longer sequences; ``--model llama:HIDDEN:LAYERS:TOKENS:BATCH`` a
 random-initialised Llama-shaped causal language model with its own next-token loss.
 ``benchmarks/memory_curves.py`` sweeps both over width and sequence length with this machinery.
+``--model digits`` times the small flow-matching model of the digits example
+(``lightning_fisher.examples.digits_flow``: width 64, 3 blocks, 22 ``nn.Linear`` modules of 4 to
+128 features, 16 patch tokens) on a batch of 64 real digits at fixed timesteps and noise, one
+torch thread, with the demo's spectrum settings (rank 4, ranks 1 to 16, sketch width 26): the
+point where fixed per-module costs, not the products, set the analysis' time.
 """
 
 from __future__ import annotations
@@ -47,13 +52,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 VARIANTS = (
-    "train_step", "frozen_floor", "analysis_auto", "analysis_ghost", "analysis_materialize", "analysis_spectrum",
-    "analysis_spectrum_stop",
+    "train_step", "frozen_floor", "analysis_auto", "analysis_auto_stop", "analysis_ghost", "analysis_materialize",
+    "analysis_spectrum", "analysis_spectrum_stop",
 )
 #: Variants the speed table leaves out: the spectrum statistics with every module forced to one method.
 EXTRA_VARIANTS = ("analysis_spectrum_sketch", "analysis_spectrum_exact")
@@ -62,7 +68,11 @@ SPECTRUM_RANK_MAX = 32
 
 
 MINILM = "minilm"
+DIGITS = "digits"
 LLAMA_VOCAB = 32000
+#: The stopping check's allocation settings per model family: the digits demo's (rank 4, ranks 1
+#: to 16), else rank 8, ranks 2 to ``SPECTRUM_RANK_MAX``.
+STOP_SETTINGS = {DIGITS: dict(rank=4, rank_min=1, rank_max=16)}
 
 
 def parse_model(spec: str) -> dict:
@@ -78,17 +88,35 @@ def parse_model(spec: str) -> dict:
     """
     if spec == MINILM:
         return {"name": MINILM, "family": MINILM, "tokens": 128, "batch": 16}
+    if spec == DIGITS:
+        return {"name": DIGITS, "family": DIGITS, "hidden": 64, "layers": 3, "tokens": 16, "batch": 64}
     kind, *numbers = spec.split(":")
     if kind not in ("bert", "llama") or len(numbers) != 4:
         raise SystemExit(
-            f"--model {spec!r}: expected 'minilm', 'bert:HIDDEN:LAYERS:TOKENS:BATCH' or "
+            f"--model {spec!r}: expected 'minilm', 'digits', 'bert:HIDDEN:LAYERS:TOKENS:BATCH' or "
             "'llama:HIDDEN:LAYERS:TOKENS:BATCH'"
         )
     hidden, layers, tokens, batch = (int(n) for n in numbers)
     return {"name": spec, "family": kind, "hidden": hidden, "layers": layers, "tokens": tokens, "batch": batch}
 
 
+def stop_settings(spec: dict):
+    """The spectrum criterion's allocation settings for ``spec`` (its ``rank_max`` sets the sketch width)."""
+    from lightning_fisher import AllocationSettings
+
+    values = STOP_SETTINGS.get(spec.get("family"), dict(rank=8, rank_min=2, rank_max=SPECTRUM_RANK_MAX))
+    return AllocationSettings(criterion="spectrum", **values)
+
+
 def load_batch(spec: dict):
+    if spec["name"] == DIGITS:
+        from lightning_fisher.examples.digits_flow.data import digits_split
+
+        x, _ = digits_split("high").split("train")
+        generator = torch.Generator().manual_seed(0)
+        x0 = x[: spec["batch"]].reshape(-1, 1, 8, 8).float()
+        return {"x": x0, "t": torch.rand(x0.shape[0], generator=generator),
+                "noise": torch.randn(x0.shape, generator=generator)}
     if spec["name"] != MINILM:
         generator = torch.Generator().manual_seed(0)
         size = (spec["batch"], spec["tokens"])
@@ -161,6 +189,10 @@ def load_model(spec: dict):
         from lightning_fisher.examples.text_classifier import MiniLMClassifier
 
         model = MiniLMClassifier(num_classes=9)
+    elif spec["name"] == DIGITS:
+        from lightning_fisher.examples.digits_flow import DigitsFlowMatching
+
+        model = DigitsFlowMatching()
     elif spec["family"] == "llama":
         model = RandomLlamaLM(spec["hidden"], spec["layers"], spec["tokens"])
     else:
@@ -170,6 +202,10 @@ def load_model(spec: dict):
 
 
 def loss_of(model, batch):
+    if "x" in batch:  # the digits model: its denoising loss at the batch's fixed timesteps and noise
+        from lightning_fisher.examples.digits_flow import denoising_loss
+
+        return denoising_loss(model, batch["x"], batch["t"], batch["noise"])
     if isinstance(model, RandomLlamaLM):
         return model.loss(batch)
     logits = model(batch["input_ids"], batch["attention_mask"])
@@ -179,11 +215,14 @@ def loss_of(model, batch):
 class Runner:
     """Holds the model in the state each variant needs and runs one step of it."""
 
-    def __init__(self, model, batch):
+    def __init__(self, model, batch, spec: Optional[dict] = None):
         from lightning_fisher import FisherAccumulator, FisherCollector
 
         self.model = model
         self.batch = batch
+        self.batch_size = next(iter(batch.values())).shape[0]
+        family = (spec or {}).get("family")
+        self.settings = stop_settings(spec or {})
         self.collectors = {
             strategy: FisherCollector(model, norm_strategy=strategy) for strategy in ("auto", "ghost", "materialize")
         }
@@ -191,7 +230,10 @@ class Runner:
         self.accumulator = FisherAccumulator(names)
         self.spectra = {}  # method -> SpectrumSet, built on first use: their sums stay resident
         # The floor's backward starts at the embeddings' output (BERT: the whole embedding block).
-        self._embeddings = getattr(model.encoder, "embeddings", None) or model.encoder.get_input_embeddings()
+        if family == DIGITS:
+            self._embeddings = model.patch_embed
+        else:
+            self._embeddings = getattr(model.encoder, "embeddings", None) or model.encoder.get_input_embeddings()
 
     def spectrum_set(self, method: str):
         """The ``SpectrumSet`` of every candidate with ``method`` (``auto``, ``sketch``, ``exact``), built once."""
@@ -199,7 +241,7 @@ class Runner:
             from lightning_fisher import FisherCollector
             from lightning_fisher.analysis.spectrum import SpectrumSet
 
-            spectra = SpectrumSet(self.collectors["auto"].candidates, rank_max=SPECTRUM_RANK_MAX, method=method)
+            spectra = SpectrumSet(self.collectors["auto"].candidates, rank_max=self.settings.rank_max, method=method)
             self.spectra[method] = spectra
             self.collectors[f"spectrum_{method}"] = FisherCollector(
                 self.model, norm_strategy="auto", observer=spectra.observe
@@ -228,7 +270,7 @@ class Runner:
         self._freeze(True)
         collector = self.collectors[strategy]
         with collector:
-            with collector.batch(batch_size=self.batch["input_ids"].shape[0]) as record:
+            with collector.batch(batch_size=self.batch_size) as record:
                 loss_of(self.model, self.batch).backward()
         self.accumulator.update(record.values, record.finite)
 
@@ -253,13 +295,19 @@ class Runner:
         self.spectrum_set("exact")
         self._analysis("spectrum_exact")
 
+    def analysis_auto_stop(self) -> None:
+        from lightning_fisher.allocation.criteria.trace import split_half_correlation
+
+        self._analysis("auto")
+        split_half_correlation(self.accumulator)
+
     def analysis_spectrum_stop(self) -> None:
-        from lightning_fisher import AllocationSettings, spectrum_split_half_correlation
+        from lightning_fisher.allocation.criteria.spectrum import SpectrumCriterion
 
         spectra = self.spectrum_set("auto")
         self._analysis("spectrum_auto")
-        settings = AllocationSettings(rank=8, rank_min=2, rank_max=SPECTRUM_RANK_MAX, criterion="spectrum")
-        spectrum_split_half_correlation(spectra.half_spectra(spectra.half_sketch()), spectra.rank_costs, settings)
+        # The criterion's own check, as AnalysisSession runs it after every batch (one process).
+        SpectrumCriterion().split_half_correlation(self.accumulator, spectra, self.settings, lambda t: t)
 
     def run(self, variant: str) -> float:
         start = time.perf_counter()
@@ -294,7 +342,7 @@ def measure_memory(variant: str, spec: dict) -> dict:
     start = _status_kb("VmRSS")
     model = load_model(spec)
     batch = load_batch(spec)
-    runner = Runner(model, batch)
+    runner = Runner(model, batch, spec)
     getattr(runner, variant)()  # warm-up: lazy initialisations
     # The parent runs this with MALLOC_MMAP_THRESHOLD_ set, so tensors live in their own
     # mappings and freed ones leave the resident set at once; trim what the heap still holds.
@@ -330,7 +378,7 @@ def timings(rounds: int, spec: dict, variants: tuple[str, ...] = VARIANTS) -> di
     """Median time and median per-round ratio to ``train_step`` (which ``variants`` must hold)."""
     model = load_model(spec)
     batch = load_batch(spec)
-    runner = Runner(model, batch)
+    runner = Runner(model, batch, spec)
     for variant in variants:  # warm-up
         runner.run(variant)
     times = {v: [] for v in variants}
@@ -361,6 +409,8 @@ def main() -> None:
     parser.add_argument("--measure-memory", choices=VARIANTS + EXTRA_VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     spec = parse_model(args.model)
+    if spec["family"] == DIGITS:
+        torch.set_num_threads(1)  # its 64-wide matrices gain nothing from threads (see digits_flow.single_threaded)
     if args.measure_memory:
         print(json.dumps(measure_memory(args.measure_memory, spec)))
         return
