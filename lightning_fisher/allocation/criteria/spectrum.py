@@ -120,9 +120,16 @@ class SpectrumCriterion(Criterion):
         self, accumulator: "FisherAccumulator", statistics: Optional[AnalysisStatistics],
         settings: "AllocationSettings", reduce: Reduce,
     ) -> Optional[float]:
-        # Only the halves' sketches cross processes per batch: a rank-k adapter's size per module.
+        # Checked every statistics.check_every batches (its reconstructions and allocations would
+        # otherwise dominate a small model's batch); the latest verdict counts in between.
+        if not statistics.check_due():
+            return statistics.last_correlation
+        # Only the halves' sketches cross processes per check: a rank-k adapter's size per module.
         halves = statistics.half_spectra(reduce(statistics.half_sketch()))
-        return spectrum_split_half_correlation(halves, statistics.rank_costs, settings, statistics.rank_limits)
+        statistics.last_correlation = spectrum_split_half_correlation(
+            halves, statistics.rank_costs, settings, statistics.rank_limits
+        )
+        return statistics.last_correlation
 
     def missing_statistics(self, records: Sequence["ModuleRecord"]) -> Optional[str]:
         missing = [m.name for m in records if m.sigma_sq is None or m.noise_floor is None]
