@@ -63,6 +63,8 @@ VARIANTS = (
 )
 #: Variants the speed table leaves out: the spectrum statistics with every module forced to one method.
 EXTRA_VARIANTS = ("analysis_spectrum_sketch", "analysis_spectrum_exact")
+#: ``--check-every``: the spectrum stopping check's period in batches (``None``: the library's default).
+CHECK_EVERY = None
 #: ``rank_max`` of the spectrum variants (``--criterion spectrum --rank-max 32``: sketches of width 42).
 SPECTRUM_RANK_MAX = 32
 
@@ -223,6 +225,7 @@ class Runner:
         self.batch_size = next(iter(batch.values())).shape[0]
         family = (spec or {}).get("family")
         self.settings = stop_settings(spec or {})
+        self.check_every = CHECK_EVERY  # None: the library's default
         self.collectors = {
             strategy: FisherCollector(model, norm_strategy=strategy) for strategy in ("auto", "ghost", "materialize")
         }
@@ -241,7 +244,10 @@ class Runner:
             from lightning_fisher import FisherCollector
             from lightning_fisher.analysis.spectrum import SpectrumSet
 
-            spectra = SpectrumSet(self.collectors["auto"].candidates, rank_max=self.settings.rank_max, method=method)
+            spectra = SpectrumSet(
+                self.collectors["auto"].candidates, rank_max=self.settings.rank_max, method=method,
+                check_every=self.check_every,
+            )
             self.spectra[method] = spectra
             self.collectors[f"spectrum_{method}"] = FisherCollector(
                 self.model, norm_strategy="auto", observer=spectra.observe
@@ -302,17 +308,30 @@ class Runner:
         split_half_correlation(self.accumulator)
 
     def analysis_spectrum_stop(self) -> None:
+        """``check_every`` analysis batches with the criterion's check after each, as ``AnalysisSession`` runs them.
+
+        The check runs in full on one of every ``check_every`` batches (the spectrum set's own
+        period): :meth:`run` reports the time per batch of the whole cycle.
+        """
         from lightning_fisher.allocation.criteria.spectrum import SpectrumCriterion
 
         spectra = self.spectrum_set("auto")
-        self._analysis("spectrum_auto")
-        # The criterion's own check, as AnalysisSession runs it after every batch (one process).
-        SpectrumCriterion().split_half_correlation(self.accumulator, spectra, self.settings, lambda t: t)
+        for _ in range(spectra.check_every):
+            self._analysis("spectrum_auto")
+            SpectrumCriterion().split_half_correlation(self.accumulator, spectra, self.settings, lambda t: t)
 
     def run(self, variant: str) -> float:
+        """Seconds per analysis batch of one call of ``variant``."""
+        batches = self.spectrum_set("auto").check_every if variant == "analysis_spectrum_stop" else 1
         start = time.perf_counter()
         getattr(self, variant)()
-        return time.perf_counter() - start
+        return (time.perf_counter() - start) / batches
+
+
+def _library_check_every() -> int:
+    from lightning_fisher.analysis.spectrum import STOP_CHECK_EVERY
+
+    return STOP_CHECK_EVERY
 
 
 def _status_kb(field: str) -> int:
@@ -363,7 +382,8 @@ def memory_in_fresh_processes(variant: str, model: str, repeats: int, timeout: f
     runs = []
     for _ in range(repeats):
         out = subprocess.run(
-            [sys.executable, __file__, "--measure-memory", variant, "--model", model],
+            [sys.executable, __file__, "--measure-memory", variant, "--model", model]
+            + ([] if CHECK_EVERY is None else ["--check-every", str(CHECK_EVERY)]),
             capture_output=True,
             text=True,
             check=True,
@@ -406,8 +426,12 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "analysis_speed.json")
     parser.add_argument("--memory-repeats", type=int, default=3)
     parser.add_argument("--model", default=MINILM, help="minilm (default) or bert:HIDDEN:LAYERS:TOKENS:BATCH")
+    parser.add_argument("--check-every", type=int, default=None,
+                        help="the spectrum stopping check's period in batches (default: the library's)")
     parser.add_argument("--measure-memory", choices=VARIANTS + EXTRA_VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global CHECK_EVERY
+    CHECK_EVERY = args.check_every
     spec = parse_model(args.model)
     if spec["family"] == DIGITS:
         torch.set_num_threads(1)  # its 64-wide matrices gain nothing from threads (see digits_flow.single_threaded)
@@ -428,6 +452,7 @@ def main() -> None:
             f"random-initialised BERT, hidden {spec['hidden']}, {spec['layers']} layers, + 9-class head, eval mode"),
         "batch": f"{spec['batch']} x {spec['tokens']} tokens, " + ("real drug reviews" if real else "random tokens"),
         "rounds": args.rounds,
+        "spectrum_check_every": args.check_every if args.check_every is not None else _library_check_every(),
         "torch": str(torch.__version__),
         "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),
