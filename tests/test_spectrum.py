@@ -242,8 +242,8 @@ def test_a_float64_batch_turns_float32_sums_into_float64():
 
 
 def test_samples_with_infinities_are_skipped_and_huge_finite_ones_kept():
-    # The finite check sums each sample in float64: +inf and -inf in one sample sum to nan (skipped),
-    # finite float32 values near the largest one do not overflow it (kept).
+    # The finite check sums each sample: +inf and -inf in one sample sum to nan (skipped); finite
+    # float32 values near the largest one overflow the sum, and the element check keeps them.
     a, g = torch.ones(4, 2, D_IN), torch.ones(4, 2, D_OUT)
     a[1, 0, 0], a[1, 1, 0] = math.inf, -math.inf
     g[2, 0, 0] = math.inf

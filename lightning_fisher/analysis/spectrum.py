@@ -66,9 +66,9 @@ every process and every precision sketches with the same ones; every estimate (Q
 eigenvalues) runs in float64. The state is one flat float64 tensor of sums:
 ``all_reduce(SUM)`` of :meth:`SpectrumAccumulator.state_tensor` merges processes.
 
-**Skipped samples.** A sample is used when its ``a`` and ``g`` are finite: a sum is finite
-exactly when every term is, so one float64 sum per sample and tensor decides it, without a
-boolean copy of the inputs.
+**Skipped samples.** A sample is used when its ``a`` and ``g`` are finite: one sum per sample
+and tensor decides it (a sum of finite terms is finite unless it overflows, and only samples
+whose sum is not finite are checked element by element), without a boolean copy of the inputs.
 """
 
 from __future__ import annotations
@@ -233,8 +233,7 @@ class SpectrumAccumulator:
             raise FisherAnalysisError(
                 f"module {self.name!r}: {a.shape[1]} input tokens but {g.shape[1]} gradient tokens"
             )
-        # A float64 sum is finite exactly when every term is (no float32 value can overflow it).
-        use = torch.isfinite(a.sum((1, 2), dtype=torch.float64)) & torch.isfinite(g.sum((1, 2), dtype=torch.float64))
+        use = _finite_samples(a) & _finite_samples(g)
         if finite is not None:
             use &= finite.detach().to(use.device, torch.bool).reshape(-1)
         scale = float(batch) if self.loss_reduction == "mean" else 1.0
@@ -542,6 +541,20 @@ class SpectrumSet:
                 return None
             halves[name] = pair
         return halves
+
+
+def _finite_samples(x: torch.Tensor) -> torch.Tensor:
+    """``[B]``: whether each sample of ``x`` (``[B, T, d]``) is finite everywhere.
+
+    A sum is finite when every term is; a non-finite sum may also be an overflow of finite terms,
+    so only those samples are checked element by element. One reduction instead of a boolean copy
+    of ``x`` (and not a float64 sum: on CPU that makes a float64 copy of ``x`` first).
+    """
+    finite = torch.isfinite(x.sum((1, 2)))
+    if not bool(finite.all()):
+        for i in torch.nonzero(~finite).reshape(-1).tolist():
+            finite[i] = bool(torch.isfinite(x[i]).all())
+    return finite
 
 
 def _module_seed(seed: int, name: str) -> int:
