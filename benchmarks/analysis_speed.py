@@ -446,11 +446,14 @@ def main() -> None:
     reference_memory = results["memory"]["train_step"]
     real = spec["name"] == MINILM
     results["setup"] = {
-        "model": "all-MiniLM-L6-v2 + 9-class head (MiniLMClassifier), eval mode" if real else (
+        "model": "all-MiniLM-L6-v2 + 9-class head (MiniLMClassifier), eval mode" if real else
+        "digits flow-matching model (DigitsFlowMatching: width 64, 3 blocks), random-initialised, denoising loss at "
+        "fixed timesteps and noise, eval mode, 1 thread" if spec["family"] == DIGITS else (
             f"random-initialised Llama (TinyLlama shape), hidden {spec['hidden']}, {spec['layers']} layers, "
             "next-token loss, eval mode" if spec["family"] == "llama" else
             f"random-initialised BERT, hidden {spec['hidden']}, {spec['layers']} layers, + 9-class head, eval mode"),
-        "batch": f"{spec['batch']} x {spec['tokens']} tokens, " + ("real drug reviews" if real else "random tokens"),
+        "batch": f"{spec['batch']} x {spec['tokens']} tokens, " + (
+            "real drug reviews" if real else "real digits (5-9)" if spec["family"] == DIGITS else "random tokens"),
         "rounds": args.rounds,
         "spectrum_check_every": args.check_every if args.check_every is not None else _library_check_every(),
         "torch": str(torch.__version__),

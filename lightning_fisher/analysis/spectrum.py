@@ -394,12 +394,16 @@ class SpectrumAccumulator:
             return None
         total = n1 + n2
         diff = (y[0] / n1 - y[1] / n2, w[0] / n1 - w[1] / n2)
-        noise = max(float(self._sketch_sigma_sq(*diff)[0]), self._edge(self._sketch_frobenius_sq(*diff)))
+        # The difference and both halves in one batched reconstruction: on small modules the
+        # per-call overhead of three separate ones was most of the stopping check's time.
+        sigma_sq = self._sketch_sigma_sq(torch.stack([diff[0], y[0] / n1, y[1] / n2]),
+                                         torch.stack([diff[1], w[0] / n1, w[1] / n2]))
+        noise = max(float(sigma_sq[0, 0]), self._edge(self._sketch_frobenius_sq(*diff)))
         top = min(top, self.d_out, self.d_in, self.width)
         halves = []
         for h, (n, other) in enumerate(((n1, n2), (n2, n1))):
-            sigma_sq = self._sketch_sigma_sq(y[h] / n, w[h] / n)[:top]
-            halves.append(ModuleSpectrum(self.name, tuple(sigma_sq.tolist()), margin * other / total * noise, n))
+            values = tuple(sigma_sq[1 + h, :top].tolist())
+            halves.append(ModuleSpectrum(self.name, values, margin * other / total * noise, n))
         return halves[0], halves[1]
 
     # ------------------------------------------------------------------ estimators
@@ -417,18 +421,20 @@ class SpectrumAccumulator:
         With ``Psi Q = U R`` (thin QR), ``X = R^{-1} U^T W`` and ``||r||^2 = ||W||^2 - ||U^T W||^2``,
         so the matrix is ``R^{-1} (Z Z^T - ||r||^2 / (l - k) I) R^{-T}`` with ``Z = U^T W``: one
         matrix product with ``W`` instead of a least-squares solve (the stopping rule runs this
-        for every module after every batch).
+        for every module at every check). ``y`` (``[..., d_out, k]``) and ``w`` (``[..., l, d_in]``)
+        may carry leading batch dimensions; so does the result.
         """
         psi, w = self.psi.cpu().double(), w.cpu()
         q = torch.linalg.qr(y.cpu()).Q
         u, r = torch.linalg.qr(psi @ q)
-        z = u.T @ w
-        zz = z @ z.T
-        tail = (w.square().sum() - zz.trace()).clamp_min(0.0) / (u.shape[0] - u.shape[1])
-        inner = zz - tail * torch.eye(zz.shape[0], dtype=zz.dtype)
+        z = u.mT @ w
+        zz = z @ z.mT
+        trace = zz.diagonal(dim1=-2, dim2=-1).sum(-1)
+        tail = (w.square().sum((-2, -1)) - trace).clamp_min(0.0) / (u.shape[-2] - u.shape[-1])
+        inner = zz - tail[..., None, None] * torch.eye(zz.shape[-1], dtype=zz.dtype)
         left = torch.linalg.solve_triangular(r, inner, upper=True)  # R^{-1} inner
-        both = torch.linalg.solve_triangular(r, left.T, upper=True)  # R^{-1} (R^{-1} inner)^T
-        return torch.linalg.eigvalsh((both + both.T) / 2).flip(0).clamp_min(0.0)
+        both = torch.linalg.solve_triangular(r, left.mT, upper=True)  # R^{-1} (R^{-1} inner)^T
+        return torch.linalg.eigvalsh((both + both.mT) / 2).flip(-1).clamp_min(0.0)
 
 
 class SpectrumSet:

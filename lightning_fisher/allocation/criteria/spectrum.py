@@ -4,7 +4,9 @@ Statistics: :class:`~lightning_fisher.analysis.spectrum.SpectrumSet` (each modul
 top singular values and their noise floor, in the same pass as the trace). Allocation:
 :mod:`lightning_fisher.allocation.spectrum_rule` (greedy by gain per parameter above the floor).
 Stopping: the Spearman correlation of the ranks that allocation gives each sample half
-(:func:`spectrum_split_half_correlation`), each half with its own floor.
+(:func:`spectrum_split_half_correlation`), each half with its own floor, checked every
+:data:`~lightning_fisher.analysis.spectrum.STOP_CHECK_EVERY` batches (the latest verdict counts
+in between).
 """
 
 from __future__ import annotations
