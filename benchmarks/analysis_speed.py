@@ -382,8 +382,8 @@ def memory_in_fresh_processes(variant: str, model: str, repeats: int, timeout: f
     runs = []
     for _ in range(repeats):
         out = subprocess.run(
-            [sys.executable, __file__, "--measure-memory", variant, "--model", model]
-            + ([] if CHECK_EVERY is None else ["--check-every", str(CHECK_EVERY)]),
+            [sys.executable, __file__, "--measure-memory", variant, "--model", model, "--threads",
+             str(torch.get_num_threads())] + ([] if CHECK_EVERY is None else ["--check-every", str(CHECK_EVERY)]),
             capture_output=True,
             text=True,
             check=True,
@@ -426,6 +426,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "analysis_speed.json")
     parser.add_argument("--memory-repeats", type=int, default=3)
     parser.add_argument("--model", default=MINILM, help="minilm (default) or bert:HIDDEN:LAYERS:TOKENS:BATCH")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's; 1 on a shared machine: idle threads spin in barriers)")
     parser.add_argument("--check-every", type=int, default=None,
                         help="the spectrum stopping check's period in batches (default: the library's)")
     parser.add_argument("--measure-memory", choices=VARIANTS + EXTRA_VARIANTS, help=argparse.SUPPRESS)
@@ -433,7 +435,9 @@ def main() -> None:
     global CHECK_EVERY
     CHECK_EVERY = args.check_every
     spec = parse_model(args.model)
-    if spec["family"] == DIGITS:
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    elif spec["family"] == DIGITS:
         torch.set_num_threads(1)  # its 64-wide matrices gain nothing from threads (see digits_flow.single_threaded)
     if args.measure_memory:
         print(json.dumps(measure_memory(args.measure_memory, spec)))
