@@ -356,6 +356,11 @@ def measure_memory(variant: str, spec: dict) -> dict:
             load_model(spec)  # imports the model's code, so the start level below holds it
     from lightning_fisher import FisherAccumulator, FisherCollector  # noqa: F401  (likewise)
     from lightning_fisher.analysis.spectrum import SpectrumSet  # noqa: F401
+    from lightning_fisher.allocation.criteria.spectrum import SpectrumCriterion  # noqa: F401  (the stop variants')
+    from lightning_fisher.allocation.criteria.trace import split_half_correlation  # noqa: F401
+    # The stopping checks' Spearman correlation imports torchmetrics on first use (40-60 MB
+    # resident, once; a Lightning run has it loaded already): part of the start level, not a step.
+    import torchmetrics.functional  # noqa: F401
 
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     start = _status_kb("VmRSS")

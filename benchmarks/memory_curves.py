@@ -93,7 +93,8 @@ ANALYSES = VARIANTS[1:]
 M_MMAP_THRESHOLD = -3  # mallopt parameter (glibc malloc.h)
 PRELOAD = [
     "torch", "transformers", "transformers.models.bert.modeling_bert", "transformers.models.llama.modeling_llama",
-    "lightning_fisher", "lightning_fisher.analysis.spectrum",
+    "lightning_fisher", "lightning_fisher.analysis.spectrum", "lightning_fisher.allocation.criteria.spectrum",
+    "lightning_fisher.examples.digits_flow", "torchmetrics.functional",
 ]
 
 

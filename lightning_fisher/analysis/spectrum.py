@@ -97,6 +97,9 @@ NOISE_MARGIN = 2.0
 #: :meth:`SpectrumSet.check_due`): its per-module reconstructions and two allocations cost, per
 #: check, 0.2 of a MiniLM training step and more than half of a digits model's.
 STOP_CHECK_EVERY = 2
+#: Sketches up to this size (``Y``'s entries) go through the stopping check's reconstruction in
+#: one batched call; larger ones one at a time (their float64 copies would add up).
+BATCHED_CHECK_ELEMENTS = 1 << 20
 
 
 def sketch_width(rank_max: int, oversampling: int = 10) -> int:
@@ -349,7 +352,11 @@ class SpectrumAccumulator:
         return 2 * self.width * self.d_out + 2 * (2 * self.width + 1) * self.d_in + 2
 
     def half_sketch(self, device: Union[torch.device, str, None] = None) -> torch.Tensor:
-        """Each half's sums, sketched, as one flat float64 tensor: ``Y[2, d_out, k]``, ``W[2, l, d_in]``, ``count[2]``.
+        """Each half's sums, sketched, as one flat tensor: ``Y[2, d_out, k]``, ``W[2, l, d_in]``, ``count[2]``.
+
+        In the sums' dtype (float32 unless a float64 batch came): a float64 copy of every
+        module's sketch at once was the check's largest transient on a 32,000-wide output layer;
+        :meth:`half_spectra` takes each module's part to float64 on its own.
 
         The sketches of the sketch method are its state; the exact method's sums are sketched with
         the same test matrices when asked (``O(d_out d_in k)`` per half, in float64): the exact
@@ -360,11 +367,11 @@ class SpectrumAccumulator:
         adapter per module, not that of the exact sums.
         """
         if self.method == "sketch":
-            y, w = (s.double() for s in self._sums)
+            y, w = self._sums
         else:
             sums = self._sums[0].double()
-            y, w = sums @ self.omega.double(), self.psi.double() @ sums
-        flat = torch.cat([y.reshape(-1), w.reshape(-1), self._count.to(y.device)])
+            y, w = (sums @ self.omega.double()).to(self.dtype), (self.psi.double() @ sums).to(self.dtype)
+        flat = torch.cat([y.reshape(-1), w.reshape(-1), self._count.to(y.device, y.dtype)])
         return flat if device is None else flat.to(device)
 
     def half_spectra(
@@ -394,10 +401,13 @@ class SpectrumAccumulator:
             return None
         total = n1 + n2
         diff = (y[0] / n1 - y[1] / n2, w[0] / n1 - w[1] / n2)
-        # The difference and both halves in one batched reconstruction: on small modules the
-        # per-call overhead of three separate ones was most of the stopping check's time.
-        sigma_sq = self._sketch_sigma_sq(torch.stack([diff[0], y[0] / n1, y[1] / n2]),
-                                         torch.stack([diff[1], w[0] / n1, w[1] / n2]))
+        ys, ws = (diff[0], y[0] / n1, y[1] / n2), (diff[1], w[0] / n1, w[1] / n2)
+        if y.numel() <= BATCHED_CHECK_ELEMENTS:
+            # The difference and both halves in one batched reconstruction: on small modules the
+            # per-call overhead of three separate ones was most of the stopping check's time.
+            sigma_sq = self._sketch_sigma_sq(torch.stack(ys), torch.stack(ws))
+        else:  # one at a time: three float64 copies of a large module's sketch at once cost memory
+            sigma_sq = torch.stack([self._sketch_sigma_sq(a, b) for a, b in zip(ys, ws)])
         noise = max(float(sigma_sq[0, 0]), self._edge(self._sketch_frobenius_sq(*diff)))
         top = min(top, self.d_out, self.d_in, self.width)
         halves = []
