@@ -203,3 +203,18 @@ def test_a_check_every_k_batches_leaves_the_maps_spectra_as_they_were(tmp_path, 
     history = fourth.analysis.stability.history
     assert history[:3] == (None, None, None) and history[3] == history[4] == history[5] == history[6]
     assert history[3] == every.analysis.stability.history[3] and history[7] == every.analysis.stability.history[7]
+
+
+def test_the_checks_reconstruction_without_q_matches_the_one_with_q():
+    # Psi Q = W Omega R^{-1} where Y = Q R is well conditioned; Q itself where it is not (no gradient).
+    data = [(a.float(), g.float()) for a, g in stream((4.0, 3.0, 2.0), batches=6)]
+    acc = accumulate("sketch", data)
+    y = acc.half_sketch()[: 2 * D_OUT * WIDTH].reshape(2, D_OUT, WIDTH)[0].double()
+    w = acc.half_sketch()[2 * D_OUT * WIDTH: -2].reshape(2, 2 * WIDTH + 1, D_IN)[0].double()
+    with_q = acc.psi.double() @ torch.linalg.qr(y).Q
+    torch.testing.assert_close(acc._psi_q(y, w), with_q, rtol=1e-4, atol=1e-4 * float(with_q.abs().max()))
+    silent = SpectrumAccumulator("silent", D_IN, D_OUT, width=WIDTH, method="sketch")
+    for a, g in data:
+        silent.update(a, torch.zeros_like(g))
+    one, two = silent.half_spectra(silent.half_sketch(), 4)
+    assert one.sigma_sq == two.sigma_sq == (0.0,) * 4 and one.floor == 0.0

@@ -425,6 +425,22 @@ class SpectrumAccumulator:
         """``||A||_F^2`` from ``A Omega`` and ``Psi A``: ``E||A Omega||_F^2 = k ||A||_F^2``, likewise for ``Psi``."""
         return float(y.square().sum() + w.square().sum()) / (self.width + 2 * self.width + 1)
 
+    def _psi_q(self, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """``Psi Q`` with ``Q = orth(Y)``, without forming ``Q`` where ``Y`` is well conditioned.
+
+        ``Psi Y = Psi S Omega = W Omega``, so with ``Y = Q R``, ``Psi Q = W Omega R^{-1}``: an
+        ``l x d_in x k`` product and ``R`` alone instead of ``Q`` and an ``l x d_out x k`` product
+        (80x fewer operations on a 32,000-row output layer). A rank-deficient ``Y`` (a module
+        with no gradient) has no usable ``R^{-1}``, nor has a ``Y`` with fewer rows than columns a
+        square ``R``: ``Q`` is formed then, as before.
+        """
+        if y.shape[-2] >= y.shape[-1]:  # else R is not square: fewer outputs than the sketch is wide
+            r = torch.linalg.qr(y, mode="r").R
+            diagonal = r.diagonal(dim1=-2, dim2=-1).abs()
+            if bool((diagonal.amin(-1) > 1e-6 * diagonal.amax(-1)).all()):
+                return torch.linalg.solve_triangular(r, w @ self.omega.cpu().double(), upper=True, left=False)
+        return self.psi.cpu().double() @ torch.linalg.qr(y).Q
+
     def _sketch_sigma_sq(self, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """Eigenvalues of ``X X^T - ||r||^2 / (l - k) ((Psi Q)^T Psi Q)^{-1}`` (module docstring), descending.
 
@@ -434,9 +450,8 @@ class SpectrumAccumulator:
         for every module at every check). ``y`` (``[..., d_out, k]``) and ``w`` (``[..., l, d_in]``)
         may carry leading batch dimensions; so does the result.
         """
-        psi, w = self.psi.cpu().double(), w.cpu()
-        q = torch.linalg.qr(y.cpu()).Q
-        u, r = torch.linalg.qr(psi @ q)
+        w = w.cpu()
+        u, r = torch.linalg.qr(self._psi_q(y.cpu(), w))
         z = u.mT @ w
         zz = z @ z.mT
         trace = zz.diagonal(dim1=-2, dim2=-1).sum(-1)
