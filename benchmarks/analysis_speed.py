@@ -361,6 +361,12 @@ def measure_memory(variant: str, spec: dict) -> dict:
     # The stopping checks' Spearman correlation imports torchmetrics on first use (40-60 MB
     # resident, once; a Lightning run has it loaded already): part of the start level, not a step.
     import torchmetrics.functional  # noqa: F401
+    # Likewise the LAPACK code the spectrum's reconstructions call (about 9 MB resident once
+    # loaded; a fifth of the digits model's whole training step).
+    probe = torch.randn(8, 4, dtype=torch.float64)
+    torch.linalg.eigvalsh(torch.linalg.solve_triangular(torch.linalg.qr(probe).R, torch.eye(4, dtype=torch.float64),
+                                                        upper=True))
+    torch.linalg.svdvals(probe)
 
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     start = _status_kb("VmRSS")
