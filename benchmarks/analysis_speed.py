@@ -33,6 +33,11 @@ Run:  python benchmarks/analysis_speed.py [--rounds 11] [--json benchmarks/resul
 needed) instead, for the cost at longer sequences; ``--model llama:HIDDEN:LAYERS:TOKENS:BATCH`` a
 random-initialised Llama-shaped causal language model with its own next-token loss.
 ``benchmarks/memory_curves.py`` sweeps both over width and sequence length with this machinery.
+``--model digits`` times the small flow-matching model of the digits example
+(``lightning_fisher.examples.digits_flow``: width 64, 3 blocks, 22 ``nn.Linear`` modules of 4 to
+128 features, 16 patch tokens) on a batch of 64 real digits at fixed timesteps and noise, one
+torch thread, with the demo's spectrum settings (rank 4, ranks 1 to 16, sketch width 26): the
+point where fixed per-module costs, not the products, set the analysis' time.
 """
 
 from __future__ import annotations
@@ -47,22 +52,29 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 VARIANTS = (
-    "train_step", "frozen_floor", "analysis_auto", "analysis_ghost", "analysis_materialize", "analysis_spectrum",
-    "analysis_spectrum_stop",
+    "train_step", "frozen_floor", "analysis_auto", "analysis_auto_stop", "analysis_ghost", "analysis_materialize",
+    "analysis_spectrum", "analysis_spectrum_stop",
 )
 #: Variants the speed table leaves out: the spectrum statistics with every module forced to one method.
 EXTRA_VARIANTS = ("analysis_spectrum_sketch", "analysis_spectrum_exact")
+#: ``--check-every``: the spectrum stopping check's period in batches (``None``: the library's default).
+CHECK_EVERY = None
 #: ``rank_max`` of the spectrum variants (``--criterion spectrum --rank-max 32``: sketches of width 42).
 SPECTRUM_RANK_MAX = 32
 
 
 MINILM = "minilm"
+DIGITS = "digits"
 LLAMA_VOCAB = 32000
+#: The stopping check's allocation settings per model family: the digits demo's (rank 4, ranks 1
+#: to 16), else rank 8, ranks 2 to ``SPECTRUM_RANK_MAX``.
+STOP_SETTINGS = {DIGITS: dict(rank=4, rank_min=1, rank_max=16)}
 
 
 def parse_model(spec: str) -> dict:
@@ -78,17 +90,35 @@ def parse_model(spec: str) -> dict:
     """
     if spec == MINILM:
         return {"name": MINILM, "family": MINILM, "tokens": 128, "batch": 16}
+    if spec == DIGITS:
+        return {"name": DIGITS, "family": DIGITS, "hidden": 64, "layers": 3, "tokens": 16, "batch": 64}
     kind, *numbers = spec.split(":")
     if kind not in ("bert", "llama") or len(numbers) != 4:
         raise SystemExit(
-            f"--model {spec!r}: expected 'minilm', 'bert:HIDDEN:LAYERS:TOKENS:BATCH' or "
+            f"--model {spec!r}: expected 'minilm', 'digits', 'bert:HIDDEN:LAYERS:TOKENS:BATCH' or "
             "'llama:HIDDEN:LAYERS:TOKENS:BATCH'"
         )
     hidden, layers, tokens, batch = (int(n) for n in numbers)
     return {"name": spec, "family": kind, "hidden": hidden, "layers": layers, "tokens": tokens, "batch": batch}
 
 
+def stop_settings(spec: dict):
+    """The spectrum criterion's allocation settings for ``spec`` (its ``rank_max`` sets the sketch width)."""
+    from lightning_fisher import AllocationSettings
+
+    values = STOP_SETTINGS.get(spec.get("family"), dict(rank=8, rank_min=2, rank_max=SPECTRUM_RANK_MAX))
+    return AllocationSettings(criterion="spectrum", **values)
+
+
 def load_batch(spec: dict):
+    if spec["name"] == DIGITS:
+        from lightning_fisher.examples.digits_flow.data import digits_split
+
+        x, _ = digits_split("high").split("train")
+        generator = torch.Generator().manual_seed(0)
+        x0 = x[: spec["batch"]].reshape(-1, 1, 8, 8).float()
+        return {"x": x0, "t": torch.rand(x0.shape[0], generator=generator),
+                "noise": torch.randn(x0.shape, generator=generator)}
     if spec["name"] != MINILM:
         generator = torch.Generator().manual_seed(0)
         size = (spec["batch"], spec["tokens"])
@@ -161,6 +191,10 @@ def load_model(spec: dict):
         from lightning_fisher.examples.text_classifier import MiniLMClassifier
 
         model = MiniLMClassifier(num_classes=9)
+    elif spec["name"] == DIGITS:
+        from lightning_fisher.examples.digits_flow import DigitsFlowMatching
+
+        model = DigitsFlowMatching()
     elif spec["family"] == "llama":
         model = RandomLlamaLM(spec["hidden"], spec["layers"], spec["tokens"])
     else:
@@ -170,6 +204,10 @@ def load_model(spec: dict):
 
 
 def loss_of(model, batch):
+    if "x" in batch:  # the digits model: its denoising loss at the batch's fixed timesteps and noise
+        from lightning_fisher.examples.digits_flow import denoising_loss
+
+        return denoising_loss(model, batch["x"], batch["t"], batch["noise"])
     if isinstance(model, RandomLlamaLM):
         return model.loss(batch)
     logits = model(batch["input_ids"], batch["attention_mask"])
@@ -179,11 +217,15 @@ def loss_of(model, batch):
 class Runner:
     """Holds the model in the state each variant needs and runs one step of it."""
 
-    def __init__(self, model, batch):
+    def __init__(self, model, batch, spec: Optional[dict] = None):
         from lightning_fisher import FisherAccumulator, FisherCollector
 
         self.model = model
         self.batch = batch
+        self.batch_size = next(iter(batch.values())).shape[0]
+        family = (spec or {}).get("family")
+        self.settings = stop_settings(spec or {})
+        self.check_every = CHECK_EVERY  # None: the library's default
         self.collectors = {
             strategy: FisherCollector(model, norm_strategy=strategy) for strategy in ("auto", "ghost", "materialize")
         }
@@ -191,7 +233,10 @@ class Runner:
         self.accumulator = FisherAccumulator(names)
         self.spectra = {}  # method -> SpectrumSet, built on first use: their sums stay resident
         # The floor's backward starts at the embeddings' output (BERT: the whole embedding block).
-        self._embeddings = getattr(model.encoder, "embeddings", None) or model.encoder.get_input_embeddings()
+        if family == DIGITS:
+            self._embeddings = model.patch_embed
+        else:
+            self._embeddings = getattr(model.encoder, "embeddings", None) or model.encoder.get_input_embeddings()
 
     def spectrum_set(self, method: str):
         """The ``SpectrumSet`` of every candidate with ``method`` (``auto``, ``sketch``, ``exact``), built once."""
@@ -199,7 +244,10 @@ class Runner:
             from lightning_fisher import FisherCollector
             from lightning_fisher.analysis.spectrum import SpectrumSet
 
-            spectra = SpectrumSet(self.collectors["auto"].candidates, rank_max=SPECTRUM_RANK_MAX, method=method)
+            spectra = SpectrumSet(
+                self.collectors["auto"].candidates, rank_max=self.settings.rank_max, method=method,
+                check_every=self.check_every,
+            )
             self.spectra[method] = spectra
             self.collectors[f"spectrum_{method}"] = FisherCollector(
                 self.model, norm_strategy="auto", observer=spectra.observe
@@ -228,7 +276,7 @@ class Runner:
         self._freeze(True)
         collector = self.collectors[strategy]
         with collector:
-            with collector.batch(batch_size=self.batch["input_ids"].shape[0]) as record:
+            with collector.batch(batch_size=self.batch_size) as record:
                 loss_of(self.model, self.batch).backward()
         self.accumulator.update(record.values, record.finite)
 
@@ -253,18 +301,37 @@ class Runner:
         self.spectrum_set("exact")
         self._analysis("spectrum_exact")
 
+    def analysis_auto_stop(self) -> None:
+        from lightning_fisher.allocation.criteria.trace import split_half_correlation
+
+        self._analysis("auto")
+        split_half_correlation(self.accumulator)
+
     def analysis_spectrum_stop(self) -> None:
-        from lightning_fisher import AllocationSettings, spectrum_split_half_correlation
+        """``check_every`` analysis batches with the criterion's check after each, as ``AnalysisSession`` runs them.
+
+        The check runs in full on one of every ``check_every`` batches (the spectrum set's own
+        period): :meth:`run` reports the time per batch of the whole cycle.
+        """
+        from lightning_fisher.allocation.criteria.spectrum import SpectrumCriterion
 
         spectra = self.spectrum_set("auto")
-        self._analysis("spectrum_auto")
-        settings = AllocationSettings(rank=8, rank_min=2, rank_max=SPECTRUM_RANK_MAX, criterion="spectrum")
-        spectrum_split_half_correlation(spectra.half_spectra(spectra.half_sketch()), spectra.rank_costs, settings)
+        for _ in range(spectra.check_every):
+            self._analysis("spectrum_auto")
+            SpectrumCriterion().split_half_correlation(self.accumulator, spectra, self.settings, lambda t: t)
 
     def run(self, variant: str) -> float:
+        """Seconds per analysis batch of one call of ``variant``."""
+        batches = self.spectrum_set("auto").check_every if variant == "analysis_spectrum_stop" else 1
         start = time.perf_counter()
         getattr(self, variant)()
-        return time.perf_counter() - start
+        return (time.perf_counter() - start) / batches
+
+
+def _library_check_every() -> int:
+    from lightning_fisher.analysis.spectrum import STOP_CHECK_EVERY
+
+    return STOP_CHECK_EVERY
 
 
 def _status_kb(field: str) -> int:
@@ -289,12 +356,23 @@ def measure_memory(variant: str, spec: dict) -> dict:
             load_model(spec)  # imports the model's code, so the start level below holds it
     from lightning_fisher import FisherAccumulator, FisherCollector  # noqa: F401  (likewise)
     from lightning_fisher.analysis.spectrum import SpectrumSet  # noqa: F401
+    from lightning_fisher.allocation.criteria.spectrum import SpectrumCriterion  # noqa: F401  (the stop variants')
+    from lightning_fisher.allocation.criteria.trace import split_half_correlation  # noqa: F401
+    # The stopping checks' Spearman correlation imports torchmetrics on first use (40-60 MB
+    # resident, once; a Lightning run has it loaded already): part of the start level, not a step.
+    import torchmetrics.functional  # noqa: F401
+    # Likewise the LAPACK code the spectrum's reconstructions call (about 9 MB resident once
+    # loaded; a fifth of the digits model's whole training step).
+    probe = torch.randn(8, 4, dtype=torch.float64)
+    torch.linalg.eigvalsh(torch.linalg.solve_triangular(torch.linalg.qr(probe).R, torch.eye(4, dtype=torch.float64),
+                                                        upper=True))
+    torch.linalg.svdvals(probe)
 
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     start = _status_kb("VmRSS")
     model = load_model(spec)
     batch = load_batch(spec)
-    runner = Runner(model, batch)
+    runner = Runner(model, batch, spec)
     getattr(runner, variant)()  # warm-up: lazy initialisations
     # The parent runs this with MALLOC_MMAP_THRESHOLD_ set, so tensors live in their own
     # mappings and freed ones leave the resident set at once; trim what the heap still holds.
@@ -315,7 +393,8 @@ def memory_in_fresh_processes(variant: str, model: str, repeats: int, timeout: f
     runs = []
     for _ in range(repeats):
         out = subprocess.run(
-            [sys.executable, __file__, "--measure-memory", variant, "--model", model],
+            [sys.executable, __file__, "--measure-memory", variant, "--model", model, "--threads",
+             str(torch.get_num_threads())] + ([] if CHECK_EVERY is None else ["--check-every", str(CHECK_EVERY)]),
             capture_output=True,
             text=True,
             check=True,
@@ -330,7 +409,7 @@ def timings(rounds: int, spec: dict, variants: tuple[str, ...] = VARIANTS) -> di
     """Median time and median per-round ratio to ``train_step`` (which ``variants`` must hold)."""
     model = load_model(spec)
     batch = load_batch(spec)
-    runner = Runner(model, batch)
+    runner = Runner(model, batch, spec)
     for variant in variants:  # warm-up
         runner.run(variant)
     times = {v: [] for v in variants}
@@ -358,9 +437,19 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "analysis_speed.json")
     parser.add_argument("--memory-repeats", type=int, default=3)
     parser.add_argument("--model", default=MINILM, help="minilm (default) or bert:HIDDEN:LAYERS:TOKENS:BATCH")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's; 1 on a shared machine: idle threads spin in barriers)")
+    parser.add_argument("--check-every", type=int, default=None,
+                        help="the spectrum stopping check's period in batches (default: the library's)")
     parser.add_argument("--measure-memory", choices=VARIANTS + EXTRA_VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global CHECK_EVERY
+    CHECK_EVERY = args.check_every
     spec = parse_model(args.model)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    elif spec["family"] == DIGITS:
+        torch.set_num_threads(1)  # its 64-wide matrices gain nothing from threads (see digits_flow.single_threaded)
     if args.measure_memory:
         print(json.dumps(measure_memory(args.measure_memory, spec)))
         return
@@ -372,12 +461,16 @@ def main() -> None:
     reference_memory = results["memory"]["train_step"]
     real = spec["name"] == MINILM
     results["setup"] = {
-        "model": "all-MiniLM-L6-v2 + 9-class head (MiniLMClassifier), eval mode" if real else (
+        "model": "all-MiniLM-L6-v2 + 9-class head (MiniLMClassifier), eval mode" if real else
+        "digits flow-matching model (DigitsFlowMatching: width 64, 3 blocks), random-initialised, denoising loss at "
+        "fixed timesteps and noise, eval mode, 1 thread" if spec["family"] == DIGITS else (
             f"random-initialised Llama (TinyLlama shape), hidden {spec['hidden']}, {spec['layers']} layers, "
             "next-token loss, eval mode" if spec["family"] == "llama" else
             f"random-initialised BERT, hidden {spec['hidden']}, {spec['layers']} layers, + 9-class head, eval mode"),
-        "batch": f"{spec['batch']} x {spec['tokens']} tokens, " + ("real drug reviews" if real else "random tokens"),
+        "batch": f"{spec['batch']} x {spec['tokens']} tokens, " + (
+            "real drug reviews" if real else "real digits (5-9)" if spec["family"] == DIGITS else "random tokens"),
         "rounds": args.rounds,
+        "spectrum_check_every": args.check_every if args.check_every is not None else _library_check_every(),
         "torch": str(torch.__version__),
         "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),

@@ -85,12 +85,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 import analysis_speed  # noqa: E402  (a sibling script, not a package)
 
 RESULTS = Path(__file__).parent / "results"
-VARIANTS = ("train_step", "frozen_floor", "analysis_auto", "analysis_spectrum_sketch", "analysis_spectrum_exact")
+VARIANTS = (
+    "train_step", "frozen_floor", "analysis_auto", "analysis_auto_stop", "analysis_spectrum_sketch",
+    "analysis_spectrum_exact", "analysis_spectrum_stop",
+)
 ANALYSES = VARIANTS[1:]
 M_MMAP_THRESHOLD = -3  # mallopt parameter (glibc malloc.h)
 PRELOAD = [
     "torch", "transformers", "transformers.models.bert.modeling_bert", "transformers.models.llama.modeling_llama",
-    "lightning_fisher", "lightning_fisher.analysis.spectrum",
+    "lightning_fisher", "lightning_fisher.analysis.spectrum", "lightning_fisher.allocation.criteria.spectrum",
+    "lightning_fisher.examples.digits_flow", "torchmetrics.functional",
 ]
 
 
@@ -125,7 +129,7 @@ def describe(spec_text: str) -> dict:
     spec = analysis_speed.parse_model(spec_text)
     with torch.device("meta"):
         model = analysis_speed.load_model(spec)
-    width = sketch_width(analysis_speed.SPECTRUM_RANK_MAX)
+    width = sketch_width(analysis_speed.stop_settings(spec).rank_max)
     shapes: dict[tuple[int, int], dict] = {}
     for name, module in select_candidates(model).items():
         d_out, d_in = module.weight.shape
@@ -257,11 +261,14 @@ def table(points: list[dict], setup: dict) -> str:
         "built (weights + state kept between batches + the step's peak), one fresh process per variant, "
         "as a fraction of the training step's; step-only: the step's own peak above the resident size "
         "just before it (no weights, no kept state). floor: frozen weights, no hooks; trace: the default "
-        "analysis (`auto` norms); sketch / exact: with the `spectrum` criterion's statistics (rank_max 32), "
-        "every module sketched / exact (exact only where its float64 sums stay under `--exact-max-mb`).",
+        "analysis (`auto` norms); trace+stop: with its stopping check; sketch / exact: with the `spectrum` "
+        "criterion's statistics (rank_max 32; the digits model 16), every module sketched / exact (exact only "
+        "where its sums stay under `--exact-max-mb`); spectrum+stop: the `spectrum` criterion's statistics "
+        "(`auto` method) with its stopping check, as an analysis batch runs them.",
         "",
-        "| family | params | hidden | layers | tokens | batch | train step | time: floor / trace / sketch / exact | "
-        "train step peak (MB) | memory: floor / trace / sketch / exact | step-only memory: trace / sketch / exact "
+        "| family | params | hidden | layers | tokens | batch | train step | time: floor / trace / trace+stop / sketch "
+        "/ exact / spectrum+stop | train step peak (MB) | memory: floor / trace / trace+stop / sketch / exact / "
+        "spectrum+stop | step-only memory: trace / trace+stop / sketch / exact / spectrum+stop "
         "| load |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]

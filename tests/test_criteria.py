@@ -269,6 +269,10 @@ def test_spectrum_split_half_allocates_each_half_within_the_module_sizes():
 
     class Statistics:  # what SpectrumCriterion reads of its SpectrumSet
         rank_costs, rank_limits = COSTS, limits
+        last_correlation = None
+
+        def check_due(self):
+            return True
 
         def half_sketch(self):
             return torch.zeros(1)

@@ -142,3 +142,79 @@ def test_an_exact_accumulators_sketch_follows_later_batches_and_a_loaded_state()
     other = accumulate("exact", data[:4])
     acc.load_state_tensor(other.state_tensor())
     torch.testing.assert_close(acc.half_sketch(), other.half_sketch())
+
+
+def _stop_batch(correlations, check_every, rule, monkeypatch):
+    """The batch at which the spectrum criterion's check, run through a real SpectrumSet, stops the rule."""
+    import lightning_fisher.allocation.criteria.spectrum as criterion_module
+    from lightning_fisher.allocation.criteria import criterion_named
+    from lightning_fisher.analysis.spectrum import SpectrumSet
+    from lightning_fisher.analysis.stability import StabilityTracker
+
+    statistics = SpectrumSet({"layer": nn.Linear(D_IN, D_OUT)}, rank_max=8, check_every=check_every)
+    checked = []
+    # the correlation the halves would give after batch len(checked): scripted
+    monkeypatch.setattr(criterion_module, "spectrum_split_half_correlation",
+                        lambda *args: checked.append(None) or correlations[tracker.batches])
+    tracker = StabilityTracker(rule)
+    while tracker.reason is None:
+        tracker.update(criterion_named("spectrum").split_half_correlation(None, statistics, SETTINGS, lambda t: t))
+    return tracker.batches, len(checked)
+
+
+@pytest.mark.parametrize("check_every", [2, 3, 4])
+@pytest.mark.parametrize("settles_at", [0, 1, 2, 3, 5, 6, 9])
+def test_checking_every_k_batches_stops_at_most_k_minus_1_batches_later(check_every, settles_at, monkeypatch):
+    # A ranking that settles at some batch and stays settled: checked every batch, the rule stops
+    # `patience` batches later; checked every k, at the first check from there, then carried.
+    from lightning_fisher.analysis.stability import StabilityRule
+
+    rule = StabilityRule(patience=3, threshold=0.9, min_batches=3, max_batches=40)
+    correlations = [0.5 if b < settles_at else 0.95 for b in range(40)]
+    every_batch, checks_every_batch = _stop_batch(correlations, 1, rule, monkeypatch)
+    every_k, checks_every_k = _stop_batch(correlations, check_every, rule, monkeypatch)
+    assert checks_every_batch == every_batch and checks_every_k == every_k // check_every
+    assert every_batch <= every_k <= every_batch + check_every - 1
+    # it is the every-batch rule applied to the checked correlations, each held until the next check
+    held = [None if b < check_every - 1 else correlations[b - (b + 1) % check_every] for b in range(40)]
+    assert every_k == _stop_batch(held, 1, rule, monkeypatch)[0]
+
+
+def test_a_check_every_k_batches_leaves_the_maps_spectra_as_they_were(tmp_path, monkeypatch):
+    import lightning_fisher.analysis.spectrum as spectrum
+
+    def run(check_every, folder):
+        monkeypatch.setattr(spectrum, "STOP_CHECK_EVERY", check_every)
+        torch.manual_seed(0)
+        gen = torch.Generator().manual_seed(1)
+        x = torch.randn(512, 16, generator=gen)
+        y = torch.randn(512, 4, generator=gen) + 3 * x[:, :4]
+        data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+        return analyze(
+            LowRankTask(), data, output=tmp_path / folder, allocation=SETTINGS, convergence_patience=3,
+            min_batches=8, max_batches=8, trainer_kwargs=dict(enable_progress_bar=False, logger=False),
+        )
+
+    every, fourth = run(1, "every"), run(4, "fourth")
+    assert every.analysis.batches == fourth.analysis.batches == 8
+    # the map's spectra are summed every batch whatever the check's period
+    assert [m.sigma_sq for m in every.modules] == [m.sigma_sq for m in fourth.modules]
+    assert [m.noise_floor for m in every.modules] == [m.noise_floor for m in fourth.modules]
+    history = fourth.analysis.stability.history
+    assert history[:3] == (None, None, None) and history[3] == history[4] == history[5] == history[6]
+    assert history[3] == every.analysis.stability.history[3] and history[7] == every.analysis.stability.history[7]
+
+
+def test_the_checks_reconstruction_without_q_matches_the_one_with_q():
+    # Psi Q = W Omega R^{-1} where Y = Q R is well conditioned; Q itself where it is not (no gradient).
+    data = [(a.float(), g.float()) for a, g in stream((4.0, 3.0, 2.0), batches=6)]
+    acc = accumulate("sketch", data)
+    y = acc.half_sketch()[: 2 * D_OUT * WIDTH].reshape(2, D_OUT, WIDTH)[0].double()
+    w = acc.half_sketch()[2 * D_OUT * WIDTH: -2].reshape(2, 2 * WIDTH + 1, D_IN)[0].double()
+    with_q = acc.psi.double() @ torch.linalg.qr(y).Q
+    torch.testing.assert_close(acc._psi_q(y, w), with_q, rtol=1e-4, atol=1e-4 * float(with_q.abs().max()))
+    silent = SpectrumAccumulator("silent", D_IN, D_OUT, width=WIDTH, method="sketch")
+    for a, g in data:
+        silent.update(a, torch.zeros_like(g))
+    one, two = silent.half_spectra(silent.half_sketch(), 4)
+    assert one.sigma_sq == two.sigma_sq == (0.0,) * 4 and one.floor == 0.0

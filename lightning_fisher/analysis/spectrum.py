@@ -55,9 +55,20 @@ i.e. a direction must be about ``sqrt(2)`` times the noise's top singular value)
 chance that noise clears it small (measured on synthetic pure-noise modules of 32 to 128
 features: see the tests).
 
-All sums are float64 whatever the input dtype (products are computed in float32 for
-half/single-precision inputs and in float64 for float64 ones), and the state is one flat
-tensor of sums: ``all_reduce(SUM)`` of :meth:`SpectrumAccumulator.state_tensor` merges processes.
+**Precision.** Products are computed in float32 for half/single-precision inputs and in float64
+for float64 ones, and added in place into sums of the same dtype (float32 sums become float64
+with the first float64 batch). Float32 sums add rounding of about ``1e-7`` of the sums'
+magnitude per batch, far below the sampling noise the floor measures (measured: 3e-7 relative
+over 400 batches, see the tests); float64 sums needed a float64 copy of every product on CPU and
+twice the kept state (``benchmarks/README.md``, the spectrum criterion's cost). The
+test matrices are drawn in float64 and rounded to float32, whatever the sums' dtype, so
+every process and every precision sketches with the same ones; every estimate (QR, SVD,
+eigenvalues) runs in float64. The state is one flat float64 tensor of sums:
+``all_reduce(SUM)`` of :meth:`SpectrumAccumulator.state_tensor` merges processes.
+
+**Skipped samples.** A sample is used when its ``a`` and ``g`` are finite: one sum per sample
+and tensor decides it (a sum of finite terms is finite unless it overflows, and only samples
+whose sum is not finite are checked element by element), without a boolean copy of the inputs.
 """
 
 from __future__ import annotations
@@ -73,15 +84,22 @@ from torch import nn
 from lightning_fisher.analysis.candidates import module_type_name, weight_shape
 from lightning_fisher.errors import CandidateSelectionError, FisherAnalysisError
 
-__all__ = ["EXACT_FACTOR", "NOISE_MARGIN", "ModuleSpectrum", "SpectrumAccumulator", "SpectrumSet", "sketch_width"]
+__all__ = [
+    "EXACT_FACTOR", "NOISE_MARGIN", "STOP_CHECK_EVERY", "ModuleSpectrum", "SpectrumAccumulator", "SpectrumSet",
+    "sketch_width",
+]
 
 SpectrumMethod = Literal["auto", "exact", "sketch"]
 
 EXACT_FACTOR = 2
-#: Elements of the product an exact update adds to its sums at once (16 MB float32 and its
-#: 32 MB float64 copy, whatever the module's size).
-EXACT_CHUNK_ELEMENTS = 1 << 22
 NOISE_MARGIN = 2.0
+#: The spectrum criterion's stopping check runs after every this many batches (see
+#: :meth:`SpectrumSet.check_due`): its per-module reconstructions and two allocations cost, per
+#: check, 0.2 of a MiniLM training step and more than half of a digits model's.
+STOP_CHECK_EVERY = 2
+#: Sketches up to this size (``Y``'s entries) go through the stopping check's reconstruction in
+#: one batched call; larger ones one at a time (their float64 copies would add up).
+BATCHED_CHECK_ELEMENTS = 1 << 20
 
 
 def sketch_width(rank_max: int, oversampling: int = 10) -> int:
@@ -124,7 +142,7 @@ class SpectrumAccumulator:
 
     Attributes:
         method: ``"exact"`` or ``"sketch"``, as ``"auto"`` resolved it.
-        omega: ``[d_in, k]`` and ``psi``: ``[2k + 1, d_out]`` float64 test matrices (sketch only).
+        omega: ``[d_in, k]`` and ``psi``: ``[2k + 1, d_out]`` test matrices, in the sums' dtype.
     """
 
     def __init__(
@@ -143,19 +161,21 @@ class SpectrumAccumulator:
         if method == "auto":
             method = "exact" if d_out * d_in <= EXACT_FACTOR * (width * d_out + wide * d_in) else "sketch"
         self.method: Literal["exact", "sketch"] = method
-        f64 = dict(dtype=torch.float64, device=device)
+        f32 = dict(dtype=torch.float32, device=device)
         self._seed, self._device = seed, device
         self._omega: Optional[torch.Tensor] = None
         self._psi: Optional[torch.Tensor] = None
         if method == "exact":
-            self._sums = [torch.zeros(2, d_out, d_in, **f64)]
+            self._sums = [torch.zeros(2, d_out, d_in, **f32)]
         else:
-            self._sums = [torch.zeros(2, d_out, width, **f64), torch.zeros(2, wide, d_in, **f64)]
+            self._sums = [torch.zeros(2, d_out, width, **f32), torch.zeros(2, wide, d_in, **f32)]
         self._count = torch.zeros(2, dtype=torch.float64)
         self._skipped = 0.0
-        # The exact method's sums, sketched for the stopping rule: made on the first
-        # half_sketch() call, then kept up to date per batch (about a tenth of the exact update).
-        self._exact_sketch: Optional[list[torch.Tensor]] = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The sums' dtype: float32, or float64 once a float64 batch came."""
+        return self._sums[0].dtype
 
     @property
     def omega(self) -> torch.Tensor:
@@ -173,8 +193,10 @@ class SpectrumAccumulator:
 
     def _draw_test_matrices(self) -> None:
         gen = torch.Generator().manual_seed(_module_seed(self._seed, self.name))
-        self._omega = torch.randn(self.d_in, self.width, generator=gen, dtype=torch.float64).to(self._device)
-        self._psi = torch.randn(2 * self.width + 1, self.d_out, generator=gen, dtype=torch.float64).to(self._device)
+        # Rounded to float32 whatever the sums' dtype: the same matrices at every precision.
+        omega = torch.randn(self.d_in, self.width, generator=gen, dtype=torch.float64).float()
+        psi = torch.randn(2 * self.width + 1, self.d_out, generator=gen, dtype=torch.float64).float()
+        self._omega, self._psi = omega.to(self._device, self.dtype), psi.to(self._device, self.dtype)
 
     @property
     def samples_seen(self) -> int:
@@ -206,51 +228,52 @@ class SpectrumAccumulator:
                 f"gradient, got {tuple(a.shape)} and {tuple(g.shape)}"
             )
         dtype = torch.float64 if torch.float64 in (a.dtype, g.dtype) else torch.float32
+        if dtype != self.dtype:
+            self._to_float64()
         a = a.detach().reshape(batch, -1, self.d_in).to(dtype)
         g = g.detach().reshape(batch, -1, self.d_out).to(dtype)
         if a.shape[1] != g.shape[1]:
             raise FisherAnalysisError(
                 f"module {self.name!r}: {a.shape[1]} input tokens but {g.shape[1]} gradient tokens"
             )
-        use = torch.isfinite(a).flatten(1).all(1) & torch.isfinite(g).flatten(1).all(1)
+        use = _finite_samples(a) & _finite_samples(g)
         if finite is not None:
             use &= finite.detach().to(use.device, torch.bool).reshape(-1)
         scale = float(batch) if self.loss_reduction == "mean" else 1.0
-        half = (self.samples_seen + torch.arange(batch, device=use.device)) % 2
+        first = self.samples_seen % 2  # the half of the batch's first sample
+        every = bool(use.all())
         for h in (0, 1):
-            rows = torch.nonzero(use & (half == h)).reshape(-1)
-            self._count[h] += float(rows.numel())
-            if rows.numel():
+            if every:  # the common case: the half's samples are every other one, no index needed
+                start = (h - first) % 2
+                rows, used = slice(start, None, 2), len(range(start, batch, 2))
+            else:
+                rows = torch.nonzero(use & ((first + torch.arange(batch, device=use.device)) % 2 == h)).reshape(-1)
+                used = int(rows.numel())
+            self._count[h] += float(used)
+            if used:
                 self._add(h, a[rows].reshape(-1, self.d_in), g[rows].reshape(-1, self.d_out), scale)
         self._skipped += float(batch - int(use.sum()))
+
+    def _to_float64(self) -> None:
+        self._sums = [s.double() for s in self._sums]
+        if self._omega is not None:
+            self._omega, self._psi = self._omega.double(), self._psi.double()
 
     def _move_to(self, device: torch.device) -> None:
         self._device = device
         self._sums = [s.to(device) for s in self._sums]
-        if self._exact_sketch is not None:
-            self._exact_sketch = [s.to(device) for s in self._exact_sketch]
         if self._omega is not None:
             self._omega, self._psi = self._omega.to(device), self._psi.to(device)
 
     def _add(self, h: int, a: torch.Tensor, g: torch.Tensor, scale: float) -> None:
+        # In place, in the inputs' dtype: no product the size of the sums is ever made (a whole
+        # d_out x d_in product and its float64 copy were up to 5x a weight gradient, transient).
         if self.method == "exact":
-            # In blocks of output rows: adding a float32 product into float64 sums makes a
-            # float64 copy of it first (on CPU), so a whole d_out x d_in product, its copy and a
-            # scaled copy were 5x a float32 weight gradient, transient, above the sums themselves.
-            sums = self._sums[0][h]
-            step = max(1, EXACT_CHUNK_ELEMENTS // self.d_in)
-            for start in range(0, self.d_out, step):
-                rows = slice(start, start + step)
-                sums[rows].add_(g[:, rows].T @ a, alpha=scale)
-            if self._exact_sketch is not None:
-                self._add_sketch(self._exact_sketch, h, a, g, scale)
+            self._sums[0][h].addmm_(g.T, a, alpha=scale)
             return
-        self._add_sketch(self._sums, h, a, g, scale)
-
-    def _add_sketch(self, sketch: list[torch.Tensor], h: int, a: torch.Tensor, g: torch.Tensor, scale: float) -> None:
-        y, w = sketch
-        y[h].add_(g.T @ (a @ self.omega.to(a.dtype)), alpha=scale)
-        w[h].add_((g @ self.psi.T.to(g.dtype)).T @ a, alpha=scale)
+        y, w = self._sums
+        y[h].addmm_(g.T, a @ self.omega, alpha=scale)
+        w[h].addmm_((g @ self.psi.T).T, a, alpha=scale)
 
     def state_tensor(self, device: Union[torch.device, str, None] = None) -> torch.Tensor:
         """All state as one flat float64 tensor of sums, ready for ``all_reduce(SUM)``.
@@ -261,7 +284,7 @@ class SpectrumAccumulator:
         Args:
             device: where to put the tensor (default: where the sums live).
         """
-        sums = [s.reshape(-1) for s in self._sums]
+        sums = [s.reshape(-1).double() for s in self._sums]
         tail = torch.cat([self._count, torch.tensor([self._skipped], dtype=torch.float64)]).to(sums[0].device)
         flat = torch.cat(sums + [tail])
         return flat if device is None else flat.to(device)
@@ -286,8 +309,7 @@ class SpectrumAccumulator:
                 f"({self.method}, d_out={self.d_out}, d_in={self.d_in}, width={self.width})"
             )
         parts = torch.split(state, sizes + [2, 1])
-        self._sums = [p.reshape(s.shape).clone() for p, s in zip(parts, self._sums)]
-        self._exact_sketch = None  # sketched again from the new sums when next asked for
+        self._sums = [p.reshape(s.shape).to(s.dtype, copy=True) for p, s in zip(parts, self._sums)]
         self._count = parts[-2].cpu().clone()
         self._skipped = float(parts[-1])
 
@@ -308,8 +330,9 @@ class SpectrumAccumulator:
                 "run the analysis on at least two finite samples"
             )
         total = n1 + n2
-        mean = [(s[0] + s[1]) / total for s in self._sums]
-        diff = [s[0] / n1 - s[1] / n2 for s in self._sums]
+        sums = [s.double() for s in self._sums]  # every estimate in float64
+        mean = [(s[0] + s[1]) / total for s in sums]
+        diff = [s[0] / n1 - s[1] / n2 for s in sums]
         top = min(top, self.d_out, self.d_in, self.width if self.method == "sketch" else top)
         if self.method == "exact":
             sigma_sq = torch.linalg.svdvals(mean[0].cpu())[:top].square()
@@ -329,21 +352,26 @@ class SpectrumAccumulator:
         return 2 * self.width * self.d_out + 2 * (2 * self.width + 1) * self.d_in + 2
 
     def half_sketch(self, device: Union[torch.device, str, None] = None) -> torch.Tensor:
-        """Each half's sums, sketched, as one flat float64 tensor: ``Y[2, d_out, k]``, ``W[2, l, d_in]``, ``count[2]``.
+        """Each half's sums, sketched, as one flat tensor: ``Y[2, d_out, k]``, ``W[2, l, d_in]``, ``count[2]``.
+
+        In the sums' dtype (float32 unless a float64 batch came): a float64 copy of every
+        module's sketch at once was the check's largest transient on a 32,000-wide output layer;
+        :meth:`half_spectra` takes each module's part to float64 on its own.
 
         The sketches of the sketch method are its state; the exact method's sums are sketched with
-        the same kind of test matrices on the first call (``O(d_out d_in k)`` per half) and the
-        sketch is then updated with every batch, as the sketch method's is. A sketch is linear in the sums, so ``all_reduce(SUM)`` of these tensors is the sketch of the
-        summed state: the stopping rule's per-batch traffic under DDP is the size of a rank-``k``
+        the same test matrices when asked (``O(d_out d_in k)`` per half, in float64): the exact
+        method is chosen only where its sums are small, so this costs less than keeping a sketch
+        up to date with every batch (``O(tokens (d_out + d_in) k)``), which it used to do. A
+        sketch is linear in the sums, so ``all_reduce(SUM)`` of these tensors is the sketch of
+        the summed state: the stopping rule's traffic under DDP is the size of a rank-``k``
         adapter per module, not that of the exact sums.
         """
         if self.method == "sketch":
             y, w = self._sums
         else:
-            if self._exact_sketch is None:
-                self._exact_sketch = [self._sums[0] @ self.omega, self.psi @ self._sums[0]]
-            y, w = self._exact_sketch
-        flat = torch.cat([y.reshape(-1), w.reshape(-1), self._count.to(y.device)])
+            sums = self._sums[0].double()
+            y, w = (sums @ self.omega.double()).to(self.dtype), (self.psi.double() @ sums).to(self.dtype)
+        flat = torch.cat([y.reshape(-1), w.reshape(-1), self._count.to(y.device, y.dtype)])
         return flat if device is None else flat.to(device)
 
     def half_spectra(
@@ -373,12 +401,19 @@ class SpectrumAccumulator:
             return None
         total = n1 + n2
         diff = (y[0] / n1 - y[1] / n2, w[0] / n1 - w[1] / n2)
-        noise = max(float(self._sketch_sigma_sq(*diff)[0]), self._edge(self._sketch_frobenius_sq(*diff)))
+        ys, ws = (diff[0], y[0] / n1, y[1] / n2), (diff[1], w[0] / n1, w[1] / n2)
+        if y.numel() <= BATCHED_CHECK_ELEMENTS:
+            # The difference and both halves in one batched reconstruction: on small modules the
+            # per-call overhead of three separate ones was most of the stopping check's time.
+            sigma_sq = self._sketch_sigma_sq(torch.stack(ys), torch.stack(ws))
+        else:  # one at a time: three float64 copies of a large module's sketch at once cost memory
+            sigma_sq = torch.stack([self._sketch_sigma_sq(a, b) for a, b in zip(ys, ws)])
+        noise = max(float(sigma_sq[0, 0]), self._edge(self._sketch_frobenius_sq(*diff)))
         top = min(top, self.d_out, self.d_in, self.width)
         halves = []
         for h, (n, other) in enumerate(((n1, n2), (n2, n1))):
-            sigma_sq = self._sketch_sigma_sq(y[h] / n, w[h] / n)[:top]
-            halves.append(ModuleSpectrum(self.name, tuple(sigma_sq.tolist()), margin * other / total * noise, n))
+            values = tuple(sigma_sq[1 + h, :top].tolist())
+            halves.append(ModuleSpectrum(self.name, values, margin * other / total * noise, n))
         return halves[0], halves[1]
 
     # ------------------------------------------------------------------ estimators
@@ -390,24 +425,41 @@ class SpectrumAccumulator:
         """``||A||_F^2`` from ``A Omega`` and ``Psi A``: ``E||A Omega||_F^2 = k ||A||_F^2``, likewise for ``Psi``."""
         return float(y.square().sum() + w.square().sum()) / (self.width + 2 * self.width + 1)
 
+    def _psi_q(self, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """``Psi Q`` with ``Q = orth(Y)``, without forming ``Q`` where ``Y`` is well conditioned.
+
+        ``Psi Y = Psi S Omega = W Omega``, so with ``Y = Q R``, ``Psi Q = W Omega R^{-1}``: an
+        ``l x d_in x k`` product and ``R`` alone instead of ``Q`` and an ``l x d_out x k`` product
+        (80x fewer operations on a 32,000-row output layer). A rank-deficient ``Y`` (a module
+        with no gradient) has no usable ``R^{-1}``, nor has a ``Y`` with fewer rows than columns a
+        square ``R``: ``Q`` is formed then, as before.
+        """
+        if y.shape[-2] >= y.shape[-1]:  # else R is not square: fewer outputs than the sketch is wide
+            r = torch.linalg.qr(y, mode="r").R
+            diagonal = r.diagonal(dim1=-2, dim2=-1).abs()
+            if bool((diagonal.amin(-1) > 1e-6 * diagonal.amax(-1)).all()):
+                return torch.linalg.solve_triangular(r, w @ self.omega.cpu().double(), upper=True, left=False)
+        return self.psi.cpu().double() @ torch.linalg.qr(y).Q
+
     def _sketch_sigma_sq(self, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """Eigenvalues of ``X X^T - ||r||^2 / (l - k) ((Psi Q)^T Psi Q)^{-1}`` (module docstring), descending.
 
         With ``Psi Q = U R`` (thin QR), ``X = R^{-1} U^T W`` and ``||r||^2 = ||W||^2 - ||U^T W||^2``,
         so the matrix is ``R^{-1} (Z Z^T - ||r||^2 / (l - k) I) R^{-T}`` with ``Z = U^T W``: one
         matrix product with ``W`` instead of a least-squares solve (the stopping rule runs this
-        for every module after every batch).
+        for every module at every check). ``y`` (``[..., d_out, k]``) and ``w`` (``[..., l, d_in]``)
+        may carry leading batch dimensions; so does the result.
         """
-        psi, w = self.psi.cpu(), w.cpu()
-        q = torch.linalg.qr(y.cpu()).Q
-        u, r = torch.linalg.qr(psi @ q)
-        z = u.T @ w
-        zz = z @ z.T
-        tail = (w.square().sum() - zz.trace()).clamp_min(0.0) / (u.shape[0] - u.shape[1])
-        inner = zz - tail * torch.eye(zz.shape[0], dtype=zz.dtype)
+        w = w.cpu()
+        u, r = torch.linalg.qr(self._psi_q(y.cpu(), w))
+        z = u.mT @ w
+        zz = z @ z.mT
+        trace = zz.diagonal(dim1=-2, dim2=-1).sum(-1)
+        tail = (w.square().sum((-2, -1)) - trace).clamp_min(0.0) / (u.shape[-2] - u.shape[-1])
+        inner = zz - tail[..., None, None] * torch.eye(zz.shape[-1], dtype=zz.dtype)
         left = torch.linalg.solve_triangular(r, inner, upper=True)  # R^{-1} inner
-        both = torch.linalg.solve_triangular(r, left.T, upper=True)  # R^{-1} (R^{-1} inner)^T
-        return torch.linalg.eigvalsh((both + both.T) / 2).flip(0).clamp_min(0.0)
+        both = torch.linalg.solve_triangular(r, left.mT, upper=True)  # R^{-1} (R^{-1} inner)^T
+        return torch.linalg.eigvalsh((both + both.mT) / 2).flip(-1).clamp_min(0.0)
 
 
 class SpectrumSet:
@@ -427,6 +479,8 @@ class SpectrumSet:
         method: ``"auto"``, ``"exact"`` or ``"sketch"`` for every module.
         seed: seeds the sketches' test matrices (the same on every process).
         loss_reduction: as for the collector.
+        check_every: the stopping check runs after every this many batches (:meth:`check_due`;
+            default :data:`STOP_CHECK_EVERY`).
 
     Raises:
         CandidateSelectionError: a candidate is not a linear module (an ``Embedding`` has no
@@ -436,9 +490,16 @@ class SpectrumSet:
 
     def __init__(
         self, candidates: Mapping[str, nn.Module], *, rank_max: int, method: SpectrumMethod = "auto", seed: int = 0,
-        loss_reduction: Literal["mean", "sum"] = "mean",
+        loss_reduction: Literal["mean", "sum"] = "mean", check_every: Optional[int] = None,
     ) -> None:
+        check_every = STOP_CHECK_EVERY if check_every is None else check_every
+        if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
+            raise ValueError(f"check_every: must be a positive integer, got {check_every!r}")
         self.rank_max = rank_max
+        self.check_every = check_every
+        #: The stopping check's latest correlation, given again on the batches between checks.
+        self.last_correlation: Optional[float] = None
+        self._check_calls = 0
         self.accumulators: dict[str, SpectrumAccumulator] = {}
         for name, module in candidates.items():
             kind = module_type_name(module)
@@ -483,6 +544,18 @@ class SpectrumSet:
         """``{name: min(d_in, d_out)}``: the largest rank that fits each module."""
         return {name: min(acc.d_in, acc.d_out) for name, acc in self.accumulators.items()}
 
+    def check_due(self) -> bool:
+        """Whether the stopping check runs after this batch: called once per batch, true every ``check_every``-th.
+
+        On the batches between, the stopping rule counts :attr:`last_correlation` again (``None``
+        before the first check): a streak of stable checks then ends at most ``check_every - 1``
+        batches after the one checking every batch would have seen, and the map's statistics
+        (summed every batch) are the same. Every process calls it once per batch, so under DDP
+        the check's collective runs on the same batches everywhere.
+        """
+        self._check_calls += 1
+        return self._check_calls % self.check_every == 0
+
     def half_sketch(self, device: Union[torch.device, str, None] = None) -> torch.Tensor:
         """Every accumulator's :meth:`~SpectrumAccumulator.half_sketch`, concatenated (for one all-reduce)."""
         return torch.cat([acc.half_sketch(device) for acc in self.accumulators.values()])
@@ -499,6 +572,20 @@ class SpectrumSet:
                 return None
             halves[name] = pair
         return halves
+
+
+def _finite_samples(x: torch.Tensor) -> torch.Tensor:
+    """``[B]``: whether each sample of ``x`` (``[B, T, d]``) is finite everywhere.
+
+    A sum is finite when every term is; a non-finite sum may also be an overflow of finite terms,
+    so only those samples are checked element by element. One reduction instead of a boolean copy
+    of ``x`` (and not a float64 sum: on CPU that makes a float64 copy of ``x`` first).
+    """
+    finite = torch.isfinite(x.sum((1, 2)))
+    if not bool(finite.all()):
+        for i in torch.nonzero(~finite).reshape(-1).tolist():
+            finite[i] = bool(torch.isfinite(x[i]).all())
+    return finite
 
 
 def _module_seed(seed: int, name: str) -> int:

@@ -15,7 +15,9 @@ list: it counts the order of every module, which is what rank allocation uses.
 **The spectrum criterion** allocates from spectra, not from scores, so its rule compares what
 it produces: each half's spectra (and its own noise floor, about twice the whole's) go through
 the same allocation, and the two halves' ranks (``0`` for a module left out) are
-rank-correlated over all candidates. It starts counting once at least one half gives some module
+rank-correlated over all candidates, after every
+:data:`~lightning_fisher.analysis.spectrum.STOP_CHECK_EVERY` batches (the latest verdict counts
+for the batches between). It starts counting once at least one half gives some module
 an adapter (see :func:`~lightning_fisher.allocation.criteria.spectrum.spectrum_split_half_correlation`). Each
 criterion's check is its own (:meth:`lightning_fisher.allocation.criteria.Criterion.split_half_correlation`).
 

@@ -4,7 +4,9 @@ Statistics: :class:`~lightning_fisher.analysis.spectrum.SpectrumSet` (each modul
 top singular values and their noise floor, in the same pass as the trace). Allocation:
 :mod:`lightning_fisher.allocation.spectrum_rule` (greedy by gain per parameter above the floor).
 Stopping: the Spearman correlation of the ranks that allocation gives each sample half
-(:func:`spectrum_split_half_correlation`), each half with its own floor.
+(:func:`spectrum_split_half_correlation`), each half with its own floor, checked every
+:data:`~lightning_fisher.analysis.spectrum.STOP_CHECK_EVERY` batches (the latest verdict counts
+in between).
 """
 
 from __future__ import annotations
@@ -120,9 +122,16 @@ class SpectrumCriterion(Criterion):
         self, accumulator: "FisherAccumulator", statistics: Optional[AnalysisStatistics],
         settings: "AllocationSettings", reduce: Reduce,
     ) -> Optional[float]:
-        # Only the halves' sketches cross processes per batch: a rank-k adapter's size per module.
+        # Checked every statistics.check_every batches (its reconstructions and allocations would
+        # otherwise dominate a small model's batch); the latest verdict counts in between.
+        if not statistics.check_due():
+            return statistics.last_correlation
+        # Only the halves' sketches cross processes per check: a rank-k adapter's size per module.
         halves = statistics.half_spectra(reduce(statistics.half_sketch()))
-        return spectrum_split_half_correlation(halves, statistics.rank_costs, settings, statistics.rank_limits)
+        statistics.last_correlation = spectrum_split_half_correlation(
+            halves, statistics.rank_costs, settings, statistics.rank_limits
+        )
+        return statistics.last_correlation
 
     def missing_statistics(self, records: Sequence["ModuleRecord"]) -> Optional[str]:
         missing = [m.name for m in records if m.sigma_sq is None or m.noise_floor is None]
