@@ -79,6 +79,26 @@ MODULES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         ("tests/test_fingerprint.py", "tests/test_module_names.py", "tests/test_peft_factory_model_check.py"),
     ),
     "accumulator": (("lightning_fisher/analysis/accumulator.py",), ("tests/test_accumulator.py",)),
+    "candidates": (("lightning_fisher/analysis/candidates.py",), ("tests/test_candidates.py",)),
+    "records": (
+        ("lightning_fisher/fisher_map/records.py",),
+        ("tests/test_records.py", "tests/test_fisher_map.py", "tests/test_fisher_map_versions.py"),
+    ),
+    "reallocate_show": (
+        ("lightning_fisher/cli/reallocate.py", "lightning_fisher/cli/show.py"),
+        ("tests/test_reallocate.py", "tests/test_show.py"),
+    ),
+    "peft_factory": (
+        ("lightning_fisher/peft_factory/*.py",),
+        ("tests/test_peft_factory.py", "tests/test_peft_factory_flat.py", "tests/test_peft_factory_locate.py",
+         "tests/test_peft_factory_model_check.py"),
+    ),
+    "per_sample_norms": (("lightning_fisher/analysis/per_sample_norms.py",), ("tests/test_per_sample_norms.py",)),
+    "collector": (("lightning_fisher/analysis/collector.py",), ("tests/test_collector.py",)),
+    "spectrum": (
+        ("lightning_fisher/analysis/spectrum.py",),
+        ("tests/test_spectrum.py", "tests/test_spectrum_mutants.py"),
+    ),
 }
 
 STATUS = {  # mutmut's exit codes (mutmut/stats.py)
