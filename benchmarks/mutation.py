@@ -89,7 +89,10 @@ MODULES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         ("tests/test_reallocate.py", "tests/test_show.py"),
     ),
     "peft_factory": (
-        ("lightning_fisher/peft_factory/*.py",),
+        # the logic the peft_factory tests test directly; rollback, step_size, export, record and
+        # quantized are tested through AdaptiveLoRA / bitsandbytes (tests/test_adaptive_lora.py ...), not here
+        tuple(f"lightning_fisher/peft_factory/{name}.py"
+              for name in ("plan", "verify", "adapters", "flat", "injected", "locate", "adapter_root", "model_check")),
         ("tests/test_peft_factory.py", "tests/test_peft_factory_flat.py", "tests/test_peft_factory_locate.py",
          "tests/test_peft_factory_model_check.py"),
     ),
