@@ -105,7 +105,7 @@ MODULES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     ),
     "spectrum": (
         ("lightning_fisher/analysis/spectrum.py",),
-        ("tests/test_spectrum.py", "tests/test_spectrum_mutants.py"),
+        ("tests/test_spectrum.py", "tests/test_spectrum_stopping.py", "tests/test_spectrum_mutants.py"),
     ),
 }
 
