@@ -401,3 +401,15 @@ def test_a_rank_out_of_bounds_names_the_module_size_only_when_it_is_the_bound(mo
     with pytest.raises(FisherMapSchemaError) as excinfo:
         FisherMap.load(write_document(tmp_path, document))
     assert str(excinfo.value).endswith("rank 99 of 'layers.0.q' is outside [rank_min, rank_max] = [2, 8]")
+
+
+def test_recorded_rank_reads_only_an_integer_from_a_mapping():
+    from lightning_fisher.fisher_map.codec import _recorded_rank
+
+    assert _recorded_rank({"rank_pattern": {r"^a\.b": 3}}, "a.b") == 3
+    assert _recorded_rank({"rank_pattern": {r"^a\.b": 0}}, "a.b") == 0  # falsy but a number
+    for value in (True, 4.0, "4", None):
+        assert _recorded_rank({"rank_pattern": {r"^a\.b": value}}, "a.b") is None, value
+    assert _recorded_rank({"rank_pattern": [r"^a\.b"]}, "a.b") is None  # not a mapping
+    assert _recorded_rank({}, "a.b") is None
+    assert _recorded_rank({"rank_pattern": {"^a": 2}}, "a.b") is None
