@@ -165,3 +165,23 @@ def test_windows_skips_the_folder_sync(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(atomic_io.os, "name", "nt")
     monkeypatch.setattr(atomic_io.os, "open", no_folder_handles)
     assert atomic_io._fsync_folder(tmp_path) is None
+
+
+def test_folders_to_create_lists_only_the_missing_ones_outermost_first(tmp_path, monkeypatch):
+    from lightning_fisher.data.atomic_io import folders_to_create
+
+    assert folders_to_create(tmp_path / "map.json") == []  # the folder exists: nothing to create, no ancestors
+    assert folders_to_create(tmp_path / "a" / "b" / "map.json") == [tmp_path / "a", tmp_path / "a" / "b"]
+    monkeypatch.chdir(tmp_path)
+    assert folders_to_create("map.json") == []
+    assert folders_to_create("c/map.json") == [Path("c")]  # spelled as given
+
+
+def test_a_folder_without_write_and_search_permission_is_refused(tmp_path, monkeypatch):
+    from lightning_fisher.data.atomic_io import unwritable_reason
+
+    # as root every folder is writable, so the permission check is faked: write and search both needed
+    monkeypatch.setattr(os, "access", lambda path, mode: mode & (os.W_OK | os.X_OK) != (os.W_OK | os.X_OK))
+    assert unwritable_reason(tmp_path / "map.json") == f"{tmp_path} is not a writable folder"
+    monkeypatch.setattr(os, "access", lambda path, mode: True)
+    assert unwritable_reason(tmp_path / "map.json") is None

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from torch import nn
 
 from lightning_fisher.analysis.candidates import (
     is_supported,
     module_type_name,
+    num_parameters,
     rank_cost,
     select_candidates,
     weight_shape,
@@ -143,3 +145,111 @@ def test_patterns_that_match_no_candidate_warn() -> None:
 def test_patterns_that_match_warn_nothing(recwarn) -> None:
     select_candidates(Model(), include=r"encoder\..*", exclude="head.classifier")
     assert not [w for w in recwarn if "matches no candidate" in str(w.message)]
+
+
+def _packed(module: nn.Module, shape: tuple[int, ...]) -> nn.Module:
+    """``module`` with a weight of another shape, as a quantized layer packs it."""
+    module.weight = nn.Parameter(module.weight.detach().reshape(shape), requires_grad=False)
+    return module
+
+
+def test_sizes_come_from_the_layer_not_from_a_packed_weight() -> None:
+    linear = _packed(nn.Linear(8, 5), (20, 2))
+    assert weight_shape(linear) == (5, 8) and rank_cost(linear) == 13 and num_parameters(linear) == 45
+    embedding = _packed(nn.Embedding(100, 8), (400, 2))
+    assert weight_shape(embedding) == (100, 8) and rank_cost(embedding) == 108 and num_parameters(embedding) == 800
+
+
+def test_num_parameters_counts_weight_and_bias() -> None:
+    assert num_parameters(nn.Linear(8, 5)) == 45
+    assert num_parameters(nn.Linear(8, 5, bias=False)) == 40  # bias None: nothing added
+    assert num_parameters(nn.Linear(1, 1, bias=False)) == 1
+    assert num_parameters(nn.Embedding(100, 8)) == 800  # no bias attribute at all
+    conv1d = _LookAlikeConv1D(24, 8)
+    assert num_parameters(conv1d) == 8 * 24 + 24
+    with pytest.raises(CandidateSelectionError, match="Conv2d"):
+        num_parameters(nn.Conv2d(1, 1, 1))
+
+
+def test_is_supported_is_true_for_each_supported_kind() -> None:
+    assert is_supported(nn.Linear(2, 2)) is True
+    assert is_supported(nn.Embedding(3, 2)) is True
+    assert is_supported(_LookAlikeConv1D(2, 2)) is True
+    assert is_supported(nn.Conv2d(1, 1, 1)) is False
+
+
+class _LookAlikeConv1D(nn.Module):
+    """transformers' Conv1D as the code recognises it: by class name and an ``nf`` attribute."""
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf))
+        self.bias = nn.Parameter(torch.zeros(nf))
+
+
+_LookAlikeConv1D.__name__ = "Conv1D"
+
+
+class _OtherConv1D(nn.Module):  # another class of the same name: a Conv1D type selects it by name
+    def __init__(self) -> None:
+        super().__init__()
+        self.nf = 4
+        self.weight = nn.Parameter(torch.zeros(2, 4))
+
+
+_OtherConv1D.__name__ = "Conv1D"
+
+
+def test_a_conv1d_type_selects_any_conv1d_by_name() -> None:
+    model = nn.Module()
+    model.a = _LookAlikeConv1D(4, 2)
+    model.b = _OtherConv1D()
+    model.lin = nn.Linear(2, 2)
+    assert list(select_candidates(model, module_types=[_OtherConv1D])) == ["a", "b"]
+    assert list(select_candidates(model, module_types=[_LookAlikeConv1D, nn.Linear])) == ["a", "b", "lin"]
+
+
+def test_an_unsupported_type_is_named_by_class_name_and_a_non_type_by_repr() -> None:
+    with pytest.raises(CandidateSelectionError) as info:
+        select_candidates(Model(), module_types=[nn.Conv2d])
+    assert str(info.value) == ("module type Conv2d is not supported for Fisher scoring; supported types are "
+                               "Linear, Embedding, Conv1D (nn.Linear, nn.Embedding, transformers Conv1D)")
+    with pytest.raises(CandidateSelectionError) as info:
+        select_candidates(Model(), module_types=["Linear"])
+    assert str(info.value).startswith("module type 'Linear' is not supported for Fisher scoring")
+
+
+def _linears(count: int) -> nn.Module:
+    model = nn.Module()
+    for i in range(count):
+        model.add_module(f"l{i}", nn.Linear(1, 1))
+    return model
+
+
+def test_empty_selection_lists_eight_modules_then_how_many_more() -> None:
+    with pytest.raises(CandidateSelectionError) as info:
+        select_candidates(_linears(8), include="nothing")
+    listed = ", ".join(f"l{i} (Linear)" for i in range(8))
+    assert str(info.value) == (
+        f"no candidate modules: include='nothing', exclude=() selected none of the 8 modules of types ['Linear'], "
+        f"e.g. {listed}. Patterns must match a full name or a dot-separated suffix of it (PEFT target_modules semantics)."
+    )
+    with pytest.raises(CandidateSelectionError) as info:
+        select_candidates(_linears(11), include="nothing")
+    assert f"e.g. {listed}, ... (3 more). Patterns" in str(info.value)
+
+
+def test_empty_model_says_none_seen() -> None:
+    with pytest.raises(CandidateSelectionError) as info:
+        select_candidates(nn.Module())
+    assert str(info.value) == (
+        "no candidate modules: the model has no modules of types ['Linear'] (outside PEFT adapters). Modules seen: "
+        "none. Pass module_types= with the layer types to score (Linear, Embedding, Conv1D)."
+    )
+
+
+def test_a_single_string_pattern_that_matches_nothing_is_named_whole() -> None:
+    with pytest.warns(UserWarning) as record:
+        select_candidates(Model(), exclude="qurey")
+    assert [str(w.message).split(",")[0] for w in record] == ["exclude pattern 'qurey' matches no candidate module"]

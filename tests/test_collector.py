@@ -528,3 +528,297 @@ def test_low_precision_model_scores_do_not_depend_on_gram_sharing(monkeypatch: p
     unshared = scores()
     for values in shared:
         assert torch.equal(values, unshared)
+
+
+# ----------------------------------------------------------------- cases mutation testing found untested
+
+
+def per_sample_reference(model: nn.Module, loss_of, inputs: torch.Tensor, names: list[str]) -> torch.Tensor:
+    """[M, B] (||dl_i/dW||^2 + ||dl_i/db||^2) / numel from batch-1 passes; ``loss_of(model, x_i)`` is sample i's loss."""
+    model = copy.deepcopy(model).requires_grad_(True)
+    modules = dict(model.named_modules())
+    out = torch.zeros(len(names), len(inputs), dtype=torch.float64)
+    for i in range(len(inputs)):
+        loss = loss_of(model, inputs[i : i + 1])
+        for m, name in enumerate(names):
+            params = [p for p in (modules[name].weight, getattr(modules[name], "bias", None)) if p is not None]
+            grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+            out[m, i] = sum(g.double().square().sum() for g in grads if g is not None) / sum(p.numel() for p in params)
+    return out
+
+
+def test_as_dict_gives_each_modules_row() -> None:
+    model = tiny_model()
+    collector, record = collect(model, make_batch([3, 2]))
+    rows = record.as_dict()
+    assert list(rows) == list(collector.names)
+    for m, name in enumerate(collector.names):
+        assert torch.equal(rows[name], record.values[m])
+
+
+class PaddedEmbedding(nn.Module):
+    def __init__(self, padding_idx) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(5, 3, padding_idx=padding_idx)
+        self.w = nn.Parameter(torch.randn(3, dtype=torch.float64), requires_grad=False)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return (self.emb(idx) * self.w).sum(dim=(-1, -2)).square()  # padding positions get a gradient too
+
+
+@pytest.mark.parametrize("padding_idx", [0, None])
+@pytest.mark.parametrize("strategy", ["ghost", "materialize"])
+def test_embedding_padding_row_gets_no_score_and_one_dim_indices_work(padding_idx, strategy: str) -> None:
+    torch.manual_seed(1)
+    model = PaddedEmbedding(padding_idx).double()
+    idx = torch.tensor([[0, 1, 0, 2], [3, 0, 3, 4], [1, 2, 3, 4]])
+    collector = FisherCollector(model, {"emb": model.emb}, norm_strategy=strategy)
+    with collector, collector.batch() as record:
+        model(idx).mean().backward()
+    expected = per_sample_reference(model, lambda m, x: m(x).sum(), idx, ["emb"])
+    assert rel_err(record.values, expected) < 1e-12
+    flat = idx[:, 0]  # one index per sample: a 1-D input is batch-first for an Embedding
+    with collector, collector.batch() as record:
+        model(flat.unsqueeze(1)).mean().backward()
+        assert record is not None
+    with collector, collector.batch() as flat_record:
+        (model.emb(flat) * model.w).sum(dim=-1).square().mean().backward()
+    assert torch.equal(flat_record.values, record.values)
+
+
+def test_a_one_dim_input_to_a_linear_is_refused_with_its_name() -> None:
+    model = nn.Sequential(nn.Linear(4, 2)).double()
+    collector = FisherCollector(model)
+    with collector, pytest.raises(FisherAnalysisError) as info:
+        with collector.batch():
+            model(torch.randn(4, dtype=torch.float64)).sum().backward()
+    assert str(info.value) == (
+        "candidate module '0' got an input of shape (4,) whose first dimension is not the batch size 4; per-sample "
+        "scores need batch-first inputs. Exclude it from the candidates (exclude=['0']) or pass the right "
+        "batch_size to collector.batch()")
+
+
+def test_embedding_kernel_follows_the_norm_strategy(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    original = torch.unique
+    monkeypatch.setattr(torch, "unique", lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
+    model = PaddedEmbedding(0).double()
+    for strategy, unique_used in (("ghost", False), ("materialize", True)):
+        calls.clear()
+        collector = FisherCollector(model, {"emb": model.emb}, norm_strategy=strategy)
+        with collector, collector.batch():
+            model(torch.tensor([[1, 2], [3, 1]])).mean().backward()
+        assert bool(calls) == unique_used, strategy
+
+
+@pytest.mark.parametrize("strategy, ghost", [("ghost", True), ("materialize", False)])
+def test_linear_kernel_follows_the_norm_strategy_against_auto(strategy, ghost, monkeypatch) -> None:
+    import lightning_fisher.analysis.per_sample_norms as kernels
+
+    used = []
+    original = kernels._ghost_sq
+    monkeypatch.setattr(kernels, "_ghost_sq", lambda *args: used.append(1) or original(*args))
+    # 40 tokens, 2 -> 2: auto would materialise; 3 tokens, 64 -> 64: auto would use ghost
+    for tokens, width in ((40, 2), (3, 64)):
+        used.clear()
+        model = nn.Linear(width, width).double()
+        collector = FisherCollector(model, {"lin": model}, norm_strategy=strategy)
+        with collector, collector.batch():
+            model(torch.randn(2, tokens, width, dtype=torch.float64)).square().mean().backward()
+        assert bool(used) == ghost, (strategy, tokens)
+
+
+def test_observer_sees_each_linears_input_and_output_gradient_in_the_compute_dtype() -> None:
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+    seen = {}
+    collector = FisherCollector(model, observer=lambda name, a, g: seen.setdefault(name, (a, g)))
+    x = torch.randn(5, 2, 4, dtype=torch.float64)
+    plain = copy.deepcopy(model)
+    hidden = plain[1](plain[0](x)).detach()
+    grads = torch.autograd.grad(plain(x).square().mean(), [plain[0].weight, plain[2].weight])
+    with collector, collector.batch():
+        model(x).square().mean().backward()
+    assert sorted(seen) == ["0", "2"]
+    torch.testing.assert_close(seen["0"][0], x)
+    torch.testing.assert_close(seen["2"][0], hidden.detach())
+    # sum over samples and tokens of g^T a is the batch loss's weight gradient
+    torch.testing.assert_close(torch.einsum("bto,bti->oi", seen["0"][1], seen["0"][0]), grads[0])
+    torch.testing.assert_close(torch.einsum("bto,bti->oi", seen["2"][1], seen["2"][0]), grads[1])
+
+
+def test_low_precision_inputs_and_gradients_are_scored_in_float32() -> None:
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 3)).bfloat16()
+    dtypes = []
+    collector = FisherCollector(model, observer=lambda name, a, g: dtypes.append((a.dtype, g.dtype)))
+    with collector, collector.batch():
+        model(torch.randn(2, 3, 4, dtype=torch.bfloat16)).float().square().mean().backward()
+    assert dtypes == [(torch.float32, torch.float32)]
+
+
+def test_a_keyword_input_is_captured() -> None:
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(3, 2)).double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    collector = FisherCollector(model, loss_reduction="sum")
+    with collector, collector.batch() as record:
+        model[0](input=x).square().sum().backward()
+    expected = per_sample_reference(model, lambda m, xi: m[0](input=xi).square().sum(), x, ["0"])
+    assert rel_err(record.values, expected) < 1e-12
+
+
+def test_norms_are_computed_during_backward_and_two_passes_add(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each module's norm is computed as soon as all its calls' gradients have arrived (so its inputs
+    # are freed during backward); two backward passes in one block add their squared norms.
+    from lightning_fisher.analysis.collector import _inside_backward
+
+    model = tiny_model()
+    batch = make_batch([3, 4], seed=5)
+    _, once = collect(model, batch)
+    during = []
+    collector = FisherCollector(model, select_candidates(model, module_types=[nn.Linear, nn.Embedding]),
+                                observer=lambda name, a, g: during.append((name, _inside_backward())))
+    with collector:
+        with collector.batch() as record:
+            sample_losses(model, batch).mean().backward()
+            sample_losses(model, batch).mean().backward()
+    linears = [n for n in collector.names if n != "emb"]
+    assert sorted(during) == sorted([(n, True) for n in linears] * 2)
+    assert rel_err(record.values, 2 * once.values) < 1e-12
+
+
+def test_a_shared_module_with_one_call_left_without_gradient_scores_the_other() -> None:
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(3, 3)).double()
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+
+    def loss_of(m, xi):
+        m(xi * 2.0)  # a second call whose output the loss does not use
+        return m(xi).square().sum()
+
+    collector = FisherCollector(model, loss_reduction="sum")
+    with collector, collector.batch() as record:
+        loss_of(model, x).backward()
+    assert rel_err(record.values, per_sample_reference(model, loss_of, x, ["0"])) < 1e-12
+
+
+def test_a_second_gradient_for_one_call_names_the_module() -> None:
+    model = nn.Linear(3, 2).double()
+    collector = FisherCollector(model, {"lin": model})
+    with collector, pytest.raises(FisherAnalysisError) as info:
+        with collector.batch():
+            loss = model(torch.randn(2, 3, dtype=torch.float64)).sum()
+            loss.backward(retain_graph=True)
+            loss.backward()
+    assert str(info.value) == ("a second gradient reached candidate 'lin' for the same forward call; call backward() "
+                               "once per collector.batch() block")
+
+
+def test_only_in_backward_lists_the_first_five_candidates() -> None:
+    model = nn.Sequential(*[nn.Linear(2, 2) for _ in range(7)]).double()
+    collector = FisherCollector(model)
+    x = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
+    with collector, pytest.raises(FisherAnalysisError) as info:
+        with collector.batch():
+            checkpoint(model, x, use_reentrant=True).sum().backward()
+    assert str(info.value).startswith("candidates ['0', '1', '2', '3', '4'] ran only during backward")
+
+
+def test_values_are_float64_products_on_the_sums_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    # values = squared norm (compute dtype) in float64, times B^2 / parameters; made where the norms are
+    import lightning_fisher.analysis.collector as collector_module
+
+    torch.manual_seed(7)
+    model = nn.Linear(3, 2)  # float32: 8 parameters, batch 3, scale 9 / 8
+    norms = []
+    original = collector_module.linear_sq_norms
+    monkeypatch.setattr(collector_module, "linear_sq_norms", lambda *a, **k: norms.append(original(*a, **k)) or norms[-1])
+    collector = FisherCollector(model, {"lin": model})
+    with collector:
+        block = collector.batch()
+        record = block.__enter__()
+        model(torch.randn(3, 5, 3) * 1.7).square().mean().backward()
+        with torch.device("meta"):  # a tensor made without a device would land here
+            block.__exit__(None, None, None)
+    assert record.values.device.type == "cpu" and record.values.dtype == torch.float64
+    assert torch.equal(record.values[0], norms[0].to(torch.float64) * (9.0 / 8))
+
+
+def test_a_frozen_low_precision_output_keeps_its_dtype() -> None:
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 1)).bfloat16().requires_grad_(False)
+    collector = FisherCollector(model)
+    with collector, collector.batch():
+        out = model(torch.randn(2, 3, dtype=torch.bfloat16))
+        out.float().sum().backward()
+    assert out.dtype == torch.bfloat16
+
+
+def test_norms_are_not_computed_under_the_backwards_autocast() -> None:
+    torch.manual_seed(8)
+    model = nn.Linear(16, 16)
+    x = torch.randn(4, 20, 16)
+    results = []
+    for autocast in (False, True):
+        collector = FisherCollector(model, {"lin": model}, norm_strategy="ghost")
+        with collector, collector.batch() as record:
+            loss = model(x).square().mean()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss.backward()
+        results.append(record.values)
+    assert rel_err(results[1], results[0]) < 1e-6  # bf16 matrix products would be off by ~1e-3
+
+
+def test_one_gram_per_shared_input_is_handed_to_each_module(monkeypatch: pytest.MonkeyPatch) -> None:
+    import lightning_fisher.analysis.collector as collector_module
+
+    given = {}
+    original = collector_module.linear_sq_norms
+    monkeypatch.setattr(collector_module, "linear_sq_norms",
+                        lambda a, g, **k: given.setdefault(len(given), k["gram"]) is None or original(a, g, **k))
+    model = SharedInput(width=8).double()
+    collector = FisherCollector(model, norm_strategy="ghost")
+    with collector, collector.batch():
+        model(torch.randn(2, 5, 8, dtype=torch.float64)).sum().backward()
+    grams = list(given.values())
+    assert all(g is not None for g in grams)
+    assert len({id(g) for g in grams}) == 2  # q, k and v share one; out has its own
+
+
+@pytest.mark.parametrize("limit, cached", [(2 * 5 * 5, True), (2 * 5 * 5 - 1, False)])
+def test_a_gram_is_kept_up_to_chunk_elements(limit, cached, monkeypatch: pytest.MonkeyPatch) -> None:
+    import lightning_fisher.analysis.collector as collector_module
+
+    made = []
+    original = collector_module.input_gram
+    monkeypatch.setattr(collector_module, "input_gram", lambda a: made.append(tuple(a.shape)) or original(a))
+    monkeypatch.setattr(collector_module, "CHUNK_ELEMENTS", limit)  # batch 2, 5 tokens, width 8
+    model = SharedInput(width=8).double()
+    collector = FisherCollector(model, norm_strategy="ghost")
+    with collector, collector.batch():
+        model(torch.randn(2, 5, 8, dtype=torch.float64)).sum().backward()
+    assert made == ([(2, 5, 8), (2, 5, 8)] if cached else [])
+
+
+def test_detach_inside_a_block_drops_its_state_so_a_new_one_can_open() -> None:
+    model = nn.Linear(3, 2).double()
+    collector = FisherCollector(model, {"lin": model})
+    with pytest.raises(FisherAnalysisError, match="^no gradient reached any candidate module"):  # the dropped block
+        with collector.attach().batch():
+            model(torch.randn(2, 3, dtype=torch.float64))  # captured, then dropped with its gradient hook
+            collector.detach()
+            collector.attach()
+            with collector.batch() as inner:
+                model(torch.randn(2, 3, dtype=torch.float64)).sum().backward()
+    assert inner.values.shape == (1, 2)
+    collector.detach()
+
+
+def test_the_kernels_run_outside_autocast() -> None:
+    from lightning_fisher.analysis.collector import _without_autocast
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.is_autocast_enabled("cpu")
+        with _without_autocast(torch.device("cpu")):
+            assert not torch.is_autocast_enabled("cpu")
+            assert (torch.randn(1, 2, 2) @ torch.randn(1, 2, 2)).dtype == torch.float32

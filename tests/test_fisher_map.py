@@ -419,3 +419,15 @@ def test_a_map_from_before_ranks_were_capped_at_a_modules_size_loads_with_a_warn
         loaded = FisherMap.load(path)
     assert loaded.ranks["layers.0.q"] == 12  # applies as written: nothing silently changed
     assert loaded.reallocate(loaded.allocation).ranks["layers.0.q"] <= 8  # reallocating caps it
+
+
+def test_recorded_rank_reads_only_an_integer_from_a_mapping():
+    from lightning_fisher.fisher_map.codec import _recorded_rank
+
+    assert _recorded_rank({"rank_pattern": {r"^a\.b": 3}}, "a.b") == 3
+    assert _recorded_rank({"rank_pattern": {r"^a\.b": 0}}, "a.b") == 0  # falsy but a number
+    for value in (True, 4.0, "4", None):
+        assert _recorded_rank({"rank_pattern": {r"^a\.b": value}}, "a.b") is None, value
+    assert _recorded_rank({"rank_pattern": [r"^a\.b"]}, "a.b") is None  # not a mapping
+    assert _recorded_rank({}, "a.b") is None
+    assert _recorded_rank({"rank_pattern": {"^a": 2}}, "a.b") is None

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from lightning_fisher.fisher_map.patterns import exact_module_key, exact_target_regex
+from lightning_fisher.fisher_map.patterns import exact_keys, exact_module_key, exact_target_regex, peft_patterns
 
 
 def peft_pattern_selects(key, name):
@@ -34,3 +34,14 @@ def test_a_target_regex_needs_a_name():
         exact_target_regex([])
     with pytest.raises(ValueError, match="at least one module name"):
         exact_target_regex(iter([]))
+
+
+def test_peft_patterns_gives_the_three_keys_from_ranks_and_alphas():
+    patterns = peft_patterns({"layers.1.q": 8, "dense": 0}, {"layers.1.q": 16.0, "dense": 0.0})  # zero: falsy but kept
+    assert patterns == {
+        "target_modules": r"(?:layers\.1\.q|dense)",
+        "rank_pattern": {r"^layers\.1\.q": 8, "^dense": 0},
+        "alpha_pattern": {r"^layers\.1\.q": 16.0, "^dense": 0.0},
+    }
+    assert exact_keys({}) == {}
+    assert exact_keys({"a.b": 3}) == {r"^a\.b": 3}

@@ -236,3 +236,110 @@ def test_changed_modules_between_two_rank_maps():
 
     assert changed_modules({"a": 4, "b": 8}, {"a": 4, "b": 8}) == []
     assert changed_modules({"a": 4, "b": 8, "c": 2}, {"a": 5, "b": 8, "d": 2}) == ["c", "d", "a"]
+
+
+def test_rebase_names_strips_exactly_the_root_and_root_module_of_none():
+    from lightning_fisher.peft_factory import rebase_names, root_module
+
+    assert rebase_names(["modelX.a", "model.a"], "modelX") == ({"a": "modelX.a"}, ["model.a"])
+    assert rebase_names(["m.a", "ma"], "m...") == ({"a": "m.a"}, ["ma"])
+    wrapper = Wrapper()
+    assert root_module(wrapper, None) is wrapper
+
+
+def with_alpha(fmap, **policy):
+    from lightning_fisher.fisher_map.records import AlphaPolicy
+
+    return dataclasses.replace(fmap, alpha=AlphaPolicy(**policy))
+
+
+def test_a_maps_rslora_is_kept_unless_you_say_otherwise(colliding):
+    from lightning_fisher.peft_factory import alpha_policy
+
+    _, fmap = colliding
+    rs = with_alpha(fmap, lora_alpha=16.0, use_rslora=True)
+    assert alpha_policy(rs, "lora", {}).use_rslora is True
+    assert alpha_policy(rs, "lora", {"use_rslora": False}).use_rslora is False
+    assert alpha_policy(rs, "lora", {"lora_alpha": 0}).lora_alpha == 0.0  # falsy but given
+    assert lora_config_from_fisher_map(rs).use_rslora is True
+    assert lora_config_from_fisher_map(fmap).use_rslora is False
+
+
+class Tagged(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 6)
+        self.fc = nn.Linear(6, 5)
+        self.other = nn.Linear(5, 5)
+
+
+def test_adapter_ranks_read_the_weights_of_the_named_adapter_only():
+    model = Tagged()
+    peft.inject_adapter_in_model(peft.LoraConfig(r=3, target_modules=["emb", "fc"]), model)
+    peft.inject_adapter_in_model(peft.LoraConfig(r=2, target_modules=["other"]), model, adapter_name="second")
+    assert adapter_ranks(model) == {"emb": 3, "fc": 3}
+    assert adapter_ranks(model, "second") == {"other": 2}
+    model.fc.r["default"] = 7  # the weights decide, not the layer's r
+    model.emb.r["default"] = 9
+    assert adapter_ranks(model) == {"emb": 3, "fc": 3}
+    ia3 = peft.inject_adapter_in_model(peft.IA3Config(target_modules=["fc"], feedforward_modules=[]), Tagged())
+    assert adapter_ranks(ia3) == {}  # a tuner layer without ranks
+
+
+def test_adapter_ranks_of_loha_come_from_r():
+    model = peft.inject_adapter_in_model(peft.LoHaConfig(r=3, target_modules=["fc"]), Tagged())
+    assert adapter_ranks(model) == {"fc": 3}
+
+
+@pytest.fixture
+def wrapped_map():
+    torch.manual_seed(0)
+    wrapper = Wrapper()
+    names = linear_names(wrapper)
+    scores = spread_scores(names, excluded=("model.pooler.dense", "model.q"))
+    return wrapper, FisherMap.from_scores(scores, wrapper, rank=6, rank_min=2, rank_max=32)
+
+
+def test_plan_fields_under_an_adapter_root(wrapped_map):
+    _, fmap = wrapped_map
+    plan = plan_from_fisher_map(fmap, adapter_root="model")
+    assert plan.excluded == ["q", "pooler.dense"]
+    assert plan.ranks == {n[len("model."):]: r for n, r in fmap.ranks.items() if n.startswith("model.")}
+    assert plan.alphas == {n: fmap.alpha.alpha_for(r, 6) for n, r in plan.ranks.items()}
+    assert plan.config.r == 6 and plan.config.lora_alpha == fmap.alpha.alpha_for(6, 6) == 12.0
+    loha = plan_from_fisher_map(fmap, adapter="loha", adapter_root="model").config
+    assert (loha.r, loha.alpha) == (6, 12.0)
+
+
+def test_the_config_functions_pass_the_adapter_root_and_default_to_lora(wrapped_map):
+    _, fmap = wrapped_map
+    expected = plan_from_fisher_map(fmap, adapter_root="model").config
+    config = peft_config_from_fisher_map(fmap, adapter_root="model")
+    assert type(config) is peft.LoraConfig and config.target_modules == expected.target_modules
+    assert "extra" not in config.target_modules
+    lora = lora_config_from_fisher_map(fmap, adapter_root="model")
+    assert lora.target_modules == expected.target_modules and lora.rank_pattern == expected.rank_pattern
+
+
+def test_verification_under_a_root_names_excluded_and_unknown_modules(wrapped_map):
+    wrapper, fmap = wrapped_map
+    net = wrapper.model
+    net.added = nn.Linear(8, 8)  # after the analysis: not a module the map knows
+    peft.inject_adapter_in_model(peft.LoraConfig(r=4, target_modules=["pooler.dense", "added"]), net)
+    with pytest.raises(AdapterRankMismatchError) as info:
+        verify_adapter_ranks(net, fmap, adapter_root="model")
+    lines = str(info.value).splitlines()
+    assert lines[0] == f"adapters do not match the fisher map in {len(lines) - 1} module(s):"
+    assert "  pooler.dense: has a rank-4 adapter but is excluded by the map" in lines
+    assert "  added: has a rank-4 adapter but is not a module the map adapts" in lines
+
+
+def test_verification_reads_the_named_adapter_and_names_the_map_file(colliding, tmp_path):
+    model, fmap = colliding
+    fmap.save(tmp_path)
+    peft.inject_adapter_in_model(lora_config_from_fisher_map(fmap), model, adapter_name="mine")
+    assert verify_adapter_ranks(model, fmap, adapter_name="mine") == fmap.ranks
+    with pytest.raises(AdapterRankMismatchError) as info:
+        verify_adapter_ranks(model, tmp_path)  # no "default" adapter
+    assert str(info.value).startswith(
+        f"adapters do not match the fisher map ({tmp_path / 'fisher_map.json'}) in {len(fmap.ranks)} module(s):\n  ")

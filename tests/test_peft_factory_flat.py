@@ -59,3 +59,34 @@ def test_loha_takes_its_own_alpha_option():
     peft.inject_adapter_in_model(config, model)
     assert set(adapter_ranks(model).values()) == {4}
     assert count_adapter_parameters(model) > 0
+
+
+class _Mixed(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(8, 5)  # rank cost 13
+        self.b = torch.nn.Linear(4, 4)  # 8
+        self.e = torch.nn.Embedding(10, 3)  # 13
+        self.act = torch.nn.ReLU()
+        self.conv = torch.nn.Conv2d(1, 1, 1)
+
+
+def test_flat_lora_on_counts_the_named_supported_modules_as_they_are():
+    from lightning_fisher.peft_factory import flat_lora_on
+
+    root = _Mixed()
+    assert flat_lora_on(root, ["a", "e", "missing", "act", "conv"], 2) == (2, 2 * (13 + 13))
+    assert flat_lora_on(root, ["b"], 3) == (1, 24)
+    assert flat_lora_on(root, [], 3) == (0, 0)
+
+
+def test_candidates_not_in_lists_the_unmentioned_modules_of_the_mentioned_kinds():
+    from lightning_fisher.peft_factory import candidates_not_in
+
+    root = _Mixed()
+    assert candidates_not_in(root, ["a", "missing", "conv"]) == ["b"]  # Linear only: the embedding is another kind
+    assert candidates_not_in(root, iter(["e"])) == []
+    assert candidates_not_in(root, ["a", "e"]) == ["b"]
+    assert candidates_not_in(root, ["b", "a"]) == []
+    assert candidates_not_in(root, ["conv", "act", "missing"]) == []  # no supported kind mentioned
+    assert candidates_not_in(root, []) == []

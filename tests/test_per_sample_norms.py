@@ -144,3 +144,115 @@ def test_auto_counts_the_block_triangular_saving() -> None:
     assert uses_ghost("auto", 512, 768, 768)
     assert not uses_ghost("auto", 1024, 1024, 1024)  # 9/16 * 1024 * 2048 = 1.18M > 1.05M
     assert uses_ghost("auto", 1024, 1024, 4096)  # 9/16 * 1024 * 5120 = 2.95M < 4.19M
+
+
+def test_sample_chunks_hold_at_most_chunk_elements_and_at_least_one_sample(monkeypatch: pytest.MonkeyPatch) -> None:
+    import lightning_fisher.analysis.per_sample_norms as kernels
+
+    monkeypatch.setattr(kernels, "CHUNK_ELEMENTS", 4)
+
+    def steps(batch, per_sample):
+        return [(c.start, c.stop) for c in kernels._sample_chunks(batch, per_sample)]
+
+    assert steps(5, 1) == [(0, 4), (4, 5)]  # four one-element samples fit a chunk
+    assert steps(3, 4) == [(0, 1), (1, 2), (2, 3)]
+    assert steps(3, 50) == [(0, 1), (1, 2), (2, 3)]  # larger than a chunk: still one sample each
+    assert steps(5, 0) == [(0, 4), (4, 5)]
+
+
+@pytest.mark.parametrize("strategy", ["ghost", "materialize"])
+def test_kernels_chunk_by_the_size_of_their_temporaries(strategy: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import lightning_fisher.analysis.per_sample_norms as kernels
+
+    asked = []
+    original = kernels._sample_chunks
+    monkeypatch.setattr(kernels, "_sample_chunks", lambda b, n: asked.append((b, n)) or original(b, n))
+    torch.manual_seed(5)
+    linear_sq_norms(torch.randn(2, 5, 3), torch.randn(2, 5, 4), bias=False, strategy=strategy)
+    embedding_sq_norms(torch.randint(0, 4, (2, 5)), torch.randn(2, 5, 3), num_embeddings=4, padding_idx=None,
+                       strategy=strategy)
+    # ghost: [T, T] Gram matrices per sample (linear and embedding); materialize: a [d_out, d_in] gradient
+    assert asked == ([(2, 25), (2, 25)] if strategy == "ghost" else [(2, 12)])
+
+
+def test_block_size_changes_after_256_tokens() -> None:
+    assert [gram_block_size(t) for t in (1, 64, 255, 256, 257, 1024)] == [64, 64, 64, 64, 128, 128]
+    assert [len(input_gram(torch.zeros(1, t, 1))) for t in (64, 65, 256, 257)] == [1, 2, 4, 3]
+
+
+def test_a_given_gram_is_used_not_recomputed() -> None:
+    torch.manual_seed(6)
+    a = torch.randn(2, 5, 3, dtype=torch.float64)
+    g = torch.randn(2, 5, 4, dtype=torch.float64)
+    plain = linear_sq_norms(a, g, bias=False, strategy="ghost")
+    scaled = linear_sq_norms(a, g, bias=False, strategy="ghost", gram=input_gram(2 * a))  # the Gram of 2a: 4x
+    assert rel_err(scaled, 4 * plain) < 1e-12
+
+
+@pytest.mark.parametrize("batch", [2, 3])
+def test_ghost_in_exactly_two_or_three_chunks_returns_every_sample(batch: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("lightning_fisher.analysis.per_sample_norms.CHUNK_ELEMENTS", 40)  # 6 tokens: one sample a chunk
+    torch.manual_seed(7)
+    a = torch.randn(batch, 6, 3, dtype=torch.float64)
+    g = torch.randn(batch, 6, 2, dtype=torch.float64)
+    got = linear_sq_norms(a, g, bias=True, strategy="ghost")
+    assert got.shape == (batch,)
+    assert rel_err(got, linear_sq_norms(a, g, bias=True, strategy="materialize")) < 1e-12
+
+
+def test_two_tokens_use_ghost_when_asked_and_materialize_exactly() -> None:
+    assert uses_ghost("ghost", 2, 64, 64)
+    torch.manual_seed(8)
+    a = torch.randn(3, 2, 5, dtype=torch.float64)
+    g = torch.randn(3, 2, 4, dtype=torch.float64)
+    full = torch.einsum("bto,bti->boi", g, a).square().sum(dim=(1, 2))
+    for strategy in ("ghost", "materialize", "auto"):
+        assert rel_err(linear_sq_norms(a, g, bias=False, strategy=strategy), full) < 1e-12
+
+
+def test_default_strategy_is_auto(monkeypatch: pytest.MonkeyPatch) -> None:
+    import lightning_fisher.analysis.per_sample_norms as kernels
+
+    used = []
+    original = kernels._ghost_sq
+    monkeypatch.setattr(kernels, "_ghost_sq", lambda *args: used.append("ghost") or original(*args))
+    linear_sq_norms(torch.randn(2, 8, 64), torch.randn(2, 8, 64), bias=True)  # 8 tokens, 64 -> 64: ghost is cheaper
+    assert used == ["ghost"]
+
+
+@pytest.mark.parametrize("strategy", ["ghost", "materialize", "auto"])
+def test_embedding_without_padding_index_counts_every_position(strategy: str) -> None:
+    torch.manual_seed(9)
+    idx = torch.tensor([[1, 0, 1, 3], [0, 0, 2, 2]])
+    g = torch.randn(2, 4, 3, dtype=torch.float64)
+    dense = torch.zeros(2, 4, 3, dtype=torch.float64)
+    for b in range(2):
+        for t in range(4):
+            dense[b, idx[b, t]] += g[b, t]  # index 0 too
+    got = embedding_sq_norms(idx, g, num_embeddings=4, padding_idx=None, strategy=strategy)
+    assert rel_err(got, dense.square().sum(dim=(1, 2))) < 1e-12
+
+
+@pytest.mark.parametrize("strategy", ["ghost", "materialize", "auto"])
+def test_embedding_kernel_is_the_one_asked_for(strategy: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # ghost: the index-equality Gram matrix; otherwise rows summed per (sample, index), found with torch.unique
+    calls = []
+    original = torch.unique
+    monkeypatch.setattr(torch, "unique", lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
+    embedding_sq_norms(torch.tensor([[1, 2]]), torch.randn(1, 2, 3), num_embeddings=3, padding_idx=None,
+                       strategy=strategy)
+    assert bool(calls) == (strategy != "ghost")
+
+
+@pytest.mark.parametrize("strategy", ["ghost", "materialize"])
+def test_results_stay_on_the_inputs_device_whatever_the_default_device(strategy: str) -> None:
+    torch.manual_seed(10)
+    a, g = torch.randn(2, 5, 3), torch.randn(2, 5, 4)
+    idx, ge = torch.tensor([[1, 0, 1, 3, 2], [0, 0, 2, 2, 1]]), torch.randn(2, 5, 3)
+    expected_linear = linear_sq_norms(a, g, bias=True, strategy=strategy)
+    expected_embedding = embedding_sq_norms(idx, ge, num_embeddings=4, padding_idx=0, strategy=strategy)
+    with torch.device("meta"):  # temporaries made without a device would land there
+        linear = linear_sq_norms(a, g, bias=True, strategy=strategy)
+        embedding = embedding_sq_norms(idx, ge, num_embeddings=4, padding_idx=0, strategy=strategy)
+    assert linear.device.type == embedding.device.type == "cpu"
+    assert torch.equal(linear, expected_linear) and torch.equal(embedding, expected_embedding)

@@ -1,6 +1,8 @@
 """``lightning-fisher reallocate``: a stored map with another budget or criterion, no new analysis."""
 
 import shutil
+
+import pytest
 from pathlib import Path
 
 from lightning_fisher import AllocationSettings, FisherMap
@@ -80,3 +82,75 @@ def test_reallocate_output_names_a_json_file_or_a_folder(tmp_path, capsys):
     assert reallocate(V1_MAP, nested, "--rank", "2") == 0
     assert capsys.readouterr().out.startswith(f"{nested} (created folders {tmp_path / 'a'}, {tmp_path / 'a' / 'b'}): ")
     assert FisherMap.load(nested).budget.rank == 2
+
+
+def test_reallocate_parser_options_are_the_settings_own(capsys):
+    import dataclasses as dc
+
+    from lightning_fisher.allocation.settings import field_help
+    from lightning_fisher.cli.reallocate import build_parser
+
+    parser = build_parser()
+    assert parser.prog == "lightning-fisher reallocate"
+    assert parser.description == ("Allocate the ranks of a stored fisher map again with other settings (budget, bounds, "
+                                  "mode or criterion), without a new analysis. Unset flags keep the map's values.")
+    actions = {a.dest: a for a in parser._actions}
+    assert actions["map"].help == "fisher_map.json, or the dataset folder that holds it"
+    assert actions["output"].required is True and actions["output"].help == (
+        "where to write the new map: a .json file, or a folder (an existing one, or a new one written with a trailing /). "
+        "A map already there is kept as .bak; any other file there is refused")
+    alpha = actions["lora_alpha"]
+    assert alpha.option_strings == ["--lora_alpha", "--lora-alpha"] and alpha.type is float and alpha.default is None
+    assert alpha.help == "alpha at the new base rank (default: the map's alpha policy carried to it)"
+    for f in dc.fields(AllocationSettings):
+        action = actions[f.name]
+        flag = f.metadata["flag"]
+        assert action.option_strings == list(dict.fromkeys([f"--{flag}", f"--{flag.replace('_', '-')}"]))
+        assert action.default is None and action.help == f"{field_help(f)} (default: the map's)"
+    assert actions["mode"].choices == ("median", "budget") and actions["mode"].type is str
+    assert actions["rank"].choices is None and actions["rank"].type is int
+    assert actions["score_power"].type is float
+
+
+def test_reallocate_flags_in_both_spellings_and_the_alpha(tmp_path, capsys):
+    assert reallocate(V1_MAP, tmp_path / "a.json", "--rank_max", "8", "--rank-mode", "median", "--lora_alpha", "3") == 0
+    first = FisherMap.load(tmp_path / "a.json")
+    assert first.allocation.rank_max == 8 and first.allocation.mode == "median"
+    assert first.alpha.lora_alpha == 3.0  # at the base rank: the map's own alpha there is 8.0
+    assert FisherMap.load(V1_MAP).alpha.lora_alpha != 3.0
+    assert reallocate(V1_MAP, tmp_path / "b.json", "--lora-alpha", "2.5") == 0
+    assert FisherMap.load(tmp_path / "b.json").alpha.lora_alpha == 2.5
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["--rank", "2"], "the following arguments are required: --output"),
+    (["--output", "x.json", "--rank-mode", "flat"], "argument --rank_mode/--rank-mode: invalid choice: 'flat'"),
+])
+def test_reallocate_parse_errors_exit_2(argv, line, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:  # argparse's own exit
+        main(["reallocate", str(V1_MAP), *argv])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].startswith(f"lightning-fisher reallocate: error: {line}")
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_reallocate_output_with_a_trailing_slash_is_a_folder_even_named_json(tmp_path, capsys):
+    assert reallocate(V1_MAP, f"{tmp_path / 'maps.json'}/", "--rank", "2") == 0
+    assert (tmp_path / "maps.json").is_dir() and FisherMap.load(tmp_path / "maps.json" / "fisher_map.json").budget.rank == 2
+
+
+def test_reallocate_refuses_an_unwritable_output_before_working(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert reallocate(V1_MAP, blocker / "new.json", "--rank", "2") == 1
+    assert capsys.readouterr().err == (f"lightning-fisher reallocate: error: {blocker / 'new.json'}: cannot write the new "
+                                       f"map there ({blocker} is not a folder); pass another --output\n")
+
+
+def test_reallocate_output_ending_in_the_platform_separator_is_a_folder(tmp_path, monkeypatch):
+    from lightning_fisher.cli import reallocate as reallocate_module
+
+    monkeypatch.setattr(reallocate_module.os, "sep", "\\")  # as on Windows: "/" and os.sep both end a folder name
+    assert reallocate_module.output_file(f"{tmp_path / 'm.json'}/", V1_MAP) == tmp_path / "m.json" / "fisher_map.json"
+    assert reallocate_module.output_file(f"{tmp_path / 'n.json'}\\", V1_MAP) == tmp_path / "n.json\\" / "fisher_map.json"

@@ -241,3 +241,13 @@ def test_nothing_taken_has_threshold_zero_and_a_cost_of_one_is_valid():
     result = allocate_ranks_from_spectra({"a": [3.0, 2.0]}, {"a": 1}, {"a": 1},
                                          settings=AllocationSettings(rank=2, rank_min=1, rank_max=8, mode="budget"))
     assert (result.ranks, result.threshold) == ({"a": 2}, 1.0)
+
+
+def test_budget_mode_spends_on_a_direction_exactly_at_the_floor():
+    # margin 0.0 (sigma^2 == floor): no signal, but a below-floor direction like the negative ones
+    from lightning_fisher.allocation.settings import AllocationSettings
+    from lightning_fisher.allocation.spectrum_rule import allocate_ranks_from_spectra
+
+    result = allocate_ranks_from_spectra({"m": (5.0, 1.0, 0.5)}, {"m": 1.0}, {"m": 10},
+                                         settings=AllocationSettings(rank=3, rank_min=1, rank_max=3, mode="budget"))
+    assert result.ranks == {"m": 3}
