@@ -243,3 +243,186 @@ def test_a_loaded_float32_state_keeps_adding_in_float64():
     for acc in (low, high):
         acc.update(*data[1])
     assert torch.equal(low.state_tensor(), high.state_tensor())
+
+
+# ---------------------------------------------------------------- issue 23: float32 sums, batched checks, Q-free path
+from lightning_fisher.analysis import spectrum as spectrum_module  # noqa: E402
+from lightning_fisher.analysis.spectrum import _module_seed  # noqa: E402
+
+
+def built_under_default_dtype(dtype, *args, **kwargs):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        return SpectrumAccumulator(*args, **kwargs)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+@pytest.mark.parametrize("method", ["exact", "sketch"])
+def test_sums_and_counts_do_not_follow_the_default_dtype(method):
+    acc = built_under_default_dtype(torch.float16, "layer", 1, 1, width=1, method=method)
+    assert acc.dtype == torch.float32
+    assert acc.half_sketch().dtype == torch.float32  # the sketch's W too (and the counts)
+    # 2501 samples a half: not a float16 number (its neighbours are 2500 and 2502)
+    acc.update(torch.ones(5002, 1, 1), torch.ones(5002, 1, 1))
+    assert acc.half_counts == (2501, 2501) and acc.samples_seen == 5002
+
+
+def test_test_matrices_are_float64_draws_rounded_to_float32():
+    acc = SpectrumAccumulator("layer", 5, 4, width=2, method="sketch", seed=3)
+    gen = torch.Generator().manual_seed(_module_seed(3, "layer"))
+    omega = torch.randn(5, 2, generator=gen, dtype=torch.float64).float()
+    psi = torch.randn(5, 4, generator=gen, dtype=torch.float64).float()
+    assert torch.equal(acc.omega, omega) and torch.equal(acc.psi, psi)
+
+
+@pytest.mark.parametrize("method", ["exact", "sketch"])
+def test_the_device_given_holds_the_sums_and_test_matrices(method):
+    acc = SpectrumAccumulator("layer", 6, 4, width=2, method=method, device="meta")
+    assert acc.omega.device.type == "meta" and acc.psi.device.type == "meta"
+    assert acc.state_tensor().device.type == "meta"
+    assert acc.half_sketch().device.type == "meta"
+
+
+def test_a_skipped_count_past_float32_precision_is_kept():
+    acc = fed("exact")
+    state = acc.state_tensor()
+    state[-1] = 2.0**24 + 1
+    acc.load_state_tensor(state)
+    assert float(acc.state_tensor()[-1]) == 2.0**24 + 1
+
+
+def test_a_float32_state_with_large_counts_keeps_counting_in_float64():
+    acc = fed("exact", [(a.float(), g.float()) for a, g in batches()])
+    state = acc.state_tensor().float()
+    state[-3:-1] = 2.0**24  # exact in float32; 2**24 + 1 is not
+    acc.load_state_tensor(state)
+    assert acc.dtype == torch.float32 and acc.half_sketch().dtype == torch.float32
+    acc.update(torch.ones(2, 1, 6), torch.ones(2, 1, 4))
+    assert acc.half_counts == (2**24 + 1, 2**24 + 1)
+
+
+@pytest.mark.parametrize("method", ["exact", "sketch"])
+def test_a_loaded_state_is_copied_not_shared(method):
+    acc = fed(method)  # float64 sums: the state's dtype
+    state = acc.state_tensor()
+    expected = state.clone()
+    other = fed(method, batches(seed=1))
+    other.load_state_tensor(state)
+    state.zero_()
+    torch.testing.assert_close(other.state_tensor(), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", ["exact", "sketch"])
+def test_a_float32_half_sketch_stays_float32(method):
+    acc = fed(method, [(a.float(), g.float()) for a, g in batches()])
+    sketch = acc.half_sketch()
+    assert sketch.dtype == torch.float32
+    assert sketch[-2:].tolist() == list(acc.half_counts)
+
+
+def low_rank_halves(d_in=6, d_out=8, rank=3, batch=6):
+    gen = torch.Generator().manual_seed(5)
+    basis = torch.randn(rank, d_in, generator=gen, dtype=torch.float64)
+    a = (torch.randn(batch, 1, rank, generator=gen, dtype=torch.float64) @ basis)
+    g = torch.randn(batch, 1, d_out, generator=gen, dtype=torch.float64)
+    return a, g
+
+
+def test_half_spectra_of_a_low_rank_sketch_are_each_halfs_exact_values():
+    # d_out 8 >= width 3 and rank 3: Y is well conditioned, so the Q-free reconstruction runs
+    a, g = low_rank_halves()
+    acc = SpectrumAccumulator("layer", 6, 8, width=3, method="exact")
+    acc.update(a, g)
+    halves = acc.half_spectra(acc.half_sketch(), 3)
+    for h in (0, 1):
+        s = 6 * sum(g[i, 0][:, None] * a[i, 0][None, :] for i in range(h, 6, 2)) / 3
+        expected = torch.linalg.svdvals(s)[:3].square()
+        torch.testing.assert_close(torch.tensor(halves[h].sigma_sq, dtype=torch.float64), expected, rtol=1e-6, atol=1e-9)
+        assert halves[h].samples == 3
+
+
+@pytest.mark.parametrize("method", ["exact", "sketch"])
+def test_one_at_a_time_reconstruction_gives_the_batched_values(monkeypatch, method):
+    acc = fed(method, d_in=7, d_out=5, width=2)
+    batched = acc.half_spectra(acc.half_sketch(), 2)
+    monkeypatch.setattr(spectrum_module, "BATCHED_CHECK_ELEMENTS", 0)
+    single = acc.half_spectra(acc.half_sketch(), 2)
+    for one, other in zip(batched, single):
+        torch.testing.assert_close(torch.tensor(one.sigma_sq), torch.tensor(other.sigma_sq), rtol=1e-9, atol=1e-12)
+        assert one.floor == pytest.approx(other.floor, rel=1e-9) and one.samples == other.samples
+
+
+def test_the_batched_reconstruction_includes_its_size_limit(monkeypatch):
+    acc = fed("sketch", d_in=7, d_out=5, width=2)
+    calls = []
+    reconstruct = SpectrumAccumulator._sketch_sigma_sq
+
+    def spy(self, y, w):
+        calls.append(y.dim())
+        return reconstruct(self, y, w)
+
+    monkeypatch.setattr(SpectrumAccumulator, "_sketch_sigma_sq", spy)
+    monkeypatch.setattr(spectrum_module, "BATCHED_CHECK_ELEMENTS", 2 * 5 * 2)  # exactly Y's entries
+    acc.half_spectra(acc.half_sketch(), 2)
+    assert calls == [3]
+    calls.clear()
+    monkeypatch.setattr(spectrum_module, "BATCHED_CHECK_ELEMENTS", 2 * 5 * 2 - 1)
+    acc.half_spectra(acc.half_sketch(), 2)
+    assert calls == [2, 2, 2]
+
+
+def count_triangular_solves(monkeypatch):
+    calls = []
+    solve = torch.linalg.solve_triangular
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return solve(*args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "solve_triangular", spy)
+    return calls
+
+
+def crafted_sketch(acc, y0, y1, n=(1, 1)):
+    gen = torch.Generator().manual_seed(7)
+    w = torch.randn(2, 2 * acc.width + 1, acc.d_in, generator=gen, dtype=torch.float64)
+    return torch.cat([torch.stack([y0, y1]).reshape(-1), w.reshape(-1), torch.tensor(n, dtype=torch.float64)])
+
+
+def test_the_q_free_path_runs_for_a_square_well_conditioned_y(monkeypatch):
+    # d_out == width: R is square (the boundary); three solves per reconstruction (one for Psi Q)
+    acc = SpectrumAccumulator("layer", 9, 3, width=3, method="sketch")
+    gen = torch.Generator().manual_seed(1)
+    y0, y1 = torch.randn(2, 3, 3, generator=gen, dtype=torch.float64)
+    calls = count_triangular_solves(monkeypatch)
+    acc.half_spectra(crafted_sketch(acc, y0 + 3 * torch.eye(3), y1 - 3 * torch.eye(3)), 3)
+    assert len(calls) == 3
+
+
+def test_the_q_free_path_judges_each_sketch_on_its_own_scale(monkeypatch):
+    # halves a hundred million times apart, each well conditioned: every one takes the Q-free path
+    acc = SpectrumAccumulator("layer", 9, 6, width=3, method="sketch")
+    gen = torch.Generator().manual_seed(2)
+    y0, y1 = torch.randn(2, 6, 3, generator=gen, dtype=torch.float64)
+    calls = count_triangular_solves(monkeypatch)
+    acc.half_spectra(crafted_sketch(acc, y0, 1e-8 * y1), 3)
+    assert len(calls) == 3
+
+
+def test_a_large_but_ill_conditioned_y_forms_q(monkeypatch):
+    # a column within 1e-7 (relative) of another's span: R^-1 unusable however large Y is
+    acc = SpectrumAccumulator("layer", 9, 6, width=3, method="sketch")
+    gen = torch.Generator().manual_seed(3)
+    y = torch.randn(6, 3, generator=gen, dtype=torch.float64)
+    y[:, 2] = y[:, 0] + 1e-7 * torch.randn(6, generator=gen, dtype=torch.float64)
+    calls = count_triangular_solves(monkeypatch)
+    acc.half_spectra(crafted_sketch(acc, 1e6 * y, 2e6 * y), 3)
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("check_every", [0, -1, 2.0, "2"])
+def test_check_every_must_be_a_positive_int(check_every):
+    with pytest.raises(ValueError, match="^check_every: must be a positive integer"):
+        SpectrumSet({"fc": nn.Linear(3, 2)}, rank_max=1, check_every=check_every)
