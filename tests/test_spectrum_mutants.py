@@ -426,3 +426,17 @@ def test_a_large_but_ill_conditioned_y_forms_q(monkeypatch):
 def test_check_every_must_be_a_positive_int(check_every):
     with pytest.raises(ValueError, match="^check_every: must be a positive integer"):
         SpectrumSet({"fc": nn.Linear(3, 2)}, rank_max=1, check_every=check_every)
+
+
+def test_the_indexed_halves_are_made_on_the_inputs_device():
+    # a mask that drops a sample takes the indexed path; its positions must be made where the
+    # mask is, not on the default device (meta here, which would fail to combine with the CPU)
+    (a, g), = batches(count=1)
+    mask = torch.tensor([True, False, True, True, True])
+    expected = SpectrumAccumulator("layer", 6, 4, width=2, method="exact")
+    expected.update(a, g, finite=mask)
+    acc = SpectrumAccumulator("layer", 6, 4, width=2, method="exact")
+    with torch.device("meta"):
+        acc.update(a, g, finite=mask)
+    assert acc.half_counts == (3, 1) == expected.half_counts
+    torch.testing.assert_close(acc.state_tensor(), expected.state_tensor(), rtol=0, atol=0)
