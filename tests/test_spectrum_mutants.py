@@ -270,9 +270,10 @@ def test_sums_and_counts_do_not_follow_the_default_dtype(method):
 
 
 def test_test_matrices_are_float64_draws_rounded_to_float32():
-    acc = SpectrumAccumulator("layer", 5, 4, width=2, method="sketch", seed=3)
+    # 16 entries or more each: below that, CPU randn draws in float64 whatever the dtype
+    acc = SpectrumAccumulator("layer", 9, 4, width=2, method="sketch", seed=3)
     gen = torch.Generator().manual_seed(_module_seed(3, "layer"))
-    omega = torch.randn(5, 2, generator=gen, dtype=torch.float64).float()
+    omega = torch.randn(9, 2, generator=gen, dtype=torch.float64).float()
     psi = torch.randn(5, 4, generator=gen, dtype=torch.float64).float()
     assert torch.equal(acc.omega, omega) and torch.equal(acc.psi, psi)
 
