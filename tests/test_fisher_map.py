@@ -311,6 +311,8 @@ def excluding_everything(d):
          "with `lightning-fisher reallocate` (or edit the rank, alpha, rank_pattern, alpha_pattern and "
          "budget.lora_parameters together)"),
         (lambda d: d["budget"].update(rank_min=40, rank=40), "$.budget.rank_min", "rank_min (40) is greater than rank_max (32)"),
+        (lambda d: d["modules"][2].__setitem__("alpha", 9.5), "$.modules[2].alpha",
+         "alpha 9.5 of 'layers.0.q' does not follow the alpha policy in $.alpha (expected 8)"),
         (lambda d: d["rank_pattern"].update(dict.fromkeys(["^d", "^c", "^b", "^a"], 4)), "$.rank_pattern",
          "(keys ['^a', '^b', '^c'])"),
     ],
