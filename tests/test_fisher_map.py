@@ -405,21 +405,22 @@ def test_a_rank_out_of_bounds_names_the_module_size_only_when_it_is_the_bound(mo
     assert str(excinfo.value).endswith("rank 99 of 'layers.0.q' is outside [rank_min, rank_max] = [2, 8]")
 
 
-def test_a_map_from_before_ranks_were_capped_at_a_modules_size_loads_with_a_warning(fisher_map, tmp_path):
+@pytest.mark.parametrize("old_rank", [12, 32])  # above the size, up to rank_max itself
+def test_a_map_from_before_ranks_were_capped_at_a_modules_size_loads_with_a_warning(fisher_map, tmp_path, old_rank):
     from lightning_fisher.fisher_map.patterns import peft_patterns
 
     document = fisher_map.to_dict()
     module = document["modules"][2]  # layers.0.q: 8 x 8, so its size is 8 (rank_max 32)
-    assert module["name"] == "layers.0.q" and module["rank"] < 8
-    module["rank"], module["alpha"] = 12, fisher_map.alpha.alpha_for(12, fisher_map.budget.rank)
+    assert module["name"] == "layers.0.q" and module["rank"] < 8 and fisher_map.budget.rank_max == 32
+    module["rank"], module["alpha"] = old_rank, fisher_map.alpha.alpha_for(old_rank, fisher_map.budget.rank)
     ranks = {m["name"]: m["rank"] for m in document["modules"] if m["rank"] is not None}
     document.update(peft_patterns(ranks, {m["name"]: m["alpha"] for m in document["modules"] if m["rank"] is not None}))
-    document["budget"]["lora_parameters"] += (12 - fisher_map.ranks["layers.0.q"]) * (8 + 8)
+    document["budget"]["lora_parameters"] += (old_rank - fisher_map.ranks["layers.0.q"]) * (8 + 8)
     path = write_document(tmp_path, document)
     with pytest.warns(UserWarning, match=r"1 module\(s\) with a rank above their size min\(d_in, d_out\) "
-                                         r"\(layers\.0\.q 12 > 8\): a map written before ranks were capped"):
+                                         rf"\(layers\.0\.q {old_rank} > 8\): a map written before ranks were capped"):
         loaded = FisherMap.load(path)
-    assert loaded.ranks["layers.0.q"] == 12  # applies as written: nothing silently changed
+    assert loaded.ranks["layers.0.q"] == old_rank  # applies as written: nothing silently changed
     assert loaded.reallocate(loaded.allocation).ranks["layers.0.q"] <= 8  # reallocating caps it
 
 
