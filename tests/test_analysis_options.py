@@ -104,3 +104,10 @@ def test_trainer_defaults_are_one_read_only_mapping():
     assert TRAINER_DEFAULTS["logger"] is False and TRAINER_DEFAULTS["limit_val_batches"] == 0
     with pytest.raises(TypeError):
         TRAINER_DEFAULTS["logger"] = True  # type: ignore[index]
+
+
+def test_an_option_field_is_found_by_name_with_its_flag_and_help():
+    assert AnalysisOptions.field("seed").metadata["flag"] == "seed" and AnalysisOptions.field("seed").default == 0
+    assert AnalysisOptions.field("module_types").metadata["flag"] is None  # no command-line flag
+    with pytest.raises(KeyError):
+        AnalysisOptions.field("rank")

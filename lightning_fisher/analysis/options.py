@@ -127,6 +127,15 @@ class AnalysisOptions:
         """The options' fields (``metadata["flag"]``: the command-line flag, ``None`` for none)."""
         return dataclasses.fields(cls)
 
+    @classmethod
+    def field(cls, name: str) -> dataclasses.Field:
+        """The field ``name`` (its ``metadata["flag"]`` and ``metadata["help"]``).
+
+        Raises:
+            KeyError: no such option.
+        """
+        return {f.name: f for f in dataclasses.fields(cls)}[name]
+
     @property
     def candidate_selection(self) -> dict:
         """``include`` / ``exclude`` / ``module_types`` as keyword arguments of ``select_candidates``."""

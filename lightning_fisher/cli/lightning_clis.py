@@ -144,7 +144,7 @@ _OPTION_FLAGS = ("timestep_focus", "seed", "loss_reduction", "train_mode", "lora
 
 def _add_option_flag(parser, name: str, cli_type: Any, **overrides: Any) -> None:
     """``--NAME`` for one :class:`AnalysisOptions` field: default and help from the field; the type as parsed."""
-    option = next(f for f in AnalysisOptions.fields() if f.name == name)
+    option = AnalysisOptions.field(name)
     kwargs = {"type": cli_type, "default": option.default, "help": option.metadata["help"], **overrides}
     parser.add_argument(f"--{option.metadata['flag']}", **kwargs)
 

@@ -232,7 +232,7 @@ class Wizard:
                 f"  The analysis stops once the module ranking is stable: {_pairs(settings_flags(s[self.stopping]))}.")),
             *self.settings_questions(self.stopping, STOPPING, skip=lambda: not s["change_stopping"]),
             Question("seed", STOPPING, partial(self.ask_typed, "seed", TypedQuestion("seed", Optional[int])),
-                     f"  {_help(AnalysisOptions, 'seed')[:-1]} ('none': unseeded)."),
+                     f"  {AnalysisOptions.field('seed').metadata['help'][:-1]} ('none': unseeded)."),
             Question("fragile", FRAGILE, lambda: p.yes_no("Is this a distilled / few-step ('turbo') model?", default=False)),
             Question("fragile_confirm", FRAGILE, self.ask_fragile_confirm, FRAGILE_WARNING, lambda: not s["fragile"]),
             Question("summary", SUMMARY, self.show_summary),
@@ -405,10 +405,6 @@ class Wizard:
         if answers.fragile:
             p.warn(f"fragile model: train on the map with `lightning-fisher fit ... {FRAGILE_FIT_FLAGS}`")
         return SKIPPED
-
-
-def _help(settings: type, name: str) -> str:
-    return next(f.metadata["help"] for f in dataclasses.fields(settings) if f.name == name)
 
 
 def _text(value: Any) -> str:

@@ -1,6 +1,7 @@
 """The ``Trainer`` an analysis runs under: one home for its arguments.
 
-Used by :func:`lightning_fisher.training.analyze.analyze` and by ``lightning-fisher analyze``
+Used by :func:`lightning_fisher.training.analyze.analyze_with_trainer` (the Trainer path of
+:func:`lightning_fisher.analyze`) and by ``lightning-fisher analyze``
 (:mod:`lightning_fisher.cli.lightning_clis`, which imports this module before parsing, so it
 must not import the analysis module itself).
 """
