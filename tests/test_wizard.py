@@ -127,8 +127,10 @@ def test_wizard_session_writes_config_and_runs_analyze(dataset, tmp_path):
     summary = out[out.index("[7/8] Summary"):out.index("[8/8]")]
     assert re.search(r"samples\s+48 samples", summary)
     assert re.search(r"estimated run time\s+about [0-9.]+ s \(3 batches x [0-9.]+ s", summary), summary
-    assert re.search(r"rank budget\s+rank 4, min 1, max 16, mode budget \(from preset small\)", summary)
-    assert re.search(r"stopping rule\s+convergence_patience 5, stability_threshold 0.9, min_batches 5, max_batches 200", summary)
+    # the summary is the config as saved
+    shown = "\n".join(line[4:] for line in summary.splitlines() if line.startswith("  | "))
+    assert shown + "\n" == (dataset / "fisher_analyze.yaml").read_text()
+    assert "# Rank fields started from the preset 'small'." in shown
 
     config = yaml.safe_load((dataset / "fisher_analyze.yaml").read_text())
     assert config == {
@@ -173,9 +175,13 @@ def test_back_required_arguments_focus_and_the_exact_commands(dataset, tmp_path,
         ("Dataset folder", str(dataset)),
         ("Batch size [16]:", "12"),
         ("[3/8] Timestep focus", None),
-        ("Timestep focus (balanced/texture/structure/custom) [balanced]:", "texture"),
+        ("Timestep focus (balanced/texture/structure/LO,HI) [balanced]:", "texture"),
         ("Start from a preset? (none/small/medium/large) [none]:", "BACK"),
-        ("Timestep focus (balanced/texture/structure/custom) [balanced]:", "structure"),
+        ("Timestep focus (balanced/texture/structure/LO,HI) [texture]:", "custom"),
+        ("! timestep_focus='custom' is not one of balanced, texture, structure, or a range 'LO,HI'", None),
+        ("Timestep focus (balanced/texture/structure/LO,HI) [texture]:", "0.6,0.3"),
+        ("need 0 <= LO < HI <= 1", None),
+        ("Timestep focus (balanced/texture/structure/LO,HI) [texture]:", "structure"),
         ("Start from a preset?", "small"),
         ("rank (int) [8]:", "4"),
         ("rank_min (int) [2]:", "1"),
@@ -198,7 +204,7 @@ def test_back_required_arguments_focus_and_the_exact_commands(dataset, tmp_path,
     child.expect_exact("run the analysis later with")
     assert finish(child) == 0
     out = transcript(child)
-    assert re.search(r"model arguments\s+width=24, noise_scale=0.5, schedule='cosine'", out)
+    assert "  |   init_args:\n  |     width: 24\n  |     noise_scale: 0.5\n  |     schedule: cosine\n" in out
     config = yaml.safe_load((tmp_path / "flow.yaml").read_text())
     assert config["model"] == {"class_path": FLOW, "init_args": {"width": 24, "noise_scale": 0.5, "schedule": "cosine"}}
     assert config["timestep_focus"] == "structure" and config["data"]["init_args"]["batch_size"] == 12
@@ -469,7 +475,6 @@ def test_analysis_batches_and_estimate_text():
     assert analysis_batches(1000, 16, min_batches=10, patience=3, max_batches=20) == (10, 20)
     assert analysis_batches(1000, 16, min_batches=0, patience=7, max_batches=None) == (7, 63)
     estimate = RunTimeEstimate(load_seconds=2.0, batch_seconds=0.5, batches_low=5, batches_high=63)
-    assert (estimate.low, estimate.high) == (4.5, 33.5)
     assert estimate.describe() == "about 4.5 s to 34 s (5 to 63 batches x 0.5 s, plus 2.0 s to load the model)"
     assert RunTimeEstimate(30.0, 60.0, 200, 200).describe() == "about 3.3 h (200 batches x 60 s, plus 30 s to load the model)"
 
@@ -532,8 +537,8 @@ def test_wizard_flow_with_fragile_opt_in(dataset):
     assert a.exclude == [] and a.checkpoint_dir is None
     out = "\n".join(script.lines)
     assert "estimated run time  about 1.8 s (3 batches x 0.25 s, plus 1.0 s to load the model)" in out
-    assert "fragile model       YES" in out and "--adaptive_lora.allow_fragile true" in out
-    assert "timestep focus      structure (t in [0.6, 1])" in out
+    assert "  | # fragile: true" in out and "--adaptive_lora.allow_fragile true" in out
+    assert "  | timestep_focus: structure\n" in out
     assert "# fragile: true" in render_config(a)
 
 
@@ -551,7 +556,7 @@ def test_wizard_reports_a_failed_estimate_as_unknown(dataset, tmp_path):
     assert "  ! could not time a batch: test_wizard.py raised: RuntimeError: CUDA out of memory (" in out
     assert re.search(r"test_wizard\.py, line \d+, in failing\)", out)
     assert "estimated run time  unknown" in out
-    assert f"checkpoint          {checkpoint.resolve()}" in out
+    assert f"  |     checkpoint_dir: {checkpoint.resolve()}\n" in out
     assert script.prompts[-1] == f"Save the config to [{dataset / 'fisher_analyze.yaml'}]: "
 
 

@@ -100,7 +100,7 @@ def task_threads(task: TaskSpec):
 
 
 def map_path(task: TaskSpec, seed: int, focus: str, workdir: Path, criterion: str = "trace") -> Path:
-    """Where :func:`base_fisher_map` caches the seed's map (a map placed there is used as it is)."""
+    """Where :func:`base_fisher_map` caches a seed's map (a map placed there is used as it is)."""
     tag = f"{task.name}_b{task.analysis_max_batches}_seed{seed}" + (f"_{focus}" if focus else "")
     if criterion != "trace":
         tag += f"_{criterion}"
@@ -146,7 +146,7 @@ def base_fisher_map(
 
 
 def arm_fisher_map(arm: Arm, task: TaskSpec, base, model: torch.nn.Module):
-    """Re-allocate the seed's scores with the arm's rank rule and criterion (no second analysis)."""
+    """Re-allocate that seed's scores with the arm's rank rule and criterion (no second analysis)."""
     from lightning_fisher.fisher_map.map import FisherMap
 
     rank = arm.base_rank(task)

@@ -1,17 +1,11 @@
-"""``lightning-fisher wizard``: an interactive front end that writes an ``analyze`` config.
+"""``lightning-fisher wizard``: asks what ``lightning-fisher analyze`` needs and saves it as its YAML config.
 
-The wizard asks for what ``lightning-fisher analyze`` needs, checks each answer where it is given,
-shows a summary with an estimated run time, saves a YAML config that ``analyze --config FILE``
-reads (running the analysis from the wizard runs that command on that file), and ends with the
-exact ``analyze`` and ``fit`` commands. Nothing is written before the last question: Ctrl-C
-(exit status 130) or end of input (1) leaves no config and no map behind.
-
-The questions are one table, :meth:`Wizard.questions`. The rank budget and criterion
-(:class:`~lightning_fisher.AllocationSettings`) and the stopping rule
-(:class:`~lightning_fisher.analysis.stability.StabilityRule`) are asked field by field, each question made
-from the field and checked by building the object, so the wizard asks whatever ``analyze`` reads
-from them. :class:`Prompter` does all reading and printing; the decisions are the pure functions
-of :mod:`~lightning_fisher.cli.wizard_answers`.
+Each answer is checked where it is given; ``back`` returns to the previous question. The summary
+is the config as it will be saved, with an estimated run time; nothing is written before the last
+question (Ctrl-C: exit status 130, end of input: 1). The questions are one table,
+:meth:`Wizard.questions`; the rank, criterion and stopping questions are made from the fields of
+:class:`~lightning_fisher.AllocationSettings` and :class:`~lightning_fisher.StabilityRule` and
+checked by building them. :class:`Prompter` does the I/O; :mod:`.wizard_answers` the decisions.
 """
 
 from __future__ import annotations
@@ -34,15 +28,16 @@ from lightning_fisher.cli.model_class import (
     accepts_checkpoint_dir, has_timestep_sampler, parse_model_class, required_init_arguments, requires_checkpoint_dir,
 )
 from lightning_fisher.cli.wizard_answers import (
-    CONFIG_FILENAME, DEFAULT_BATCH_SIZE, DEMO_MODEL, FRAGILE_FIT_FLAGS, TypedQuestion, WizardAnswers,
-    default_presets_dir, fit_command, load_presets, parse_config_path, parse_dataset_folder, parse_focus_range,
+    CONFIG_FILENAME, DEFAULT_BATCH_SIZE, DEMO_MODEL, TypedQuestion, WizardAnswers,
+    default_presets_dir, fit_command, load_presets, parse_config_path, parse_dataset_folder, parse_focus,
     parse_folder, parse_patterns, parse_positive_int, render_config, setting_questions, settings_flags,
 )
+from lightning_fisher.cli.values import type_name
 from lightning_fisher.cli.wizard_estimate import RunTimeEstimate, estimate_run_time, short_reason
 from lightning_fisher.errors import SettingsError
 from lightning_fisher.fisher_map.map import FISHER_MAP_FILENAME
 from lightning_fisher.analysis.stability import StabilityRule
-from lightning_fisher.analysis.timesteps import FOCUS_HELP, TimestepFocus
+from lightning_fisher.analysis.timesteps import FOCUS_HELP
 from lightning_fisher.wording import plural
 
 __all__ = ["BACK", "GoBack", "Prompter", "Question", "Wizard", "WizardPlan", "run_wizard"]
@@ -65,15 +60,8 @@ class GoBack(Exception):
 
 
 class Prompter:
-    """All the wizard's terminal I/O: asks through ``input_fn``, prints through ``output_fn``, re-asks until valid.
-
-    The answer ``back`` (any case) raises :class:`GoBack` from every kind of question.
-
-    Args:
-        input_fn: shows a prompt and returns the line typed (``input``); its ``EOFError`` and
-            ``KeyboardInterrupt`` pass on to the caller.
-        output_fn: prints one message (``print``).
-    """
+    """All the wizard's terminal I/O: asks through ``input_fn`` (its ``EOFError`` and ``KeyboardInterrupt`` pass
+    on), prints through ``output_fn``, re-asks until valid; ``back`` (any case) raises :class:`GoBack`."""
 
     def __init__(self, input_fn: Callable[[str], str] = input, output_fn: Callable[[str], None] = print) -> None:
         self.input_fn, self.output_fn = input_fn, output_fn
@@ -87,14 +75,10 @@ class Prompter:
     def ask(
         self, question: str, *, default: Optional[str] = None, parse: Callable[[str], T] = str, empty: Optional[str] = None
     ) -> T:
-        """Ask until ``parse`` accepts the answer; return what it returns.
+        """Ask until ``parse`` returns a value (its ``ValueError`` is shown and the question asked again).
 
-        Args:
-            question: the prompt, without the default.
-            default: taken for an empty answer and shown as ``[default]``; parsed like a typed answer.
-            parse: the stripped answer -> the value, or ``ValueError`` whose message is shown before asking again.
-            empty: what an empty answer means (``""`` is then parsed), shown as ``[Enter: empty]`` when there
-                is no default. Without either, an empty answer is refused.
+        An empty answer is ``default`` (shown ``[default]``), else ``""`` when ``empty`` says what that means
+        (shown ``[Enter: empty]``), else refused.
         """
         hint = f" [{default}]" if default is not None else f" [Enter: {empty}]" if empty is not None else ""
         while True:
@@ -135,9 +119,6 @@ class Prompter:
 
         return self.ask(f"{question} ({'/'.join(options)})", default=default, parse=parse)
 
-
-# --------------------------------------------------------------------------------------------
-# The question table and the flow
 
 #: Returned by a question's ``ask`` instead of an answer: nothing was asked (the summary, a check;
 #: ``back`` passes over it), or the user stopped (the fragile-model warning).
@@ -188,15 +169,9 @@ MODEL, DATASET, FOCUS, RANKS, STOPPING, FRAGILE, SUMMARY, SAVE = (
 class Wizard:
     """Asks the questions of :meth:`questions` in order; :meth:`collect` returns the plan, or ``None`` when the user stops.
 
-    ``back`` asks the previous *asked* question again (skipped ones are passed over); answers given
-    further on are kept and offered again as defaults.
-
-    Args:
-        prompter: asks the questions.
-        presets: rank presets by name (see :func:`~lightning_fisher.cli.wizard_answers.load_presets`).
-        save_config: default offered for where to save the config.
-        estimate: run-time estimate of a config text and sample count (default :func:`estimate_run_time`).
-        allocation, stopping: the settings classes asked field by field.
+    ``back`` asks the previous *asked* question again (skipped ones are passed over); later answers are kept as
+    defaults. ``presets``: rank presets by name (:func:`.load_presets`); ``save_config``: where to save, offered;
+    ``estimate(config_text, samples)``: the run-time estimate; ``allocation``, ``stopping``: the settings asked.
     """
 
     def __init__(self, prompter: Prompter, *, presets: Optional[Mapping[str, AllocationSettings]] = None,
@@ -214,18 +189,20 @@ class Wizard:
             Question("model", MODEL, lambda: p.ask("LightningModule class path", default=self.model, parse=parse_model_class)),
             *(Question(f"arg:{a.name}", MODEL, partial(self.ask_typed, f"arg:{a.name}", a), "" if i else (
                 f"  {_short(self.model)} needs: {', '.join(a.name for a in arguments)}")) for i, a in enumerate(arguments)),
-            Question("checkpoint_dir", MODEL, self.ask_checkpoint_dir, skip=lambda: not accepts_checkpoint_dir(self.model)
-                     and f"  ({_short(self.model)} takes no checkpoint_dir argument: no checkpoint folder to ask for)"),
-            Question("include", MODEL, self.ask_include, f"  Modules to analyse: {PATTERNS}."),
-            Question("exclude", MODEL, self.ask_exclude,
+            Question("checkpoint_dir", MODEL, lambda: p.ask("Checkpoint folder", parse=parse_folder, empty=None if (
+                requires_checkpoint_dir(self.model)) else "the model's own default"), skip=lambda: not accepts_checkpoint_dir(
+                self.model) and f"  ({_short(self.model)} takes no checkpoint_dir argument: no checkpoint folder to ask for)"),
+            Question("include", MODEL, partial(self.ask_patterns, "include", "every nn.Linear"), f"  Modules to analyse: {PATTERNS}."),
+            Question("exclude", MODEL, partial(self.ask_patterns, "exclude", "none"),
                      f"  Modules to leave out of the analysis, e.g. a freshly initialised head\n  ({PATTERNS}; 'none' for none)."),
             Question("dataset", DATASET, self.ask_dataset),
             Question("batch_size", DATASET, lambda: p.ask(
                 "Batch size", default=str(s.get("batch_size", DEFAULT_BATCH_SIZE)), parse=parse_positive_int)),
-            Question("focus", FOCUS, lambda: p.choice("Timestep focus", list(FOCUS_HELP), default="balanced"),
-                     "\n".join(f"  {name:<10} {text}" for name, text in FOCUS_HELP.items()), self.no_timestep_sampler),
-            Question("focus_range", FOCUS, lambda: p.ask("Range LO,HI", default="0.2,0.5", parse=parse_focus_range),
-                     skip=lambda: s.get("focus") != "custom"),
+            Question("focus", FOCUS, lambda: p.ask("Timestep focus (balanced/texture/structure/LO,HI)", default=s.get(
+                "focus", "balanced"), parse=parse_focus), "\n".join(
+                f"  {name:<10} {text}" for name, text in FOCUS_HELP.items()), lambda: not has_timestep_sampler(self.model) and (
+                f"  ({_short(self.model)} has no timestep_sampler: the analysis draws what its training_step\n"
+                "  draws, so there is no timestep focus to choose)")),
             Question("preset", RANKS, self.ask_preset, skip=lambda: not self.presets),
             *self.settings_questions(self.allocation, RANKS),
             Question("change_stopping", STOPPING, lambda: p.yes_no("Change the stopping rule?", default=False), lambda: (
@@ -299,7 +276,7 @@ class Wizard:
             model=s["model"], dataset_dir=str(s["dataset"].dataset_dir), checkpoint_dir=s.get("checkpoint_dir"),
             init_args={a.name: s[f"arg:{a.name}"] for a in self.arguments()}, exclude=s["exclude"],
             num_samples=len(s["dataset"].files), batch_size=s["batch_size"],
-            timestep_focus=s.get("focus_range") or s.get("focus", "balanced"), ranks=s[self.allocation],
+            timestep_focus=s.get("focus", "balanced"), ranks=s[self.allocation],
             preset=s.get("preset"), fragile=s["fragile"], stopping=s[self.stopping], seed=s["seed"], include=s["include"],
         )
 
@@ -318,19 +295,14 @@ class Wizard:
         """A model argument, the seed, or a settings field (whose default is the last valid object's: Enter cannot loop)."""
         value = getattr(self.state[settings], question.name) if settings else self.state.get(name)
         default = None if settings is None and name not in self.state else _text(value)
-        return self.prompter.ask(f"{question.key} ({question.describe()})", default=default, parse=question.parse)
+        return self.prompter.ask(f"{question.key} ({type_name(question.annotation)})", default=default, parse=question.parse)
 
-    def ask_checkpoint_dir(self) -> Optional[str]:
-        empty = None if requires_checkpoint_dir(self.model) else "the model's own default"
-        return self.prompter.ask("Checkpoint folder", parse=parse_folder, empty=empty)
-
-    def ask_include(self) -> Optional[list[str]]:
-        default = _joined(self.state.get("include"))
-        return self.prompter.ask("Include", default=default, parse=lambda text: parse_patterns(text) or None, empty="every nn.Linear")
-
-    def ask_exclude(self) -> list[str]:
-        default = _joined(self.state.get("exclude", DEMO_EXCLUDE if self.model == DEMO_MODEL else ()))
-        return self.prompter.ask("Exclude", default=default, parse=parse_patterns, empty="none")
+    def ask_patterns(self, name: str, empty: str) -> Optional[list[str]]:
+        """Include (``None``: every ``nn.Linear``) or exclude patterns; the earlier answer is the default."""
+        default = DEMO_EXCLUDE if name == "exclude" and self.model == DEMO_MODEL else ()
+        text = ", ".join(self.state.get(name, default) or ()) or None
+        patterns = self.prompter.ask(name.capitalize(), default=text, parse=parse_patterns, empty=empty)
+        return patterns or (None if name == "include" else [])
 
     def ask_dataset(self) -> Any:
         dataset = self.prompter.ask("Dataset folder (one .pt / .safetensors sample per file)", parse=parse_dataset_folder)
@@ -339,12 +311,6 @@ class Wizard:
         if existing.exists():
             self.prompter.warn(f"{existing} already exists; the analysis will replace it and keep it as {existing.name}.bak")
         return dataset
-
-    def no_timestep_sampler(self) -> Union[bool, str]:
-        return not has_timestep_sampler(self.model) and (
-            f"  ({_short(self.model)} has no timestep_sampler: the analysis draws what its training_step\n"
-            "  draws, so there is no timestep focus to choose)"
-        )
 
     def ask_preset(self) -> Optional[str]:
         """A preset's name (``None``: none); the rank questions then offer its values."""
@@ -372,47 +338,26 @@ class Wizard:
         return True
 
     def show_summary(self) -> object:
+        """The config exactly as it will be saved, the samples it reads and an estimated run time."""
         p, answers = self.prompter, self.answers()
+        config = render_config(answers)
         p.say("  estimating run time (loading the model and timing one batch)...")
         try:
-            estimate = self.estimate(render_config(answers), answers.num_samples).describe()
+            estimate = self.estimate(config, answers.num_samples).describe()
         except KeyboardInterrupt:
             raise
         except BaseException as error:  # noqa: BLE001 - any failure of the user's model is reported, not raised
             p.warn(f"could not time a batch: {short_reason(error)}")
             estimate = "unknown"
-        batches = max(1, math.ceil(answers.num_samples / answers.batch_size))
-        rows = {
-            "model": answers.model,
-            "model arguments": ", ".join(f"{k}={v!r}" for k, v in answers.init_args.items()),
-            "checkpoint": answers.checkpoint_dir or "(the model's own default)",
-            "include": _joined(answers.include) or "(every nn.Linear)",
-            "exclude": _joined(answers.exclude) or "(nothing)",
-            "dataset folder": answers.dataset_dir,
-            "samples": self.state["dataset"].describe(),
-            "batch size": f"{answers.batch_size} ({plural(batches, 'batch')} per pass)",
-            "timestep focus": TimestepFocus.parse(answers.timestep_focus).describe(),
-            "rank budget": answers.ranks.describe() + (f" (from preset {answers.preset})" if answers.preset else ""),
-            "allocation": _pairs(settings_flags(answers.ranks)),
-            "stopping rule": _pairs(settings_flags(answers.stopping)),
-            "seed": _text(answers.seed),
-            "fragile model": "YES (opted in; see the warning above)" if answers.fragile else "no",
-            "estimated run time": estimate,
-        }
-        for label, value in rows.items():
-            if value != "":
-                p.say(f"  {label:<19} {value}")
-        if answers.fragile:
-            p.warn(f"fragile model: train on the map with `lightning-fisher fit ... {FRAGILE_FIT_FLAGS}`")
+        batches = plural(max(1, math.ceil(answers.num_samples / answers.batch_size)), "batch")
+        p.say("\n".join(f"  | {line}" for line in config.splitlines()))
+        p.say(f"  samples             {self.state['dataset'].describe()} ({batches} per pass)")
+        p.say(f"  estimated run time  {estimate}")
         return SKIPPED
 
 
 def _text(value: Any) -> str:
     return "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
-
-
-def _joined(patterns: Optional[Sequence[str]]) -> Optional[str]:
-    return ", ".join(patterns) if patterns else None
 
 
 def _pairs(flags: Mapping[str, Any]) -> str:

@@ -1,10 +1,6 @@
-"""The wizard's decisions, without a terminal: checking one answer, the questions a settings object
-makes, rank presets, and the ``analyze --config`` YAML the answers make.
-
-Every ``parse_*`` function turns one answer into a value or raises ``ValueError`` with the reason,
-which the wizard shows before asking again. :func:`setting_questions` makes a :class:`TypedQuestion`
-per field of a settings dataclass from the field's flag, type and help, so a new setting or
-criterion is asked with no change here.
+"""The wizard's decisions, without a terminal: one answer checked (each ``parse_*`` returns the value or raises
+``ValueError`` with the reason shown before asking again), the questions a settings dataclass makes (one per
+field with a flag: a new setting or criterion is asked with no change here), rank presets, the config YAML.
 """
 
 from __future__ import annotations
@@ -24,7 +20,7 @@ import yaml
 
 import lightning_fisher
 from lightning_fisher.allocation.settings import AllocationSettings, field_help
-from lightning_fisher.cli.values import comma_list, parse_typed, type_name
+from lightning_fisher.cli.values import comma_list, parse_typed
 from lightning_fisher.errors import DatasetFolderError
 from lightning_fisher.analysis.options import AnalysisOptions
 from lightning_fisher.analysis.stability import StabilityRule
@@ -68,9 +64,6 @@ class TypedQuestion:
     @property
     def help(self) -> str:
         return field_help(self.field) if self.field else ""  # read when asked: every criterion registered by then
-
-    def describe(self) -> str:
-        return type_name(self.annotation)
 
     def parse(self, text: str) -> Any:
         return parse_typed(text, self.annotation)
@@ -123,10 +116,8 @@ def parse_dataset_folder(text: str) -> TensorFolderDataset:
         raise ValueError(str(error)) from None
 
 
-def parse_focus_range(text: str) -> str:
-    """A custom focus ``"LO,HI"``, checked by :meth:`TimestepFocus.parse`; returns its canonical text."""
-    if "," not in text:
-        raise ValueError(f"{text!r}: give two numbers 'LO,HI' with 0 <= LO < HI <= 1, e.g. 0.2,0.5")
+def parse_focus(text: str) -> str:
+    """A timestep focus, a name or a range ``LO,HI`` (:meth:`TimestepFocus.parse`), as its canonical text."""
     return str(TimestepFocus.parse(text))
 
 
@@ -178,10 +169,6 @@ def load_presets(folder: Optional[Path]) -> tuple[dict[str, AllocationSettings],
             except ValueError as error:
                 problems.append(str(error))
     return dict(sorted(presets.items(), key=lambda item: (item[1].rank, item[1].rank_max, item[0]))), problems
-
-
-# --------------------------------------------------------------------------------------------
-# Answers -> config and the fit command
 
 
 @dataclass

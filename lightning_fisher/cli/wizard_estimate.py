@@ -1,8 +1,4 @@
-"""The wizard's run-time estimate: build the model from the config as ``analyze`` would, time one batch.
-
-The estimate is one batch (loading plus forward and backward) times the fewest and most
-batches the analysis can run with its settings, plus the time to build the model.
-"""
+"""The wizard's run-time estimate: build the model from the config as ``analyze`` would and time one batch."""
 
 from __future__ import annotations
 
@@ -18,37 +14,22 @@ __all__ = ["RunTimeEstimate", "analysis_batches", "estimate_run_time", "short_re
 
 @dataclass(frozen=True)
 class RunTimeEstimate:
-    """Time of one batch times the number of batches the analysis may run, plus model loading.
-
-    Args:
-        load_seconds: building the model and data from the config.
-        batch_seconds: loading one batch plus one forward and backward pass.
-        batches_low: batches when the ranking converges as early as the settings allow.
-        batches_high: batches when it never converges (one pass, capped by ``max_batches``).
-    """
+    """Building the model (``load_seconds``), then one batch (loading, forward, backward: ``batch_seconds``) times
+    the batches the analysis runs: ``batches_low`` when the ranking converges as early as the settings allow,
+    ``batches_high`` when it never does (one pass, capped by ``max_batches``)."""
 
     load_seconds: float
     batch_seconds: float
     batches_low: int
     batches_high: int
 
-    @property
-    def low(self) -> float:
-        return self.load_seconds + self.batches_low * self.batch_seconds
-
-    @property
-    def high(self) -> float:
-        return self.load_seconds + self.batches_high * self.batch_seconds
-
     def describe(self) -> str:
         """E.g. ``about 4.5 s to 34 s (5 to 63 batches x 0.5 s, plus 2.0 s to load the model)``."""
+        low, high = (self.load_seconds + n * self.batch_seconds for n in (self.batches_low, self.batches_high))
         same = self.batches_low == self.batches_high
-        total = _duration(self.low) if same else f"{_duration(self.low)} to {_duration(self.high)}"
+        total = _duration(low) if same else f"{_duration(low)} to {_duration(high)}"
         batches = str(self.batches_low) if same else f"{self.batches_low} to {self.batches_high}"
-        return (
-            f"about {total} ({batches} batches x {_duration(self.batch_seconds)}, "
-            f"plus {_duration(self.load_seconds)} to load the model)"
-        )
+        return f"about {total} ({batches} batches x {_duration(self.batch_seconds)}, plus {_duration(self.load_seconds)} to load the model)"
 
 
 def analysis_batches(
