@@ -83,3 +83,51 @@ def test_the_analysis_module_takes_mode_as_rank_mode():
 
     module = FisherAnalysisModule(Task(), mode="budget", rank=2, rank_min=1, rank_max=4)
     assert module.session.allocation.mode == "budget"
+
+
+def _callback_from_yaml(tmp_path, init_args: str):
+    """FisherStability as a LightningCLI config file builds it: every parameter passed, defaults included."""
+    from cli_models import TinyClassifier
+    from lightning.pytorch.cli import LightningCLI
+
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "trainer:\n  logger: false\n  enable_checkpointing: false\n  callbacks:\n"
+        f"    - class_path: lightning_fisher.FisherStability\n      init_args: {init_args}\n"
+    )
+    cli = LightningCLI(TinyClassifier, args=["--config", str(config)], run=False, save_config_callback=None)
+    return next(c for c in cli.trainer.callbacks if isinstance(c, FisherStability))
+
+
+@pytest.mark.parametrize(
+    "init_args, patience, threshold",
+    [
+        ("{patience: 7}", 7, 0.9),
+        ("{convergence_patience: 7, stability_threshold: 0.5}", 7, 0.5),
+        ("{threshold: 0.6, convergence_patience: 3}", 3, 0.6),
+        ("{patience: 4, convergence_patience: 4}", 4, 0.9),
+    ],
+)
+def test_a_lightning_cli_config_takes_either_spelling_for_the_callback(tmp_path, init_args, patience, threshold):
+    rule = _callback_from_yaml(tmp_path, init_args).rule
+    assert (rule.patience, rule.threshold, rule.min_batches) == (patience, threshold, StabilityRule.min_batches)
+
+
+def test_a_lightning_cli_config_with_two_values_for_one_option_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="FisherStability: convergence_patience and patience are one option"):
+        _callback_from_yaml(tmp_path, "{patience: 7, convergence_patience: 8}")
+
+
+def test_a_lightning_cli_config_with_the_rule_object_says_to_give_the_options(tmp_path):
+    with pytest.raises(ValueError, match="In a YAML config .* give the options one by one, not rule"):
+        _callback_from_yaml(tmp_path, "{rule: {patience: 3}}")
+
+
+def test_either_spelling_left_at_its_default_gives_way_only_for_the_signature_spellings():
+    assert FisherStability(patience=StabilityRule.patience, convergence_patience=8).rule.patience == 8
+    assert FisherStability(patience=8, convergence_patience=StabilityRule.patience).rule.patience == 8
+    with pytest.raises(TypeError, match="are one option"):
+        FisherStability(patience=7, convergence_patience=8)
+    # spellings not in a signature (Python only) stay strict, default or not
+    with pytest.raises(TypeError, match="are one option"):
+        AllocationSettings(rank_mode="median", mode=AllocationSettings.mode)

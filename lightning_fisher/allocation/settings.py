@@ -179,7 +179,7 @@ def _criterion_help() -> str:
     return "; ".join(f"{name}: {criterion_named(name).help}" for name in criterion_names()) + "."
 
 
-def other_spellings(**spellings: str) -> Callable[[_F], _F]:
+def other_spellings(*, in_signature: bool = False, **spellings: str) -> Callable[[_F], _F]:
     """Accept an option under another spelling: ``@other_spellings(rank_mode="mode")``.
 
     One name per option across Python, YAML and the command line: the command line's names
@@ -189,21 +189,37 @@ def other_spellings(**spellings: str) -> Callable[[_F], _F]:
     function's decorators, so the others see the parameter's own name.
 
     Args:
+        in_signature: also list the other spellings in the function's signature (keyword-only,
+            with the parameter's type and default), so that jsonargparse, and with it a
+            LightningCLI YAML config, accepts them. jsonargparse passes every parameter it knows,
+            its default included, so there a spelling left at the default gives way to the
+            other: only two different values that both differ from the default are refused.
         spellings: ``{other spelling: the parameter's name}``.
     """
 
     def decorate(function: _F) -> _F:
         owner = function.__qualname__.replace(".__init__", "")
+        signature = inspect.signature(function)
 
         @functools.wraps(function)
         def accepting(*args: Any, **kwargs: Any) -> Any:
             for spelling, name in spellings.items():
-                if spelling in kwargs:
-                    if name in kwargs:
+                if spelling in kwargs and name in kwargs:
+                    value, default = kwargs[spelling], signature.parameters[name].default
+                    if in_signature and kwargs[name] in (value, default):
+                        del kwargs[name]
+                    elif in_signature and value == default:
+                        del kwargs[spelling]
+                    else:
                         raise TypeError(f"{owner}: {spelling} and {name} are one option; give it once")
+                if spelling in kwargs:
                     kwargs[name] = kwargs.pop(spelling)
             return function(*args, **kwargs)
 
+        if in_signature:
+            extra = [signature.parameters[name].replace(name=spelling, kind=inspect.Parameter.KEYWORD_ONLY)
+                     for spelling, name in spellings.items()]
+            accepting.__signature__ = signature.replace(parameters=[*signature.parameters.values(), *extra])  # type: ignore[attr-defined]
         return accepting  # type: ignore[return-value]
 
     return decorate
@@ -241,7 +257,8 @@ def settings_or_options(settings: str, cls: type, options: Sequence[str]) -> Cal
                 if both:
                     raise TypeError(
                         f"{owner}: give either {a_or_an(cls.__name__)} ({settings}=) or the individual "
-                        f"options ({', '.join(both)}), not both; e.g. {settings}=dataclasses.replace({settings}, ...)"
+                        f"options ({', '.join(both)}), not both; e.g. {settings}=dataclasses.replace({settings}, ...). "
+                        f"In a YAML config (LightningCLI passes every option) give the options one by one, not {settings}:"
                     )
             return function(*args, **kwargs)
 

@@ -44,7 +44,7 @@ class FisherStability(Callback):
         trainer.fit(FisherAnalysisModule(task), datamodule)
     """
 
-    @other_spellings(convergence_patience="patience", stability_threshold="threshold")
+    @other_spellings(in_signature=True, convergence_patience="patience", stability_threshold="threshold")
     @settings_or_options("rule", StabilityRule, ("patience", "threshold", "min_batches", "max_batches"))
     def __init__(
         self,
