@@ -59,11 +59,11 @@ def _duration(seconds: float) -> str:
 def _forward_backward(model: Any, batch: Any, device: Any) -> float:
     import torch
 
-    from lightning_fisher.training.analysis_module import _loss_from  # the analysis' own reading of the loss
+    from lightning_fisher.training.analysis_module import training_step_loss  # the analysis' own reading of the loss
 
     model.zero_grad(set_to_none=True)
     start = time.perf_counter()
-    _loss_from(model.training_step(batch, 0), type(model).__name__).backward()
+    training_step_loss(model.training_step(batch, 0), type(model).__name__).backward()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - start

@@ -55,7 +55,7 @@ from lightning_fisher.fisher_map.map import DatasetRecord, FisherMap, StabilityR
 from lightning_fisher.analysis.stability import StopReason
 from lightning_fisher.analysis.timesteps import TimestepFocus
 
-__all__ = ["FisherAnalysisModule", "SCORE_DESCRIPTION"]
+__all__ = ["FisherAnalysisModule", "SCORE_DESCRIPTION", "training_step_loss"]
 
 
 class FisherAnalysisModule(LightningModule):
@@ -243,7 +243,7 @@ class FisherAnalysisModule(LightningModule):
         task_name = type(self.task).__name__
         with self._as_training_step_of_task():
             self.session.measure(
-                lambda: _loss_from(self.task.training_step(batch, batch_idx), task_name),
+                lambda: training_step_loss(self.task.training_step(batch, batch_idx), task_name),
                 source=f"{task_name}.training_step",
                 backward=lambda loss: (loss + 0.0 * self.ddp_anchor).backward(),
             )
@@ -320,7 +320,8 @@ class _RestoreTaskOnException(Callback):
             pl_module.restore_task()
 
 
-def _loss_from(output: Any, task_name: str) -> torch.Tensor:
+def training_step_loss(output: Any, task_name: str) -> torch.Tensor:
+    """The loss a ``training_step`` returned (a scalar tensor, or a dict's ``"loss"``); else a :class:`FisherAnalysisError`."""
     loss = output.get("loss") if isinstance(output, Mapping) else output
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         raise FisherAnalysisError(
