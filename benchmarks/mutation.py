@@ -90,12 +90,25 @@ MODULES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         ("tests/test_reallocate.py", "tests/test_show.py"),
     ),
     "peft_factory": (
-        # the logic the peft_factory tests test directly; rollback, step_size, export, record and
-        # quantized are tested through AdaptiveLoRA / bitsandbytes (tests/test_adaptive_lora.py ...), not here
+        # the logic the peft_factory tests test directly; rollback, step_size, export and record are
+        # "peft_factory_fit" below, quantized is "quantized"
         tuple(f"lightning_fisher/peft_factory/{name}.py"
               for name in ("plan", "verify", "adapters", "flat", "injected", "locate", "adapter_root", "model_check")),
         ("tests/test_peft_factory.py", "tests/test_peft_factory_flat.py", "tests/test_peft_factory_locate.py",
          "tests/test_peft_factory_model_check.py"),
+    ),
+    "peft_factory_fit": (
+        # what AdaptiveLoRA calls during a fit, tested directly (tests/test_adaptive_lora.py reaches
+        # them through a Lightning fit per test, too slow to run per mutant)
+        tuple(f"lightning_fisher/peft_factory/{name}.py" for name in ("rollback", "step_size", "export", "record")),
+        ("tests/test_peft_factory_rollback.py", "tests/test_peft_factory_step_size.py",
+         "tests/test_peft_factory_export.py", "tests/test_peft_factory_record.py"),
+    ),
+    "quantized": (
+        # real bitsandbytes layers on CPU; test_quantized.py's other tests analyse and fit (minutes)
+        ("lightning_fisher/peft_factory/quantized.py",),
+        ("tests/test_peft_factory_quantized.py",
+         "tests/test_quantized.py::test_quantization_declared_sets_only_the_missing_flags_and_restores_them"),
     ),
     "per_sample_norms": (("lightning_fisher/analysis/per_sample_norms.py",), ("tests/test_per_sample_norms.py",)),
     "collector": (
