@@ -15,6 +15,15 @@ behaviour) are left out of the kill rate and listed apart. The kill rate is
 reaches ("no tests") counts against it. ``raise`` and ``warnings.warn`` statements are not
 mutated unless ``--mutate-messages`` (:data:`MESSAGE_PATTERNS`).
 
+mutmut leaves decorated functions alone (``@property``, ``@contextlib.contextmanager``, a
+function wrapped by ``@other_spellings``...): it cannot set up its switch under a decorator.
+So that their code is tested too, the scratch folder holds a copy of the package in which
+the files to mutate have such functions *undecorated*: the decorator lines are blanked and
+``name = decorator(name)`` is written on the blank line after the function, which is the same
+object at run time and keeps every line number. Functions it cannot rewrite that way
+(``@x.setter``, ``@overload``, ``@abstractmethod``, no blank line after) stay unmutated, and the
+report counts them.
+
     python benchmarks/mutation.py                       # every module in MODULES, in order
     python benchmarks/mutation.py --module allocation --module stability
     python benchmarks/mutation.py --module criteria --max-children 1
@@ -152,6 +161,57 @@ def read_equivalent(path: Path = EQUIVALENT_FILE) -> dict[str, str]:
     return equivalent
 
 
+#: Decorators that stay on their function: mutmut handles the first two itself; the rest need the
+#: decorated name while the class body runs, or have no body worth mutating.
+KEPT_DECORATORS = re.compile(r"^(staticmethod|classmethod|(typing\.)?overload|(abc\.)?abstractmethod|\w+\.(setter|getter|deleter))$")
+
+
+def undecorated(source: str) -> tuple[str, list[str]]:
+    """``source`` with its module- and class-level decorated functions undecorated, line numbers kept.
+
+    ``@a`` / ``@b(x)`` / ``def f`` becomes ``def f`` with the decorator lines blank and
+    ``f = a(b(x)(f))`` on the blank line after the body: the same object once the statement
+    has run, and a function mutmut mutates. Returns the new text and the ``name (reason)`` of
+    each decorated function left as it was.
+    """
+    import ast
+
+    lines = source.splitlines()
+    kept: list[str] = []
+    scopes = [ast.parse(source)]
+    functions = []
+    while scopes:
+        scope = scopes.pop()
+        for node in scope.body:
+            if isinstance(node, ast.ClassDef):
+                scopes.append(node)
+            elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.decorator_list:
+                functions.append(node)
+    for node in sorted(functions, key=lambda n: n.lineno, reverse=True):
+        decorators = [ast.unparse(d) for d in node.decorator_list]
+        if any(KEPT_DECORATORS.match(d) for d in decorators):
+            if not (len(decorators) == 1 and decorators[0] in ("staticmethod", "classmethod")):
+                kept.append(f"{node.name} (@{', @'.join(decorators)})")
+            continue
+        after = node.end_lineno  # 0-based index of the line after the function
+        if after < len(lines) and lines[after].strip():
+            kept.append(f"{node.name} (no blank line after it)")
+            continue
+        indent = lines[node.lineno - 1][: node.col_offset]
+        wrapped = node.name
+        for decorator in reversed(decorators):
+            wrapped = f"({decorator})({wrapped})"
+        statement = f"{indent}{node.name} = {wrapped}"
+        if after < len(lines):
+            lines[after] = statement
+        else:
+            lines.append(statement)
+        first = min(d.lineno for d in node.decorator_list)
+        for index in range(first - 1, node.lineno - 1):
+            lines[index] = ""
+    return "\n".join(lines) + ("\n" if source.endswith("\n") else ""), sorted(kept)
+
+
 def _mutmut_config(sources: tuple[str, ...], tests: tuple[str, ...], mutate_messages: bool) -> str:
     """The scratch folder's setup.cfg: the project's pytest settings and a [mutmut] section."""
     project = configparser.ConfigParser(interpolation=None)
@@ -191,9 +251,20 @@ def prepare(module: str, mutate_messages: bool = False) -> Path:
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
     for entry in _linked():  # tests read files at the repository root too (configs/ presets)
-        (folder / entry.name).symlink_to(entry, target_is_directory=entry.is_dir())
+        if entry.name == "lightning_fisher":  # a copy: the files to mutate are undecorated in it
+            shutil.copytree(entry, folder / entry.name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            (folder / entry.name).symlink_to(entry, target_is_directory=entry.is_dir())
+    for path in sorted({p for pattern in sources for p in folder.glob(pattern)}):
+        path.write_text(undecorated(path.read_text())[0])
     (folder / "setup.cfg").write_text(_mutmut_config(sources, tests, mutate_messages))
     return folder
+
+
+def unmutated(module: str) -> list[str]:
+    """``file: function (why)`` for each decorated function of ``module``'s sources left unmutated."""
+    return [f"{path.relative_to(ROOT)}: {name}" for pattern in MODULES[module][0] for path in sorted(ROOT.glob(pattern))
+            for name in undecorated(path.read_text())[1]]
 
 
 def _line_of(path: str, function: str, hunk_start: int, offset: int, removed: list[str]) -> int:
@@ -265,7 +336,7 @@ def run_module(module: str, max_children: int, mutate_messages: bool = False) ->
                          + (proc.stdout + proc.stderr)[-3000:])
     result = collect(folder, read_equivalent())
     result.update({
-        "sources": list(MODULES[module][0]), "messages_mutated": mutate_messages, "tests": list(MODULES[module][1]), "seconds": round(seconds),
+        "sources": list(MODULES[module][0]), "messages_mutated": mutate_messages, "unmutated": unmutated(module), "tests": list(MODULES[module][1]), "seconds": round(seconds),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     })
     return result
@@ -281,7 +352,8 @@ def markdown(results: dict[str, dict]) -> str:
         "Kill rate = killed / (killed + survived + no tests + timeout); equivalent mutants "
         "(`benchmarks/mutation_equivalent.txt`) are left out of it and listed below. `raise` and "
         "`warnings.warn` statements are not mutated (only their wording could change; "
-        "`--mutate-messages` mutates them too).",
+        "`--mutate-messages` mutates them too). Decorated functions are mutated undecorated (see the "
+        "script's docstring); those it cannot rewrite are listed at the end.",
         "",
         "| module | mutants | killed | survived | no tests | timeout | equivalent | kill rate | run time | run |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -304,6 +376,9 @@ def markdown(results: dict[str, dict]) -> str:
         for module, m in rows:
             why = f" ({m['status']})" if key == "survivors" else f": {m['reason']}"
             lines.append(f"- `{m['file']}:{m['line']}` `{m['from']}` -> `{m['to']}` [{m['name']}]{why}")
+    lines += ["", "## Decorated functions left unmutated", ""]
+    rows = [(module, name) for module in results for name in results[module].get("unmutated", [])]
+    lines += [f"- `{name}` ({module})" for module, name in rows] or ["None."]
     return "\n".join(lines) + "\n"
 
 

@@ -25,7 +25,8 @@ def injection_undone_on_error(root: nn.Module, adapter_name: str = "default") ->
 
     Put back: modules wrapped in a new adapter layer get their original module again; layers
     that held other adapters before lose only ``adapter_name``; every parameter gets its
-    ``requires_grad`` back; a ``peft_config`` attribute PEFT added to ``root`` is removed.
+    ``requires_grad`` back; a ``peft_config`` attribute PEFT added to ``root`` is removed, and
+    from one that was there before only the failed adapter's entry (when it is new).
 
     Args:
         root: the module adapters are injected into.
@@ -34,6 +35,7 @@ def injection_undone_on_error(root: nn.Module, adapter_name: str = "default") ->
     trainable = [(parameter, parameter.requires_grad) for parameter in root.parameters()]
     tuned_before = {name for name, module in root.named_modules() if isinstance(module, BaseTunerLayer)}
     had_config = hasattr(root, "peft_config")
+    had_entry = had_config and adapter_name in getattr(root, "peft_config", {})
     try:
         yield
     except BaseException:
@@ -42,6 +44,8 @@ def injection_undone_on_error(root: nn.Module, adapter_name: str = "default") ->
             parameter.requires_grad_(flag)
         if not had_config and "peft_config" in vars(root):
             del root.peft_config
+        elif had_config and not had_entry and isinstance(getattr(root, "peft_config", None), dict):
+            root.peft_config.pop(adapter_name, None)
         raise
 
 
