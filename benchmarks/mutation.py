@@ -21,8 +21,8 @@ So that their code is tested too, the scratch folder holds a copy of the package
 the files to mutate have such functions *undecorated*: the decorator lines are blanked and
 ``name = decorator(name)`` is written on the blank line after the function, which is the same
 object at run time and keeps every line number. Functions it cannot rewrite that way
-(``@x.setter``, ``@overload``, ``@abstractmethod``, no blank line after) stay unmutated, and the
-report counts them.
+(``@x.setter``, ``@overload``, ``@abstractmethod``, a cache, no blank line after) stay unmutated,
+and the report lists them.
 
     python benchmarks/mutation.py                       # every module in MODULES, in order
     python benchmarks/mutation.py --module allocation --module stability
@@ -119,6 +119,10 @@ MODULES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         ("tests/test_peft_factory_quantized.py",
          "tests/test_quantized.py::test_quantization_declared_sets_only_the_missing_flags_and_restores_them"),
     ),
+    "settings": (
+        ("lightning_fisher/allocation/settings.py", "lightning_fisher/analysis/options.py"),
+        ("tests/test_allocation_settings.py", "tests/test_option_spellings.py", "tests/test_analysis_options.py"),
+    ),
     "per_sample_norms": (("lightning_fisher/analysis/per_sample_norms.py",), ("tests/test_per_sample_norms.py",)),
     "collector": (
         ("lightning_fisher/analysis/collector.py",),
@@ -161,9 +165,13 @@ def read_equivalent(path: Path = EQUIVALENT_FILE) -> dict[str, str]:
     return equivalent
 
 
-#: Decorators that stay on their function: mutmut handles the first two itself; the rest need the
-#: decorated name while the class body runs, or have no body worth mutating.
-KEPT_DECORATORS = re.compile(r"^(staticmethod|classmethod|(typing\.)?overload|(abc\.)?abstractmethod|\w+\.(setter|getter|deleter))$")
+#: Decorators that stay on their function: mutmut handles the first two itself; a setter needs the
+#: property by name while the class body runs; overloads and abstract methods have no body worth
+#: mutating; a cache would answer from the value the unmutated function left in the forked process.
+KEPT_DECORATORS = re.compile(
+    r"^(staticmethod|classmethod|(typing\.)?overload|(abc\.)?abstractmethod|\w+\.(setter|getter|deleter)"
+    r"|(functools\.)?(lru_cache|cache|cached_property)(\(.*\))?)$"
+)
 
 
 def undecorated(source: str) -> tuple[str, list[str]]:

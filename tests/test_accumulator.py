@@ -147,3 +147,15 @@ def test_a_float32_state_and_an_integer_mask_are_converted():
     acc.update(torch.tensor([[1e8, 0.0, 1.0, 0.0]]), finite=torch.tensor([1, 1, 1, 1]))
     assert acc.half_scores()[0, 0].item() == (1e8 + 1.0) / 2  # still summed in float64
     assert acc.state_tensor().dtype == torch.float64
+
+
+def test_the_sample_counts_are_float64_whatever_the_default_dtype():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float16)  # counts made with the default dtype would stop at 2048
+    try:
+        acc = FisherAccumulator(["a"])
+    finally:
+        torch.set_default_dtype(previous)
+    acc.update(torch.ones(1, 5002, dtype=torch.float64))
+    assert acc.half_counts().tolist() == [2501.0, 2501.0] and acc.num_samples == 5002
+    assert acc.half_counts().dtype == torch.float64

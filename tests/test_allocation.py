@@ -261,3 +261,8 @@ def test_rounding_goes_on_past_a_group_that_cannot_move():
 def test_rounding_never_lifts_a_module_past_its_ceiling():
     # a sits at its ceiling 4 (no fraction left); the spare unit after b's step must not go to a
     assert _round_within_budget({"a": 4.0, "b": 2.5}, {"a": 1, "b": 1}, 8, {"a": 4, "b": 8}) == {"a": 4, "b": 3}
+
+
+def test_allocate_ranks_names_itself_when_settings_is_not_a_settings_object():
+    with pytest.raises(TypeError, match=r"^allocate_ranks: expected an AllocationSettings, got dict$"):
+        allocate_ranks({"a": 1.0}, rank_costs={"a": 10}, settings={"rank": 8})

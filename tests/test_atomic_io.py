@@ -185,3 +185,59 @@ def test_a_folder_without_write_and_search_permission_is_refused(tmp_path, monke
     assert unwritable_reason(tmp_path / "map.json") == f"{tmp_path} is not a writable folder"
     monkeypatch.setattr(os, "access", lambda path, mode: True)
     assert unwritable_reason(tmp_path / "map.json") is None
+
+
+# --- found when the mutation tool learned to mutate decorated functions (atomic_writer) ---------
+
+
+def test_the_streaming_writer_needs_make_parents_for_a_missing_folder(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        with atomic_writer(tmp_path / "missing" / "model.pt") as handle:
+            handle.write(b"x")
+    assert not (tmp_path / "missing").exists()
+
+
+def test_make_parents_with_the_folder_already_there(tmp_path: Path) -> None:
+    (tmp_path / "there").mkdir()
+    with atomic_writer(tmp_path / "there" / "model.pt", make_parents=True) as handle:
+        handle.write(b"x")
+    assert (tmp_path / "there" / "model.pt").read_bytes() == b"x"
+
+
+def test_the_temporary_is_a_hidden_sibling_with_a_random_12_digit_name(tmp_path: Path) -> None:
+    with atomic_writer(tmp_path / "model.pt") as handle:
+        (temporary,) = tmp_path.iterdir()
+        handle.write(b"x")
+    stem, random, suffix = temporary.name.rsplit(".", 2)
+    assert (stem, suffix, len(random)) == (".model.pt", "tmp", 12) and int(random, 16) >= 0
+
+
+def test_an_existing_temporary_is_never_overwritten(tmp_path: Path, monkeypatch) -> None:
+    class FixedUUID:
+        hex = "0123456789ab" + "c" * 20
+
+    monkeypatch.setattr(atomic_io.uuid, "uuid4", lambda: FixedUUID())
+    clash = tmp_path / ".model.pt.0123456789ab.tmp"
+    clash.write_bytes(b"someone else's")
+    with pytest.raises(FileExistsError):  # O_EXCL: the name is taken, nothing is written into it
+        with atomic_writer(tmp_path / "model.pt") as handle:
+            handle.write(b"x")
+    assert clash.read_bytes() == b"someone else's" and not (tmp_path / "model.pt").exists()
+
+
+def test_the_binary_flag_is_asked_where_the_platform_has_one(tmp_path: Path, monkeypatch) -> None:
+    flags = []
+    real_open = os.open
+    monkeypatch.setattr(atomic_io.os, "O_BINARY", 0o100000, raising=False)  # Windows' flag; O_LARGEFILE here
+    monkeypatch.setattr(atomic_io.os, "open", lambda path, flag, mode=0o777: flags.append(flag) or real_open(path, flag, mode))
+    write_bytes_atomic(tmp_path / "model.pt", b"x")
+    assert flags and flags[0] == os.O_WRONLY | os.O_CREAT | os.O_EXCL | 0o100000
+
+
+def test_a_temporary_already_gone_does_not_hide_the_blocks_error(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match="the block's own error"):
+        with atomic_writer(tmp_path / "model.pt"):
+            for temporary in tmp_path.iterdir():
+                temporary.unlink()
+            raise RuntimeError("the block's own error")
+    assert list(tmp_path.iterdir()) == []

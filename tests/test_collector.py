@@ -554,6 +554,7 @@ def test_as_dict_gives_each_modules_row() -> None:
     assert list(rows) == list(collector.names)
     for m, name in enumerate(collector.names):
         assert torch.equal(rows[name], record.values[m])
+    assert record.batch_size == 2 == record.values.shape[1] == record.finite.shape[0]  # two samples
 
 
 class PaddedEmbedding(nn.Module):

@@ -434,3 +434,25 @@ def test_recorded_rank_reads_only_an_integer_from_a_mapping():
     assert _recorded_rank({"rank_pattern": [r"^a\.b"]}, "a.b") is None  # not a mapping
     assert _recorded_rank({}, "a.b") is None
     assert _recorded_rank({"rank_pattern": {"^a": 2}}, "a.b") is None
+
+
+def test_a_map_is_read_as_utf8_whatever_the_locale(fisher_map, tmp_path):
+    """A non-ASCII path in a map (saved as UTF-8) reads back under an ASCII locale, as under Windows' cp1252."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import lightning_fisher
+
+    path = fisher_map.save(tmp_path / "fisher_map.json")
+    document = json.loads(path.read_text(encoding="utf-8"))
+    document["dataset"]["path"] = "/data/Übungen"
+    path.write_text(json.dumps(document, ensure_ascii=False), encoding="utf-8")
+    assert FisherMap.load(path).dataset.path == "/data/Übungen"  # here (a UTF-8 locale) ...
+    package_root = str(Path(lightning_fisher.__file__).resolve().parents[1])  # the package this test imported
+    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0", "PYTHONPATH": package_root}
+    code = ("import locale, sys; from lightning_fisher import FisherMap; "
+            "print(locale.getpreferredencoding(False), FisherMap.load(sys.argv[1]).dataset.path.encode('unicode_escape'))")
+    result = subprocess.run([sys.executable, "-c", code, str(path)], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["ANSI_X3.4-1968", r"b'/data/\\xdcbungen'"]  # ... and under ASCII

@@ -23,6 +23,10 @@ SOURCE = textwrap.dedent('''\
         return wrapper
 
 
+    def scaled(factor):
+        return lambda function: functools.wraps(function)(lambda *args: factor * function(*args))
+
+
     @contextlib.contextmanager
     def opened(log):
         log.append("enter")
@@ -31,11 +35,16 @@ SOURCE = textwrap.dedent('''\
 
 
     @twice
-    @functools.lru_cache(
-        maxsize=None,
+    @scaled(
+        3,
     )
     def square(x):
         return x * x
+
+
+    @functools.lru_cache(maxsize=None)
+    def cube(x):
+        return x ** 3
 
 
     class Shape(abc.ABC):
@@ -78,21 +87,23 @@ def run(source):
 
     box = Box()
     box.size = 5
-    return value, log, namespace["square"](4), box.size, box.doubled(), box.packed(), Box.unit()
+    return value, log, namespace["square"](4), namespace["cube"](2), box.size, box.doubled(), box.packed(), Box.unit()
 
 
 def test_the_rewrite_gives_the_same_objects_and_keeps_every_line():
     new, kept = undecorated(SOURCE)
-    assert run(new) == run(SOURCE) == (3, ["enter", "exit"], 32, 5, 10, 0, 1)
+    assert run(new) == run(SOURCE) == (3, ["enter", "exit"], 96, 8, 5, 10, 0, 1)
     old_lines, new_lines = SOURCE.splitlines(), new.splitlines()
     assert len(new_lines) == len(old_lines) + 1  # the last function's statement is appended
     assert "def opened(log):" in new_lines[old_lines.index("def opened(log):")]
     assert "opened = (contextlib.contextmanager)(opened)" in new_lines
-    assert "square = (twice)((functools.lru_cache(maxsize=None))(square))" in new_lines
+    assert "square = (twice)((scaled(3))(square))" in new_lines
     assert "    size = (property)(size)" in new_lines and new_lines[-1] == "    packed = (twice)(packed)"
-    assert not any(line.lstrip().startswith(("@contextlib", "@functools.lru_cache", "@property")) for line in new_lines)
-    # kept decorated: a setter (it needs the property by name), an abstract method, one with no blank line after it
-    assert kept == ["area (@abc.abstractmethod)", "doubled (no blank line after it)", "size (@size.setter)"]
+    assert not any(line.lstrip().startswith(("@contextlib", "@scaled", "@property")) for line in new_lines)
+    # kept decorated: a setter (it needs the property by name), an abstract method, a cache (a forked mutant would
+    # read the unmutated value cached before the fork), one with no blank line after it
+    assert kept == ["area (@abc.abstractmethod)", "cube (@functools.lru_cache(maxsize=None))",
+                    "doubled (no blank line after it)", "size (@size.setter)"]
     assert "    @staticmethod" in new_lines and "    @size.setter" in new_lines
 
 

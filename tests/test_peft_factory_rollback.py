@@ -145,3 +145,33 @@ def test_nothing_changes_when_the_block_fails_before_injecting():
             1 / 0
     assert children_by_identity(model) == before_modules and flags(model) == before_flags
     assert model.peft_config == {"kept": "yes"}
+
+
+def test_an_entry_the_config_held_before_is_kept():
+    model = net()
+    model.peft_config = {"default": "kept", "other": "kept too"}
+    with pytest.raises(ZeroDivisionError):
+        with injection_undone_on_error(model):  # the default adapter name, already in the config
+            1 / 0
+    assert model.peft_config == {"default": "kept", "other": "kept too"}
+
+
+def test_the_default_adapter_is_the_one_removed_from_layers_tuned_before():
+    model = net()
+    peft.inject_adapter_in_model(peft.LoraConfig(r=2, target_modules=["first"]), model, adapter_name="other")
+    with pytest.raises(RuntimeError):
+        with injection_undone_on_error(model):
+            peft.inject_adapter_in_model(peft.LoraConfig(r=3, target_modules=["first", "last"]), model)
+            assert set(model.first.r) == {"other", "default"}
+            raise RuntimeError("verification failed")
+    assert model.first.r == {"other": 2} and type(model.last) is nn.Linear
+    assert set(model.peft_config) == {"other"}
+
+
+def test_a_config_that_is_not_a_dict_is_left_alone_and_the_error_shown():
+    model = net()
+    model.peft_config = "not a mapping"
+    with pytest.raises(ZeroDivisionError):
+        with injection_undone_on_error(model):
+            1 / 0
+    assert model.peft_config == "not a mapping"

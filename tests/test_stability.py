@@ -126,3 +126,13 @@ def test_a_stopping_rule_accepts_the_ends_of_each_range(change):
 def test_a_correlation_exactly_at_the_threshold_counts_as_stable():
     tracker = StabilityTracker(StabilityRule(patience=2, threshold=0.9, min_batches=0, max_batches=None))
     assert [tracker.update(0.9), tracker.update(0.9)] == [None, StopReason.CONVERGED]
+
+
+def test_last_correlation_is_the_latest_value_and_none_before_any():
+    tracker = StabilityTracker(StabilityRule(patience=3, threshold=0.9, min_batches=0, max_batches=None))
+    assert tracker.last_correlation is None
+    tracker.update(0.4)
+    tracker.update(0.7)
+    assert tracker.last_correlation == 0.7
+    tracker.update(None)
+    assert tracker.last_correlation is None and tracker.history == [0.4, 0.7, None]

@@ -295,7 +295,7 @@ def resolve_settings(cls: type[_S], given: Optional[_S], options: Mapping[str, A
     if given is None:
         return cls(**options)
     if not isinstance(given, cls):
-        raise TypeError(f"{owner}: expected a {cls.__name__}, got {type(given).__name__}")
+        raise TypeError(f"{owner}: expected {a_or_an(cls.__name__)}, got {type(given).__name__}")
     defaults = {f.name: f.default for f in dataclasses.fields(cls)}
     changed = sorted(name for name, value in options.items() if value != defaults[name])
     if changed:

@@ -35,7 +35,7 @@ def injection_undone_on_error(root: nn.Module, adapter_name: str = "default") ->
     trainable = [(parameter, parameter.requires_grad) for parameter in root.parameters()]
     tuned_before = {name for name, module in root.named_modules() if isinstance(module, BaseTunerLayer)}
     had_config = hasattr(root, "peft_config")
-    had_entry = had_config and adapter_name in getattr(root, "peft_config", {})
+    had_entry = had_config and adapter_name in root.peft_config
     try:
         yield
     except BaseException:
