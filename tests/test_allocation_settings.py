@@ -18,7 +18,9 @@ from lightning_fisher import (
     allocate_ranks,
     analyze,
 )
-from lightning_fisher.allocation.settings import resolve_settings
+from lightning_fisher.allocation.criteria.spectrum import SpectrumCriterion
+from lightning_fisher.allocation.criteria.trace import TraceCriterion
+from lightning_fisher.allocation.settings import allocation_from_options, field_help, resolve_settings
 from lightning_fisher.cli import main
 from lightning_fisher.cli.wizard_answers import load_preset
 from lightning_fisher.errors import SettingsError
@@ -193,3 +195,53 @@ def test_an_object_and_any_explicit_option_are_refused_whatever_the_value():
     assert FisherStability(rule=rule).rule is rule
     assert allocate_ranks(scores, rank_costs={n: 10 for n in names}, settings=settings) == allocate_ranks(
         scores, rank=8, rank_min=2, rank_max=32, mode="budget", rank_costs={n: 10 for n in names})
+
+
+# --- what mutation testing (benchmarks/mutation.py) found untested ---
+
+
+def test_allocation_from_options_passes_every_option_and_the_owner_on():
+    settings = allocation_from_options(None, "caller", 8, 2, 32, "budget", 1.0, 0.1, "spectrum")
+    assert settings == AllocationSettings(rank=8, rank_min=2, rank_max=32, mode="budget", score_power=1.0,
+                                          exclude_threshold=0.1, criterion="spectrum")
+    given = AllocationSettings()
+    assert allocation_from_options(given, "caller", 64, 16, 128, "median", 0.5, 0.05) is given
+    with pytest.raises(TypeError, match=r"^caller: give either an AllocationSettings or the individual options "
+                                        r"\(rank_max\), not both; e.g. dataclasses.replace\(settings, rank_max=...\)$"):
+        allocation_from_options(given, "caller", 64, 16, 100, "median", 0.5, 0.05)
+
+
+def test_the_rank_bounds_are_inclusive():
+    assert AllocationSettings(rank=4, rank_min=4, rank_max=4).as_dict()["rank"] == 4
+    assert AllocationSettings(rank=2, rank_min=2, rank_max=8).rank == 2
+    assert AllocationSettings(rank=8, rank_min=2, rank_max=8).rank == 8
+    assert AllocationSettings(exclude_threshold=0).exclude_threshold == 0
+
+
+@pytest.mark.parametrize("value", [2.5, True])
+def test_a_rank_that_is_no_integer_is_refused_even_within_the_bounds(value):
+    with pytest.raises(SettingsError, match=rf"^rank: must be a positive integer, got {value!r}$") as caught:
+        AllocationSettings(rank=value, rank_min=1, rank_max=4)
+    assert caught.value.field == "rank"
+
+
+@pytest.mark.parametrize("power", [0, -0.5])
+def test_a_score_power_of_zero_or_less_is_refused(power):
+    with pytest.raises(SettingsError, match=rf"^score_power: must be a positive number, got {power!r}$") as caught:
+        AllocationSettings(score_power=power)
+    assert caught.value.field == "score_power"
+
+
+def test_describe_names_a_criterion_other_than_the_default_and_from_flags_keeps_the_base():
+    settings = AllocationSettings(rank=8, rank_min=2, rank_max=32, mode="budget", criterion="spectrum")
+    assert settings.describe() == "rank 8, min 2, max 32, mode budget, criterion spectrum"
+    assert dataclasses.replace(settings, criterion="trace").describe() == "rank 8, min 2, max 32, mode budget"
+    base = AllocationSettings(rank=8, rank_min=2, rank_max=32, score_power=1.0)
+    assert AllocationSettings.from_flags({"rank_mode": "budget", "unknown": 1}, base=base) == dataclasses.replace(
+        base, mode="budget")
+
+
+def test_field_help_gives_a_fields_text_and_reads_the_criteria_help_from_the_registry():
+    fields = {f.name: f for f in AllocationSettings.fields()}
+    assert field_help(fields["rank"]) == "Target median rank (flat-equivalent rank with --rank_mode budget)."
+    assert field_help(fields["criterion"]) == f"trace: {TraceCriterion.help}; spectrum: {SpectrumCriterion.help}."

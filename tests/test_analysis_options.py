@@ -2,6 +2,7 @@
 
 import dataclasses
 import inspect
+import math
 import warnings
 
 import pytest
@@ -111,3 +112,29 @@ def test_an_option_field_is_found_by_name_with_its_flag_and_help():
     assert AnalysisOptions.field("module_types").metadata["flag"] is None  # no command-line flag
     with pytest.raises(KeyError):
         AnalysisOptions.field("rank")
+
+
+# --- what mutation testing (benchmarks/mutation.py) found untested ---
+
+
+def test_one_module_class_is_a_tuple_of_one():
+    assert AnalysisOptions(module_types=nn.Linear).module_types == (nn.Linear,)
+    assert AnalysisOptions(module_types=[nn.Linear, nn.Conv2d]).module_types == (nn.Linear, nn.Conv2d)
+
+
+@pytest.mark.parametrize("alpha", [True, "2", 0, -1.0, math.nan, math.inf])
+def test_lora_alpha_must_be_a_positive_finite_number(alpha):
+    with pytest.raises(SettingsError, match=rf"^lora_alpha: must be a positive number or None, got {alpha!r}$") as caught:
+        AnalysisOptions(lora_alpha=alpha)
+    assert caught.value.field == "lora_alpha"
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1, 16, 32.0, None])
+def test_any_positive_lora_alpha_is_kept(alpha):
+    assert AnalysisOptions(lora_alpha=alpha).lora_alpha == alpha
+
+
+def test_the_options_fields_in_order():
+    assert [f.name for f in AnalysisOptions.fields()] == [
+        "include", "exclude", "module_types", "timestep_focus", "loss_reduction", "train_mode", "seed", "lora_alpha",
+        "use_rslora"]

@@ -1,5 +1,8 @@
 """One name per option: the command line's names work in every Python call; the older spellings still do."""
 
+import inspect
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -13,6 +16,7 @@ from lightning_fisher import (
     allocate_ranks,
     analyze,
 )
+from lightning_fisher.allocation.settings import other_spellings, settings_or_options
 
 SCORES = {"a": 1.0, "b": 16.0, "c": 4.0}
 COSTS = {"a": 10, "b": 10, "c": 10}
@@ -131,3 +135,60 @@ def test_either_spelling_left_at_its_default_gives_way_only_for_the_signature_sp
     # spellings not in a signature (Python only) stay strict, default or not
     with pytest.raises(TypeError, match="are one option"):
         AllocationSettings(rank_mode="median", mode=AllocationSettings.mode)
+
+
+# --- what mutation testing (benchmarks/mutation.py) found untested ---
+# The package applies these decorators when it is imported, before mutation testing switches a
+# mutant on, so only a decorator applied here, inside the test, to a class of its own, shows one.
+
+
+def _whole(message: str) -> str:
+    return "^" + re.escape(message) + "$"
+
+
+def test_a_spelling_in_the_signature_is_keyword_only_with_the_parameters_type_and_default():
+    class Owner:
+        @other_spellings(in_signature=True, new="old")
+        def __init__(self, old: int = 5, other: str = "x"):
+            self.old, self.other = old, other
+
+    parameters = inspect.signature(Owner.__init__).parameters
+    assert list(parameters) == ["self", "old", "other", "new"]
+    new = parameters["new"]
+    assert (new.kind, new.default, new.annotation) == (inspect.Parameter.KEYWORD_ONLY, 5, int)
+    assert parameters["old"].kind == inspect.Parameter.POSITIONAL_OR_KEYWORD
+    assert (Owner(new=7).old, Owner(new=7, old=5).old, Owner(new=5, old=7).old, Owner(new=7, old=7).old) == (7, 7, 7, 7)
+    # "Owner" as the message names it: the class, without ".__init__"
+    with pytest.raises(TypeError, match=_whole(f"{Owner.__qualname__}: new and old are one option; give it once")):
+        Owner(new=7, old=8)
+
+
+def test_a_spelling_outside_the_signature_is_accepted_and_strict():
+    class Owner:
+        @other_spellings(new="old")
+        def __init__(self, old: int = 5, other: str = "x"):
+            self.old, self.other = old, other
+
+    assert list(inspect.signature(Owner.__init__).parameters) == ["self", "old", "other"]
+    assert (Owner(new=7).old, Owner(new=7).other, Owner(3).old) == (7, "x", 3)
+    # both spellings refused even when one is at the default
+    with pytest.raises(TypeError, match=_whole(f"{Owner.__qualname__}: new and old are one option; give it once")):
+        Owner(new=5, old=5)
+
+
+def test_settings_or_options_names_the_class_that_refuses_both():
+    class Owner:
+        @settings_or_options("settings", AllocationSettings, ("rank",))
+        def __init__(self, rank: int = 64, settings=None):
+            self.rank, self.settings = rank, settings
+
+    assert list(inspect.signature(Owner.__init__).parameters) == ["self", "rank", "settings"]
+    settings = AllocationSettings(rank=32)
+    assert (Owner(settings=settings).settings, Owner(rank=8).rank) == (settings, 8)
+    message = (f"{Owner.__qualname__}: give either an AllocationSettings (settings=) or the individual options (rank), "
+               "not both; e.g. settings=dataclasses.replace(settings, ...). In a YAML config (LightningCLI passes "
+               "every option) give the options one by one, not settings:")
+    with pytest.raises(TypeError, match=_whole(message)):
+        Owner(8, settings=settings)  # positional too
+    with pytest.raises(TypeError, match=_whole(message)):
+        Owner(rank=64, settings=settings)
