@@ -8,9 +8,11 @@ from torch import nn
 
 from lightning_fisher import UniformTimestepSampler
 from lightning_fisher.analysis.scheduler_steps import (
+    draw_flow_matching,
     draw_scheduler_steps,
     focus_step_range,
     num_train_timesteps,
+    to_flow_matching,
     to_scheduler_steps,
 )
 from lightning_fisher.analysis.timesteps import timestep_focus_applied
@@ -95,3 +97,93 @@ def test_texture_steps_are_the_low_noise_end_of_a_ddpm_schedule():
             steps = draw_scheduler_steps(model, scheduler, 4096)
         spread[focus] = scheduler.add_noise(x, noise, steps).std()  # the noise's share of the sample
     assert spread["texture"] < 0.75 < 0.95 < spread["structure"]
+
+
+# ----------------------------------------------------------------------- flow-matching schedulers
+
+
+def flow_scheduler(shift=3.0):
+    diffusers = pytest.importorskip("diffusers")
+    return diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+
+
+def test_each_time_reads_the_training_table_from_its_clean_end():
+    scheduler = flow_scheduler()
+    # diffusers' flow-matching training draws u uniform and reads index floor(u * T) of the table, which
+    # runs from the most noise down; the time (T - 1 - k + 0.5) / T reads the same entry k.
+    k = torch.arange(1000)
+    timesteps, sigmas = to_flow_matching((999 - k + 0.5) / 1000, scheduler)
+    assert torch.equal(timesteps, scheduler.timesteps) and torch.equal(sigmas, scheduler.sigmas[:1000])
+    ends_t, ends_sigma = to_flow_matching(torch.tensor([0.0, 1.0]), scheduler)
+    assert ends_sigma.tolist() == [scheduler.sigmas[999].item(), 1.0] and ends_t[1].item() == 1000.0
+
+
+def test_the_sigmas_are_the_ones_the_scheduler_mixes_with():
+    scheduler = flow_scheduler()
+    t = torch.rand(64, generator=torch.Generator().manual_seed(0))
+    timesteps, sigmas = to_flow_matching(t, scheduler)
+    mixed = scheduler.scale_noise(torch.zeros(64, 1), timesteps, torch.ones(64, 1))  # = sigma where x = 0, noise = 1
+    assert torch.allclose(mixed.reshape(-1), sigmas)
+    order = torch.argsort(t)
+    assert bool((sigmas[order].diff() >= 0).all())  # more time, more noise
+
+
+@pytest.mark.parametrize("focus, lo, hi", [("texture", 600, 999), ("structure", 0, 399)])
+def test_a_focused_sampler_draws_the_flow_tables_focus_range(focus, lo, hi):
+    scheduler = flow_scheduler()
+    model = nn.Linear(2, 2)
+    model.timestep_sampler = UniformTimestepSampler()
+    torch.manual_seed(0)
+    with timestep_focus_applied(model, focus):
+        timesteps, sigmas = draw_flow_matching(model, scheduler, 20_000, "cpu")
+    table = scheduler.sigmas
+    assert sigmas.min() >= table[hi] and sigmas.max() <= table[lo]  # the table's entries lo..hi, no others
+    assert sigmas.min() <= table[hi - 5] and sigmas.max() >= table[lo + 5]  # the whole range
+    assert timesteps.shape == (20_000,) and sigmas.device.type == "cpu"
+    # texture: the least noise (below 0.67 with shift 3); structure: the most
+    assert (sigmas.max() < 0.67) if focus == "texture" else (sigmas.min() > 0.81)
+
+
+def test_without_a_sampler_the_whole_flow_table_can_be_drawn():
+    torch.manual_seed(0)
+    scheduler = flow_scheduler()
+    _, sigmas = draw_flow_matching(nn.Linear(2, 2), scheduler, 20_000)
+    assert sigmas.max() == 1.0 and sigmas.min() <= scheduler.sigmas[990]
+
+
+def test_an_inference_table_or_a_ddpm_scheduler_is_refused():
+    scheduler = flow_scheduler()
+    scheduler.set_timesteps(28)
+    with pytest.raises(ValueError, match=r"has 28 timesteps, not num_train_timesteps = 1000: set_timesteps\(\)"):
+        to_flow_matching(torch.tensor([0.5]), scheduler)
+    diffusers = pytest.importorskip("diffusers")
+    with pytest.raises(TypeError, match="DDPMScheduler has no timesteps and sigmas tables; .* use to_scheduler_steps"):
+        to_flow_matching(torch.tensor([0.5]), diffusers.DDPMScheduler(num_train_timesteps=1000))
+    rising = types.SimpleNamespace(num_train_timesteps=3, timesteps=torch.tensor([1.0, 2.0, 3.0]),
+                                   sigmas=torch.tensor([0.1, 0.5, 1.0]))
+    with pytest.raises(ValueError, match="must run from the most noise down"):
+        to_flow_matching(torch.tensor([0.5]), rising)
+
+
+def test_an_analysis_focus_reaches_a_flow_matching_loss():
+    from lightning_fisher import analyze
+
+    scheduler = flow_scheduler()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2))
+    drawn = []
+
+    def loss_fn(m, x):  # a flow-matching loss: velocity of the straight path from x to noise
+        noise = torch.randn_like(x[:, :2])
+        timesteps, sigmas = draw_flow_matching(m, scheduler, len(x))
+        drawn.append(sigmas)
+        noisy = (1 - sigmas[:, None]) * x[:, :2] + sigmas[:, None] * noise
+        velocity = m(torch.cat([noisy, timesteps[:, None] / 1000], dim=1))
+        return torch.nn.functional.mse_loss(velocity, noise - x[:, :2])
+
+    batches = [torch.randn(16, 3) for _ in range(6)]
+    fisher_map = analyze(model, batches, loss_fn, timestep_sampler=UniformTimestepSampler(), timestep_focus="texture",
+                         rank=2, rank_min=1, rank_max=4, max_batches=6, min_batches=6)
+    sigmas = torch.cat(drawn)
+    assert fisher_map.analysis.timestep_focus.focus.describe().startswith("texture")
+    assert len(sigmas) >= 96 and sigmas.max() < 0.67  # the least-noise 40 % of the table, and only those

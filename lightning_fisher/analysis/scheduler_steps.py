@@ -15,6 +15,14 @@ gives the steps ``floor(lo * T)`` to ``ceil(hi * T) - 1`` (:func:`focus_step_ran
 ``T = 1000``, ``texture`` is steps 0-399 and ``structure`` 600-999. The rule is linear in steps,
 not in noise level (a DDPM schedule's noise grows unevenly with the step).
 
+A flow-matching scheduler (diffusers' ``FlowMatchEulerDiscreteScheduler``, for SD3 / Flux-style
+models) keeps a table of ``num_train_timesteps`` timesteps and their noise levels ``sigma``
+(``x_sigma = (1 - sigma) x + sigma noise``), running from the most noise down, and its training
+draws a uniform index into that table. :func:`to_flow_matching` reads the same table with the
+same rule, counted from the clean end: ``index = T - 1 - step``, so ``t`` uniform is the
+scheduler's own uniform training draw, its ``shift`` included, and ``texture`` is the 40 % of
+the table with the least noise.
+
 A loss function draws its steps with :func:`draw_scheduler_steps`, which reads the model's
 ``timestep_sampler`` (the one :func:`~lightning_fisher.analyze` installs and focuses for the
 run) and falls back to uniform ``t`` when the model has none (a training loop outside the
@@ -31,7 +39,10 @@ import torch
 
 from lightning_fisher.analysis.timesteps import TIMESTEP_SAMPLER_ATTRIBUTE, TimestepFocus, UniformTimestepSampler
 
-__all__ = ["draw_scheduler_steps", "focus_step_range", "num_train_timesteps", "to_scheduler_steps"]
+__all__ = [
+    "draw_flow_matching", "draw_scheduler_steps", "focus_step_range", "num_train_timesteps", "to_flow_matching",
+    "to_scheduler_steps",
+]
 
 SchedulerLike = Union[int, Any]
 
@@ -136,3 +147,58 @@ def draw_scheduler_steps(
     """
     sampler = getattr(model, TIMESTEP_SAMPLER_ATTRIBUTE, None) or UniformTimestepSampler()
     return to_scheduler_steps(sampler(batch_size, device), scheduler)
+
+
+def to_flow_matching(t: torch.Tensor, scheduler: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """A flow-matching scheduler's ``(timesteps, sigmas)`` for diffusion time ``t`` in ``[0, 1]``.
+
+    ``timesteps`` is what the model is given, ``sigmas`` the noise level to mix with:
+    ``noisy = (1 - sigma) * x + sigma * noise``. Both come from the scheduler's training table
+    (the rule in the module docstring), so ``sigma`` grows with ``t`` and ``t`` uniform gives the
+    scheduler's uniform training draw.
+
+    Args:
+        t: float tensor of times in ``[0, 1]``, ``0`` clean, ``1`` pure noise.
+        scheduler: a flow-matching scheduler as built for training: ``timesteps`` and ``sigmas``
+            of ``num_train_timesteps`` entries each, from the most noise down.
+
+    Returns:
+        Two tensors of the shape of ``t``, on the scheduler's tables' device.
+
+    Raises:
+        TypeError: ``scheduler`` has no ``timesteps`` / ``sigmas`` tables.
+        ValueError: the tables are not the training ones (``set_timesteps`` for inference changed
+            them) or do not run from the most noise down; ``t`` as in :func:`to_scheduler_steps`.
+    """
+    steps = num_train_timesteps(scheduler)
+    timesteps, sigmas = getattr(scheduler, "timesteps", None), getattr(scheduler, "sigmas", None)
+    if not isinstance(timesteps, torch.Tensor) or not isinstance(sigmas, torch.Tensor):
+        raise TypeError(
+            f"scheduler: {type(scheduler).__name__} has no timesteps and sigmas tables; pass a flow-matching scheduler "
+            "(diffusers' FlowMatchEulerDiscreteScheduler), or use to_scheduler_steps for a DDPM-style one"
+        )
+    if len(timesteps) != steps or len(sigmas) < steps:
+        raise ValueError(
+            f"scheduler: its table has {len(timesteps)} timesteps, not num_train_timesteps = {steps}: set_timesteps() "
+            "set it up for inference; give a copy of the scheduler as built for training"
+        )
+    if steps > 1 and not bool(sigmas[0] > sigmas[steps - 1]):
+        raise ValueError("scheduler: its sigmas must run from the most noise down, as a flow-matching training table does")
+    index = (steps - 1 - to_scheduler_steps(t, steps)).to(timesteps.device)
+    return timesteps[index], sigmas[index].to(timesteps.device)
+
+
+def draw_flow_matching(
+    model: torch.nn.Module, scheduler: Any, batch_size: int, device: Union[torch.device, str, None] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`to_flow_matching` of one batch's times from ``model.timestep_sampler`` (uniform without one).
+
+    The flow-matching counterpart of :func:`draw_scheduler_steps`: the focus of an analysis
+    reaches the scheduler, and outside it the draw is the scheduler's own uniform one.
+
+    Returns:
+        ``(timesteps, sigmas)``, each ``[batch_size]``, on ``device`` (default: the tables' device).
+    """
+    sampler = getattr(model, TIMESTEP_SAMPLER_ATTRIBUTE, None) or UniformTimestepSampler()
+    timesteps, sigmas = to_flow_matching(sampler(batch_size, None), scheduler)
+    return (timesteps, sigmas) if device is None else (timesteps.to(device), sigmas.to(device))
