@@ -123,6 +123,10 @@ MODULES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         ("lightning_fisher/allocation/settings.py", "lightning_fisher/analysis/options.py"),
         ("tests/test_allocation_settings.py", "tests/test_option_spellings.py", "tests/test_analysis_options.py"),
     ),
+    "timesteps": (
+        ("lightning_fisher/analysis/timesteps.py", "lightning_fisher/analysis/scheduler_steps.py"),
+        ("tests/test_timestep_focus.py", "tests/test_scheduler_steps.py"),
+    ),
     "per_sample_norms": (("lightning_fisher/analysis/per_sample_norms.py",), ("tests/test_per_sample_norms.py",)),
     "collector": (
         ("lightning_fisher/analysis/collector.py",),
