@@ -187,3 +187,122 @@ def test_an_analysis_focus_reaches_a_flow_matching_loss():
     sigmas = torch.cat(drawn)
     assert fisher_map.analysis.timestep_focus.focus.describe().startswith("texture")
     assert len(sigmas) >= 96 and sigmas.max() < 0.67  # the least-noise 40 % of the table, and only those
+
+
+# --- what mutation testing (benchmarks/mutation.py) found untested ---
+
+
+def table(sigmas, timesteps=None, device="cpu"):
+    """A flow-matching training table of ``len(sigmas)`` entries (timesteps = 1000 * sigma unless given)."""
+    sigmas = torch.tensor(sigmas)
+    timesteps = 1000 * sigmas if timesteps is None else torch.tensor(timesteps)
+    return types.SimpleNamespace(num_train_timesteps=len(timesteps), timesteps=timesteps.to(device), sigmas=sigmas)
+
+
+def test_one_step_is_a_schedule():
+    assert num_train_timesteps(1) == 1
+    assert num_train_timesteps(types.SimpleNamespace(num_train_timesteps=1)) == 1
+    assert to_scheduler_steps(torch.tensor([0.0, 0.5, 1.0]), 1).tolist() == [0, 0, 0]
+    assert focus_step_range("texture", 1) == (0, 0)
+
+
+def test_times_above_one_are_refused():
+    with pytest.raises(ValueError) as error:
+        to_scheduler_steps(torch.tensor([0.5, 1.5]), 1000)
+    assert str(error.value) == (
+        "to_scheduler_steps: t must lie in [0, 1], got values in [0.5, 1.5]; "
+        "a timestep_sampler returns the fraction of the schedule (lightning_fisher.analysis.timesteps)"
+    )
+
+
+def test_focus_step_range_at_its_ends():
+    assert focus_step_range("0,0.1", 10) == (0, 0)  # hi * T = 1: the first step only
+    assert focus_step_range("0,0.05", 10) == (0, 0)
+    assert focus_step_range("0.95,1", 10) == (9, 9)
+    assert focus_step_range((1 - 2**-53, 1.0), 5) == (4, 4)  # the largest lo below 1: the last step
+
+
+def test_draw_scheduler_steps_gives_the_sampler_the_device():
+    seen = []
+
+    def sampler(batch_size, device):
+        seen.append(device)
+        return torch.full((batch_size,), 0.5)
+
+    model = nn.Linear(2, 2)
+    model.timestep_sampler = sampler
+    assert draw_scheduler_steps(model, 10, 3, "cpu").tolist() == [5, 5, 5]
+    assert draw_scheduler_steps(model, 10, 2).tolist() == [5, 5]
+    assert seen == ["cpu", None]
+
+
+def test_flow_tables_at_the_edges_of_the_most_noise_first_check():
+    t = torch.tensor([0.0, 1.0])
+    timesteps, sigmas = to_flow_matching(t, table([0.7]))  # one entry: nothing to order
+    assert timesteps.tolist() == pytest.approx([700.0, 700.0]) and sigmas.tolist() == pytest.approx([0.7, 0.7])
+    timesteps, sigmas = to_flow_matching(t, table([1.0, 0.5]))  # two entries, most noise first
+    assert timesteps.tolist() == [500.0, 1000.0] and sigmas.tolist() == [0.5, 1.0]
+    # only the first and last entries are compared
+    _, sigmas = to_flow_matching(torch.tensor([0.0, 0.5, 1.0]), table([0.8, 0.9, 0.1]))
+    assert sigmas.tolist() == pytest.approx([0.1, 0.9, 0.8])
+    for flat in ([0.5, 0.5], [0.5, 0.6], [0.5, 0.9, 0.5]):
+        with pytest.raises(ValueError) as error:
+            to_flow_matching(t, table(flat))
+        assert str(error.value) == "scheduler: its sigmas must run from the most noise down, as a flow-matching training table does"
+
+
+def test_flow_tables_missing_or_too_short_are_refused():
+    with pytest.raises(TypeError) as error:
+        to_flow_matching(torch.tensor([0.5]), types.SimpleNamespace(num_train_timesteps=3))
+    assert str(error.value) == (
+        "scheduler: SimpleNamespace has no timesteps and sigmas tables; pass a flow-matching scheduler "
+        "(diffusers' FlowMatchEulerDiscreteScheduler), or use to_scheduler_steps for a DDPM-style one"
+    )
+    short_sigmas = types.SimpleNamespace(num_train_timesteps=3, timesteps=torch.tensor([3.0, 2.0, 1.0]),
+                                         sigmas=torch.tensor([1.0, 0.5]))
+    long_timesteps = types.SimpleNamespace(num_train_timesteps=3, timesteps=torch.tensor([4.0, 3.0, 2.0, 1.0]),
+                                           sigmas=torch.tensor([1.0, 0.7, 0.5, 0.2]))
+    with pytest.raises(ValueError) as error:
+        to_flow_matching(torch.tensor([0.5]), long_timesteps)
+    assert str(error.value) == (
+        "scheduler: its table has 4 timesteps, not num_train_timesteps = 3: set_timesteps() "
+        "set it up for inference; give a copy of the scheduler as built for training"
+    )
+    with pytest.raises(ValueError) as error:
+        to_flow_matching(torch.tensor([0.5]), short_sigmas)
+    assert str(error.value) == "scheduler: its table has 3 timesteps but only 2 sigmas"
+
+
+def test_flow_results_are_on_the_timesteps_device():
+    # sigmas on the CPU, timesteps on "meta" (the second device a CPU-only machine has, and one that
+    # lets a CPU tensor be indexed from it): the sigmas drawn follow the timesteps' device
+    timesteps, sigmas = to_flow_matching(torch.tensor([0.0, 1.0]), table([1.0, 0.5], device="meta"))
+    assert timesteps.device.type == "meta" and sigmas.device.type == "meta"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second real device")
+def test_flow_times_on_an_accelerator_read_tables_on_the_cpu():
+    timesteps, sigmas = to_flow_matching(torch.tensor([0.0, 1.0], device="cuda"), table([1.0, 0.5]))
+    assert timesteps.device.type == "cpu" and sigmas.device.type == "cpu"
+    assert timesteps.tolist() == [500.0, 1000.0] and sigmas.tolist() == [0.5, 1.0]
+
+
+def test_draw_flow_matching_puts_its_results_on_the_device_asked_for():
+    scheduler = table([1.0, 0.5])
+    seen = []
+
+    def sampler(batch_size, device):
+        seen.append(device)
+        return torch.tensor([0.0, 1.0, 0.2])[:batch_size]
+
+    model = nn.Linear(2, 2)
+    model.timestep_sampler = sampler
+    timesteps, sigmas = draw_flow_matching(model, scheduler, 3, "meta")
+    assert timesteps.device.type == "meta" and sigmas.device.type == "meta" and timesteps.shape == (3,)
+    timesteps, sigmas = draw_flow_matching(model, scheduler, 3)
+    assert timesteps.tolist() == [500.0, 1000.0, 500.0] and sigmas.tolist() == [0.5, 1.0, 0.5]
+    assert timesteps.device.type == "cpu" and sigmas.device.type == "cpu"
+    meta_tables = table([1.0, 0.5], device="meta")
+    timesteps, sigmas = draw_flow_matching(model, meta_tables, 3)  # default: the tables' device
+    assert timesteps.device.type == "meta" and sigmas.device.type == "meta"
+    assert seen == [None, None, None]  # the times are drawn where to_flow_matching reads them

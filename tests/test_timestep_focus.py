@@ -131,3 +131,91 @@ def test_logit_normal_sampler_follows_the_protocol():
     assert repr(LogitNormalTimestepSampler(mean=1.0, std=0.5)) == "LogitNormalTimestepSampler(mean=1, std=0.5)"
     with pytest.raises(ValueError, match="std > 0"):
         LogitNormalTimestepSampler(std=0.0)
+
+
+# --- what mutation testing (benchmarks/mutation.py) found untested ---
+
+
+@pytest.mark.parametrize("value", [(0.2, 0.5), [0.2, 0.5]])
+def test_parse_a_pair(value):
+    assert TimestepFocus.parse(value) == TimestepFocus("custom", (0.2, 0.5))
+    assert TimestepFocus.parse(tuple(x for x in (0.6, 1.0))) == TimestepFocus("structure", (0.6, 1.0))
+
+
+def test_parse_errors_quote_the_value_as_given():
+    with pytest.raises(ValueError) as error:
+        TimestepFocus.parse((0.5, 0.2))
+    assert str(error.value) == "timestep_focus='(0.5, 0.2)': need 0 <= LO < HI <= 1, got LO=0.5, HI=0.2"
+    with pytest.raises(ValueError) as error:
+        TimestepFocus.parse(["a", "b"])
+    assert str(error.value) == "timestep_focus=\"['a', 'b']\": a custom range is two numbers 'LO,HI', e.g. '0.2,0.5'"
+    with pytest.raises(ValueError) as error:
+        TimestepFocus.parse(" 0.5,0.2")  # quoted as written, not as lower-cased and stripped
+    assert str(error.value) == "timestep_focus=' 0.5,0.2': need 0 <= LO < HI <= 1, got LO=0.5, HI=0.2"
+    with pytest.raises(ValueError) as error:
+        TimestepFocus.parse("A,B")
+    assert str(error.value) == "timestep_focus='A,B': a custom range is two numbers 'LO,HI', e.g. '0.2,0.5'"
+
+
+def test_custom_range_bounds():
+    assert TimestepFocus.parse("0,0.3") == TimestepFocus("custom", (0.0, 0.3))
+    assert TimestepFocus.parse("0.5,1") == TimestepFocus("custom", (0.5, 1.0))
+    with pytest.raises(ValueError) as error:
+        TimestepFocus.parse("0.3,0.3")
+    assert str(error.value) == "timestep_focus='0.3,0.3': need 0 <= LO < HI <= 1, got LO=0.3, HI=0.3"
+
+
+def test_str_and_describe():
+    custom = TimestepFocus.parse("0.2,0.5")
+    assert str(custom) == "0.2,0.5"
+    assert custom.describe() == "0.2,0.5 (t in [0.2, 0.5])"
+    assert str(TimestepFocus.parse("0,1")) == "0,1"  # the whole range is a custom one, not balanced
+    assert str(TimestepFocus.parse("texture")) == "texture"
+    assert TimestepFocus.parse("texture").describe() == "texture (t in [0, 0.4])"
+    assert TimestepFocus.parse("structure").describe() == "structure (t in [0.6, 1])"
+    assert TimestepFocus.parse("balanced").describe() == "balanced"
+
+
+def test_uniform_sampler_bounds():
+    assert repr(UniformTimestepSampler(0.5, 1.0)) == "UniformTimestepSampler(lo=0.5, hi=1)"
+    assert repr(UniformTimestepSampler(0.0, 0.25)) == "UniformTimestepSampler(lo=0, hi=0.25)"
+    for lo, hi in [(0.5, 0.5), (0.5, 1.5), (-0.1, 0.5), (0.6, 0.4)]:
+        with pytest.raises(ValueError) as error:
+            UniformTimestepSampler(lo, hi)
+        assert str(error.value) == f"UniformTimestepSampler needs 0 <= lo < hi <= 1, got lo={lo}, hi={hi}"
+
+
+def test_samplers_draw_on_the_device_asked_for():
+    for sampler in (UniformTimestepSampler(0.2, 0.5), LogitNormalTimestepSampler()):
+        t = sampler(3, "meta")  # a device other than the default one, on a machine without accelerators
+        assert t.device.type == "meta" and t.shape == (3,)
+        assert sampler(3).device == torch.empty(0).device
+
+
+def test_logit_normal_sampler_draws_mean_plus_std_times_the_global_normal():
+    torch.manual_seed(1)
+    t = LogitNormalTimestepSampler(mean=1.0, std=0.5)(8)
+    torch.manual_seed(1)
+    assert torch.allclose(t, torch.sigmoid(1.0 + 0.5 * torch.randn(8)))
+    torch.manual_seed(2)
+    t = LogitNormalTimestepSampler(mean=0.0, std=1.0)(8)
+    torch.manual_seed(2)
+    assert torch.allclose(t, torch.sigmoid(torch.randn(8)))
+
+
+def test_recording_sampler_counts_over_calls_and_passes_the_device_on():
+    seen = []
+
+    def sampler(batch_size, device):
+        seen.append(device)
+        return torch.linspace(0.1, 0.3, batch_size)
+
+    recorder = RecordingTimestepSampler(sampler)
+    assert recorder.observed_range is None and recorder.count == 0
+    recorder(0, "cpu")
+    assert recorder.observed_range is None and recorder.count == 0  # an empty draw records nothing
+    recorder(3, "cpu")
+    recorder(3)
+    assert recorder.count == 6
+    assert recorder.observed_range == pytest.approx((0.1, 0.3))
+    assert seen == ["cpu", "cpu", None]

@@ -177,15 +177,18 @@ def to_flow_matching(t: torch.Tensor, scheduler: Any) -> tuple[torch.Tensor, tor
             f"scheduler: {type(scheduler).__name__} has no timesteps and sigmas tables; pass a flow-matching scheduler "
             "(diffusers' FlowMatchEulerDiscreteScheduler), or use to_scheduler_steps for a DDPM-style one"
         )
-    if len(timesteps) != steps or len(sigmas) < steps:
+    if len(timesteps) != steps:
         raise ValueError(
             f"scheduler: its table has {len(timesteps)} timesteps, not num_train_timesteps = {steps}: set_timesteps() "
             "set it up for inference; give a copy of the scheduler as built for training"
         )
+    if len(sigmas) < steps:
+        raise ValueError(f"scheduler: its table has {steps} timesteps but only {len(sigmas)} sigmas")
     if steps > 1 and not bool(sigmas[0] > sigmas[steps - 1]):
         raise ValueError("scheduler: its sigmas must run from the most noise down, as a flow-matching training table does")
-    index = (steps - 1 - to_scheduler_steps(t, steps)).to(timesteps.device)
-    return timesteps[index], sigmas[index].to(timesteps.device)
+    index = steps - 1 - to_scheduler_steps(t, steps)
+    # each table indexed on its own device (diffusers keeps the sigmas on the CPU when the timesteps move)
+    return timesteps[index.to(timesteps.device)], sigmas[index.to(sigmas.device)].to(timesteps.device)
 
 
 def draw_flow_matching(
