@@ -163,7 +163,7 @@ def to_flow_matching(t: torch.Tensor, scheduler: Any) -> tuple[torch.Tensor, tor
             of ``num_train_timesteps`` entries each, from the most noise down.
 
     Returns:
-        Two tensors of the shape of ``t``, on the scheduler's tables' device.
+        Two tensors of the shape of ``t``, on the device of the scheduler's ``timesteps``.
 
     Raises:
         TypeError: ``scheduler`` has no ``timesteps`` / ``sigmas`` tables.
@@ -200,7 +200,7 @@ def draw_flow_matching(
     reaches the scheduler, and outside it the draw is the scheduler's own uniform one.
 
     Returns:
-        ``(timesteps, sigmas)``, each ``[batch_size]``, on ``device`` (default: the tables' device).
+        ``(timesteps, sigmas)``, each ``[batch_size]``, on ``device`` (default: the device of ``timesteps``).
     """
     sampler = getattr(model, TIMESTEP_SAMPLER_ATTRIBUTE, None) or UniformTimestepSampler()
     timesteps, sigmas = to_flow_matching(sampler(batch_size, None), scheduler)
