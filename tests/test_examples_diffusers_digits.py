@@ -1,33 +1,23 @@
 """The diffusers example: a UNet2DConditionModel's map applied with add_adapter, saved and loaded by diffusers."""
 
-import json
 import logging
-import subprocess
-import sys
 
 import pytest
 import torch
+
+from _diffusers_examples import LORA_FILE, assert_round_trip, expected_layout, run_example
 
 from lightning_fisher import FisherMap
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("sklearn")
 
-LORA_FILE = "pytorch_lora_weights.safetensors"
-
 
 @pytest.fixture(scope="module")
 def example(tmp_path_factory):
     """The example run as a user runs it: ``python -m ... OUT_DIR``; its folder and record."""
     out = tmp_path_factory.mktemp("diffusers_digits")
-    result = subprocess.run(
-        [sys.executable, "-m", "lightning_fisher.examples.diffusers_digits", str(out), "--focus", "texture"],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    record = json.loads((out / "record.json").read_text())
-    assert f"{len(record['ranks'])} adapters reloaded with the map's ranks" in result.stdout
-    return out, record
+    return out, run_example("diffusers_digits", out)[0]
 
 
 def fresh_base(out):
@@ -36,21 +26,9 @@ def fresh_base(out):
     return UNet2DConditionModel.from_pretrained(out / "base")
 
 
-def expected_layout(fisher_map):
-    return {name: [rank, fisher_map.alphas[name] / rank] for name, rank in fisher_map.ranks.items()}
-
-
 @pytest.mark.slow
 def test_every_module_has_the_maps_rank_and_alpha_after_the_diffusers_round_trip(example):
-    out, record = example
-    fisher_map = FisherMap.load(out)
-    assert record["ranks"] == fisher_map.ranks and len(set(fisher_map.ranks.values())) > 2  # non-uniform
-    assert record["loaded_ranks"] == fisher_map.ranks
-    for name, (rank, scale) in expected_layout(fisher_map).items():
-        assert record["trained"][name] == pytest.approx([rank, scale]), name
-        assert record["loaded"][name] == pytest.approx([rank, scale]), name
-    assert set(record["loaded"]) == set(fisher_map.ranks)  # no other module got an adapter
-    assert record["reloaded_output_identical"]  # the loaded LoRA is the trained one
+    assert_round_trip(*example)
 
 
 @pytest.mark.slow
@@ -64,12 +42,6 @@ def test_the_lora_file_names_each_module_as_the_map_does_under_unet(example):
 
 
 @pytest.mark.slow
-def test_the_analysis_left_the_base_weights_unchanged(example):
-    _, record = example
-    assert record["base_change_by_analysis"] == 0.0
-
-
-@pytest.mark.slow
 def test_the_focused_analysis_drew_only_texture_steps_of_the_scheduler(example):
     out, record = example
     assert record["focus_steps"] == [0, 399]
@@ -78,18 +50,6 @@ def test_the_focused_analysis_drew_only_texture_steps_of_the_scheduler(example):
     assert record["observed_steps"] == [lo, hi]  # what the map records, in the scheduler's steps
     focus = FisherMap.load(out).analysis.timestep_focus
     assert focus.name == "texture" and focus.applied
-
-
-@pytest.mark.slow
-def test_the_fit_trained_the_adapters_and_lowered_the_held_out_loss(example):
-    from safetensors.torch import load_file
-
-    out, record = example
-    before, after = record["held_out_loss"]
-    assert after < before
-    weights = load_file(out / "lora" / LORA_FILE)
-    b_norms = [float(w.abs().max()) for key, w in weights.items() if ".lora_B." in key]
-    assert min(b_norms) > 0.0  # PEFT starts every lora_B at zero: each one moved
 
 
 @pytest.mark.slow

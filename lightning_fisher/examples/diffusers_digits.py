@@ -40,7 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -54,6 +54,7 @@ __all__ = [
     "main",
     "make_scheduler",
     "make_unet",
+    "pretrain_analyse_adapt_reload",
     "run",
     "train_steps",
 ]
@@ -113,7 +114,7 @@ class NoisePredictionLoss:
 
     The steps come from :func:`~lightning_fisher.analysis.scheduler_steps.draw_scheduler_steps`
     (the model's focused ``timestep_sampler`` inside ``analyze``, uniform outside); the first
-    and last step drawn since :meth:`reset` are kept in ``steps_drawn``.
+    and last step drawn since :meth:`reset` are kept in ``drawn``.
 
     Args:
         scheduler: the noise scheduler (``add_noise``, ``config.num_train_timesteps``).
@@ -121,11 +122,11 @@ class NoisePredictionLoss:
 
     def __init__(self, scheduler: Any) -> None:
         self.scheduler = scheduler
-        self.steps_drawn: Optional[tuple[int, int]] = None
+        self.drawn: Optional[tuple[int, int]] = None
 
     def reset(self) -> None:
         """Forget the steps drawn so far."""
-        self.steps_drawn = None
+        self.drawn = None
 
     def __call__(self, model: nn.Module, batch: Any) -> torch.Tensor:
         from lightning_fisher.analysis.scheduler_steps import draw_scheduler_steps
@@ -134,9 +135,9 @@ class NoisePredictionLoss:
         noise = torch.randn_like(images)
         steps = draw_scheduler_steps(model, self.scheduler, images.shape[0], images.device)
         low, high = int(steps.min()), int(steps.max())
-        if self.steps_drawn is not None:
-            low, high = min(low, self.steps_drawn[0]), max(high, self.steps_drawn[1])
-        self.steps_drawn = (low, high)
+        if self.drawn is not None:
+            low, high = min(low, self.drawn[0]), max(high, self.drawn[1])
+        self.drawn = (low, high)
         noisy = self.scheduler.add_noise(images, noise, steps)
         return nn.functional.mse_loss(model(noisy, steps, encoder_hidden_states=condition).sample, noise)
 
@@ -177,99 +178,69 @@ def lora_layout(model: nn.Module, adapter_name: str) -> dict[str, tuple[int, flo
     return layout
 
 
-def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+def pretrain_analyse_adapt_reload(
+    model: nn.Module, loss_fn: Any, out: Path, save_lora: Callable[[nn.Module, Path], None],
+    load_lora: Callable[[Path], nn.Module], *, focus: str, pretrain_steps: int, steps: int, max_batches: int,
+    **analyze_options: Any,
+) -> tuple[Any, dict]:
+    """Steps 1-4 of the module docstring, the same for every diffusers model: only saving and loading differ.
 
-
-def run(
-    out: Path,
-    focus: str = "texture",
-    pretrain_steps: int = 30,
-    steps: int = 12,
-    max_batches: int = 12,
-) -> dict:
-    """Pretrain, analyse, apply the map with ``add_adapter``, fine-tune, save and reload the LoRA; the record.
-
-    Runs on one intra-op thread (the model is tiny; on a busy machine more threads only wait on
+    Runs on one intra-op thread (the models are tiny; on a busy machine more threads only wait on
     each other: :func:`~lightning_fisher.examples.digits_flow.model.single_threaded`).
 
     Args:
-        out: folder for the map, the base model, the LoRA file and ``record.json``.
-        focus: the analysis's ``timestep_focus``.
-        pretrain_steps: AdamW steps on digits 0-4 before the analysis.
-        steps: fine-tuning steps of the adapters on digits 5-9.
-        max_batches: analysis batches at most.
+        model: the random-initialised model; ``loss_fn(model, batch)`` its loss, with ``reset()`` and
+            ``drawn`` (the range of steps or sigmas drawn since the reset).
+        out: folder for ``base/`` (the pretrained model), the map and ``lora/``.
+        save_lora: ``save_lora(model, folder)`` writes the adapter as the model's pipeline does.
+        load_lora: ``load_lora(folder)`` is a fresh copy of ``out / "base"`` with that adapter loaded.
+        focus, pretrain_steps, steps, max_batches: as in :func:`run`.
+        analyze_options: more options for :func:`~lightning_fisher.analyze` (``rank_max``, ``exclude``).
+
+    Returns:
+        The map and the record's common part (``analysis_drawn``: what the loss drew during the analysis).
     """
-    from lightning_fisher.examples.digits_flow.model import single_threaded
-
-    with single_threaded():
-        return _run(Path(out), focus, pretrain_steps, steps, max_batches)
-
-
-def _run(out: Path, focus: str, pretrain_steps: int, steps: int, max_batches: int) -> dict:
-    from diffusers import UNet2DConditionModel
-    from diffusers.loaders import StableDiffusionLoraLoaderMixin
-    from peft.utils import get_peft_model_state_dict
     from safetensors import safe_open
 
     from lightning_fisher import UniformTimestepSampler, analyze, lora_config_from_fisher_map, verify_adapter_ranks
-    from lightning_fisher.analysis.scheduler_steps import focus_step_range, to_scheduler_steps
+    from lightning_fisher.examples.digits_flow.model import single_threaded
 
-    scheduler = make_scheduler()
-    loss_fn = NoisePredictionLoss(scheduler)
-    unet = make_unet()
-    pretrain_losses = train_steps(unet, loss_fn, digit_batches("low", samples=256), pretrain_steps)
-    unet.save_pretrained(out / "base")
+    with single_threaded():
+        pretrain_losses = train_steps(model, loss_fn, digit_batches("low", samples=256), pretrain_steps)
+        model.save_pretrained(out / "base")
 
-    before = _weights(unet)
-    loss_fn.reset()
-    fisher_map = analyze(
-        unet, digit_batches("high", samples=256), loss_fn, output=out, timestep_sampler=UniformTimestepSampler(),
-        timestep_focus=focus, rank=4, rank_min=1, rank_max=16, max_batches=max_batches,
-    )
-    analysis_steps = loss_fn.steps_drawn
-    base_change = max(float((before[k] - v).abs().max()) for k, v in unet.state_dict().items())
+        before = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+        loss_fn.reset()
+        fisher_map = analyze(
+            model, digit_batches("high", samples=256), loss_fn, output=out, timestep_sampler=UniformTimestepSampler(),
+            timestep_focus=focus, rank=4, rank_min=1, max_batches=max_batches, **analyze_options,
+        )
+        analysis_drawn = loss_fn.drawn
+        base_change = max(float((before[k] - v).abs().max()) for k, v in model.state_dict().items())
 
-    unet.requires_grad_(False)
-    unet.add_adapter(lora_config_from_fisher_map(fisher_map), adapter_name=ADAPTER_NAME)
-    verify_adapter_ranks(unet, fisher_map, adapter_name=ADAPTER_NAME)
-    test = digit_batches("high", "test", samples=64)
-    loss_before = held_out_loss(unet, loss_fn, test)
-    fit_losses = train_steps(unet, loss_fn, digit_batches("high", samples=256), steps, lr=1e-2)
-    loss_after = held_out_loss(unet, loss_fn, test)
-    trained = lora_layout(unet, ADAPTER_NAME)
+        model.requires_grad_(False)
+        model.add_adapter(lora_config_from_fisher_map(fisher_map), adapter_name=ADAPTER_NAME)
+        verify_adapter_ranks(model, fisher_map, adapter_name=ADAPTER_NAME)
+        test = digit_batches("high", "test", samples=64)
+        loss_before = held_out_loss(model, loss_fn, test)
+        fit_losses = train_steps(model, loss_fn, digit_batches("high", samples=256), steps, lr=1e-2)
+        loss_after = held_out_loss(model, loss_fn, test)
 
-    StableDiffusionLoraLoaderMixin.save_lora_weights(
-        out / "lora",
-        unet_lora_layers=get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME),
-        unet_lora_adapter_metadata=unet.peft_config[ADAPTER_NAME].to_dict(),
-    )
-    lora_file = out / "lora" / "pytorch_lora_weights.safetensors"
-    with safe_open(lora_file, framework="pt") as handle:
-        file_keys = sorted(handle.keys())
+        save_lora(model, out / "lora")
+        with safe_open(out / "lora" / "pytorch_lora_weights.safetensors", framework="pt") as handle:
+            file_keys = sorted(handle.keys())
+        fresh = load_lora(out / "lora")
+        loaded_ranks = verify_adapter_ranks(fresh, fisher_map, adapter_name=ADAPTER_NAME)
+        fresh.eval()
+        same_output = held_out_loss(fresh, loss_fn, test) == loss_after
 
-    fresh = UNet2DConditionModel.from_pretrained(out / "base")
-    state_dict, network_alphas, metadata = StableDiffusionLoraLoaderMixin.lora_state_dict(
-        out / "lora", return_lora_metadata=True
-    )
-    StableDiffusionLoraLoaderMixin.load_lora_into_unet(
-        state_dict, network_alphas, fresh, adapter_name=ADAPTER_NAME, metadata=metadata
-    )
-    loaded_ranks = verify_adapter_ranks(fresh, fisher_map, adapter_name=ADAPTER_NAME)
-    fresh.eval()
-    same_output = held_out_loss(fresh, loss_fn, test) == loss_after
-
-    record = {
+    return fisher_map, {
         "focus": focus,
-        "focus_steps": focus_step_range(focus, scheduler),
-        "analysis_steps": analysis_steps,
-        "observed_steps": None
-        if fisher_map.analysis.timestep_focus.observed_range is None
-        else to_scheduler_steps(torch.tensor(fisher_map.analysis.timestep_focus.observed_range), scheduler).tolist(),
+        "analysis_drawn": analysis_drawn,
         "base_change_by_analysis": base_change,
         "ranks": fisher_map.ranks,
         "alphas": fisher_map.alphas,
-        "trained": {name: list(value) for name, value in trained.items()},
+        "trained": {name: list(value) for name, value in lora_layout(model, ADAPTER_NAME).items()},
         "loaded": {name: list(value) for name, value in lora_layout(fresh, ADAPTER_NAME).items()},
         "loaded_ranks": loaded_ranks,
         "lora_file_keys": file_keys,
@@ -278,6 +249,45 @@ def _run(out: Path, focus: str, pretrain_steps: int, steps: int, max_batches: in
         "held_out_loss": [loss_before, loss_after],
         "reloaded_output_identical": same_output,
     }
+
+
+def run(out: Path, focus: str = "texture", pretrain_steps: int = 30, steps: int = 12, max_batches: int = 12) -> dict:
+    """Pretrain, analyse, apply the map with ``add_adapter``, fine-tune, save and reload the LoRA; the record.
+
+    Args:
+        out: folder for the map, the base model, the LoRA file and ``record.json``.
+        focus: the analysis's ``timestep_focus``.
+        pretrain_steps: AdamW steps on digits 0-4 before the analysis.
+        steps: fine-tuning steps of the adapters on digits 5-9.
+        max_batches: analysis batches at most.
+    """
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin as Loader
+    from peft.utils import get_peft_model_state_dict
+
+    from lightning_fisher.analysis.scheduler_steps import focus_step_range, to_scheduler_steps
+
+    out = Path(out)
+
+    def save_lora(unet: nn.Module, folder: Path) -> None:  # as a Stable Diffusion pipeline saves it
+        Loader.save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME),
+                                 unet_lora_adapter_metadata=unet.peft_config[ADAPTER_NAME].to_dict())
+
+    def load_lora(folder: Path) -> nn.Module:
+        fresh = UNet2DConditionModel.from_pretrained(out / "base")
+        state_dict, network_alphas, metadata = Loader.lora_state_dict(folder, return_lora_metadata=True)
+        Loader.load_lora_into_unet(state_dict, network_alphas, fresh, adapter_name=ADAPTER_NAME, metadata=metadata)
+        return fresh
+
+    scheduler = make_scheduler()
+    fisher_map, record = pretrain_analyse_adapt_reload(
+        make_unet(), NoisePredictionLoss(scheduler), out, save_lora, load_lora, focus=focus,
+        pretrain_steps=pretrain_steps, steps=steps, max_batches=max_batches, rank_max=16,
+    )
+    observed = fisher_map.analysis.timestep_focus.observed_range  # in t; as scheduler steps below
+    record["focus_steps"] = focus_step_range(focus, scheduler)
+    record["analysis_steps"] = record.pop("analysis_drawn")
+    record["observed_steps"] = None if observed is None else to_scheduler_steps(torch.tensor(observed), scheduler).tolist()
     (out / "record.json").write_text(json.dumps(record, indent=1))
     return record
 

@@ -52,14 +52,9 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from lightning_fisher.examples.diffusers_digits import (
-    IMAGE_SIZE, digit_batches, held_out_loss, lora_layout, train_steps,
-)
+from lightning_fisher.examples.diffusers_digits import ADAPTER_NAME, IMAGE_SIZE, pretrain_analyse_adapt_reload
 
 __all__ = ["ADAPTER_NAME", "RectifiedFlowLoss", "main", "make_scheduler", "make_transformer", "run", "unused_modules"]
-
-ADAPTER_NAME = "digits"
-
 
 def make_transformer() -> nn.Module:
     """A tiny random-initialised ``SD3Transformer2DModel`` (about 22k parameters; seeded)."""
@@ -99,7 +94,7 @@ class RectifiedFlowLoss:
 
     ``(timesteps, sigmas)`` come from :func:`~lightning_fisher.analysis.scheduler_steps.draw_flow_matching`
     (the model's focused ``timestep_sampler`` inside ``analyze``, the scheduler's uniform draw
-    outside); the lowest and highest sigma drawn since :meth:`reset` are kept in ``sigmas_drawn``.
+    outside); the lowest and highest sigma drawn since :meth:`reset` are kept in ``drawn``.
 
     Args:
         scheduler: a ``FlowMatchEulerDiscreteScheduler`` as built for training.
@@ -107,11 +102,11 @@ class RectifiedFlowLoss:
 
     def __init__(self, scheduler: Any) -> None:
         self.scheduler = scheduler
-        self.sigmas_drawn: Optional[tuple[float, float]] = None
+        self.drawn: Optional[tuple[float, float]] = None
 
     def reset(self) -> None:
         """Forget the sigmas drawn so far."""
-        self.sigmas_drawn = None
+        self.drawn = None
 
     def __call__(self, model: nn.Module, batch: Any) -> torch.Tensor:
         from lightning_fisher.analysis.scheduler_steps import draw_flow_matching
@@ -120,9 +115,9 @@ class RectifiedFlowLoss:
         noise = torch.randn_like(images)
         timesteps, sigmas = draw_flow_matching(model, self.scheduler, images.shape[0], images.device)
         low, high = float(sigmas.min()), float(sigmas.max())
-        if self.sigmas_drawn is not None:
-            low, high = min(low, self.sigmas_drawn[0]), max(high, self.sigmas_drawn[1])
-        self.sigmas_drawn = (low, high)
+        if self.drawn is not None:
+            low, high = min(low, self.drawn[0]), max(high, self.drawn[1])
+        self.drawn = (low, high)
         sigma = sigmas.view(-1, 1, 1, 1)
         noisy = (1 - sigma) * images + sigma * noise
         prediction = model(
@@ -131,14 +126,11 @@ class RectifiedFlowLoss:
         return nn.functional.mse_loss(prediction.sample, noise - images)
 
 
-def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
-
-
 def run(out: Path, focus: str = "texture", pretrain_steps: int = 30, steps: int = 12, max_batches: int = 12) -> dict:
     """Pretrain, analyse, apply the map with ``add_adapter``, fine-tune, save and reload the LoRA; the record.
 
-    Runs on one intra-op thread (:func:`~lightning_fisher.examples.digits_flow.model.single_threaded`).
+    The steps are :func:`~lightning_fisher.examples.diffusers_digits.pretrain_analyse_adapt_reload`'s,
+    with the SD3 loader's saving and loading.
 
     Args:
         out: folder for the map, the base model, the LoRA file and ``record.json``.
@@ -147,79 +139,36 @@ def run(out: Path, focus: str = "texture", pretrain_steps: int = 30, steps: int 
         steps: fine-tuning steps of the adapters on digits 5-9.
         max_batches: analysis batches at most.
     """
-    from lightning_fisher.examples.digits_flow.model import single_threaded
-
-    with single_threaded():
-        return _run(Path(out), focus, pretrain_steps, steps, max_batches)
-
-
-def _run(out: Path, focus: str, pretrain_steps: int, steps: int, max_batches: int) -> dict:
     from diffusers import SD3Transformer2DModel
-    from diffusers.loaders import SD3LoraLoaderMixin
+    from diffusers.loaders import SD3LoraLoaderMixin as Loader
     from peft.utils import get_peft_model_state_dict
-    from safetensors import safe_open
 
-    from lightning_fisher import UniformTimestepSampler, analyze, lora_config_from_fisher_map, verify_adapter_ranks
     from lightning_fisher.analysis.scheduler_steps import to_flow_matching
 
+    out = Path(out)
+
+    def save_lora(transformer: nn.Module, folder: Path) -> None:  # as an SD3 pipeline saves it
+        Loader.save_lora_weights(
+            folder, transformer_lora_layers=get_peft_model_state_dict(transformer, adapter_name=ADAPTER_NAME),
+            transformer_lora_adapter_metadata=transformer.peft_config[ADAPTER_NAME].to_dict())
+
+    def load_lora(folder: Path) -> nn.Module:
+        fresh = SD3Transformer2DModel.from_pretrained(out / "base")
+        state_dict, metadata = Loader.lora_state_dict(folder, return_lora_metadata=True)  # no network alphas here
+        Loader.load_lora_into_transformer(state_dict, fresh, adapter_name=ADAPTER_NAME, metadata=metadata)
+        return fresh
+
     scheduler = make_scheduler()
-    loss_fn = RectifiedFlowLoss(scheduler)
     transformer = make_transformer()
-    pretrain_losses = train_steps(transformer, loss_fn, digit_batches("low", samples=256), pretrain_steps)
-    transformer.save_pretrained(out / "base")
-
-    before = _weights(transformer)
-    loss_fn.reset()
-    fisher_map = analyze(
-        transformer, digit_batches("high", samples=256), loss_fn, output=out,
-        timestep_sampler=UniformTimestepSampler(), timestep_focus=focus, rank=4, rank_min=1, rank_max=12,
-        max_batches=max_batches, exclude=unused_modules(transformer),
+    exclude = unused_modules(transformer)
+    fisher_map, record = pretrain_analyse_adapt_reload(
+        transformer, RectifiedFlowLoss(scheduler), out, save_lora, load_lora, focus=focus,
+        pretrain_steps=pretrain_steps, steps=steps, max_batches=max_batches, rank_max=12, exclude=exclude,
     )
-    analysis_sigmas = loss_fn.sigmas_drawn
-    base_change = max(float((before[k] - v).abs().max()) for k, v in transformer.state_dict().items())
-
-    transformer.requires_grad_(False)
-    transformer.add_adapter(lora_config_from_fisher_map(fisher_map), adapter_name=ADAPTER_NAME)
-    verify_adapter_ranks(transformer, fisher_map, adapter_name=ADAPTER_NAME)
-    test = digit_batches("high", "test", samples=64)
-    loss_before = held_out_loss(transformer, loss_fn, test)
-    fit_losses = train_steps(transformer, loss_fn, digit_batches("high", samples=256), steps, lr=1e-2)
-    loss_after = held_out_loss(transformer, loss_fn, test)
-    trained = lora_layout(transformer, ADAPTER_NAME)
-
-    SD3LoraLoaderMixin.save_lora_weights(
-        out / "lora",
-        transformer_lora_layers=get_peft_model_state_dict(transformer, adapter_name=ADAPTER_NAME),
-        transformer_lora_adapter_metadata=transformer.peft_config[ADAPTER_NAME].to_dict(),
-    )
-    with safe_open(out / "lora" / "pytorch_lora_weights.safetensors", framework="pt") as handle:
-        file_keys = sorted(handle.keys())
-
-    fresh = SD3Transformer2DModel.from_pretrained(out / "base")
-    state_dict, metadata = SD3LoraLoaderMixin.lora_state_dict(out / "lora", return_lora_metadata=True)
-    SD3LoraLoaderMixin.load_lora_into_transformer(state_dict, fresh, adapter_name=ADAPTER_NAME, metadata=metadata)
-    loaded_ranks = verify_adapter_ranks(fresh, fisher_map, adapter_name=ADAPTER_NAME)
-    fresh.eval()
-
     observed = fisher_map.analysis.timestep_focus.observed_range  # in t; as sigmas below
-    observed_sigmas = None if observed is None else to_flow_matching(torch.tensor(observed), scheduler)[1].tolist()
-    record = {
-        "focus": focus,
-        "analysis_sigmas": analysis_sigmas,
-        "observed_sigmas": observed_sigmas,
-        "exclude": unused_modules(transformer),
-        "base_change_by_analysis": base_change,
-        "ranks": fisher_map.ranks,
-        "alphas": fisher_map.alphas,
-        "trained": {name: list(value) for name, value in trained.items()},
-        "loaded": {name: list(value) for name, value in lora_layout(fresh, ADAPTER_NAME).items()},
-        "loaded_ranks": loaded_ranks,
-        "lora_file_keys": file_keys,
-        "pretrain_losses": pretrain_losses,
-        "fit_losses": fit_losses,
-        "held_out_loss": [loss_before, loss_after],
-        "reloaded_output_identical": held_out_loss(fresh, loss_fn, test) == loss_after,
-    }
+    record["analysis_sigmas"] = record.pop("analysis_drawn")
+    record["observed_sigmas"] = None if observed is None else to_flow_matching(torch.tensor(observed), scheduler)[1].tolist()
+    record["exclude"] = exclude
     (out / "record.json").write_text(json.dumps(record, indent=1))
     return record
 
